@@ -1,0 +1,29 @@
+# moeforge: build a Mixture-of-Experts checkpoint from dense checkpoints.
+#   snakemake --cores 2                 the merges listed in config/config.yaml
+#   snakemake --cores 2 --configfile my.yaml
+from snakemake.utils import min_version, validate
+
+min_version("9")
+
+
+configfile: "config/config.yaml"
+
+
+validate(config, "schemas/config.schema.yaml")
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/demo.smk"
+include: "workflow/rules/fetch.smk"
+include: "workflow/rules/validate.smk"
+include: "workflow/rules/gates.smk"
+include: "workflow/rules/shards.smk"
+include: "workflow/rules/translate.smk"
+include: "workflow/rules/assemble.smk"
+include: "workflow/rules/smoke.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        expand("results/{merge}/smoke/report.json", merge=MERGES),

@@ -1,0 +1,120 @@
+"""Assembly: the Hub-ready model directory, built under a temporary name and renamed when complete.
+
+Shard files are hard-linked, not rewritten (a 4x7B output is ~48 GB). Tokenizer files are
+byte copies of the base's: re-saving a tokenizer with transformers 5.x records a class that
+4.x cannot load. moeforge.lock.json records what went in (recipe, each source's resolved
+commit and file hashes, library versions) and the sha256 of every file that came out, so a
+rerun or a downloaded copy can be checked byte for byte.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import yaml
+
+from moeforge.fileio import atomic_dir, dumps_json, sha256_file, write_json, write_text
+from moeforge.safetensors_io import read_header
+from moeforge.sources import TOKENIZER_FILES
+
+LOCK_NAME = "moeforge.lock.json"
+LIBRARIES = ("moeforge", "torch", "transformers", "safetensors", "huggingface_hub", "tokenizers", "snakemake")
+
+
+def shard_name(index: int, total: int) -> str:
+    return f"model-{index:05d}-of-{total:05d}.safetensors"
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """Hard link (no bytes rewritten); copy only across file systems."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def place_shards(shards: Sequence[Path], out_dir: Path) -> dict[str, Any]:
+    """Put shard files in place under Hub names and build model.safetensors.index.json."""
+    weight_map: dict[str, str] = {}
+    total = 0
+    for i, shard in enumerate(shards, start=1):
+        name = shard_name(i, len(shards))
+        _link_or_copy(shard, out_dir / name)
+        _, entries = read_header(shard)
+        for entry in entries.values():
+            weight_map[entry.name] = name
+            total += entry.nbytes
+    return {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+
+
+def library_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {}
+    for lib in LIBRARIES:
+        try:
+            versions[lib] = metadata.version(lib)
+        except metadata.PackageNotFoundError:
+            versions[lib] = None
+    return versions
+
+
+def model_card(plan: Mapping[str, Any], translation: Mapping[str, Any]) -> str:
+    """README.md with Hub front matter: sources, tags, and what was done to make the model."""
+    recipe = plan["recipe"]
+    refs = list(dict.fromkeys([recipe["base_model"], *(e["source_model"] for e in recipe["experts"]),
+                               *(e["source_model"] for e in recipe["shared_experts"])]))
+    front = {"base_model": refs, "tags": ["moe", "merge", "moeforge"], "library_name": "transformers"}
+    lines = ["---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", "",
+             f"# {plan['merge']}", "",
+             f"A {plan['output_family']} Mixture-of-Experts model with {plan['num_experts']} experts "
+             f"({recipe['experts_per_token']} active per token), built with moeforge from "
+             f"`{recipe['base_model']}` (attention, norms, embeddings) and the MLPs of the experts below.", "",
+             "## Experts", "", "| # | name | source | positive prompts | negative prompts |", "|---|---|---|---|---|"]
+    for i, e in enumerate(recipe["experts"]):
+        lines.append(f"| {i} | {e['name']} | `{e['source_model']}` | {'; '.join(e['positive_prompts'])} | "
+                     f"{'; '.join(e['negative_prompts'])} |")
+    lines += ["", "## Routing", "", f"Gate mode: `{recipe['gate_mode']}`, seed {recipe['seed']}.", "",
+              "## Config translation", ""]
+    for d in translation["decisions"]:
+        lines.append(f"- `{d['field']}` = `{json.dumps(d['value'])}`: {d['why']}")
+    lines += ["", "## Recipe", "", "```yaml", yaml.safe_dump(recipe, sort_keys=False).rstrip(), "```", ""]
+    return "\n".join(lines)
+
+
+def _sources_lock(plan: Mapping[str, Any], weights: Sequence[Path]) -> dict[str, Any]:
+    records = {json.loads(Path(w).read_text())["slug"]: json.loads(Path(w).read_text()) for w in weights}
+    out = {}
+    for slug, src in plan["sources"].items():
+        files = records.get(slug, {}).get("files", [])
+        out[slug] = {"ref": src["ref"], "kind": src["kind"], "resolved_revision": src["resolved_revision"],
+                     "roles": src["roles"], "files": [{"name": f["name"], "size": f["size"], "sha256": f["sha256"]}
+                                                      for f in files]}
+    return out
+
+
+def assemble(plan_json: Path, shards: Sequence[Path], config_dir: Path, base_meta: Path,
+             weights: Sequence[Path], out_dir: Path) -> dict[str, Any]:
+    """Build out_dir atomically; returns the lock record."""
+    plan = json.loads(plan_json.read_text())
+    translation = json.loads((config_dir / "translation.json").read_text())
+    with atomic_dir(out_dir) as tmp:
+        index = place_shards(shards, tmp)
+        write_json(tmp / "model.safetensors.index.json", index)
+        for name in ("config.json", "generation_config.json"):
+            shutil.copyfile(config_dir / name, tmp / name)
+        for name in TOKENIZER_FILES:
+            if (base_meta / name).is_file():
+                shutil.copyfile(base_meta / name, tmp / name)
+        write_text(tmp / "README.md", model_card(plan, translation))
+        files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        lock = {"moeforge_lock_version": 1, "merge": plan["merge"], "recipe": plan["recipe"],
+                "seed": plan["recipe"]["seed"], "output_family": plan["output_family"],
+                "sources": _sources_lock(plan, weights), "libraries": library_versions(), "files": files}
+        (tmp / LOCK_NAME).write_text(dumps_json(lock))
+        for path in tmp.iterdir():
+            path.chmod(0o444)
+    return lock

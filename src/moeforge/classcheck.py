@@ -1,0 +1,88 @@
+"""Check the plan against the installed transformers' model class, before any weight is written.
+
+The peer tool once produced Mixtral checkpoints without attention weights: nothing compared
+what it wrote with what the model class expects. Here the output family's class is built on
+the meta device (no memory) from the translated config, and the plan's tensor names and
+shapes must match its state dict exactly. transformers 5.x fuses MoE experts in memory; the
+output template's ``in_memory_5x`` section says how classic on-disk names map to that layout,
+so the comparison holds on 4.x (classic names in memory) and 5.x alike.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Mapping
+
+from moeforge.architectures import OutputFamily
+from moeforge.errors import BuildError
+
+
+def class_state_shapes(config: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes the installed class expects for this config (built on meta)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    fields = {k: v for k, v in config.items() if k not in ("architectures", "model_type")}
+    cfg = AutoConfig.for_model(config["model_type"], **fields)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if config.get("tie_word_embeddings"):
+        shapes.pop("lm_head.weight", None)
+    return shapes
+
+
+def _fuse(planned: dict[str, tuple[int, ...]], out: OutputFamily, num_layers: int,
+          num_experts: int) -> dict[str, tuple[int, ...]]:
+    """Classic names -> transformers 5.x in-memory names, per the template's fused layout."""
+    fused = dict(planned)
+    for layer in range(num_layers):
+        prefix = out.layer_prefix.format(layer=layer)
+        for rule in out.in_memory_5x:
+            per_source = [[prefix + src.replace("{expert}", str(e)) for e in range(num_experts)]
+                          if "{expert}" in src else [prefix + src] for src in rule.sources]
+            names = [n for group in per_source for n in group]
+            if not all(n in fused for n in names):
+                continue
+            shapes = [fused.pop(n) for n in names]
+            first = shapes[0]
+            if rule.op == "rename":
+                target_shape = first
+            elif rule.op == "stack":
+                target_shape = (len(shapes), *first)
+            else:
+                rows = sum(shapes[i * num_experts][0] for i in range(len(rule.sources)))
+                target_shape = (num_experts, rows, *first[1:])
+            fused[prefix + rule.target] = target_shape
+    return fused
+
+
+def _names(items: Iterable[str], limit: int = 5) -> str:
+    items = sorted(items)
+    more = f" and {len(items) - limit} more" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
+def check_plan_against_class(planned: dict[str, tuple[int, ...]], config: Mapping[str, Any], out: OutputFamily,
+                             num_layers: int, num_experts: int) -> dict[str, Any]:
+    """Raise BuildError unless the plan is exactly what the class expects; returns a summary."""
+    expected = class_state_shapes(config)
+    layout = "classic"
+    comparable = planned
+    if not set(planned) <= set(expected) and out.in_memory_5x:
+        comparable = _fuse(planned, out, num_layers, num_experts)
+        layout = "fused (transformers 5.x in-memory)"
+    missing = set(expected) - set(comparable)
+    unexpected = set(comparable) - set(expected)
+    mismatched = {k for k in set(expected) & set(comparable) if tuple(expected[k]) != tuple(comparable[k])}
+    if missing or unexpected or mismatched:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} tensor(s) the class needs are not planned: {_names(missing)}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} planned tensor(s) the class does not have: {_names(unexpected)}")
+        if mismatched:
+            parts.append("shape mismatch: " + _names(f"{k} planned {list(comparable[k])} vs class "
+                                                     f"{list(expected[k])}" for k in mismatched))
+        raise BuildError("; ".join(parts), f"{config['model_type']} plan vs the installed transformers class",
+                         "this is a template or planning bug; please report it with your recipe")
+    return {"tensors": len(expected), "layout_compared": layout}

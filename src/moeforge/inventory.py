@@ -1,0 +1,95 @@
+"""The tensor inventory of a source model, from safetensors headers only.
+
+Validation decides everything it can from this table (names, dtypes, shapes, which file),
+so it runs before a single weight byte is downloaded or read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import pandas as pd
+import pandera.pandas as pa
+
+from moeforge.errors import ModelError
+from moeforge.fileio import write_text
+from moeforge.safetensors_io import ITEMSIZE, read_header
+
+COLUMNS = ["name", "dtype", "shape", "file", "begin", "end"]
+
+INVENTORY_SCHEMA = pa.DataFrameSchema(
+    {
+        "name": pa.Column(str, unique=True, nullable=False),
+        "dtype": pa.Column(str, pa.Check.isin(list(ITEMSIZE))),
+        "shape": pa.Column(str, pa.Check.str_matches(r"^(\d+(,\d+)*)?$")),
+        "file": pa.Column(str, pa.Check.str_length(min_value=1)),
+        "begin": pa.Column(int, pa.Check.ge(0)),
+        "end": pa.Column(int, pa.Check.ge(0)),
+    },
+    checks=[pa.Check(lambda df: df["end"] >= df["begin"], error="end before begin")],
+    strict=True,
+    ordered=True,
+)
+
+
+@dataclass(frozen=True)
+class InventoryEntry:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    file: str
+    begin: int
+    end: int
+
+
+def _rows_from_headers(headers: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for file, tensors in sorted(headers.items()):
+        for name, info in tensors.items():
+            if name == "__metadata__":
+                continue
+            begin, end = info["data_offsets"]
+            rows.append({"name": name, "dtype": info["dtype"], "shape": ",".join(map(str, info["shape"])),
+                         "file": file, "begin": begin, "end": end})
+    return rows
+
+
+def _local_headers(directory: Path, files: list[str]) -> dict[str, dict[str, Any]]:
+    headers = {}
+    for file in files:
+        _, entries = read_header(directory / file)
+        headers[file] = {e.name: {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [e.begin, e.end]}
+                         for e in entries.values()}
+    return headers
+
+
+def write_inventory(source: Mapping[str, Any], headers: Mapping[str, Any] | None, out_tsv: Path) -> pd.DataFrame:
+    """Build, validate and write inventory.tsv for a fetched source."""
+    if source["weight_format"] != "safetensors":
+        raise ModelError("only pytorch_model*.bin weights are published for this model", source["ref"],
+                         "convert it to safetensors (e.g. the Hub's convert space, or load and save_pretrained) "
+                         "and point the recipe at the converted copy")
+    if headers is None:
+        headers = _local_headers(Path(source["local_path"]), source["weight_files"])
+    frame = pd.DataFrame(_rows_from_headers(headers), columns=COLUMNS)
+    if frame["name"].duplicated().any():
+        dup = frame.loc[frame["name"].duplicated(), "name"].iloc[0]
+        raise ModelError(f"tensor {dup!r} appears in more than one weight file", source["ref"],
+                         "the checkpoint is inconsistent; re-download it")
+    frame = frame.astype({"begin": int, "end": int})
+    INVENTORY_SCHEMA.validate(frame)
+    write_text(out_tsv, frame.to_csv(sep="\t", index=False))
+    return frame
+
+
+def read_inventory(tsv: Path) -> dict[str, InventoryEntry]:
+    """inventory.tsv as name -> entry."""
+    frame = pd.read_csv(tsv, sep="\t", dtype={"shape": str}, keep_default_na=False)
+    INVENTORY_SCHEMA.validate(frame)
+    return {
+        r.name: InventoryEntry(r.name, r.dtype, tuple(int(x) for x in r.shape.split(",") if x), r.file,
+                               int(r.begin), int(r.end))
+        for r in frame.itertuples(index=False)
+    }

@@ -1,0 +1,171 @@
+"""The recipe: a mergekit-moe YAML file, as published, plus moeforge's own keys.
+
+Published mergekit-moe recipes must run unchanged, so every mergekit-moe key keeps its name,
+meaning and default. Unlike mergekit-moe, an unknown key is an error (a typo such as
+``experts_per_tok`` would otherwise silently fall back to a default), and every contradiction
+that can be seen in the recipe alone is reported here, before any model is fetched.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from moeforge.errors import RecipeError
+from moeforge.schema_check import schema_errors
+
+MERGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+PROMPTLESS_GATE_MODES = ("random", "uniform_random")
+DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+@dataclass(frozen=True)
+class ExpertSpec:
+    """One expert (or shared expert) as the recipe states it."""
+
+    source_model: str
+    name: str
+    positive_prompts: tuple[str, ...] = ()
+    negative_prompts: tuple[str, ...] = ()
+    noise_scale: float | None = None
+    residual_scale: float | None = None
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A validated recipe with every default made explicit."""
+
+    base_model: str
+    experts: tuple[ExpertSpec, ...]
+    shared_experts: tuple[ExpertSpec, ...] = ()
+    gate_mode: str = "hidden"
+    dtype: str | None = None
+    experts_per_token: int = 2
+    architecture: str | None = None
+    seed: int = 0
+    token_reduction: str = "last"
+    prompt_template: str = "raw"
+    router_scale: float | None = None
+    gate_batch_size: int = 8
+    gate_device: str = "cpu"
+    strict_gates: bool = False
+    rope_scaling: str = "preserve"
+    allow_rope_mismatch: bool = False
+    sliding_window: int | None = None
+    tie_word_embeddings: str = "keep"
+    shared_gate: str = "prompts"
+    trust_remote_code: bool = False
+    smoke_prompts: tuple[str, ...] = ()
+    max_new_tokens: int | None = None
+    source_models: tuple[str, ...] = field(init=False, default=())
+
+    def __post_init__(self) -> None:
+        refs = [self.base_model, *(e.source_model for e in self.experts + self.shared_experts)]
+        object.__setattr__(self, "source_models", tuple(dict.fromkeys(refs)))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved recipe (all defaults explicit), as recorded in plan.json and the lock."""
+        data = asdict(self)
+        data.pop("source_models")
+        return data
+
+
+def _schema() -> dict[str, Any]:
+    return yaml.safe_load(resources.files("moeforge").joinpath("schemas/recipe.schema.yaml").read_text())
+
+
+def _expert_name(ref: str) -> str:
+    base = ref.split("@", 1)[0].rstrip("/").rsplit("/", 1)[-1]
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", base) or "expert"
+
+
+def _experts(raw: list[Mapping[str, Any]]) -> tuple[ExpertSpec, ...]:
+    """Typed experts with unique names (a model used twice gets -2, -3...)."""
+    out: list[ExpertSpec] = []
+    used: dict[str, int] = {}
+    for item in raw:
+        name = item.get("name") or _expert_name(item["source_model"])
+        used[name] = used.get(name, 0) + 1
+        if used[name] > 1:
+            name = f"{name}-{used[name]}"
+        out.append(ExpertSpec(
+            source_model=item["source_model"], name=name,
+            positive_prompts=tuple(item.get("positive_prompts") or ()),
+            negative_prompts=tuple(item.get("negative_prompts") or ()),
+            noise_scale=item.get("noise_scale"), residual_scale=item.get("residual_scale"),
+        ))
+    return tuple(out)
+
+
+def _normalise_tie(value: Any) -> str:
+    return {True: "keep", False: "untie"}.get(value, value) if isinstance(value, bool) else value
+
+
+def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
+    """Validate a recipe document (already parsed YAML) and return it typed."""
+    if not isinstance(data, dict):
+        raise RecipeError("a recipe must be a YAML mapping with base_model and experts", source,
+                          "see config/recipes/ for examples")
+    problems = schema_errors(data, _schema())
+    if problems:
+        more = f"\n  ({len(problems) - 1} more problem(s) below)\n  " + "\n  ".join(problems[1:]) if len(problems) > 1 else ""
+        raise RecipeError(problems[0] + more, source, "fix the recipe (keys and types are listed in the README)")
+    kwargs = {k: v for k, v in data.items() if k not in ("experts", "shared_experts")}
+    for key in ("smoke_prompts",):
+        if key in kwargs:
+            kwargs[key] = tuple(kwargs[key])
+    if kwargs.get("dtype") is not None:
+        kwargs["dtype"] = DTYPE_ALIASES.get(kwargs["dtype"], kwargs["dtype"])
+    if "tie_word_embeddings" in kwargs:
+        kwargs["tie_word_embeddings"] = _normalise_tie(kwargs["tie_word_embeddings"])
+    kwargs = {k: v for k, v in kwargs.items() if v is not None or k in ("dtype", "router_scale")}
+    recipe = Recipe(experts=_experts(data["experts"]), shared_experts=_experts(data.get("shared_experts") or []),
+                    **kwargs)
+    check_recipe(recipe, source)
+    return recipe
+
+
+def check_recipe(recipe: Recipe, source: str) -> None:
+    """Contradictions visible in the recipe alone."""
+    n = len(recipe.experts)
+    if recipe.experts_per_token > n:
+        raise RecipeError(
+            f"experts_per_token is {recipe.experts_per_token} but the recipe has only {n} expert(s)",
+            f"{source}: experts_per_token", f"set experts_per_token to at most {n} or add experts")
+    if recipe.gate_mode not in PROMPTLESS_GATE_MODES:
+        needing = [e for e in recipe.experts if not e.positive_prompts]
+        if recipe.shared_gate == "prompts":
+            needing += [e for e in recipe.shared_experts if not e.positive_prompts]
+        if needing:
+            where = "experts" if needing[0] in recipe.experts else "shared_experts"
+            raise RecipeError(
+                f"gate_mode {recipe.gate_mode!r} computes routers from prompts, but {needing[0].name!r} "
+                f"({needing[0].source_model}) has no positive_prompts", f"{source}: {where}",
+                "add positive_prompts to every expert, or use gate_mode random / uniform_random")
+    if recipe.token_reduction != "last" and recipe.gate_mode != "router_input":
+        raise RecipeError(f"token_reduction only applies to gate_mode router_input, not {recipe.gate_mode!r}",
+                          f"{source}: token_reduction", "remove token_reduction or use gate_mode router_input")
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a recipe file."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError("recipe file not found", str(path), "check the `recipe:` path in config/config.yaml")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"not valid YAML: {exc}", str(path), "fix the YAML syntax") from None
+    return parse_recipe(data, str(path))
+
+
+def check_merge_name(name: str) -> None:
+    """Merge names become directories under results/: letters, digits, . _ - only."""
+    if not MERGE_NAME.match(name) or name in (".", ".."):
+        raise RecipeError(f"merge name {name!r} is not allowed", "config: merges",
+                          "use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")

@@ -1,0 +1,56 @@
+"""JSON Schema validation with messages a user can act on.
+
+jsonschema reports *that* a document is wrong; users need *where* (the key path) and *what
+to do* ("experts_per_tok: did you mean experts_per_token?"). This module turns validation
+errors into such lines. Schemas are draft 2020-12, as Snakemake 9 expects.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any, Iterable, Mapping
+
+import jsonschema
+
+
+def key_path(path: Iterable[Any]) -> str:
+    """`experts[1].source_model` style path of a value inside a document."""
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def _closest(word: str, choices: Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, [str(c) for c in choices], n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _describe(error: jsonschema.ValidationError) -> str:
+    where = key_path(error.absolute_path)
+    if error.validator == "additionalProperties":
+        allowed = list(error.schema.get("properties", {}))
+        extra = [k for k in error.instance if k not in allowed]
+        lines = []
+        for key in extra:
+            path = key_path([*error.absolute_path, key])
+            hint = _closest(key, allowed)
+            lines.append(f"{path}: unknown key {key!r}{hint or '; valid keys: ' + ', '.join(allowed)}")
+        return "\n".join(lines)
+    if error.validator == "enum":
+        return (f"{where}: {error.instance!r} is not one of {list(error.validator_value)}"
+                f"{_closest(str(error.instance), map(str, error.validator_value))}")
+    if error.validator == "required":
+        return f"{where}: {error.message}"
+    if error.validator == "pattern" and error.absolute_path == error.relative_path and error.path:
+        return f"{where}: {error.instance!r} does not match {error.validator_value!r}"
+    if error.validator == "oneOf" and error.context:
+        return _describe(jsonschema.exceptions.best_match(error.context))
+    return f"{where}: {error.message}"
+
+
+def schema_errors(document: Any, schema: Mapping[str, Any]) -> list[str]:
+    """Every problem of `document` under `schema`, one line each, in document order."""
+    validator = jsonschema.Draft202012Validator(schema)
+    errors = sorted(validator.iter_errors(document), key=lambda e: [str(p) for p in e.absolute_path])
+    return [_describe(e) for e in errors]

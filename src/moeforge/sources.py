@@ -1,0 +1,238 @@
+"""Model references: where a source model lives, and fetching it in two steps.
+
+A reference is a local directory, ``org/repo`` or ``org/repo@revision`` (mergekit-moe's
+syntax). ``fetch_metadata`` gets only what validation needs (config, tokenizer files, the
+safetensors headers) and records the resolved commit, so a bad recipe fails before hours of
+downloading; ``fetch_weights`` then downloads the weights into the Hugging Face cache (no
+second copy per merge). The Hub token is read by huggingface_hub from the environment or
+``hf auth login`` and is never written anywhere by moeforge.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from moeforge.errors import FetchError, ModelError
+from moeforge.fileio import atomic_dir, sha256_file, write_json
+
+HUB_REF = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<rev>[\w./-]+))?$")
+META_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "model.safetensors.index.json",
+)
+TOKENIZER_FILES = tuple(f for f in META_FILES if f not in ("config.json", "generation_config.json",
+                                                           "model.safetensors.index.json"))
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+BIN_INDEX = "pytorch_model.bin.index.json"
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A parsed model reference."""
+
+    raw: str
+    kind: str  # "local" | "hub"
+    path: str | None = None
+    repo_id: str | None = None
+    revision: str | None = None
+
+    @property
+    def slug(self) -> str:
+        """A filesystem-safe, stable name for this reference's resources directory."""
+        digest = hashlib.sha256(self.raw.encode()).hexdigest()[:8]
+        if self.kind == "hub":
+            assert self.repo_id is not None
+            name = self.repo_id.replace("/", "--")
+            return _safe(f"hub--{name}--{self.revision or 'main'}") + f"--{digest}"
+        return _safe(f"local--{Path(self.path or '.').name}") + f"--{digest}"
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", text)
+
+
+def parse_ref(raw: str) -> ModelRef:
+    """Local directory or Hub repo: a path that exists, or that has no single org/name shape, is local."""
+    text = raw.strip()
+    match = HUB_REF.match(text)
+    looks_local = text.startswith(("/", "./", "../", "~")) or Path(text).expanduser().is_dir()
+    if match and not looks_local:
+        return ModelRef(raw=text, kind="hub", repo_id=match["repo"], revision=match["rev"])
+    return ModelRef(raw=text, kind="local", path=text)
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    name: str
+    size: int | None
+    sha256: str | None
+
+
+def _weight_files(names: list[str]) -> tuple[str, list[str]]:
+    """The weight format and files: safetensors whenever present, *.bin only as a fallback."""
+    st = sorted(n for n in names if n.endswith(".safetensors") and "/" not in n)
+    if st:
+        return "safetensors", st
+    bins = sorted(n for n in names if n.endswith(".bin") and "/" not in n and n.startswith("pytorch_model"))
+    if bins:
+        return "bin", bins
+    return "none", []
+
+
+def _copy_meta(src_dir: Path, out_dir: Path) -> list[str]:
+    copied = []
+    for name in META_FILES:
+        if (src_dir / name).is_file():
+            shutil.copyfile(src_dir / name, out_dir / name)
+            copied.append(name)
+    return copied
+
+
+def _local_dir(ref: ModelRef) -> Path:
+    path = Path(ref.path or "").expanduser()
+    if not path.is_dir():
+        raise FetchError("local model directory not found", ref.raw,
+                         "check the path in the recipe (relative paths are relative to the working directory)")
+    if not (path / "config.json").is_file():
+        raise ModelError("no config.json in the model directory", ref.raw,
+                         "point the recipe at a Hugging Face model directory (config.json + weights)")
+    return path.resolve()
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def _hub_snapshot(ref: ModelRef, patterns: list[str] | None) -> Path:
+    """A cached snapshot folder; offline this only reads the cache."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        return Path(snapshot_download(ref.repo_id, revision=ref.revision, allow_patterns=patterns))
+    except LocalEntryNotFoundError:
+        raise FetchError("not in the Hugging Face cache and the Hub cannot be reached (HF_HUB_OFFLINE is set "
+                         "or there is no network)", ref.raw,
+                         "download it once with network access, or unset HF_HUB_OFFLINE") from None
+    except RepositoryNotFoundError:
+        raise FetchError("repository not found or access denied", ref.raw,
+                         "check the name; for gated or private repos run `hf auth login` or set HF_TOKEN") from None
+    except HfHubHTTPError as exc:
+        raise FetchError(f"Hub request failed: {exc}", ref.raw, "check the revision and your access") from None
+
+
+def _hub_metadata(ref: ModelRef, out_dir: Path) -> dict[str, Any]:
+    """Online: commit and file list from the API, small files, headers by range requests."""
+    from huggingface_hub import HfApi, get_safetensors_metadata, hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+
+    try:
+        info = HfApi().model_info(ref.repo_id, revision=ref.revision, files_metadata=True)
+    except RepositoryNotFoundError:
+        raise FetchError("repository not found or access denied", ref.raw,
+                         "check the name; for gated or private repos run `hf auth login` or set HF_TOKEN") from None
+    except HfHubHTTPError as exc:
+        raise FetchError(f"Hub request failed: {exc}", ref.raw, "check the revision and your access") from None
+    files = [FileInfo(s.rfilename, s.size, s.lfs.sha256 if s.lfs else None) for s in info.siblings or []]
+    names = [f.name for f in files]
+    for name in META_FILES:
+        if name in names:
+            shutil.copyfile(hf_hub_download(ref.repo_id, name, revision=info.sha), out_dir / name)
+    fmt, weights = _weight_files(names)
+    headers: dict[str, dict[str, Any]] = {}
+    if fmt == "safetensors":
+        meta = get_safetensors_metadata(ref.repo_id, revision=info.sha)
+        headers = {fname: {t: {"dtype": i.dtype, "shape": list(i.shape), "data_offsets": list(i.data_offsets)}
+                           for t, i in fm.tensors.items()} for fname, fm in meta.files_metadata.items()}
+    return {"resolved_revision": info.sha, "files": [asdict(f) for f in files], "weight_format": fmt,
+            "weight_files": weights, "headers": headers}
+
+
+def _dir_metadata(src_dir: Path, out_dir: Path, hash_small: bool) -> dict[str, Any]:
+    """Metadata of a directory on disk (a local model or a cached snapshot)."""
+    names = sorted(p.name for p in src_dir.iterdir() if p.is_file())
+    copied = set(_copy_meta(src_dir, out_dir))
+    files = [FileInfo(n, (src_dir / n).stat().st_size,
+                      sha256_file(src_dir / n) if hash_small and n in copied else None) for n in names]
+    fmt, weights = _weight_files(names)
+    return {"files": [asdict(f) for f in files], "weight_format": fmt, "weight_files": weights,
+            "headers": None, "local_path": str(src_dir)}
+
+
+def fetch_metadata(raw: str, out_dir: Path) -> dict[str, Any]:
+    """Write ``out_dir`` (atomically): source.json, config.json, tokenizer files, inventory.tsv."""
+    from moeforge.inventory import write_inventory
+
+    ref = parse_ref(raw)
+    with atomic_dir(out_dir) as tmp:
+        if ref.kind == "local":
+            meta = _dir_metadata(_local_dir(ref), tmp, hash_small=True)
+            meta["resolved_revision"] = None
+        elif _hub_offline():
+            snapshot = _hub_snapshot(ref, None)
+            meta = _dir_metadata(snapshot, tmp, hash_small=True)
+            meta["resolved_revision"] = snapshot.name
+        else:
+            meta = _hub_metadata(ref, tmp)
+        if not (tmp / "config.json").is_file():
+            raise ModelError("the model has no config.json", ref.raw, "is this a Hugging Face transformers model?")
+        if meta["weight_format"] == "none":
+            raise ModelError("no weights found (*.safetensors or pytorch_model*.bin)", ref.raw,
+                             "check that the repository/directory holds a full model")
+        headers = meta.pop("headers")
+        source = {"ref": ref.raw, "kind": ref.kind, "repo_id": ref.repo_id, "requested_revision": ref.revision,
+                  "slug": ref.slug, **meta}
+        write_inventory(source, headers, tmp / "inventory.tsv")
+        write_json(tmp / "source.json", source)
+    return source
+
+
+def weights_dir(source: dict[str, Any]) -> Path:
+    """Where the weight files of a fetched source are on this machine (fetching them if needed)."""
+    if source["kind"] == "local":
+        return Path(source["local_path"])
+    ref = ModelRef(raw=source["ref"], kind="hub", repo_id=source["repo_id"], revision=source["resolved_revision"])
+    patterns = list(source["weight_files"]) + [SAFETENSORS_INDEX, BIN_INDEX, *META_FILES]
+    return _hub_snapshot(ref, patterns)
+
+
+def fetch_weights(source_json: Path, out_json: Path) -> dict[str, Any]:
+    """Download (hub) or locate (local) the weights and record where they are, with sha256."""
+    source = json.loads(source_json.read_text())
+    directory = weights_dir(source)
+    known = {f["name"]: f["sha256"] for f in source["files"]}
+    files = []
+    for name in source["weight_files"]:
+        path = directory / name
+        if not path.is_file():
+            raise FetchError(f"weight file {name} is missing", str(directory), "re-download the model")
+        digest = known.get(name) or sha256_file(path)
+        files.append({"name": name, "size": path.stat().st_size, "sha256": digest})
+    record = {"slug": source["slug"], "dir": str(directory), "files": files}
+    write_json(out_json, record)
+    return record
+
+
+def redact_token(text: str) -> str:
+    """Remove the Hub token from text that may be shown or stored."""
+    token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
+    return text.replace(token, "<redacted>") if token else text

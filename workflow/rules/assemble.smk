@@ -1,0 +1,23 @@
+# The Hub-ready model directory: shards linked in place, index, config, tokenizer, card, lock.
+
+
+rule assemble:
+    input:
+        plan="results/{merge}/plan.json",
+        shards=all_shards,
+        config="results/{merge}/config/config.json",
+        translation="results/{merge}/config/translation.json",
+        base_meta=lambda wc: f"resources/models/{base_slug(wc)}/meta",
+        weights=weight_records,
+    output:
+        # The lock file marks a complete model directory: assemble builds the directory under a
+        # temporary name and renames it into place whole, lock included (no .snakemake_timestamp
+        # inside a Hub-ready directory).
+        lock=protected("results/{merge}/model/moeforge.lock.json"),
+    log:
+        "logs/{merge}/assemble.log",
+    resources:
+        mem_mb=1000,
+        runtime=60,
+    script:
+        "../scripts/assemble.py"

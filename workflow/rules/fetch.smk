@@ -1,0 +1,33 @@
+# Fetch in two steps: metadata first (validation needs nothing else), weights after.
+
+
+rule fetch_metadata:
+    input:
+        local_model_input,
+    output:
+        directory("resources/models/{slug}/meta"),
+    params:
+        ref=lambda wc: REFS[wc.slug],
+    log:
+        "logs/fetch_metadata/{slug}.log",
+    resources:
+        mem_mb=1000,
+        runtime=30,
+    localrule: True
+    script:
+        "../scripts/fetch_metadata.py"
+
+
+rule fetch_weights:
+    input:
+        "resources/models/{slug}/meta",
+    output:
+        "resources/models/{slug}/weights.json",
+    log:
+        "logs/fetch_weights/{slug}.log",
+    resources:
+        mem_mb=1000,
+        runtime=600,
+    localrule: True
+    script:
+        "../scripts/fetch_weights.py"

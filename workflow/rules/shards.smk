@@ -1,0 +1,36 @@
+# Per-layer merge shards (one job per decoder layer) and the globals shard.
+
+
+rule layer_shard:
+    input:
+        tensors="results/{merge}/plan.tensors.tsv",
+        weights=weight_records,
+        gates="results/{merge}/gates.safetensors",
+    output:
+        temp("results/{merge}/shards/layer-{layer}.safetensors"),
+    params:
+        shard=lambda wc: f"layer-{wc.layer}",
+    log:
+        "logs/{merge}/shards/layer-{layer}.log",
+    resources:
+        mem_mb=shard_mem_mb,
+        runtime=60,
+    script:
+        "../scripts/shard.py"
+
+
+rule globals_shard:
+    input:
+        tensors="results/{merge}/plan.tensors.tsv",
+        weights=weight_records,
+    output:
+        temp("results/{merge}/shards/globals.safetensors"),
+    params:
+        shard="globals",
+    log:
+        "logs/{merge}/shards/globals.log",
+    resources:
+        mem_mb=shard_mem_mb,
+        runtime=60,
+    script:
+        "../scripts/shard.py"

@@ -1,0 +1,34 @@
+# Prove the build works: strict load, generation, comparison with the base, routing statistics.
+
+
+rule smoke_test:
+    input:
+        lock="results/{merge}/model/moeforge.lock.json",
+        plan="results/{merge}/plan.json",
+        gates="results/{merge}/gates.json",
+        base_weights=lambda wc: f"resources/models/{base_slug(wc)}/weights.json",
+    output:
+        json="results/{merge}/smoke/report.json",
+        md="results/{merge}/smoke/report.md",
+        load=report(
+            "results/{merge}/smoke/expert_load.png",
+            caption="../report/expert_load.rst",
+            category="{merge}",
+            labels={"merge": "{merge}", "figure": "expert load"},
+        ),
+        similarity=report(
+            "results/{merge}/smoke/gate_similarity.png",
+            caption="../report/gate_similarity.rst",
+            category="{merge}",
+            labels={"merge": "{merge}", "figure": "gate similarity"},
+        ),
+    params:
+        device=config.get("smoke", {}).get("device", "cpu"),
+        max_new_tokens=config.get("smoke", {}).get("max_new_tokens", 16),
+    log:
+        "logs/{merge}/smoke_test.log",
+    resources:
+        mem_mb=model_mem_mb,
+        runtime=60,
+    script:
+        "../scripts/smoke_test.py"

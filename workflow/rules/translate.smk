@@ -1,0 +1,19 @@
+# config.json for the output family, with every decision recorded in translation.json.
+
+
+rule translate_config:
+    input:
+        plan="results/{merge}/plan.json",
+        base_meta=lambda wc: f"resources/models/{base_slug(wc)}/meta",
+    output:
+        config="results/{merge}/config/config.json",
+        generation="results/{merge}/config/generation_config.json",
+        translation="results/{merge}/config/translation.json",
+    log:
+        "logs/{merge}/translate_config.log",
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    localrule: True
+    script:
+        "../scripts/translate_config.py"

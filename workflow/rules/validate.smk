@@ -1,0 +1,19 @@
+# Pre-flight validation from metadata only; the plan is the single truth for every later job.
+
+
+checkpoint validate:
+    input:
+        recipe=lambda wc: config["merges"][wc.merge]["recipe"],
+        meta=meta_dirs,
+    output:
+        plan="results/{merge}/plan.json",
+        tensors="results/{merge}/plan.tensors.tsv",
+    params:
+        refs=lambda wc: {ref: f"resources/models/{slug(ref)}/meta" for ref in RECIPES[wc.merge].source_models},
+    log:
+        "logs/{merge}/validate.log",
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    script:
+        "../scripts/validate.py"

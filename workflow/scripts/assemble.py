@@ -1,0 +1,9 @@
+"""The Hub-ready model directory."""
+from pathlib import Path
+
+from moeforge.assemble import assemble
+from moeforge.runner import run
+
+run(snakemake, lambda s: assemble(Path(s.input.plan), [Path(p) for p in s.input.shards],  # noqa: F821
+                                  Path(s.input.config).parent, Path(s.input.base_meta),
+                                  [Path(p) for p in s.input.weights], Path(s.output.lock).parent))

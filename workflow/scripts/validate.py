@@ -1,0 +1,13 @@
+"""Pre-flight validation: plan.json and plan.tensors.tsv, from metadata only."""
+from pathlib import Path
+
+from moeforge.runner import run
+from moeforge.validate import validate_merge
+
+
+def main(s):
+    validate_merge(s.wildcards.merge, Path(s.input.recipe), {r: Path(p) for r, p in s.params.refs.items()},
+                   Path(s.output.plan), Path(s.output.tensors))
+
+
+run(snakemake, main)  # noqa: F821
