@@ -1,0 +1,119 @@
+"""Run the merge stages in-process, in the workflow's order, for fast tests.
+
+The Snakemake rules call exactly these library functions (one per rule); the end-to-end
+tests in test_workflow.py run the real workflow. This driver lets many recipe variations be
+tested in seconds each.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors import safe_open
+
+from moeforge.assemble import assemble
+from moeforge.plan import read_plan_rows
+from moeforge.shards import weight_dirs_from, write_shard
+from moeforge.sources import fetch_metadata, fetch_weights, parse_ref
+from moeforge.stages import gates_for_plan
+from moeforge.translate import translate
+from moeforge.validate import validate_merge
+
+
+@dataclass
+class Build:
+    root: Path
+    plan: dict[str, Any]
+    model_dir: Path
+    meta: dict[str, Path]
+
+
+def write_recipe(path: Path, recipe: dict[str, Any]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def fetch_all(root: Path, refs: list[str]) -> dict[str, Path]:
+    meta = {}
+    for ref in dict.fromkeys(refs):
+        slug = parse_ref(ref).slug
+        meta[ref] = root / "resources" / slug / "meta"
+        if not meta[ref].exists():
+            fetch_metadata(ref, meta[ref])
+    return meta
+
+
+def plan_only(root: Path, recipe: dict[str, Any], merge: str = "m") -> dict[str, Any]:
+    """Fetch metadata and validate: everything that happens before any weight is read."""
+    recipe_path = write_recipe(root / f"{merge}.yaml", recipe)
+    refs = [recipe["base_model"], *(e["source_model"] for e in recipe["experts"]),
+            *(e["source_model"] for e in recipe.get("shared_experts", []))]
+    meta = fetch_all(root, refs)
+    out = root / "results" / merge
+    return validate_merge(merge, recipe_path, meta, out / "plan.json", out / "plan.tensors.tsv")
+
+
+def build(root: Path, recipe: dict[str, Any], merge: str = "m") -> Build:
+    """All stages up to an assembled model directory."""
+    plan = plan_only(root, recipe, merge)
+    out = root / "results" / merge
+    meta = {ref: root / "resources" / parse_ref(ref).slug / "meta" for ref in
+            [recipe["base_model"], *(e["source_model"] for e in recipe["experts"]),
+             *(e["source_model"] for e in recipe.get("shared_experts", []))]}
+    weights = []
+    for ref, meta_dir in meta.items():
+        record = meta_dir.parent / "weights.json"
+        if not record.exists():
+            fetch_weights(meta_dir / "source.json", record)
+        weights.append(record)
+    weights = list(dict.fromkeys(weights))
+    base_weights = meta[recipe["base_model"]].parent / "weights.json"
+    gates_for_plan(out / "plan.json", base_weights, out / "gates.safetensors", out / "gates.json")
+    dirs = weight_dirs_from(weights)
+    shards = []
+    for shard in plan["shards"]:
+        path = out / "shards" / f"{shard}.safetensors"
+        write_shard(read_plan_rows(out / "plan.tensors.tsv", shard), dirs,
+                    out / "gates.safetensors" if shard != "globals" else None, path)
+        shards.append(path)
+    translate(out / "plan.json", meta[recipe["base_model"]], out / "config")
+    assemble(out / "plan.json", shards, out / "config", meta[recipe["base_model"]], weights, out / "model")
+    return Build(root=root, plan=plan, model_dir=out / "model", meta=meta)
+
+
+def tensors_of(model_dir: Path) -> dict[str, torch.Tensor]:
+    """Every tensor in a model directory, by name."""
+    out = {}
+    for path in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as fh:
+            for name in fh.keys():
+                out[name] = fh.get_tensor(name)
+    return out
+
+
+def sha256_tree(model_dir: Path) -> dict[str, str]:
+    from moeforge.fileio import sha256_file
+
+    return {p.name: sha256_file(p) for p in sorted(model_dir.iterdir()) if p.is_file()}
+
+
+def lock_of(model_dir: Path) -> dict[str, Any]:
+    return json.loads((model_dir / "moeforge.lock.json").read_text())
+
+
+def logits(model_dir: Path, ids: torch.Tensor) -> torch.Tensor:
+    """Logits of a strictly loaded model (fails on any missing/unexpected/mismatched key)."""
+    from transformers import AutoModelForCausalLM
+
+    model, info = AutoModelForCausalLM.from_pretrained(model_dir, output_loading_info=True, dtype=torch.float32)
+    bad = {k: v for k, v in info.items() if v}
+    assert not bad, f"{model_dir}: loading info {bad}"
+    model.eval()
+    with torch.no_grad():
+        return model(ids).logits
