@@ -1,0 +1,116 @@
+"""Figures for the smoke-test report: expert load per layer and gate similarity per layer.
+
+Figures are drawn on matplotlib's Agg canvas without pyplot, so importing this module changes no
+global backend, and under matplotlib's default style, so a user's matplotlibrc cannot change
+them. PNGs are written without the Software metadata entry, so a rerun gives identical bytes.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from matplotlib import style
+from matplotlib.figure import Figure
+
+from moeforge.errors import BuildError
+
+_ANNOTATE_MAX_CELLS = 256
+_MAX_PANELS_PER_ROW = 8
+
+
+def plot_expert_load(report: dict[str, Any], out_png: Path) -> None:
+    """Heatmap of the share of top-k slots per layer (rows) and expert (columns).
+
+    Dead or overloaded experts stand out as dark or bright cells. A model without routing
+    statistics gets a figure saying so, so the rule's output always exists.
+    """
+    with style.context("default"):
+        routing = report.get("routing")
+        if not routing or not routing["layers"]:
+            fig = Figure(figsize=(4, 1.5))
+            fig.text(0.5, 0.5, "no routing statistics", ha="center", va="center")
+            _save(fig, Path(out_png))
+            return
+        names = routing["experts"]
+        layers = [row["layer"] for row in routing["layers"]]
+        share = [row["load_share"] for row in routing["layers"]]
+        fig = Figure(figsize=(1.6 + 0.7 * len(names), 1.2 + 0.35 * len(layers)), layout="constrained")
+        ax = fig.add_subplot()
+        image = ax.imshow(share, cmap="viridis", vmin=0.0, vmax=max(map(max, share)) or 1.0,
+                          aspect="auto", interpolation="nearest")
+        ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+        ax.set_yticks(range(len(layers)), [str(i) for i in layers])
+        ax.set_xlabel("expert")
+        ax.set_ylabel("layer")
+        ax.set_title(f"share of top-{routing['top_k']} slots (uniform {1 / len(names):.2f})")
+        if len(names) * len(layers) <= _ANNOTATE_MAX_CELLS:
+            for r, row in enumerate(share):
+                for c, value in enumerate(row):
+                    ax.text(c, r, f"{value:.2f}", ha="center", va="center", fontsize=7,
+                            color="white" if value < 0.5 * image.norm.vmax else "black")
+        fig.colorbar(image, ax=ax, label="share")
+        _save(fig, Path(out_png))
+
+
+def plot_gate_similarity(gates_json: dict[str, Any], out_png: Path) -> None:
+    """Cosine similarity between expert router rows, one small panel per layer.
+
+    Rows that are nearly parallel mean the router cannot tell those experts apart, which is the
+    usual cause of one expert taking all the traffic.
+    """
+    layers = _gate_layers(gates_json)
+    with style.context("default"):
+        cols = min(_MAX_PANELS_PER_ROW, math.ceil(math.sqrt(len(layers))))
+        rows = math.ceil(len(layers) / cols)
+        fig = Figure(figsize=(2.4 * cols + 1.0, 2.4 * rows + 0.4), layout="constrained")
+        axes = fig.subplots(rows, cols, squeeze=False)
+        image = None
+        for ax, layer in zip(axes.flat, layers):
+            image = ax.imshow(layer["cosine"], cmap="coolwarm", vmin=-1.0, vmax=1.0,
+                              interpolation="nearest")
+            experts = len(layer["cosine"])
+            ax.set_xticks(range(experts))
+            ax.set_yticks(range(experts))
+            ax.tick_params(labelsize=6)
+            ax.set_title(f"layer {layer['layer']}", fontsize=8)
+        for ax in list(axes.flat)[len(layers):]:
+            ax.set_axis_off()
+        fig.suptitle("gate cosine similarity (rows and columns: experts)", fontsize=9)
+        fig.colorbar(image, ax=axes, shrink=0.8, label="cosine")
+        _save(fig, Path(out_png))
+
+
+def _gate_layers(gates_json: dict[str, Any]) -> list[dict[str, Any]]:
+    """The layers of a gates.json dict, checked to be ``{"layers": [{"layer", "cosine"}, ...]}``."""
+    layers = gates_json.get("layers") if isinstance(gates_json, dict) else None
+    if not isinstance(layers, list) or not layers:
+        raise BuildError("expected a non-empty list under 'layers'", "gates.json",
+                         "rerun the gates step")
+    for entry in layers:
+        matrix = entry.get("cosine") if isinstance(entry, dict) else None
+        ok = (isinstance(entry, dict) and isinstance(entry.get("layer"), int)
+              and isinstance(matrix, list) and matrix
+              and all(isinstance(row, list) and len(row) == len(matrix)
+                      and all(isinstance(x, (int, float)) for x in row) for row in matrix))
+        if not ok:
+            raise BuildError(f"layer entry {entry!r:.80} is not {{'layer': int, 'cosine': E x E}}",
+                             "gates.json", "rerun the gates step")
+    return layers
+
+
+def _save(fig: Figure, path: Path) -> None:
+    """Write the PNG under a temporary name, without the Software tag, and rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png", dpi=100, metadata={"Software": None})
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

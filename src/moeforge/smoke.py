@@ -1,0 +1,704 @@
+"""Smoke test of an assembled MoE checkpoint.
+
+A merged checkpoint can be wrong in ways that no shape check sees: a Mixtral that loads with
+attention or norm weights silently re-initialised generates nothing useful, and a RoPE setting
+translated wrongly yields fluent-looking garbage such as ``")))))"``. This module loads the
+assembled model the way a user would (strict, offline, no remote code), runs it on a few prompts
+and compares it with the base model, so such builds fail here instead of after upload.
+
+Hard faults raise :class:`~moeforge.errors.BuildError`; soft signals (degenerate generations, a
+large divergence from the base, dead experts) become warnings in the report.
+
+Thresholds, and why:
+
+* ``DISTINCT_RATIO_MIN = 1/3`` over at least ``DIVERSITY_MIN_TOKENS = 8`` new tokens: below it
+  every token recurs three times on average, a loop of a phrase at most a third of the output
+  long (five distinct tokens in sixteen). Ordinary text of that length has far more distinct
+  tokens, and a model that loops a whole sentence, as small base models do under greedy
+  decoding, is not flagged. Shorter outputs are too short to judge.
+* ``REPEAT_MIN_TOKENS = 4``: one token repeated four times or more is the ``")))))"`` failure.
+* ``DEAD_SHARE_FRACTION = 0.1``: an expert is dead in a layer when it receives less than a tenth
+  of its fair share (``1/E``) of the top-k routing slots. With few prompt tokens this threshold
+  falls below one slot, so it then flags exactly the experts that receive none.
+
+Prompts run one at a time, unpadded: batching would add padding that shifts positions and masks
+rows, so every statistic here is over real prompt tokens only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import safetensors
+import torch
+import transformers
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+from moeforge import __version__
+from moeforge.errors import BuildError, RecipeError
+
+DISTINCT_RATIO_MIN = 1 / 3
+DIVERSITY_MIN_TOKENS = 8
+REPEAT_MIN_TOKENS = 4
+DEAD_SHARE_FRACTION = 0.1
+NAMES_SHOWN = 5
+SIGNIFICANT_DIGITS = 6
+
+_NATIVE_FLOATS = {torch.float16, torch.bfloat16, torch.float32, torch.float64}
+_CONFIG_KEYS = (
+    "architectures", "model_type", "dtype", "torch_dtype", "vocab_size", "hidden_size",
+    "intermediate_size", "moe_intermediate_size", "shared_expert_intermediate_size",
+    "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+    "num_local_experts", "num_experts", "num_experts_per_tok", "norm_topk_prob",
+    "decoder_sparse_step", "mlp_only_layers", "max_position_embeddings", "rope_theta",
+    "rope_scaling", "rope_parameters", "sliding_window", "use_sliding_window", "rms_norm_eps",
+    "tie_word_embeddings", "bos_token_id", "eos_token_id",
+)
+
+
+@dataclass
+class SmokeOptions:
+    """What to run and how strict to be.
+
+    ``identity`` is set when every expert is the base model, so the build must reproduce the
+    base exactly. ``expert_prompts`` maps an expert name to its positive prompts and
+    ``expert_names`` lists experts in router row order; both feed the routing statistics.
+    """
+
+    prompts: list[str]
+    max_new_tokens: int = 16
+    device: str = "cpu"
+    identity: bool = False
+    identity_atol: float = 1e-4
+    kl_warn: float = 1.0
+    expert_prompts: dict[str, list[str]] = field(default_factory=dict)
+    expert_names: list[str] = field(default_factory=list)
+
+
+class SmokeFailure(BuildError):
+    """A hard fault found after the model loaded; carries the report so it can still be read."""
+
+    def __init__(self, what: str, where: str, fix: str, report: dict[str, Any]) -> None:
+        super().__init__(what, where, fix)
+        self.report = report
+
+
+@dataclass
+class _Run:
+    """One prompt through one model: next-token logits, router logits, greedy continuation."""
+
+    logits: torch.Tensor
+    router_logits: list[torch.Tensor] | None
+    new_tokens: list[int]
+    text: str
+
+
+@dataclass
+class _Merged:
+    """Everything measured on the merged model, so it can be freed before the base is loaded."""
+
+    runs: list[_Run]
+    routing_texts: list[str]
+    router_logits: list[list[torch.Tensor] | None]
+    sparse_layers: list[int]
+    top_k: int
+    eos_ids: list[int]
+    load_info: dict[str, Any]
+
+
+_IDENTITY_FIX = ("every expert is the base model, so the build must reproduce it: compare config.json "
+                 "(rope, norm eps, head_dim, sliding window) and the non-expert tensors with the base")
+_FINITE_FIX = ("the weights are finite but the activations overflow: check scale and noise settings "
+               "in the recipe and the dtype casts of the shards")
+
+
+# ---------------------------------------------------------------------------------------------
+# entry point
+
+
+def run_smoke(model_dir: Path, base_dir: Path | None, opts: SmokeOptions) -> dict[str, Any]:
+    """Check the assembled model in ``model_dir`` (against ``base_dir`` when given); return the report.
+
+    The two models are loaded one after the other, never together, so the check needs the
+    memory of one float32 copy of the larger model.
+    """
+    model_dir = Path(model_dir)
+    _check_options(base_dir, opts)
+    scan = scan_tensors(model_dir)
+    tokenizer = _load_tokenizer(model_dir)
+    prompt_ids = [_encode(tokenizer, p) for p in opts.prompts]
+    merged = _measure_merged(model_dir, tokenizer, prompt_ids, opts)
+    base = None if base_dir is None else _measure_base(Path(base_dir), tokenizer, prompt_ids, opts,
+                                                         merged.eos_ids)
+    report = _new_report(model_dir, base_dir, opts, merged.load_info, scan)
+    failures = _fill_report(report, merged, base, opts)
+    if failures:
+        what, fix = zip(*failures)
+        raise SmokeFailure("; ".join(what), str(model_dir), " / ".join(dict.fromkeys(fix)), report)
+    return report
+
+
+def _measure_merged(model_dir: Path, tokenizer: Any, prompt_ids: list[torch.Tensor],
+                    opts: SmokeOptions) -> _Merged:
+    """Load the merged model strictly; run the prompts, then the expert prompts for routing."""
+    texts = _routing_texts(opts)
+    model, load_info = load_strict(model_dir, opts.device)
+    eos_ids = _eos_ids(model, tokenizer)
+    runs = [_run(model, tokenizer, ids, opts, eos_ids, routers=True) for ids in prompt_ids]
+    extra = [_forward(model, _encode(tokenizer, t), opts.device, routers=True)[1]
+             for t in texts[len(prompt_ids):]]
+    return _Merged(runs=runs, routing_texts=texts, router_logits=[r.router_logits for r in runs] + extra,
+                   sparse_layers=_sparse_layer_ids(model),
+                   top_k=int(getattr(model.config, "num_experts_per_tok", 1)),
+                   eos_ids=eos_ids, load_info=load_info)
+
+
+def _measure_base(base_dir: Path, tokenizer: Any, prompt_ids: list[torch.Tensor], opts: SmokeOptions,
+                  eos_ids: list[int]) -> list[_Run]:
+    """Run the same prompts through the base model, with the same tokens and stop ids."""
+    model, _ = load_strict(base_dir, opts.device)
+    return [_run(model, tokenizer, ids, opts, eos_ids, routers=False) for ids in prompt_ids]
+
+
+def _fill_report(report: dict[str, Any], merged: _Merged, base: list[_Run] | None,
+                 opts: SmokeOptions) -> list[tuple[str, str]]:
+    """Add generations, comparison and routing to ``report``; return hard faults as (what, fix)."""
+    warnings: list[str] = report["warnings"]
+    report["generations"] = _generations(merged.runs, base, opts.prompts, merged.eos_ids, warnings)
+    failures = [(what, _FINITE_FIX) for what in _finite_errors(merged.runs, opts.prompts)]
+    if not failures:  # with non-finite activations, comparison and routing numbers mean nothing
+        if base is not None:
+            report["comparison"] = compare_logits([r.logits for r in base], [r.logits for r in merged.runs])
+            findings = _comparison_findings(report["comparison"], opts, warnings)
+            failures += [(what, _IDENTITY_FIX) for what in findings]
+        report["routing"] = _routing(merged.router_logits, merged.routing_texts, merged.sparse_layers,
+                                     merged.top_k, opts, warnings)
+    report["errors"] = [what for what, _ in failures]
+    report["passed"] = not failures
+    return failures
+
+
+def _check_options(base_dir: Path | None, opts: SmokeOptions) -> None:
+    """Reject options that cannot produce a meaningful test before any model is loaded."""
+    if not opts.prompts:
+        raise RecipeError("the smoke test needs at least one prompt", "smoke.prompts",
+                          "add prompts to the workflow config")
+    if opts.identity and base_dir is None:
+        raise RecipeError("the identity check needs the base model", "smoke",
+                          "pass the base model directory")
+    unknown = sorted(set(opts.expert_prompts) - set(opts.expert_names))
+    if unknown:
+        raise RecipeError(f"prompts given for unknown experts {unknown}", "smoke.expert_prompts",
+                          f"use names from {opts.expert_names}")
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+
+def scan_tensors(model_dir: Path) -> dict[str, Any]:
+    """Read every tensor of the checkpoint once, one at a time, and fail on NaN or Inf.
+
+    Loading alone does not catch them: a non-finite weight loads fine and only shows as NaN
+    logits, or not at all if the tensor is never used. Tensors are read via ``safe_open`` so no
+    more than one is in memory at a time.
+    """
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise BuildError("no *.safetensors files", str(model_dir), "rerun the assemble step")
+    bad: list[str] = []
+    count = 0
+    for path in files:
+        with safe_open(str(path), framework="pt") as handle:
+            for name in sorted(handle.keys()):
+                count += 1
+                n_bad = _non_finite(handle.get_tensor(name))
+                if n_bad:
+                    bad.append(f"{name} in {path.name} ({n_bad} values)")
+    if bad:
+        raise BuildError(
+            f"{len(bad)} tensor(s) contain NaN or Inf: {_first(bad)}", str(model_dir),
+            "check the shard that wrote them (noise/scale transforms, dtype casts) and rebuild it",
+        )
+    return {"files": [p.name for p in files], "tensors_scanned": count}
+
+
+def _non_finite(tensor: torch.Tensor) -> int:
+    """Count NaN/Inf values; float8 and other narrow floats are widened since isfinite lacks them."""
+    if not tensor.dtype.is_floating_point:
+        return 0
+    if tensor.dtype not in _NATIVE_FLOATS:
+        tensor = tensor.to(torch.float32)
+    return int((~torch.isfinite(tensor)).sum())
+
+
+@contextlib.contextmanager
+def _stdin_closed() -> Iterator[None]:
+    """Give loads an empty stdin so a remote-code prompt cannot block a batch job."""
+    saved = sys.stdin
+    with open(os.devnull, encoding="utf-8") as devnull:
+        sys.stdin = devnull
+        try:
+            yield
+        finally:
+            sys.stdin = saved
+
+
+def load_strict(model_dir: Path, device: str) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Load in float32 as users would, and fail on any key that did not load exactly.
+
+    transformers re-initialises missing or mis-shaped weights and only logs it; such a model
+    runs and produces nonsense. Mismatched shapes are let through the loader so they can be
+    reported by name together with the other problems.
+    """
+    try:
+        with _stdin_closed():
+            model, info = AutoModelForCausalLM.from_pretrained(
+                str(model_dir), dtype=torch.float32, output_loading_info=True,
+                trust_remote_code=False, local_files_only=True, ignore_mismatched_sizes=True,
+            )
+    except Exception as exc:  # any loader failure is a build fault; keep its message
+        raise BuildError(f"transformers cannot load the model: {type(exc).__name__}: {exc}",
+                         str(model_dir), "check config.json and the tensor index") from exc
+    summary = {
+        "missing_keys": sorted(info["missing_keys"]),
+        "unexpected_keys": sorted(info["unexpected_keys"]),
+        "mismatched_keys": sorted(f"{k} (file {list(a)} vs model {list(b)})"
+                                  for k, a, b in info["mismatched_keys"]),
+        "error_msgs": [str(m) for m in info["error_msgs"]],
+    }
+    problems = [f"{len(v)} {k.replace('_', ' ')}: {_first(v)}" for k, v in summary.items() if v]
+    if problems:
+        raise BuildError("; ".join(problems), str(model_dir),
+                         "the tensor names or shapes do not match the model class that config.json "
+                         "names; a merged model must be rebuilt with the matching output template")
+    summary["parameters"] = sum(p.numel() for p in model.parameters())
+    return model.to(device), summary
+
+
+def _load_tokenizer(model_dir: Path) -> Any:
+    """The merged model's tokenizer; it is a byte copy of the base's, so it serves both models."""
+    try:
+        with _stdin_closed():
+            return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False,
+                                                 local_files_only=True)
+    except Exception as exc:  # a missing or broken tokenizer is an assembly fault
+        raise BuildError(f"cannot load the tokenizer: {type(exc).__name__}: {exc}",
+                         str(model_dir), "rerun the assemble step (it copies the tokenizer)") from exc
+
+
+def _first(names: Sequence[str]) -> str:
+    """The first few names, so a message stays readable when hundreds of keys are wrong."""
+    shown = ", ".join(names[:NAMES_SHOWN])
+    return shown + (f", ... ({len(names) - NAMES_SHOWN} more)" if len(names) > NAMES_SHOWN else "")
+
+
+# ---------------------------------------------------------------------------------------------
+# running prompts
+
+
+def _encode(tokenizer: Any, text: str) -> torch.Tensor:
+    """Token ids [1, T] as a user's ``tokenizer(text)`` gives them (special tokens included)."""
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    if ids.shape[1] == 0:
+        raise RecipeError(f"prompt {text!r} has no tokens", "smoke.prompts", "use non-empty prompts")
+    return ids
+
+
+def _routing_texts(opts: SmokeOptions) -> list[str]:
+    """The smoke prompts first, then each expert prompt not already among them, each once."""
+    texts = list(opts.prompts)
+    for name in opts.expert_names:
+        texts += [t for t in opts.expert_prompts.get(name, []) if t not in texts]
+    return texts
+
+
+def _eos_ids(model: torch.nn.Module, tokenizer: Any) -> list[int]:
+    """Every id that ends generation: the model's generation config and the tokenizer's EOS."""
+    ids: set[int] = set()
+    for value in (model.generation_config.eos_token_id, model.config.eos_token_id,
+                  tokenizer.eos_token_id):
+        if value is not None:
+            ids.update(value if isinstance(value, list) else [value])
+    return sorted(ids)
+
+
+@torch.inference_mode()
+def _forward(model: torch.nn.Module, ids: torch.Tensor, device: str,
+             routers: bool) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+    """Logits [T, V] in float32 on CPU and, for the merged model, router logits per MoE layer."""
+    kwargs = {"output_router_logits": True} if routers else {}
+    ids = ids.to(device)
+    out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False, **kwargs)
+    router = getattr(out, "router_logits", None) if routers else None
+    router_cpu = [r.float().cpu() for r in router] if router else None
+    return out.logits[0].float().cpu(), router_cpu
+
+
+@torch.inference_mode()
+def _generate(model: torch.nn.Module, tokenizer: Any, ids: torch.Tensor, opts: SmokeOptions,
+              eos_ids: list[int]) -> tuple[list[int], str]:
+    """Plain greedy continuation.
+
+    The model's own generation config is replaced so that repetition penalties or a minimum
+    length cannot hide a degenerate model.
+    """
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos_ids or [0])[0]
+    model.generation_config = GenerationConfig(eos_token_id=eos_ids or None, pad_token_id=pad)
+    config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=opts.max_new_tokens,
+                              eos_token_id=eos_ids or None, pad_token_id=pad)
+    ids = ids.to(opts.device)
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
+    new = out[0, ids.shape[1]:].tolist()
+    return new, tokenizer.decode(new, skip_special_tokens=True)
+
+
+def _run(model: torch.nn.Module, tokenizer: Any, ids: torch.Tensor, opts: SmokeOptions,
+         eos_ids: list[int], routers: bool) -> _Run:
+    """Forward pass and greedy generation for one prompt."""
+    logits, router = _forward(model, ids, opts.device, routers)
+    new, text = _generate(model, tokenizer, ids, opts, eos_ids)
+    return _Run(logits, router, new, text)
+
+
+def _sparse_layer_ids(model: torch.nn.Module) -> list[int]:
+    """Decoder layer indices that hold experts, in the order their router logits are returned.
+
+    Qwen2-MoE can keep some layers dense (``mlp_only_layers``), so list position != layer index.
+    """
+    return [i for i, layer in enumerate(model.model.layers)
+            if any(hasattr(child, "experts") for child in layer.children())]
+
+
+# ---------------------------------------------------------------------------------------------
+# checks
+
+
+def degeneracy_flags(new_tokens: Sequence[int], text: str, eos_ids: Sequence[int]) -> list[str]:
+    """Name the ways a greedy continuation looks broken (empty list: looks like text)."""
+    flags = []
+    if new_tokens and new_tokens[0] in eos_ids:
+        flags.append("immediate_eos")
+    if not text.strip():
+        flags.append("empty")
+    content = [t for t in new_tokens if t not in eos_ids]
+    if len(content) >= REPEAT_MIN_TOKENS and len(set(content)) == 1:
+        flags.append("single_token_repeated")
+    if len(content) >= DIVERSITY_MIN_TOKENS and len(set(content)) / len(content) < DISTINCT_RATIO_MIN:
+        flags.append("low_distinct_ratio")
+    return flags
+
+
+def _finite_errors(runs: list[_Run], prompts: list[str]) -> list[str]:
+    """Non-finite logits on any prompt: the model computes garbage whatever it generates."""
+    return [f"non-finite logits on prompt {i} ({_short(prompts[i])})"
+            for i, run in enumerate(runs) if not torch.isfinite(run.logits).all()]
+
+
+def _generations(merged: list[_Run], base: list[_Run] | None, prompts: list[str],
+                 eos_ids: list[int], warnings: list[str]) -> list[dict[str, Any]]:
+    """Per-prompt generated text and flags; warn when every prompt degenerates."""
+    rows = []
+    for i, run in enumerate(merged):
+        flags = degeneracy_flags(run.new_tokens, run.text, eos_ids)
+        row: dict[str, Any] = {
+            "prompt": prompts[i], "text": run.text, "new_tokens": len(run.new_tokens),
+            "distinct_tokens": len(set(run.new_tokens)), "flags": flags, "degenerate": bool(flags),
+        }
+        if base is not None:
+            base_flags = degeneracy_flags(base[i].new_tokens, base[i].text, eos_ids)
+            row |= {"base_text": base[i].text, "base_flags": base_flags,
+                    "matches_base": base[i].new_tokens == run.new_tokens}
+        rows.append(row)
+    if all(r["degenerate"] for r in rows):
+        also = ""
+        if base is not None and all(r["base_flags"] for r in rows):
+            also = " (so does the base model: the prompts or max_new_tokens may not suit it)"
+        warnings.append(f"all {len(rows)} prompts produce degenerate output{also}")
+    return rows
+
+
+def compare_logits(base: list[torch.Tensor], merged: list[torch.Tensor]) -> dict[str, Any]:
+    """Per prompt: mean and max KL(base || merged) over positions, top-1 agreement, max |Δlogit|."""
+    prompts = []
+    for b, m in zip(base, merged, strict=True):
+        if b.shape != m.shape:
+            raise BuildError(f"logits shape {list(m.shape)} differs from the base's {list(b.shape)}",
+                             "lm_head / vocab_size", "the merged vocabulary must equal the base's")
+        log_b = torch.log_softmax(b.double(), dim=-1)
+        log_m = torch.log_softmax(m.double(), dim=-1)
+        kl = (log_b.exp() * (log_b - log_m)).sum(dim=-1)
+        diff = (b - m).abs().amax(dim=-1)
+        prompts.append({
+            "kl_mean": _num(kl.mean()), "kl_max": _num(kl.max()),
+            "top1_agreement": _num((b.argmax(-1) == m.argmax(-1)).double().mean()),
+            "max_abs_logit_diff": _num(diff.max()), "argmax_position": int(diff.argmax()),
+            "positions": int(b.shape[0]),
+        })
+    positions = sum(p["positions"] for p in prompts)
+    return {
+        "prompts": prompts,
+        "kl_mean": _num(sum(p["kl_mean"] * p["positions"] for p in prompts) / positions),
+        "top1_agreement": _num(sum(p["top1_agreement"] * p["positions"] for p in prompts) / positions),
+        "max_abs_logit_diff": max(p["max_abs_logit_diff"] for p in prompts),
+    }
+
+
+def _comparison_findings(comparison: dict[str, Any], opts: SmokeOptions,
+                         warnings: list[str]) -> list[str]:
+    """The identity check as an error; otherwise large divergences from the base as warnings."""
+    rows = comparison["prompts"]
+    if opts.identity:
+        worst = max(range(len(rows)), key=lambda i: rows[i]["max_abs_logit_diff"])
+        delta = rows[worst]["max_abs_logit_diff"]
+        if delta > opts.identity_atol:
+            return [f"identity mismatch: max |Δlogit| = {delta:.4g} at prompt {worst} "
+                    f"({_short(opts.prompts[worst])}) position {rows[worst]['argmax_position']} "
+                    f"(tolerance {opts.identity_atol:g})"]
+        return []
+    for i, row in enumerate(rows):
+        if row["kl_mean"] > opts.kl_warn:
+            warnings.append(f"prompt {i} ({_short(opts.prompts[i])}): mean KL(base || merged) = "
+                            f"{row['kl_mean']:.4g} nats > {opts.kl_warn:g}")
+    return []
+
+
+# ---------------------------------------------------------------------------------------------
+# routing
+
+
+def routing_stats(runs: list[list[torch.Tensor]], top_k: int, layer_ids: list[int],
+                  own: dict[str, tuple[int, list[int]]]) -> list[dict[str, Any]]:
+    """Per MoE layer: top-k slot share per expert, router entropy, load entropy, own-prompt top-1.
+
+    ``runs`` holds, per text, one [T, E] router-logit tensor per MoE layer. ``load_share[e]`` is
+    the fraction of all top-k slots that expert e fills (sums to 1; uniform is 1/E), so a dead
+    expert and an overloaded one read on the same scale. ``own`` maps an expert name to its
+    router row and the indices of its positive prompts among ``runs``; ``own_top1[name]`` is the
+    fraction of those prompts' tokens whose top-1 expert is that row.
+    """
+    layers = []
+    for pos, layer in enumerate(layer_ids):
+        per_text = [run[pos] for run in runs]
+        logits = torch.cat(per_text)
+        experts = logits.shape[1]
+        probs = torch.softmax(logits.double(), dim=-1)
+        chosen = probs.topk(min(top_k, experts), dim=-1).indices
+        counts = torch.bincount(chosen.flatten(), minlength=experts).double()
+        load = counts / counts.sum()
+        entropy = -(probs * torch.log(probs.clamp_min(1e-300))).sum(-1)
+        layers.append({
+            "layer": layer,
+            "load_share": [_num(x) for x in load],
+            "router_entropy_mean": _num(entropy.mean()),
+            "load_entropy": _num(-(load * torch.log(load.clamp_min(1e-300))).sum()),
+            "own_top1": {name: _num(_top1_fraction([per_text[t] for t in texts], row))
+                         for name, (row, texts) in sorted(own.items()) if texts},
+        })
+    return layers
+
+
+def _top1_fraction(logits: list[torch.Tensor], expert: int) -> float:
+    """Fraction of the tokens in ``logits`` whose highest router logit is ``expert``."""
+    top1 = torch.cat(logits).argmax(dim=-1)
+    return float((top1 == expert).double().mean())
+
+
+def _routing(runs: list[list[torch.Tensor] | None], texts: list[str], sparse_layers: list[int],
+             top_k: int, opts: SmokeOptions, warnings: list[str]) -> dict[str, Any] | None:
+    """Routing statistics over every prompt token, keyed by expert name, with dead-expert warnings."""
+    if any(run is None for run in runs):
+        warnings.append("the model returns no router logits: routing statistics skipped")
+        return None
+    if len(runs[0]) != len(sparse_layers):
+        raise BuildError(f"{len(runs[0])} router outputs for {len(sparse_layers)} MoE layers",
+                         "router logits", "check num_hidden_layers and mlp_only_layers in config.json")
+    experts = runs[0][0].shape[1]
+    names = opts.expert_names or [f"expert_{e}" for e in range(experts)]
+    if len(names) != experts:
+        raise BuildError(f"the model has {experts} experts but {len(names)} expert names were given",
+                         "router", "the recipe and the built model disagree: rebuild")
+    own = {name: (names.index(name), [texts.index(t) for t in prompts])
+           for name, prompts in opts.expert_prompts.items()}
+    layers = routing_stats(runs, top_k, sparse_layers, own)
+    threshold = DEAD_SHARE_FRACTION / experts
+    for e, name in enumerate(names):
+        dead = [f"layer {row['layer']}: {row['load_share'][e]:.2%}"
+                for row in layers if row["load_share"][e] < threshold]
+        if dead:
+            warnings.append(f"dead expert {name!r} (router row {e}): share of the top-{top_k} slots "
+                            f"under {threshold:.2%} in {', '.join(dead)}")
+    return {
+        "experts": names, "top_k": top_k, "tokens": sum(int(run[0].shape[0]) for run in runs),
+        "texts": len(texts), "max_entropy": _num(math.log(experts)),
+        "dead_share_threshold": _num(threshold), "layers": layers,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# report
+
+
+def _new_report(model_dir: Path, base_dir: Path | None, opts: SmokeOptions,
+                load_info: dict[str, Any], scan: dict[str, Any]) -> dict[str, Any]:
+    """The report skeleton: what was tested, with which software, and how it loaded."""
+    return {
+        "versions": {"moeforge": __version__, "torch": torch.__version__,
+                     "transformers": transformers.__version__, "safetensors": safetensors.__version__},
+        "model_dir": str(model_dir),
+        "base_dir": str(base_dir) if base_dir is not None else None,
+        "options": asdict(opts),
+        "config": _config_summary(model_dir),
+        "load": load_info | scan,
+        "comparison": None,
+        "routing": None,
+        "thresholds": {"distinct_ratio_min": DISTINCT_RATIO_MIN,
+                       "diversity_min_tokens": DIVERSITY_MIN_TOKENS,
+                       "repeat_min_tokens": REPEAT_MIN_TOKENS,
+                       "dead_share_fraction": DEAD_SHARE_FRACTION},
+        "warnings": [],
+    }
+
+
+def _config_summary(model_dir: Path) -> dict[str, Any]:
+    """The architecture keys of config.json as written on disk (what other engines will read)."""
+    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    return {k: config[k] for k in _CONFIG_KEYS if k in config}
+
+
+def _num(value: float | torch.Tensor) -> float | str:
+    """A float rounded to stable digits for the JSON; non-finite values become strings."""
+    x = float(value)
+    if not math.isfinite(x):
+        return str(x)
+    return float(f"{x:.{SIGNIFICANT_DIGITS}g}")
+
+
+def _short(text: str, width: int = 40) -> str:
+    """A prompt shortened for one-line messages."""
+    return repr(text if len(text) <= width else text[: width - 1] + "…")
+
+
+def write_report(report: dict[str, Any], out_json: Path, out_md: Path) -> None:
+    """Write the report as sorted JSON and as markdown; each file appears complete or not at all."""
+    _write_atomic(Path(out_json), json.dumps(report, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+    _write_atomic(Path(out_md), render_markdown(report))
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write to a temporary file beside ``path`` and rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
+            handle.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """A readable report: verdict and warnings first, then generations, comparison, routing."""
+    status = "FAIL" if not report.get("passed", False) else (
+        f"PASS with {len(report['warnings'])} warning(s)" if report["warnings"] else "PASS")
+    lines = [f"# Smoke test: {status}", ""]
+    lines += _md_list("Errors", report.get("errors", [])) + _md_list("Warnings", report["warnings"])
+    lines += _md_model(report) + _md_generations(report["generations"])
+    if report["comparison"] is not None:
+        lines += _md_comparison(report["comparison"])
+    if report["routing"] is not None:
+        lines += _md_routing(report["routing"])
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def _md_list(title: str, items: list[str]) -> list[str]:
+    return [f"## {title}", "", *[f"- {item}" for item in items], ""] if items else []
+
+
+def _md_model(report: dict[str, Any]) -> list[str]:
+    versions = ", ".join(f"{k} {v}" for k, v in sorted(report["versions"].items()))
+    load = report["load"]
+    lines = ["## Model", "", f"- model: `{report['model_dir']}`", f"- base: `{report['base_dir']}`",
+             f"- versions: {versions}",
+             f"- loaded strictly: {load['parameters']} parameters, {load['tensors_scanned']} tensors "
+             f"in {len(load['files'])} file(s), all finite", "", "| config key | value |", "|---|---|"]
+    lines += [f"| {k} | `{json.dumps(v, sort_keys=True)}` |" for k, v in sorted(report["config"].items())]
+    return lines + [""]
+
+
+def _fence(text: str) -> list[str]:
+    """A code block that the text itself cannot close, with control characters made visible.
+
+    Broken models often emit control bytes; escaped, they can neither garble a terminal nor
+    hide as blank output.
+    """
+    text = "".join(ch if ch.isprintable() or ch in "\n\t" else ascii(ch)[1:-1] for ch in text)
+    ticks = "`" * max(3, _longest_backtick_run(text) + 1)
+    return [ticks + "text", text, ticks]
+
+
+def _longest_backtick_run(text: str) -> int:
+    """Length of the longest run of backticks in ``text``."""
+    best = run = 0
+    for ch in text:
+        run = run + 1 if ch == "`" else 0
+        best = max(best, run)
+    return best
+
+
+def _md_generations(rows: list[dict[str, Any]]) -> list[str]:
+    lines = ["## Generations (greedy)", ""]
+    for i, row in enumerate(rows):
+        flags = ", ".join(row["flags"]) or "none"
+        lines += [f"### Prompt {i}", "", *_fence(row["prompt"]), "",
+                  f"Merged model ({row['new_tokens']} new tokens, {row['distinct_tokens']} distinct; "
+                  f"degeneracy flags: {flags}):", "", *_fence(row["text"]), ""]
+        if "base_text" in row:
+            same = "identical to the merged model" if row["matches_base"] else "differs"
+            lines += [f"Base model ({same}; flags: {', '.join(row['base_flags']) or 'none'}):", "",
+                      *_fence(row["base_text"]), ""]
+    return lines
+
+
+def _md_comparison(comparison: dict[str, Any]) -> list[str]:
+    lines = ["## Comparison with the base", "",
+             f"Mean KL(base || merged) {comparison['kl_mean']:.4g} nats, top-1 agreement "
+             f"{comparison['top1_agreement']:.2%}, max |Δlogit| {comparison['max_abs_logit_diff']:.4g}.",
+             "", "| prompt | positions | mean KL | max KL | top-1 agreement | max abs Δlogit |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {i} | {p['positions']} | {p['kl_mean']:.4g} | {p['kl_max']:.4g} | "
+              f"{p['top1_agreement']:.2%} | {p['max_abs_logit_diff']:.4g} |"
+              for i, p in enumerate(comparison["prompts"])]
+    return lines + [""]
+
+
+def _md_routing(routing: dict[str, Any]) -> list[str]:
+    names = routing["experts"]
+    lines = ["## Routing", "",
+             f"Share of the top-{routing['top_k']} slots per expert over {routing['tokens']} prompt "
+             f"tokens ({routing['texts']} texts); uniform is {1 / len(names):.1%}, dead below "
+             f"{routing['dead_share_threshold']:.2%}. Entropies in nats (max {routing['max_entropy']:.3g}).",
+             "", "| layer | " + " | ".join(names) + " | router entropy | load entropy |",
+             "|---" * (len(names) + 3) + "|"]
+    lines += [f"| {row['layer']} | " + " | ".join(f"{s:.1%}" for s in row["load_share"])
+              + f" | {row['router_entropy_mean']:.3g} | {row['load_entropy']:.3g} |"
+              for row in routing["layers"]]
+    own = [n for n in names if n in routing["layers"][0]["own_top1"]] if routing["layers"] else []
+    if own:
+        lines += ["", "Fraction of each expert's own prompt tokens routed to it as top-1:", "",
+                  "| layer | " + " | ".join(own) + " |", "|---" * (len(own) + 1) + "|"]
+        lines += [f"| {row['layer']} | " + " | ".join(f"{row['own_top1'][n]:.1%}" for n in own) + " |"
+                  for row in routing["layers"]]
+    return lines + [""]

@@ -1,0 +1,346 @@
+"""Pre-flight validation: recipes, templates and models are checked before any weight is read.
+
+Each bad input must give one message that names the culprit (file, key, model, tensor) and
+what to do.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from moeforge.architectures import load_template
+from moeforge.errors import FetchError, ModelError, RecipeError, TemplateError
+from moeforge.fixtures import build_dense_model, build_preset, train_tokenizer
+from moeforge.plan import load_source
+from moeforge.recipe import check_merge_name, load_recipe, parse_recipe
+from moeforge.sources import fetch_metadata
+from hfcache import offline_env, populate
+from pipeline import plan_only
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPT = ["hello"]
+
+
+def ok_recipe(**extra):
+    return {"base_model": "org/base", "experts": [{"source_model": "org/e1", "positive_prompts": PROMPT},
+                                                  {"source_model": "org/e2", "positive_prompts": PROMPT}], **extra}
+
+
+# ---- recipes -------------------------------------------------------------------------------
+
+def test_published_recipe_parses_unchanged():
+    recipe = load_recipe(REPO / "config/recipes/published-example.yaml")
+    assert recipe.gate_mode == "hidden" and recipe.dtype == "bfloat16" and recipe.experts_per_token == 2
+    assert recipe.experts[1].negative_prompts == ("chat",)
+    assert recipe.experts[2].source_model == "codellama/CodeLlama-7b-Instruct-hf@main"
+    assert recipe.experts[3].noise_scale == 0.01 and recipe.experts[3].residual_scale == 0.9
+
+
+BAD_RECIPES = [
+    ("unknown key", ok_recipe(experts_per_tok=2), "experts_per_tok: unknown key 'experts_per_tok'; did you mean 'experts_per_token'?"),
+    ("nested unknown key", {"base_model": "a/b", "experts": [{"source_model": "x/y", "postive_prompts": PROMPT}]},
+     "experts[0].postive_prompts: unknown key 'postive_prompts'; did you mean 'positive_prompts'?"),
+    ("bad gate_mode", ok_recipe(gate_mode="hiden"), "gate_mode: 'hiden' is not one of"),
+    ("too many experts per token", ok_recipe(experts_per_token=3), "experts_per_token is 3 but the recipe has only 2"),
+    ("missing prompts", {"base_model": "a/b", "experts": [{"source_model": "x/y"}, {"source_model": "x/z"}]},
+     "'y' (x/y) has no positive_prompts"),
+    ("bad dtype", ok_recipe(dtype="int8"), "dtype: 'int8' is not one of"),
+    ("wrong type", ok_recipe(experts_per_token="two"), "experts_per_token: 'two' is not of type 'integer'"),
+    ("missing base_model", {"experts": [{"source_model": "x/y", "positive_prompts": PROMPT}]},
+     "'base_model' is a required property"),
+    ("no experts", {"base_model": "a/b", "experts": []}, "experts: [] should be non-empty"),
+    ("token_reduction without router_input", ok_recipe(token_reduction="mean"),
+     "token_reduction only applies to gate_mode router_input"),
+    ("negative noise", ok_recipe(experts=[{"source_model": "x/y", "positive_prompts": PROMPT, "noise_scale": -1},
+                                          {"source_model": "x/z", "positive_prompts": PROMPT}]),
+     "experts[0].noise_scale: -1 is less than the minimum of 0"),
+    ("not a mapping", ["base_model"], "a recipe must be a YAML mapping"),
+]
+
+
+@pytest.mark.parametrize("case,data,message", BAD_RECIPES, ids=[c[0] for c in BAD_RECIPES])
+def test_bad_recipe_messages(case, data, message):
+    with pytest.raises(RecipeError) as info:
+        parse_recipe(data, "r.yaml")
+    assert message in str(info.value), str(info.value)
+    assert str(info.value).startswith("r.yaml")
+
+
+def test_random_modes_need_no_prompts():
+    recipe = parse_recipe({"base_model": "a/b", "gate_mode": "uniform_random",
+                           "experts": [{"source_model": "x/y"}, {"source_model": "x/z"}]})
+    assert recipe.gate_mode == "uniform_random"
+
+
+def test_invalid_yaml_file(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("base_model: [unclosed\n")
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        load_recipe(path)
+
+
+@pytest.mark.parametrize("name", ["../evil", "a/b", "", ".hidden", "x" * 65, "sp ace"])
+def test_bad_merge_names(name):
+    with pytest.raises(RecipeError, match="is not allowed"):
+        check_merge_name(name)
+
+
+def test_expert_names_are_unique():
+    recipe = parse_recipe({"base_model": "a/b", "gate_mode": "random",
+                           "experts": [{"source_model": "x/m"}, {"source_model": "y/m"}]})
+    assert [e.name for e in recipe.experts] == ["m", "m-2"]
+
+
+# ---- templates -----------------------------------------------------------------------------
+
+def test_builtin_templates_load():
+    from moeforge.architectures import load_all
+
+    inputs, outputs = load_all()
+    assert {"llama", "mistral", "qwen2", "qwen3"} <= set(inputs)
+    assert "mixtral" in outputs
+    assert inputs["qwen2"].attention["q_bias"].when == "qkv_bias" and "o_bias" not in inputs["qwen2"].attention
+
+
+def _template_copy(tmp_path, edit):
+    src = REPO / "src/moeforge/architectures/llama.yaml"
+    data = yaml.safe_load(src.read_text())
+    edit(data)
+    path = tmp_path / "llama.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda d: d["attention"]["q_proj"].update(shape=["num_attention_head * head_dim", "hidden_size"]),
+     "attention.q_proj: unknown parameter 'num_attention_head' in shape expression"),
+    (lambda d: d["mlp"]["gate_proj"].update(when="mlp_biass"), "mlp.gate_proj: unknown condition 'mlp_biass'"),
+    (lambda d: d["mlp"]["up_proj"].pop("name"), "'name' is a required property"),
+    (lambda d: d.update(agree=["hidden_sise"]), "unknown parameter 'hidden_sise'"),
+    (lambda d: d.pop("layer_prefix"), "layer_prefix"),
+], ids=["misnamed shape parameter", "misnamed condition", "missing field", "misnamed agree", "missing prefix"])
+def test_malformed_template_names_file_and_field(tmp_path, edit, message):
+    """Report 3's class: a naming mismatch in an architecture description is a clear error."""
+    path = _template_copy(tmp_path, edit)
+    with pytest.raises(TemplateError) as info:
+        load_template(path)
+    assert str(path) in str(info.value) and message in str(info.value), str(info.value)
+
+
+def test_template_extends_missing_parent(tmp_path):
+    path = tmp_path / "child.yaml"
+    path.write_text("name: child\nkind: input\nextends: nowhere\ndescription: x\nmodel_types: [c]\n")
+    with pytest.raises(TemplateError, match="extends 'nowhere'"):
+        load_template(path)
+
+
+# ---- models --------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    """A base, a good expert and the bad models, built once."""
+    root = tmp_path_factory.mktemp("zoo")
+    tok = root / "tok"
+    train_tokenizer(tok)
+    z = {"tok": tok, "base": build_dense_model(root / "base", "llama", tokenizer_dir=tok)}
+    z["expert"] = build_dense_model(root / "expert", derive_from=z["base"], seed=1, mlp_noise=0.05)
+    z["mistral"] = build_dense_model(root / "mistral", "mistral", seed=2, tokenizer_dir=tok)
+    z["layers6"] = build_dense_model(root / "layers6", "llama", seed=3, num_layers=6, tokenizer_dir=tok)
+    z["qwen15"] = build_preset(root / "qwen15", "qwen1.5", tokenizer_dir=tok)
+    z["qwen2tied"] = build_preset(root / "qwen2tied", "qwen2-0.5b", tokenizer_dir=tok)
+    z["scaled"] = build_dense_model(root / "scaled", "llama", seed=4, tokenizer_dir=tok,
+                                    rope_scaling={"type": "linear", "factor": 2.0})
+    small_tok = root / "small_tok"
+    train_tokenizer(small_tok, vocab_size=400)
+    z["vocab"] = build_dense_model(root / "vocab", "llama", seed=5, tokenizer_dir=small_tok)
+    return z
+
+
+def variant(src: Path, dst: Path, config_edit=None) -> Path:
+    shutil.copytree(src, dst)
+    if config_edit:
+        config = json.loads((dst / "config.json").read_text())
+        config_edit(config)
+        (dst / "config.json").write_text(json.dumps(config))
+    return dst
+
+
+def recipe(base, *experts, **extra):
+    return {"base_model": str(base), "gate_mode": "random",
+            "experts": [{"source_model": str(e)} for e in experts], **extra}
+
+
+def expect(tmp_path, data, error, *fragments):
+    with pytest.raises(error) as info:
+        plan_only(tmp_path, data)
+    for fragment in fragments:
+        assert fragment in str(info.value), str(info.value)
+    return str(info.value)
+
+
+def test_unknown_model_type(tmp_path, zoo):
+    bad = variant(zoo["expert"], tmp_path / "gemma", lambda c: c.update(model_type="gemma"))
+    expect(tmp_path, recipe(zoo["base"], bad, zoo["expert"]), ModelError,
+           "model_type 'gemma' is not supported", str(bad), "supported model types: llama, mistral, qwen2, qwen3")
+
+
+def test_layer_count_mismatch(tmp_path, zoo):
+    expect(tmp_path, recipe(zoo["base"], zoo["layers6"], zoo["expert"]), ModelError,
+           "num_hidden_layers is 6 but the base model", str(zoo["layers6"]))
+
+
+def test_vocab_size_mismatch(tmp_path, zoo):
+    expect(tmp_path, recipe(zoo["base"], zoo["vocab"], zoo["expert"]), ModelError,
+           "vocab_size is 400 but the base model", str(zoo["vocab"]))
+
+
+def test_tokenizer_vocabulary_mismatch(tmp_path, zoo):
+    other = variant(zoo["expert"], tmp_path / "retok")
+    data = json.loads((other / "tokenizer.json").read_text())
+    vocab = data["model"]["vocab"]
+    first = sorted(vocab, key=vocab.get)[300]
+    vocab["zz_" + first] = vocab.pop(first)
+    (other / "tokenizer.json").write_text(json.dumps(data))
+    expect(tmp_path, recipe(zoo["base"], other, zoo["expert"]), ModelError,
+           "tokenizer vocabulary differs from the base's", str(other))
+
+
+def _drop_tensor(model_dir: Path, name: str) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(model_dir / "model.safetensors")
+    tensors.pop(name)
+    save_file(tensors, model_dir / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_missing_tensor(tmp_path, zoo):
+    bad = variant(zoo["expert"], tmp_path / "holey")
+    _drop_tensor(bad, "model.layers.2.mlp.up_proj.weight")
+    expect(tmp_path, recipe(zoo["base"], bad, zoo["expert"]), ModelError,
+           "tensor 'model.layers.2.mlp.up_proj.weight' is missing", str(bad))
+
+
+def test_missing_attention_in_base(tmp_path, zoo):
+    bad = variant(zoo["base"], tmp_path / "noattn")
+    _drop_tensor(bad, "model.layers.0.self_attn.k_proj.weight")
+    expect(tmp_path, recipe(bad, zoo["expert"], zoo["expert"]), ModelError,
+           "'model.layers.0.self_attn.k_proj.weight' is missing", str(bad))
+
+
+def test_config_disagrees_with_weights(tmp_path, zoo):
+    bad = variant(zoo["expert"], tmp_path / "liar", lambda c: c.update(intermediate_size=96))
+    msg = expect(tmp_path, recipe(bad, zoo["expert"], zoo["expert"]), ModelError, "config.json implies [96, 64]")
+    assert str(bad) in msg
+
+
+def test_truncated_safetensors(tmp_path, zoo):
+    bad = variant(zoo["expert"], tmp_path / "short")
+    path = bad / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:-1000])
+    with pytest.raises(ModelError, match="file is truncated") as info:
+        fetch_metadata(str(bad), tmp_path / "meta")
+    assert str(path) in str(info.value)
+    assert not (tmp_path / "meta").exists()  # nothing half-written left looking complete
+
+
+def test_corrupt_header(tmp_path, zoo):
+    bad = variant(zoo["expert"], tmp_path / "garbled")
+    path = bad / "model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[10:20] = b"\x00" * 10
+    path.write_bytes(bytes(data))
+    with pytest.raises(ModelError, match="cannot read safetensors header"):
+        fetch_metadata(str(bad), tmp_path / "meta")
+
+
+def test_missing_local_path(tmp_path):
+    with pytest.raises(FetchError, match="local model directory not found"):
+        fetch_metadata(str(tmp_path / "nowhere"), tmp_path / "meta")
+
+
+def test_directory_without_config(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelError, match="no config.json"):
+        fetch_metadata(str(tmp_path / "empty"), tmp_path / "meta")
+
+
+def test_mistral_and_llama_mix(tmp_path, zoo):
+    """Different model_types with identical shapes and semantics may be mixed."""
+    plan = plan_only(tmp_path, recipe(zoo["base"], zoo["mistral"], zoo["expert"]))
+    assert plan["output_family"] == "mixtral"
+    assert any("mistral" in d["what"] for d in plan["decisions"])
+
+
+def test_rope_mismatch_refused_unless_allowed(tmp_path, zoo):
+    expect(tmp_path, recipe(zoo["base"], zoo["scaled"], zoo["expert"]), ModelError,
+           "rope settings differ", "allow_rope_mismatch")
+    plan = plan_only(tmp_path / "ok", recipe(zoo["base"], zoo["scaled"], zoo["expert"], allow_rope_mismatch=True))
+    assert any("rope settings differ" in w for w in plan["warnings"])
+
+
+def test_qwen15_is_recognised(zoo, tmp_path):
+    """Report 4: Qwen1.5 (model_type qwen2, Qwen2ForCausalLM) must not be rejected by a type check."""
+    fetch_metadata(str(zoo["qwen15"]), tmp_path / "meta")
+    source = load_source(str(zoo["qwen15"]), tmp_path / "meta")
+    assert source.family.name == "qwen2" and source.params["qkv_bias"] is True
+
+
+def test_qwen_biases_cannot_become_mixtral(tmp_path, zoo):
+    q = zoo["qwen15"]
+    expect(tmp_path, recipe(q, q, q, architecture="mixtral"), ModelError,
+           "self_attn.q_proj.bias", "mixtral has no place for")
+
+
+def test_tied_base_without_lm_head_plans(tmp_path, zoo):
+    """Report 5: a tied Qwen2-0.5B-style base has no lm_head.weight on disk: no KeyError."""
+    fetch_metadata(str(zoo["qwen2tied"]), tmp_path / "meta")
+    source = load_source(str(zoo["qwen2tied"]), tmp_path / "meta")
+    assert "lm_head.weight" not in source.inventory and source.params["tied"]
+
+
+def test_validation_reads_no_weights(tmp_path, zoo):
+    """Plan from metadata only: the weight files are gone when validation runs."""
+    base = variant(zoo["base"], tmp_path / "b")
+    expert = variant(zoo["expert"], tmp_path / "e")
+    data = recipe(base, expert, expert)
+    from pipeline import fetch_all
+
+    fetch_all(tmp_path / "w", [str(base), str(expert)])
+    for model in (base, expert):
+        (model / "model.safetensors").unlink()
+    plan = plan_only(tmp_path / "w", data)
+    assert plan["num_layers"] == 4 and plan["class_check"]["tensors"] > 0
+
+
+def test_offline_hub_cache_resolves_commit(tmp_path, zoo):
+    """fetch_metadata on org/repo@rev from a populated HF cache with HF_HUB_OFFLINE=1."""
+    cache = tmp_path / "hub"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    populate(cache, "acme/tiny-llama", zoo["base"], commit)
+    code = ("import json, sys; from pathlib import Path; from moeforge.sources import fetch_metadata; "
+            "print(json.dumps(fetch_metadata(sys.argv[1], Path(sys.argv[2]))))")
+    for ref in ("acme/tiny-llama", "acme/tiny-llama@main", f"acme/tiny-llama@{commit}"):
+        out = tmp_path / ref.replace("/", "_").replace("@", "_")
+        proc = subprocess.run([sys.executable, "-c", code, ref, str(out)], env=offline_env(cache),
+                              capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        assert proc.returncode == 0, proc.stderr
+        source = json.loads(proc.stdout)
+        assert source["resolved_revision"] == commit and source["kind"] == "hub"
+        assert (out / "inventory.tsv").is_file() and (out / "tokenizer.json").is_file()
+
+
+def test_offline_without_cache_is_a_clear_error(tmp_path):
+    code = ("from pathlib import Path; from moeforge.runner import run; from moeforge.sources import fetch_metadata; "
+            "import types; run(types.SimpleNamespace(log=[]), lambda s: fetch_metadata('acme/absent', Path('x')))")
+    proc = subprocess.run([sys.executable, "-c", code], env=offline_env(tmp_path / "hub"), cwd=tmp_path,
+                          capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 1
+    assert "acme/absent: not in the Hugging Face cache" in proc.stderr and "Traceback" not in proc.stderr
