@@ -45,6 +45,12 @@ def weight_records(wildcards):
     return [f"resources/models/{s}/weights.json" for s in merge_slugs(wildcards)]
 
 
+def plans_using(wildcards):
+    """plan.json of every merge that uses this model."""
+    return [f"results/{m}/plan.json" for m, r in RECIPES.items()
+            if wildcards.slug in {slug(ref) for ref in r.source_models}]
+
+
 def base_slug(wildcards):
     return slug(RECIPES[wildcards.merge].base_model)
 
@@ -52,7 +58,7 @@ def base_slug(wildcards):
 def local_model_input(wildcards):
     """A local model directory is an input (so the demo rule can build it); hub refs have none."""
     ref = parse_ref(REFS[wildcards.slug])
-    if ref.kind == "local" and (ref.path.startswith(DEMO_ROOT + "/") or Path(ref.path).is_dir()):
+    if ref.kind == "local" and (ref.path.startswith(f"{DEMO_ROOT}/") or Path(ref.path).is_dir()):
         return [ref.path]
     return []
 

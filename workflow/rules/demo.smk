@@ -9,12 +9,14 @@ rule demo_models:
         math=directory(f"{DEMO_ROOT}/expert_math"),
         cooking=directory(f"{DEMO_ROOT}/expert_cooking"),
     params:
-        root=DEMO_ROOT,
+        root=lambda wc, output: Path(output.base).parent,
     log:
         "logs/demo_models.log",
     resources:
         mem_mb=2000,
         runtime=10,
     localrule: True
+    conda:
+        "../../envs/moeforge.yaml"
     script:
         "../scripts/demo_models.py"

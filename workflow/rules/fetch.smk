@@ -14,13 +14,17 @@ rule fetch_metadata:
         mem_mb=1000,
         runtime=30,
     localrule: True
+    conda:
+        "../../envs/moeforge.yaml"
     script:
         "../scripts/fetch_metadata.py"
 
 
 rule fetch_weights:
     input:
-        "resources/models/{slug}/meta",
+        meta="resources/models/{slug}/meta",
+        # Weights are downloaded only once every merge that uses the model has validated.
+        plans=plans_using,
     output:
         "resources/models/{slug}/weights.json",
     log:
@@ -29,5 +33,7 @@ rule fetch_weights:
         mem_mb=1000,
         runtime=600,
     localrule: True
+    conda:
+        "../../envs/moeforge.yaml"
     script:
         "../scripts/fetch_weights.py"

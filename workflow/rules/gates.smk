@@ -13,5 +13,7 @@ rule gates:
     resources:
         mem_mb=layer_mem_mb,
         runtime=120,
+    conda:
+        "../../envs/moeforge.yaml"
     script:
         "../scripts/gates.py"

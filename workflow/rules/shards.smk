@@ -15,6 +15,8 @@ rule layer_shard:
     resources:
         mem_mb=shard_mem_mb,
         runtime=60,
+    conda:
+        "../../envs/moeforge.yaml"
     script:
         "../scripts/shard.py"
 
@@ -32,5 +34,7 @@ rule globals_shard:
     resources:
         mem_mb=shard_mem_mb,
         runtime=60,
+    conda:
+        "../../envs/moeforge.yaml"
     script:
         "../scripts/shard.py"

@@ -30,5 +30,7 @@ rule smoke_test:
     resources:
         mem_mb=model_mem_mb,
         runtime=60,
+    conda:
+        "../../envs/moeforge.yaml"
     script:
         "../scripts/smoke_test.py"

@@ -15,5 +15,7 @@ checkpoint validate:
     resources:
         mem_mb=2000,
         runtime=10,
+    conda:
+        "../../envs/moeforge.yaml"
     script:
         "../scripts/validate.py"

@@ -4,4 +4,4 @@ from pathlib import Path
 from moeforge.runner import run
 from moeforge.sources import fetch_weights
 
-run(snakemake, lambda s: fetch_weights(Path(s.input[0]) / "source.json", Path(s.output[0])))  # noqa: F821
+run(snakemake, lambda s: fetch_weights(Path(s.input.meta) / "source.json", Path(s.output[0])))  # noqa: F821

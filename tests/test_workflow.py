@@ -1,0 +1,128 @@
+"""The real Snakemake workflow, end to end, on the offline demo."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline import logits, sha256_tree
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+MODEL = "results/demo/model"
+
+
+def workdir(tmp: Path, recipe: dict | None = None) -> Path:
+    """A working directory with a config naming the demo recipe (or a given one)."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    source = yaml.safe_load((REPO / "config/recipes/demo.yaml").read_text()) if recipe is None else recipe
+    (tmp / "demo.yaml").write_text(yaml.safe_dump(source, sort_keys=False))
+    (tmp / "config.yaml").write_text(yaml.safe_dump({"merges": {"demo": {"recipe": "demo.yaml"}}}))
+    return tmp
+
+
+def snakemake(wd: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    cmd = [*SNAKEMAKE, "-s", str(REPO / "Snakefile"), "-d", str(wd), "--configfile", str(wd / "config.yaml"), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    wd = workdir(tmp_path_factory.mktemp("demo"))
+    proc = snakemake(wd, "--cores", "2")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return wd
+
+
+def test_lint():
+    proc = subprocess.run([*SNAKEMAKE, "--lint"], cwd=REPO, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def test_dry_run_shows_the_dag(tmp_path):
+    proc = snakemake(workdir(tmp_path), "-n", "--cores", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for rule in ("demo_models", "fetch_metadata", "validate", "fetch_weights", "gates", "translate_config",
+                 "assemble", "smoke_test"):
+        assert rule in proc.stdout
+
+
+@pytest.mark.slow
+def test_demo_builds_a_loadable_checked_model(demo):
+    model = demo / MODEL
+    report = json.loads((demo / "results/demo/smoke/report.json").read_text())
+    assert report["passed"] is True
+    assert report["load"]["missing_keys"] == [] if "missing_keys" in report["load"] else True
+    lock = json.loads((model / "moeforge.lock.json").read_text())
+    actual = sha256_tree(model)
+    actual.pop("moeforge.lock.json")
+    assert lock["files"] == actual
+    import torch
+
+    out = logits(model, torch.tensor([[1, 5, 9, 200, 33]]))
+    assert torch.isfinite(out).all()
+    assert not (model / ".snakemake_timestamp").exists()
+    assert not list((demo / "results/demo").glob("shards/*.safetensors"))  # temp shards removed
+    for png in ("expert_load.png", "gate_similarity.png"):
+        assert (demo / "results/demo/smoke" / png).stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_rerun_does_nothing(demo):
+    before = sha256_tree(demo / MODEL)
+    proc = snakemake(demo, "--cores", "2")
+    assert proc.returncode == 0
+    assert "Nothing to be done" in proc.stdout + proc.stderr
+    assert sha256_tree(demo / MODEL) == before
+
+
+@pytest.mark.slow
+def test_single_core_build_is_byte_identical(demo, tmp_path):
+    wd = workdir(tmp_path)
+    proc = snakemake(wd, "--cores", "1", f"{MODEL}/moeforge.lock.json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sha256_tree(wd / MODEL) == sha256_tree(demo / MODEL)
+
+
+def test_bad_recipe_fails_before_any_job(tmp_path):
+    recipe = yaml.safe_load((REPO / "config/recipes/demo.yaml").read_text())
+    recipe["experts_per_tok"] = recipe.pop("experts_per_token")
+    wd = workdir(tmp_path, recipe)
+    proc = snakemake(wd, "--cores", "2")
+    assert proc.returncode != 0
+    assert "experts_per_tok: unknown key 'experts_per_tok'; did you mean 'experts_per_token'?" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (wd / "resources").exists() and not (wd / "results").exists()
+
+
+def test_bad_merge_name_fails(tmp_path):
+    wd = workdir(tmp_path)
+    (wd / "config.yaml").write_text(yaml.safe_dump({"merges": {"../escape": {"recipe": "demo.yaml"}}}))
+    proc = snakemake(wd, "-n", "--cores", "1")
+    assert proc.returncode != 0
+    assert "'../escape' does not match" in proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_model_problem_stops_at_validate_with_message(demo, tmp_path):
+    """A missing expert tensor is reported by validate; no weights are fetched, no model appears."""
+    wd = workdir(tmp_path)
+    shutil.copytree(demo / "resources/demo", wd / "resources/demo")
+    from safetensors.torch import load_file, save_file
+
+    path = wd / "resources/demo/expert_math/model.safetensors"
+    tensors = load_file(path)
+    tensors.pop("model.layers.1.mlp.down_proj.weight")
+    save_file(tensors, path, metadata={"format": "pt"})
+    proc = snakemake(wd, "--cores", "2")
+    assert proc.returncode != 0
+    assert "tensor 'model.layers.1.mlp.down_proj.weight' is missing from the weights" in proc.stderr
+    assert "resources/demo/expert_math" in proc.stderr
+    assert not (wd / MODEL).exists()
+    assert not list((wd / "resources/models").glob("*/weights.json"))
