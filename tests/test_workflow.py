@@ -58,7 +58,9 @@ def test_demo_builds_a_loadable_checked_model(demo):
     model = demo / MODEL
     report = json.loads((demo / "results/demo/smoke/report.json").read_text())
     assert report["passed"] is True
-    assert report["load"]["missing_keys"] == [] if "missing_keys" in report["load"] else True
+    load = report["load"]
+    assert load["missing_keys"] == load["unexpected_keys"] == load["mismatched_keys"] == load["error_msgs"] == []
+    assert load["tensors_scanned"] == 4 * (6 + 1 + 3 * 3) + 3  # per layer: attention+norms, router, 3 experts
     lock = json.loads((model / "moeforge.lock.json").read_text())
     actual = sha256_tree(model)
     actual.pop("moeforge.lock.json")

@@ -27,14 +27,21 @@ from moeforge.recipe import ExpertSpec, Recipe
 from moeforge.safetensors_io import SAFETENSORS_NAME, TORCH_NAME
 from moeforge.sources import parse_ref
 
-PLAN_COLUMNS = ["target_name", "shard", "source", "source_name", "source_file", "dtype_in", "dtype_out",
-                "shape", "transform"]
+PLAN_COLUMNS = ["target_name", "part", "concat_dim", "shard", "source", "source_name", "source_file", "dtype_in",
+                "dtype_out", "shape", "transform"]
 FLOAT_DTYPES = ("F32", "F16", "BF16")
 GATES_SOURCE = "gates"
+ZEROS_SOURCE = "zeros"
+#: Width of the all-zero shared expert written when a Qwen2-MoE recipe has none: small, and
+#: divisible by every usual tensor-parallel degree (engines shard this dimension).
+ZERO_SHARED_INTERMEDIATE = 128
+_OP = r"(cast|zeros|scale:[-0-9.e+]+|noise:[0-9.e+-]+@\d+)"
 
 PLAN_SCHEMA = pa.DataFrameSchema(
     {
-        "target_name": pa.Column(str, unique=True),
+        "target_name": pa.Column(str),
+        "part": pa.Column(int, pa.Check.ge(0)),
+        "concat_dim": pa.Column(int, pa.Check.isin([0, 1])),
         "shard": pa.Column(str, pa.Check.str_matches(r"^(globals|layer-\d+)$")),
         "source": pa.Column(str, pa.Check.str_length(min_value=1)),
         "source_name": pa.Column(str),
@@ -42,12 +49,14 @@ PLAN_SCHEMA = pa.DataFrameSchema(
         "dtype_in": pa.Column(str, pa.Check.isin(FLOAT_DTYPES)),
         "dtype_out": pa.Column(str, pa.Check.isin(FLOAT_DTYPES)),
         "shape": pa.Column(str, pa.Check.str_matches(r"^\d+(,\d+)*$")),
-        "transform": pa.Column(str, pa.Check.str_matches(r"^(copy|cast|scale:[-0-9.e+]+|noise:[0-9.e+-]+@\d+)"
-                                                          r"(;(cast|scale:[-0-9.e+]+|noise:[0-9.e+-]+@\d+))*$")),
+        "transform": pa.Column(str, pa.Check.str_matches(rf"^(copy|{_OP}(;{_OP})*)$")),
     },
     checks=[pa.Check(lambda df: (df.groupby("shard")["target_name"].count()
                                  .drop("globals", errors="ignore").nunique() <= 1),
-                     error="layers have different tensor counts (a layer is incomplete)")],
+                     error="layers have different tensor counts (a layer is incomplete)"),
+            pa.Check(lambda df: (df["source"] != ZEROS_SOURCE) | (df["transform"] == "zeros"),
+                     error="zeros rows must have the zeros transform")],
+    unique=["target_name", "part"],
     strict=True,
     ordered=True,
 )
@@ -143,8 +152,13 @@ def _rope_text(rope: Mapping[str, Any]) -> str:
 
 
 def check_against_base(base: Source, other: Source, role: str, recipe: Recipe, ctx: PlanContext) -> None:
-    """An expert must fit the base: same shapes and semantics of what the merge combines."""
+    """An expert must fit the base: same shapes and semantics of what the merge combines.
+
+    A shared expert may be wider or narrower than the base's MLP: its width is its own.
+    """
     for key in base.family.agree:
+        if key == "intermediate_size" and role == "shared expert":
+            continue
         if base.params[key] != other.params[key]:
             raise ModelError(
                 f"{key} is {other.params[key]!r} but the base model {base.ref} has {base.params[key]!r}",
@@ -177,7 +191,14 @@ def output_family(recipe: Recipe, base: Source) -> OutputFamily:
 
 
 def check_representable(base: Source, experts: list[Source], out: OutputFamily) -> None:
-    """Refuse what the output family cannot hold, instead of dropping it silently."""
+    """Refuse what the output family cannot hold (or needs and cannot get), never drop or invent silently."""
+    for role in out.required_attention:
+        spec = base.family.attention.get(role)
+        if spec is None or not spec.present(base.params):
+            raise ModelError(
+                f"{out.name} needs {out.attention[role]} ({role}), which the {base.family.name} base does not have "
+                f"and which has no exact neutral value", f"base model {base.ref}",
+                f"use a base of a family that has it, or the {base.family.default_output} output")
     for spec in base.family.attention.values():
         if spec.present(base.params) and spec.role not in out.attention:
             raise ModelError(
@@ -204,25 +225,86 @@ def _transform(dtype_in: str, dtype_out: str, ops: list[str]) -> str:
     return ";".join(steps) or "copy"
 
 
-def _row(target: str, shard: str, source: Source, name: str, dtype_out: str, ops: list[str] = ()) -> dict[str, Any]:
+def _row(target: str, shard: str, source: Source, name: str, dtype_out: str, ops: list[str] = (),
+         part: int = 0, concat_dim: int = 0) -> dict[str, Any]:
     entry = source.inventory[name]
-    return {"target_name": target, "shard": shard, "source": source.slug, "source_name": name,
-            "source_file": entry.file, "dtype_in": entry.dtype, "dtype_out": dtype_out,
+    return {"target_name": target, "part": part, "concat_dim": concat_dim, "shard": shard, "source": source.slug,
+            "source_name": name, "source_file": entry.file, "dtype_in": entry.dtype, "dtype_out": dtype_out,
             "shape": ",".join(map(str, entry.shape)), "transform": _transform(entry.dtype, dtype_out, list(ops))}
 
 
-def _expert_ops(expert: ExpertSpec, role: str, target: str, seed: int) -> list[str]:
+def _zeros_row(target: str, shard: str, shape: tuple[int, ...], dtype_out: str) -> dict[str, Any]:
+    return {"target_name": target, "part": 0, "concat_dim": 0, "shard": shard, "source": ZEROS_SOURCE,
+            "source_name": "", "source_file": "", "dtype_in": dtype_out, "dtype_out": dtype_out,
+            "shape": ",".join(map(str, shape)), "transform": "zeros"}
+
+
+def _gates_row(target: str, shard: str, name: str, shape: tuple[int, ...], dtype_out: str) -> dict[str, Any]:
+    return {"target_name": target, "part": 0, "concat_dim": 0, "shard": shard, "source": GATES_SOURCE,
+            "source_name": name, "source_file": "gates.safetensors", "dtype_in": "F32", "dtype_out": dtype_out,
+            "shape": ",".join(map(str, shape)), "transform": _transform("F32", dtype_out, [])}
+
+
+def _mlp_ops(expert: ExpertSpec, role: str, target: str, seed: int, extra_scale: float = 1.0) -> list[str]:
+    """noise_scale on all three matrices; residual_scale (times any extra factor) on down only."""
     ops = []
     if expert.noise_scale:
         ops.append(f"noise:{expert.noise_scale!r}@{_noise_seed(seed, target)}")
-    if expert.residual_scale is not None and expert.residual_scale != 1.0 and role == "down_proj":
-        ops.append(f"scale:{expert.residual_scale!r}")
+    scale = (expert.residual_scale if expert.residual_scale is not None else 1.0) * extra_scale
+    if role == "down_proj" and scale != 1.0:
+        ops.append(f"scale:{scale!r}")
     return ops
 
 
-def build_rows(recipe: Recipe, base: Source, experts: list[Source], out: OutputFamily, dtype_out: str,
-               tie_output: bool) -> list[dict[str, Any]]:
-    """One row per output tensor, globals first, then layer by layer in template order."""
+def _attention_rows(layer: int, shard: str, base: Source, out: OutputFamily, dtype_out: str) -> list[dict[str, Any]]:
+    """Every attention/norm role the output has: from the base, or zeros where that is exact."""
+    rows = []
+    for role, out_name in out.attention.items():
+        spec = base.family.attention.get(role)
+        target = out.layer_name(layer, out_name)
+        if spec is not None and spec.present(base.params):
+            rows.append(_row(target, shard, base, base.family.layer_name(layer, spec), dtype_out))
+        elif role in out.zero_fill:
+            shape = tuple(arch.evaluate(e, base.params) for e in out.zero_fill[role])
+            rows.append(_zeros_row(target, shard, shape, dtype_out))
+    return rows
+
+
+def _shared_rows(layer: int, shard: str, recipe: Recipe, shared: list[Source], out: OutputFamily, dtype_out: str,
+                 hidden: int) -> list[dict[str, Any]]:
+    """Qwen2-MoE's one shared expert from 0..N recipe shared experts.
+
+    N shared MLPs sum to one MLP of N-fold width (gate/up rows and down columns concatenated);
+    none gives an all-zero expert, whose contribution is exactly zero. Under ``shared_gate:
+    always`` the gate weight is zero, sigmoid(0) = 0.5, and the down projection is doubled (an
+    exact operation in floating point) so the shared expert contributes at full strength.
+    """
+    rows: list[dict[str, Any]] = []
+    gate_target = out.layer_name(layer, out.shared_expert_gate)
+    if not shared:
+        for role, name in out.shared_expert.items():
+            shape = (hidden, ZERO_SHARED_INTERMEDIATE) if role == "down_proj" else (ZERO_SHARED_INTERMEDIATE, hidden)
+            rows.append(_zeros_row(out.layer_name(layer, name), shard, shape, dtype_out))
+        rows.append(_zeros_row(gate_target, shard, (1, hidden), dtype_out))
+        return rows
+    always = recipe.shared_gate == "always"
+    for role, name in out.shared_expert.items():
+        target = out.layer_name(layer, name)
+        for part, (spec_e, source) in enumerate(zip(recipe.shared_experts, shared)):
+            src_name = source.family.layer_name(layer, source.family.mlp[role])
+            ops = _mlp_ops(spec_e, role, f"{target}#{part}", recipe.seed, 2.0 if always else 1.0)
+            rows.append(_row(target, shard, source, src_name, dtype_out, ops, part=part,
+                             concat_dim=1 if role == "down_proj" else 0))
+    if always:
+        rows.append(_zeros_row(gate_target, shard, (1, hidden), dtype_out))
+    else:
+        rows.append(_gates_row(gate_target, shard, f"layer.{layer}.shared_expert_gate", (1, hidden), dtype_out))
+    return rows
+
+
+def build_rows(recipe: Recipe, base: Source, experts: list[Source], shared: list[Source], out: OutputFamily,
+               dtype_out: str, tie_output: bool) -> list[dict[str, Any]]:
+    """One row per output tensor (part), globals first, then layer by layer in template order."""
     rows: list[dict[str, Any]] = []
     g = base.family.globals
     rows.append(_row(out.globals["embed"], "globals", base, g["embed"].name, dtype_out))
@@ -233,20 +315,16 @@ def build_rows(recipe: Recipe, base: Source, experts: list[Source], out: OutputF
     hidden = base.params["hidden_size"]
     for layer in range(base.params["num_hidden_layers"]):
         shard = f"layer-{layer}"
-        for role, spec in base.family.attention.items():
-            if spec.present(base.params):
-                rows.append(_row(out.layer_name(layer, out.attention[role]), shard, base,
-                                 base.family.layer_name(layer, spec), dtype_out))
-        rows.append({"target_name": out.layer_name(layer, out.router), "shard": shard, "source": GATES_SOURCE,
-                     "source_name": f"layer.{layer}.router", "source_file": "gates.safetensors",
-                     "dtype_in": "F32", "dtype_out": dtype_out, "shape": f"{len(experts)},{hidden}",
-                     "transform": _transform("F32", dtype_out, [])})
+        rows += _attention_rows(layer, shard, base, out, dtype_out)
+        rows.append(_gates_row(out.layer_name(layer, out.router), shard, f"layer.{layer}.router",
+                               (len(experts), hidden), dtype_out))
         for index, (spec_e, source) in enumerate(zip(recipe.experts, experts)):
             for role, out_name in out.experts.items():
                 target = out.layer_name(layer, out_name, expert=index)
-                row = _row(target, shard, source, source.family.layer_name(layer, source.family.mlp[role]), dtype_out,
-                           _expert_ops(spec_e, role, target, recipe.seed))
-                rows.append(row)
+                rows.append(_row(target, shard, source, source.family.layer_name(layer, source.family.mlp[role]),
+                                 dtype_out, _mlp_ops(spec_e, role, target, recipe.seed)))
+        if out.shared_expert:
+            rows += _shared_rows(layer, shard, recipe, shared, out, dtype_out, hidden)
     return rows
 
 
@@ -312,7 +390,7 @@ def make_plan(merge: str, recipe: Recipe, meta_dirs: Mapping[str, Path]) -> tupl
     dtype_out = _dtype_out(recipe, base, ctx)
     tie_output = _tie_output(recipe, base, ctx)
     num_layers = base.params["num_hidden_layers"]
-    frame = validate_rows(build_rows(recipe, base, experts, out, dtype_out, tie_output), num_layers)
+    frame = validate_rows(build_rows(recipe, base, experts, shared, out, dtype_out, tie_output), num_layers)
     roles: dict[str, list[str]] = {}
     for ref, role in [(recipe.base_model, "base")] + [(e.source_model, f"expert:{e.name}") for e in recipe.experts] \
             + [(e.source_model, f"shared_expert:{e.name}") for e in recipe.shared_experts]:
@@ -326,6 +404,7 @@ def make_plan(merge: str, recipe: Recipe, meta_dirs: Mapping[str, Path]) -> tupl
         "num_layers": num_layers,
         "num_experts": len(experts),
         "hidden_size": base.params["hidden_size"],
+        "shared_intermediate_size": _shared_width(shared, out),
         "dtype_out": dtype_out,
         "tie_output": tie_output,
         "experts": [{"name": e.name, "slug": s.slug, "ref": e.source_model} for e, s in zip(recipe.experts, experts)],
@@ -339,6 +418,12 @@ def make_plan(merge: str, recipe: Recipe, meta_dirs: Mapping[str, Path]) -> tupl
         "warnings": ctx.warnings,
     }
     return plan, frame
+
+
+def _shared_width(shared: list[Source], out: OutputFamily) -> int | None:
+    if not out.shared_expert:
+        return None
+    return sum(s.params["intermediate_size"] for s in shared) if shared else ZERO_SHARED_INTERMEDIATE
 
 
 def _shard_bytes(frame: pd.DataFrame) -> dict[str, int]:
@@ -362,5 +447,5 @@ def write_plan(plan: Mapping[str, Any], frame: pd.DataFrame, plan_json: Path, pl
 
 
 def read_plan_rows(plan_tsv: Path, shard: str | None = None) -> pd.DataFrame:
-    frame = pd.read_csv(plan_tsv, sep="\t", dtype=str, keep_default_na=False)
+    frame = pd.read_csv(plan_tsv, sep="\t", dtype=str, keep_default_na=False).astype({"part": int, "concat_dim": int})
     return frame if shard is None else frame[frame["shard"] == shard]

@@ -85,20 +85,65 @@ def _producer(path: Path, name: str, transform: str, dtype_out: str) -> Callable
     return lambda: _tensor_bytes(_apply(transform, _load(path, name), dtype_out))
 
 
-def _out_tensor(row: Mapping[str, str], headers: _Headers) -> OutTensor:
+def _checked_source(row: Mapping[str, Any], headers: _Headers) -> tuple[Path, int, TensorEntry]:
+    """The row's source file and header entry, checked against what validation planned."""
     shape = _shape(row["shape"])
-    nbytes = _numel(shape) * ITEMSIZE[row["dtype_out"]]
     path = headers.path(row["source"], row["source_file"])
     start, entry = headers.entry(path, row["source_name"])
     if entry.shape != shape or entry.dtype != row["dtype_in"]:
         raise BuildError(f"tensor {row['source_name']!r} is {entry.dtype}{list(entry.shape)}, the plan expects "
                          f"{row['dtype_in']}{list(shape)}", str(path),
                          "the weights changed since validation; rerun from fetch_metadata")
+    return path, start, entry
+
+
+def _zeros(nbytes: int) -> Callable[[], bytes]:
+    return lambda: bytes(nbytes)  # all-zero bytes are 0.0 in every float format
+
+
+def _part_tensor(row: Mapping[str, Any], headers: _Headers) -> Any:
+    """One part of a concatenated tensor, transformed, as a torch tensor in the output dtype."""
+    import torch
+
+    if row["transform"] == "zeros":
+        return torch.zeros(_shape(row["shape"]), dtype=getattr(torch, TORCH_NAME[row["dtype_out"]]))
+    path, _, _ = _checked_source(row, headers)
+    return _apply(row["transform"], _load(path, row["source_name"]), row["dtype_out"])
+
+
+def _concat_producer(parts: list[Mapping[str, Any]], headers: _Headers) -> Callable[[], bytes]:
+    import torch
+
+    dim = int(parts[0]["concat_dim"])
+    return lambda: _tensor_bytes(torch.cat([_part_tensor(p, headers) for p in parts], dim=dim).contiguous())
+
+
+def _concat_shape(parts: list[Mapping[str, Any]]) -> tuple[int, ...]:
+    shapes = [_shape(p["shape"]) for p in parts]
+    dim = int(parts[0]["concat_dim"])
+    out = list(shapes[0])
+    out[dim] = sum(s[dim] for s in shapes)
+    return tuple(out)
+
+
+def _out_tensor(parts: list[Mapping[str, Any]], headers: _Headers) -> OutTensor:
+    """One output tensor from its plan rows: streamed, zero-filled, computed, or concatenated."""
+    row = parts[0]
+    shape = _concat_shape(parts) if len(parts) > 1 else _shape(row["shape"])
+    nbytes = _numel(shape) * ITEMSIZE[row["dtype_out"]]
+    name, dtype = row["target_name"], row["dtype_out"]
+    if len(parts) > 1:
+        for part in parts:
+            if part["transform"] != "zeros":
+                _checked_source(part, headers)
+        return OutTensor(name, dtype, shape, nbytes, produce=_concat_producer(parts, headers))
+    if row["transform"] == "zeros":
+        return OutTensor(name, dtype, shape, nbytes, produce=_zeros(nbytes))
+    path, start, entry = _checked_source(row, headers)
     if row["transform"] == "copy":
-        return OutTensor(row["target_name"], row["dtype_out"], shape, nbytes, src_path=path,
-                         src_offset=start + entry.begin)
-    return OutTensor(row["target_name"], row["dtype_out"], shape, nbytes,
-                     produce=_producer(path, row["source_name"], row["transform"], row["dtype_out"]))
+        return OutTensor(name, dtype, shape, nbytes, src_path=path, src_offset=start + entry.begin)
+    return OutTensor(name, dtype, shape, nbytes,
+                     produce=_producer(path, row["source_name"], row["transform"], dtype))
 
 
 def write_shard(rows: pd.DataFrame, weight_dirs: Mapping[str, Path], gates_path: Path | None, out: Path) -> int:
@@ -109,7 +154,10 @@ def write_shard(rows: pd.DataFrame, weight_dirs: Mapping[str, Path], gates_path:
     if gates_path is not None:
         dirs[GATES_SOURCE] = gates_path.parent
     headers = _Headers(dirs)
-    tensors = [_out_tensor(row, headers) for row in rows.to_dict("records")]
+    grouped: dict[str, list[Mapping[str, Any]]] = {}
+    for row in rows.to_dict("records"):
+        grouped.setdefault(row["target_name"], []).append(row)
+    tensors = [_out_tensor(sorted(parts, key=lambda p: int(p["part"])), headers) for parts in grouped.values()]
     out.parent.mkdir(parents=True, exist_ok=True)
     write_safetensors(out, tensors, {"format": "pt"})
     return len(tensors)

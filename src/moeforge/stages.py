@@ -26,7 +26,12 @@ def gate_spec(plan: Mapping[str, Any]) -> Any:
         return tuple(ExpertPrompts(e["name"], tuple(e["positive_prompts"]), tuple(e["negative_prompts"]))
                      for e in items)
 
-    shared = prompts(recipe["shared_experts"]) if recipe["shared_gate"] == "prompts" else ()
+    shared: tuple[Any, ...] = ()
+    if recipe["shared_experts"] and recipe["shared_gate"] == "prompts":
+        # The N shared experts become one fused shared MLP with one gate, routed by all their prompts.
+        group = prompts(recipe["shared_experts"])
+        shared = (ExpertPrompts("shared", tuple(p for g in group for p in g.positive),
+                                tuple(p for g in group for p in g.negative)),)
     return GateSpec(mode=recipe["gate_mode"], experts=prompts(recipe["experts"]), shared_experts=shared,
                     seed=recipe["seed"], token_reduction=recipe["token_reduction"],
                     prompt_template=recipe["prompt_template"], router_scale=recipe["router_scale"],

@@ -114,6 +114,10 @@ def build_config(plan: Mapping[str, Any], base_config: Mapping[str, Any]) -> tup
                       "why": "taken from the base (normalised: head_dim and kv heads always explicit)"})
     for key in out.config.get("experts_key", ()):
         config[key] = plan["num_experts"]
+    values = {**p, "shared_intermediate_size": plan["shared_intermediate_size"]}
+    for key, param in out.config.get("params", {}).items():
+        config[key] = values[param]
+        decisions.append({"field": key, "value": values[param], "why": f"from {param}"})
     config["num_experts_per_tok"] = recipe["experts_per_token"]
     config.update(out.config["set"])
     config.update(_rope(plan, decisions))

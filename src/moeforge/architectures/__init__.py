@@ -40,6 +40,7 @@ BOOLEAN_PARAMS = ("attention_bias", "qkv_bias", "mlp_bias", "qk_norm", "tied", "
 KNOWN_PARAMS = INTEGER_PARAMS + BOOLEAN_PARAMS + ("hidden_act", "rms_norm_eps", "rope_theta")
 
 _ALLOWED_OPS = (ast.Add, ast.Sub, ast.Mult, ast.FloorDiv)
+DEFAULT_REQUIRED_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj", "input_norm", "post_attention_norm")
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,8 @@ class OutputFamily:
     experts: Mapping[str, str]
     shared_expert: Mapping[str, str]
     shared_expert_gate: str | None
+    zero_fill: Mapping[str, tuple[str | int, ...]]
+    required_attention: tuple[str, ...]
     config: Mapping[str, Any]
     in_memory_5x: tuple[FusedLayout, ...]
 
@@ -238,12 +241,25 @@ def _output_family(data: Mapping[str, Any], source: str) -> OutputFamily:
             raise TemplateError(f"expert tensor name {name!r} has no {{expert}} placeholder",
                                 f"{source}: experts.{role}", "write e.g. mlp.experts.{expert}.gate_proj.weight")
     fused = tuple(FusedLayout(f["target"], tuple(f["sources"]), f["op"]) for f in data.get("in_memory_5x", ()))
+    zero_fill = {role: tuple(shape) for role, shape in (data.get("zero_fill") or {}).items()}
+    for role, shape in zero_fill.items():
+        if role not in data["attention"]:
+            raise TemplateError(f"zero_fill role {role!r} is not an attention role", f"{source}: zero_fill.{role}",
+                                _suggest(role, list(data["attention"])))
+        for expr in shape:
+            _check_expr(expr, f"{source}: zero_fill.{role}")
+    required = tuple(data.get("required_attention") or DEFAULT_REQUIRED_ATTENTION)
+    unknown = [r for r in required if r not in data["attention"]]
+    if unknown:
+        raise TemplateError(f"required role {unknown[0]!r} is not an attention role", f"{source}: required_attention",
+                            _suggest(unknown[0], list(data["attention"])))
     return OutputFamily(
         name=data["name"], source=source, aliases=tuple(data["aliases"]), model_type=data["model_type"],
         architectures=tuple(data["architectures"]), layer_prefix=data["layer_prefix"],
         globals=dict(data["globals"]), attention=dict(data["attention"]), router=data["router"],
         experts=dict(data["experts"]), shared_expert=dict(data.get("shared_expert") or {}),
-        shared_expert_gate=data.get("shared_expert_gate"), config=dict(data["config"]),
+        shared_expert_gate=data.get("shared_expert_gate"), zero_fill=zero_fill, required_attention=required,
+        config=dict(data["config"]),
         in_memory_5x=fused,
     )
 

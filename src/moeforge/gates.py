@@ -1,0 +1,560 @@
+"""Router (gate) matrices for an MoE assembled from dense experts.
+
+Every mode produces, per decoder layer ``i``, a router matrix ``layer.{i}.router`` [E, H]
+(one row per routed expert, in recipe order) and, when the recipe has shared experts,
+``layer.{i}.shared_expert_gate`` [S, H] (S = 1 for Qwen2-MoE). Only the base model runs prompts.
+
+Modes (mergekit-moe compatible unless noted):
+
+* ``hidden`` / ``hidden_last``: the last token of the residual stream entering layer ``i``
+  (``output_hidden_states[i]``), averaged over an expert's prompts; mean(positive) minus
+  mean(negative); each row L2-normalised.
+* ``hidden_avg``: as ``hidden`` but the mean over each prompt's real tokens. mergekit-moe
+  divides by the padded length, which makes a prompt's vector depend on the longest prompt in
+  its batch; here padding never counts.
+* ``cheap_embed``: the sum of a prompt set's input embeddings, normalised; the same row for
+  every layer. Negative prompts are subtracted after each set is normalised and the difference
+  is normalised again, as mergekit-moe does.
+* ``random``: seeded ``randn`` rows (unnormalised); ``uniform_random``: U(-1/sqrt(H), 1/sqrt(H)).
+  Neither reads prompts, weights or tokenizer. Each (seed, layer, router|shared) triple seeds its
+  own generator through a hash, so a layer's matrix does not depend on evaluation order and the
+  same seed always gives the same bytes.
+* ``router_input`` (moeforge): the vector the router in place of layer ``i``'s MLP really sees,
+  ``post_attention_layernorm(h + attn(input_layernorm(h)))``, reduced over tokens by
+  ``token_reduction`` (``last`` or ``mean`` over real tokens), averaged over prompts, minus the
+  negatives' mean, normalised. The ``hidden`` modes describe the residual stream *before* the
+  layer's attention and norm, a different vector from the one the router is applied to.
+
+Prompt modes run the base model one decoder layer at a time (see ``layerwise``), so memory
+stays near one layer plus activations whatever the model size; hidden-state computation is
+float32 throughout.
+
+``router_scale``. Selection (argmax / top-k) is invariant to a positive scale of a layer's
+router, but the mixing weights are not: Mixtral renormalises the softmax over the top-k, so the
+scale decides how evenly the top-k experts mix; Qwen MoE without ``norm_topk_prob`` uses raw
+softmax probabilities, so the scale also sets the magnitude of the routed output. With unit rows
+the logits are ``|x| cos(x, w_e)``, where ``|x|`` (the router input's norm) is set by the RMSNorm
+gain and differs from layer to layer and model to model; the resulting sharpness is an accident.
+A float ``router_scale`` = c calibrates each layer on the prompts' router inputs (all real tokens
+of all prompts): the layer's rows are multiplied by ``c / median_t std_e(x_t . w_e)``, so the
+typical per-token spread of logits across experts becomes c (c = 1: softmax weights vary by
+factors of a few, neither one-hot nor uniform). The calibration needs the base model's router
+inputs, so it is rejected for the prompt-free modes; it applies to the routed router only, not to
+the shared-expert gate (a sigmoid of a single logit, kept as mergekit-moe writes it).
+``None`` (the default) means no scaling: that is what mergekit-moe writes, so recipes ported from
+it give the same router, and a model that will be fine-tuned does not need calibrated logits.
+
+Degenerate gates: two routed experts whose rows at a layer have cosine similarity above
+``DEGENERATE_COSINE`` = 0.99 (an angle under 8.1 degrees) receive almost the same logit for every
+token, so that layer's router cannot tell them apart. This is reported per expert pair with the
+layers where it happens (a warning, or a ``RecipeError`` under ``strict_gates``). A row whose
+unnormalised vector vanishes (positive and negative prompts cancel) is reported the same way. The
+condition number of every layer's matrix is recorded too; mergekit-moe warns when it exceeds 5,
+which does not say which experts are at fault.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import ModelError, RecipeError
+from .fileio import dumps_json, write_bytes
+from .layerwise import input_embeddings, iter_layer_hidden_states, load_config
+
+GATE_MODES = ("hidden", "hidden_last", "hidden_avg", "cheap_embed", "random", "uniform_random", "router_input")
+PROMPTLESS_MODES = ("random", "uniform_random")
+HIDDEN_MODES = ("hidden", "hidden_last", "hidden_avg")
+TOKEN_REDUCTIONS = ("last", "mean")
+PROMPT_TEMPLATES = ("raw", "chat")
+DEGENERATE_COSINE = 0.99
+_ZERO_NORM = 1e-8
+_SIGNIFICANT_DIGITS = 6
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ExpertPrompts:
+    """One expert's prompts: which inputs should (positive) and should not (negative) route to it."""
+
+    name: str
+    positive: tuple[str, ...]
+    negative: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class GateSpec:
+    """Everything that decides the gate tensors (the recipe's gate settings).
+
+    ``token_reduction`` applies to ``router_input`` only (``last`` token or ``mean`` over real
+    tokens); ``prompt_template`` ``chat`` wraps each prompt in the base tokenizer's chat template
+    as one user turn; ``batch_size`` and ``device`` change speed and memory, not the result beyond
+    float rounding; ``strict_gates`` turns the degenerate-gate warning into an error.
+    """
+
+    mode: str
+    experts: tuple[ExpertPrompts, ...]
+    shared_experts: tuple[ExpertPrompts, ...] = ()
+    seed: int = 0
+    token_reduction: str = "last"
+    prompt_template: str = "raw"
+    router_scale: float | None = None
+    batch_size: int = 8
+    device: str = "cpu"
+    strict_gates: bool = False
+
+
+def compute_gates(base_dir: Path, spec: GateSpec, *, progress: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
+    """Router matrices for every layer of the base model, and the stats for ``gates.json``.
+
+    Returns ``{"layer.{i}.router": [E, H] float32}`` plus ``"layer.{i}.shared_expert_gate": [S, H]``
+    when ``spec.shared_experts`` is non-empty.
+    """
+    validate_spec(spec)
+    config = load_config(Path(base_dir))
+    num_layers, hidden_size = config.num_hidden_layers, config.hidden_size
+    if spec.mode in PROMPTLESS_MODES:
+        result = _random_gates(spec, num_layers, hidden_size)
+    else:
+        result = _prompt_gates(Path(base_dir), spec, num_layers, progress)
+    tensors = _tensor_dict(result, len(spec.experts))
+    stats = _stats(spec, result, num_layers, hidden_size)
+    _report_degenerate(spec, stats)
+    return tensors, stats
+
+
+def validate_spec(spec: GateSpec) -> None:
+    """Reject settings that cannot produce gates, before anything is loaded."""
+    if spec.mode not in GATE_MODES:
+        raise RecipeError(
+            f"unknown gate_mode {spec.mode!r}", where="gate_mode", fix=f"use one of: {', '.join(GATE_MODES)}"
+        )
+    if not spec.experts:
+        raise RecipeError("the recipe has no experts", where="experts", fix="list at least one expert")
+    _check_choice(spec.token_reduction, TOKEN_REDUCTIONS, "token_reduction")
+    _check_choice(spec.prompt_template, PROMPT_TEMPLATES, "prompt_template")
+    if spec.batch_size < 1:
+        raise RecipeError(f"batch_size must be at least 1, got {spec.batch_size}", where="batch_size")
+    if spec.router_scale is not None:
+        _check_router_scale(spec)
+    if spec.mode not in PROMPTLESS_MODES:
+        for where, expert in _named_groups(spec):
+            if not expert.positive:
+                raise RecipeError(
+                    f"expert {expert.name!r} has no positive_prompts, which gate_mode {spec.mode!r} needs",
+                    where=where,
+                    fix="add positive_prompts to it, or use a gate_mode that needs none "
+                    f"({', '.join(PROMPTLESS_MODES)})",
+                )
+
+
+def _check_choice(value: str, choices: Sequence[str], key: str) -> None:
+    if value not in choices:
+        raise RecipeError(f"unknown {key} {value!r}", where=key, fix=f"use one of: {', '.join(choices)}")
+
+
+def _check_router_scale(spec: GateSpec) -> None:
+    scale = spec.router_scale
+    if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+        raise RecipeError(f"router_scale must be a positive number, got {scale!r}", where="router_scale")
+    if spec.mode in PROMPTLESS_MODES:
+        raise RecipeError(
+            f"router_scale is calibrated on the prompts' router inputs; gate_mode {spec.mode!r} has none",
+            where="router_scale",
+            fix="remove router_scale, or use a prompt-based gate_mode",
+        )
+    if len(spec.experts) < 2:
+        raise RecipeError(
+            "router_scale needs at least two experts (it calibrates the spread of logits across experts)",
+            where="router_scale",
+            fix="remove router_scale",
+        )
+
+
+def _named_groups(spec: GateSpec) -> list[tuple[str, ExpertPrompts]]:
+    """Routed then shared experts, each with its recipe location for messages."""
+    routed = [(f"experts[{i}] ({e.name})", e) for i, e in enumerate(spec.experts)]
+    shared = [(f"shared_experts[{i}] ({e.name})", e) for i, e in enumerate(spec.shared_experts)]
+    return routed + shared
+
+
+@dataclass
+class _Result:
+    """Rows per layer for all groups (routed experts first), their pre-normalisation norms, and
+    the router-input measurements of the layers where they were taken."""
+
+    rows: list[torch.Tensor]
+    norms: list[torch.Tensor]
+    calibration: dict[int, dict] = field(default_factory=dict)
+    prompt_info: dict = field(default_factory=dict)
+
+
+# ---- prompt-free modes -------------------------------------------------------------------
+
+
+def _generator(seed: int, layer: int, stream: str) -> torch.Generator:
+    """A generator for one (seed, layer, stream), independent of any other draw."""
+    digest = hashlib.sha256(f"moeforge.gates/{stream}/{seed}/{layer}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+def _draw(spec: GateSpec, layer: int, stream: str, count: int, hidden_size: int) -> torch.Tensor:
+    generator = _generator(spec.seed, layer, stream)
+    if spec.mode == "random":
+        return torch.randn((count, hidden_size), generator=generator, dtype=torch.float32)
+    bound = 1.0 / math.sqrt(hidden_size)
+    return (torch.rand((count, hidden_size), generator=generator, dtype=torch.float32) * 2 - 1) * bound
+
+
+def _random_gates(spec: GateSpec, num_layers: int, hidden_size: int) -> _Result:
+    rows = []
+    for layer in range(num_layers):
+        parts = [_draw(spec, layer, "router", len(spec.experts), hidden_size)]
+        if spec.shared_experts:
+            parts.append(_draw(spec, layer, "shared", len(spec.shared_experts), hidden_size))
+        rows.append(torch.cat(parts))
+    return _Result(rows=rows, norms=[r.norm(dim=-1) for r in rows])
+
+
+# ---- prompts -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _PromptTable:
+    """Unique rendered prompts, their token ids, and which prompts each group uses."""
+
+    token_ids: list[list[int]]
+    positive: list[list[int]]
+    negative: list[list[int]]
+
+
+def _load_tokenizer(base_dir: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(base_dir), trust_remote_code=False)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelError(
+            f"cannot load the base model's tokenizer: {exc}",
+            where=str(base_dir),
+            fix="make sure the tokenizer files were fetched with the base model",
+        ) from exc
+
+
+def _render(tokenizer, prompt: str, template: str) -> str:
+    """The text the base model reads for one prompt (special tokens written out as text)."""
+    if template == "raw":
+        return (tokenizer.bos_token or "") + prompt
+    if not getattr(tokenizer, "chat_template", None):
+        raise RecipeError(
+            "prompt_template 'chat' needs a chat template, and the base tokenizer has none",
+            where="prompt_template",
+            fix="use prompt_template: raw, or a base model whose tokenizer has a chat template",
+        )
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=False
+    )
+
+
+def _prompt_table(tokenizer, spec: GateSpec) -> _PromptTable:
+    index: dict[str, int] = {}
+    token_ids: list[list[int]] = []
+
+    def lookup(prompt: str, where: str) -> int:
+        text = _render(tokenizer, prompt, spec.prompt_template)
+        if text not in index:
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            if not ids:
+                raise RecipeError(
+                    f"prompt {prompt!r} has no tokens", where=where, fix="remove the empty prompt"
+                )
+            index[text] = len(token_ids)
+            token_ids.append(list(ids))
+        return index[text]
+
+    positive, negative = [], []
+    for where, group in _named_groups(spec):
+        positive.append([lookup(p, where + " positive_prompts") for p in group.positive])
+        negative.append([lookup(p, where + " negative_prompts") for p in group.negative])
+    return _PromptTable(token_ids, positive, negative)
+
+
+def _pad_id(tokenizer) -> int:
+    """Any valid id works (padding is masked); prefer the tokenizer's own pad token."""
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
+@dataclass(frozen=True)
+class _Batches:
+    """Left-padded batches of prompts, sorted by length to waste little padding."""
+
+    inputs: list[tuple[torch.Tensor, torch.Tensor]]
+    order: list[int]  # prompt index of every row, batches concatenated
+
+
+def _make_batches(token_ids: list[list[int]], batch_size: int, pad_id: int) -> _Batches:
+    order = sorted(range(len(token_ids)), key=lambda k: (len(token_ids[k]), k))
+    inputs = []
+    for start in range(0, len(order), batch_size):
+        rows = [token_ids[k] for k in order[start : start + batch_size]]
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for row, tokens in enumerate(rows):
+            ids[row, width - len(tokens) :] = torch.tensor(tokens, dtype=torch.long)
+            mask[row, width - len(tokens) :] = 1
+        inputs.append((ids, mask))
+    return _Batches(inputs, order)
+
+
+def _reduce(states: list[torch.Tensor], batches: _Batches, how: str) -> torch.Tensor:
+    """One vector per prompt ([N, H], prompt order): last token, or mean over real tokens."""
+    parts = []
+    for hidden, (_, mask) in zip(states, batches.inputs):
+        if how == "last":
+            parts.append(hidden[:, -1].float().cpu())
+        else:
+            weights = mask.to(hidden.device, torch.float32).unsqueeze(-1)
+            parts.append(((hidden.float() * weights).sum(1) / weights.sum(1)).cpu())
+    stacked = torch.cat(parts)
+    result = torch.empty_like(stacked)
+    result[torch.tensor(batches.order)] = stacked
+    return result
+
+
+def _unit(vector: torch.Tensor) -> torch.Tensor:
+    return vector / vector.norm(dim=-1, keepdim=True).clamp(min=_ZERO_NORM)
+
+
+def _group_rows(features: torch.Tensor, table: _PromptTable, normalise_sets: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows [G, H] (unit) and their norms before normalisation, from per-prompt features."""
+    vectors = []
+    for positive, negative in zip(table.positive, table.negative):
+        vector = _set_vector(features, positive, normalise_sets)
+        if negative:
+            vector = vector - _set_vector(features, negative, normalise_sets)
+        vectors.append(vector)
+    stacked = torch.stack(vectors)
+    return _unit(stacked), stacked.norm(dim=-1)
+
+
+def _set_vector(features: torch.Tensor, indices: list[int], normalise: bool) -> torch.Tensor:
+    mean = features[indices].mean(0)
+    return _unit(mean) if normalise else mean
+
+
+def _prompt_gates(base_dir: Path, spec: GateSpec, num_layers: int, progress: bool) -> _Result:
+    tokenizer = _load_tokenizer(base_dir)
+    table = _prompt_table(tokenizer, spec)
+    batches = _make_batches(table.token_ids, spec.batch_size, _pad_id(tokenizer))
+    info = {"count": len(table.token_ids), "tokens": sum(len(t) for t in table.token_ids)}
+    if spec.mode == "cheap_embed":
+        result = _cheap_embed_gates(base_dir, spec, table, batches, num_layers, progress)
+    else:
+        result = _layer_gates(base_dir, spec, table, batches, progress)
+    result.prompt_info = info
+    return result
+
+
+def _cheap_embed_gates(
+    base_dir: Path, spec: GateSpec, table: _PromptTable, batches: _Batches, num_layers: int, progress: bool
+) -> _Result:
+    embeddings = input_embeddings(base_dir)
+    features = torch.stack([embeddings[torch.tensor(ids)].sum(0) for ids in table.token_ids])
+    del embeddings
+    rows, norms = _group_rows(features, table, normalise_sets=True)
+    result = _Result(rows=[rows] * num_layers, norms=[norms] * num_layers)
+    if spec.router_scale is not None:
+        states = iter_layer_hidden_states(
+            base_dir, batches.inputs, device=spec.device, want=("mlp_in",), progress=progress
+        )
+        result.calibration = {s.index: _calibrate(spec, s.index, s.mlp_in, batches, rows) for s in states}
+    return result
+
+
+def _layer_gates(base_dir: Path, spec: GateSpec, table: _PromptTable, batches: _Batches, progress: bool) -> _Result:
+    """hidden*, router_input: one pass over the layers, rows computed as each layer goes by."""
+    use_residual = spec.mode in HIDDEN_MODES
+    want = ["residual_in"] if use_residual else ["mlp_in"]
+    if use_residual and spec.router_scale is not None:
+        want.append("mlp_in")
+    if use_residual:
+        how = "mean" if spec.mode == "hidden_avg" else "last"
+    else:
+        how = spec.token_reduction
+    result = _Result(rows=[], norms=[])
+    states = iter_layer_hidden_states(base_dir, batches.inputs, device=spec.device, want=want, progress=progress)
+    for state in states:
+        source = state.residual_in if use_residual else state.mlp_in
+        rows, norms = _group_rows(_reduce(source, batches, how), table, normalise_sets=False)
+        result.rows.append(rows)
+        result.norms.append(norms)
+        if state.mlp_in is not None:
+            result.calibration[state.index] = _calibrate(spec, state.index, state.mlp_in, batches, rows)
+    return result
+
+
+def _calibrate(spec: GateSpec, layer: int, mlp_in: list[torch.Tensor], batches: _Batches, rows: torch.Tensor) -> dict:
+    """Typical router-input norm and logit spread at one layer, and the scale they imply."""
+    tokens = torch.cat([h.float()[mask.to(h.device).bool()].cpu() for h, (_, mask) in zip(mlp_in, batches.inputs)])
+    router = rows[: len(spec.experts)]
+    spread = float((tokens @ router.T).std(dim=1, correction=0).median()) if len(router) > 1 else float("nan")
+    entry = {"router_input_norm": float(tokens.norm(dim=-1).median()), "logit_spread": spread}
+    if spec.router_scale is not None:
+        if not spread > 0:
+            raise RecipeError(
+                f"router_scale cannot be calibrated at layer {layer}: every expert gets the same logit",
+                where="router_scale",
+                fix="make the experts' prompts distinct, or remove router_scale",
+            )
+        entry["scale"] = spec.router_scale / spread
+    return entry
+
+
+# ---- results -----------------------------------------------------------------------------
+
+
+def _tensor_dict(result: _Result, num_routed: int) -> dict[str, torch.Tensor]:
+    scales = {i: c["scale"] for i, c in result.calibration.items() if "scale" in c}
+    tensors = {}
+    for layer, rows in enumerate(result.rows):
+        router = rows[:num_routed] * scales.get(layer, 1.0)
+        tensors[f"layer.{layer}.router"] = router.float().contiguous()
+        if len(rows) > num_routed:
+            tensors[f"layer.{layer}.shared_expert_gate"] = rows[num_routed:].float().contiguous()
+    return tensors
+
+
+def _num(value: float) -> float | None:
+    """Stats numbers: a fixed number of significant digits, so the JSON is stable; None if not finite."""
+    value = float(value)
+    return float(f"{value:.{_SIGNIFICANT_DIGITS}g}") if math.isfinite(value) else None
+
+
+def _layer_stats(
+    layer: int, rows: torch.Tensor, norms: torch.Tensor, num_routed: int, calibration: dict | None
+) -> dict:
+    router = rows[:num_routed].double()
+    unit = _unit(router)
+    cosine = unit @ unit.T
+    entry = {
+        "layer": layer,
+        "vector_norms": [_num(n) for n in norms[:num_routed]],
+        "cosine": [[_num(cosine[a, b]) for b in range(num_routed)] for a in range(num_routed)],
+        "condition_number": _num(torch.linalg.cond(router)),
+    }
+    if len(rows) > num_routed:
+        entry["shared_vector_norms"] = [_num(n) for n in norms[num_routed:]]
+    if calibration:
+        entry.update({key: _num(value) for key, value in calibration.items()})
+    return entry
+
+
+def _stats(spec: GateSpec, result: _Result, num_layers: int, hidden_size: int) -> dict:
+    num_routed = len(spec.experts)
+    layers = [
+        _layer_stats(i, result.rows[i], result.norms[i], num_routed, result.calibration.get(i))
+        for i in range(num_layers)
+    ]
+    stats = {
+        "mode": spec.mode,
+        "seed": spec.seed,
+        "prompt_template": spec.prompt_template,
+        "token_reduction": spec.token_reduction,
+        "router_scale": spec.router_scale,
+        "num_layers": num_layers,
+        "hidden_size": hidden_size,
+        "experts": [e.name for e in spec.experts],
+        "shared_experts": [e.name for e in spec.shared_experts],
+        "prompts": result.prompt_info,
+        "degenerate_cosine": DEGENERATE_COSINE,
+        "degenerate": _degenerate(layers, spec),
+        "layers": layers,
+    }
+    stats["warnings"] = [_degenerate_message(spec, d) for d in stats["degenerate"]]
+    return stats
+
+
+def _degenerate(layers: list[dict], spec: GateSpec) -> list[dict]:
+    """Expert pairs with near-duplicate rows and experts with vanishing rows, with their layers.
+
+    Random rows are exempt: their similarity is chance, not a property of the prompts.
+    """
+    if spec.mode in PROMPTLESS_MODES:
+        return []
+    found: dict[tuple, dict] = {}
+    for entry in layers:
+        matrix = entry["cosine"]
+        for a, b in ((a, b) for a in range(len(matrix)) for b in range(a + 1, len(matrix))):
+            cosine = matrix[a][b]
+            if cosine is not None and cosine > DEGENERATE_COSINE:
+                item = found.setdefault(
+                    ("pair", a, b), {"kind": "duplicate", "experts": [a, b], "layers": [], "max_cosine": cosine}
+                )
+                item["layers"].append(entry["layer"])
+                item["max_cosine"] = max(item["max_cosine"], cosine)
+        for expert, norm in enumerate(entry["vector_norms"]):
+            if norm is not None and norm < _ZERO_NORM:
+                item = found.setdefault(("zero", expert), {"kind": "zero", "experts": [expert], "layers": []})
+                item["layers"].append(entry["layer"])
+    return list(found.values())
+
+
+def _expert_label(spec: GateSpec, index: int) -> str:
+    return f"experts[{index}] ({spec.experts[index].name!r})"
+
+
+def _degenerate_message(spec: GateSpec, item: dict) -> str:
+    layers = ", ".join(map(str, item["layers"]))
+    if item["kind"] == "zero":
+        return (
+            f"{_expert_label(spec, item['experts'][0])} has a zero gate vector at layer(s) {layers}: "
+            "its positive and negative prompts cancel out"
+        )
+    a, b = item["experts"]
+    return (
+        f"{_expert_label(spec, a)} and {_expert_label(spec, b)} have near-identical gate vectors "
+        f"(cosine up to {item['max_cosine']} > {DEGENERATE_COSINE}) at layer(s) {layers}: "
+        "the router cannot tell them apart there"
+    )
+
+
+def _report_degenerate(spec: GateSpec, stats: dict) -> None:
+    if not stats["warnings"]:
+        return
+    if spec.strict_gates:
+        raise RecipeError(
+            "degenerate gates: " + "; ".join(stats["warnings"]),
+            where=f"gate_mode {spec.mode}, expert prompts",
+            fix="make those experts' positive_prompts more distinct or add negative_prompts, "
+            "or set strict_gates: false to accept the gates",
+        )
+    for message in stats["warnings"]:
+        log.warning("%s", message)
+
+
+def write_gates(tensors: dict[str, torch.Tensor], stats: dict, out_safetensors: Path, out_json: Path) -> None:
+    """Write both outputs atomically (temporary name, fsync, rename); same inputs, same bytes.
+
+    The safetensors metadata holds only ``format``: safetensors stores metadata in a hash map
+    whose key order varies from run to run, and the settings are in ``gates.json`` anyway.
+    """
+    from safetensors.torch import save
+
+    ordered = {name: tensors[name] for name in sorted(tensors, key=_tensor_sort_key)}
+    write_bytes(Path(out_safetensors), save(ordered, metadata={"format": "pt"}))
+    write_bytes(Path(out_json), dumps_json(stats).encode())
+
+
+def _tensor_sort_key(name: str) -> tuple:
+    return tuple((0, int(p)) if p.isdigit() else (1, p) for p in name.split("."))
