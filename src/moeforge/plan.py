@@ -441,6 +441,19 @@ def _numel(shape: str) -> int:
     return n
 
 
+def planned_shapes(frame: pd.DataFrame) -> dict[str, tuple[int, ...]]:
+    """Output tensor name -> shape, with multi-part tensors concatenated along their dim."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for row in frame.itertuples(index=False):
+        shape = tuple(int(x) for x in row.shape.split(","))
+        if row.target_name in shapes:
+            merged = list(shapes[row.target_name])
+            merged[row.concat_dim] += shape[row.concat_dim]
+            shape = tuple(merged)
+        shapes[row.target_name] = shape
+    return shapes
+
+
 def write_plan(plan: Mapping[str, Any], frame: pd.DataFrame, plan_json: Path, plan_tsv: Path) -> None:
     write_text(plan_tsv, frame.to_csv(sep="\t", index=False))
     write_json(plan_json, plan)

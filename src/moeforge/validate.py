@@ -8,7 +8,7 @@ from typing import Any, Mapping
 
 from moeforge.architectures import output_family_for
 from moeforge.classcheck import check_plan_against_class
-from moeforge.plan import make_plan, write_plan
+from moeforge.plan import make_plan, planned_shapes, write_plan
 from moeforge.recipe import load_recipe
 from moeforge.translate import build_config
 
@@ -20,7 +20,7 @@ def validate_merge(merge: str, recipe_path: Path, meta_dirs: Mapping[str, Path],
     plan, frame = make_plan(merge, recipe, meta_dirs)
     base_config = json.loads((meta_dirs[recipe.base_model] / "config.json").read_text())
     config, _ = build_config(plan, base_config)
-    planned = {r.target_name: tuple(int(x) for x in r.shape.split(",")) for r in frame.itertuples(index=False)}
+    planned = planned_shapes(frame)
     plan["class_check"] = check_plan_against_class(planned, config, output_family_for(plan["output_family"]),
                                                    plan["num_layers"], plan["num_experts"])
     write_plan(plan, frame, plan_json, plan_tsv)
