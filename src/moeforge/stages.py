@@ -51,7 +51,8 @@ def is_identity_build(plan: Mapping[str, Any]) -> bool:
     """Every expert is the base, unmodified: the MoE must then compute exactly the base model."""
     recipe = plan["recipe"]
     experts = recipe["experts"] + recipe["shared_experts"]
-    return all(e["source_model"] == recipe["base_model"] and not e["noise_scale"]
+    rope_changed = plan["base_params"]["rope"]["scaling"] is not None and recipe["rope_scaling"] != "preserve"
+    return not rope_changed and all(e["source_model"] == recipe["base_model"] and not e["noise_scale"]
                and e["residual_scale"] in (None, 1.0) for e in experts) and not recipe["shared_experts"]
 
 
@@ -68,16 +69,20 @@ def smoke_options(plan: Mapping[str, Any], device: str, max_new_tokens: int) -> 
                         expert_names=[e["name"] for e in recipe["experts"]])
 
 
-def smoke_stage(model_dir: Path, plan_json: Path, gates_json: Path, base_weights: Path, *, device: str,
+def smoke_stage(model_dir: Path, plan_json: Path, gates_json: Path, translation_json: Path, base_weights: Path, *,
+                device: str,
                 max_new_tokens: int, out_json: Path, out_md: Path, load_png: Path, similarity_png: Path) -> dict:
     from moeforge.plots import plot_expert_load, plot_gate_similarity
     from moeforge.smoke import run_smoke, write_report
 
     plan = json.loads(plan_json.read_text())
     report = run_smoke(model_dir, _weights_dir(base_weights), smoke_options(plan, device, max_new_tokens))
+    translation = json.loads(translation_json.read_text())
     report["build"] = {"merge": plan["merge"], "output_family": plan["output_family"],
                        "warnings": plan["warnings"], "decisions": plan["decisions"],
+                       "translation": translation["decisions"],
                        "trust_remote_code": plan["recipe"]["trust_remote_code"]}
+    report["warnings"] = list(report["warnings"]) + translation["warnings"]
     write_report(report, out_json, out_md)
     plot_expert_load(report, load_png)
     plot_gate_similarity(json.loads(gates_json.read_text()), similarity_png)

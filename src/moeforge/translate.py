@@ -10,7 +10,7 @@ field's origin goes into translation.json.
 from __future__ import annotations
 
 import json
-import math
+import logging
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -19,7 +19,9 @@ from moeforge.errors import RecipeError
 from moeforge.fileio import write_json
 from moeforge.safetensors_io import TORCH_NAME
 
-NO_THETA_EQUIVALENT = ("yarn", "llama3", "longrope")
+#: Mean wrapped angle error (radians) above which a theta translation is reported as a warning;
+#: random phases average pi/2, and any linear-scaling translation lands near 1 rad.
+ANGLE_WARN_RAD = 0.05
 
 
 def _rope_forms(theta: float, scaling: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -58,20 +60,21 @@ def angle_error(theta: float, scaling: Mapping[str, Any], new_theta: float, head
 
     Against linear scaling the reference frequencies are theta^(-2i/d) / factor. Dynamic NTK
     leaves positions inside the original context unscaled, so there the reference is the plain
-    theta^(-2i/d): the error is what a static theta costs on short inputs.
+    theta^(-2i/d): the error is what a static theta costs on short inputs. Every position
+    0..positions-1 is evaluated; the error is the angle difference wrapped to [-pi, pi].
     """
+    import numpy as np
+
     factor = float(scaling.get("factor", 1.0)) if scaling["rope_type"] == "linear" else 1.0
-    half = head_dim // 2
-    step = max(1, positions // 512)
-    sample = range(0, positions, step)
-    bands: list[dict[str, Any]] = []
-    for i in range(half):
-        f_src = theta ** (-2 * i / head_dim) / factor
-        f_new = new_theta ** (-2 * i / head_dim)
-        errs = [abs(math.remainder(pos * (f_src - f_new), 2 * math.pi)) for pos in sample]
-        bands.append({"pair": i, "mean_rad": round(sum(errs) / len(errs), 6), "max_rad": round(max(errs), 6)})
-    return {"positions": positions, "mean_rad": round(sum(b["mean_rad"] for b in bands) / half, 6),
-            "max_rad": max(b["max_rad"] for b in bands), "bands": bands}
+    exponents = -2.0 * np.arange(head_dim // 2, dtype=np.float64) / head_dim
+    delta = theta ** exponents / factor - new_theta ** exponents
+    angles = np.arange(positions, dtype=np.float64)[:, None] * delta[None, :]
+    errors = np.abs(np.remainder(angles + np.pi, 2 * np.pi) - np.pi)
+    mean, peak = errors.mean(axis=0), errors.max(axis=0)
+    bands = [{"pair": i, "mean_rad": round(float(m), 6), "max_rad": round(float(x), 6)}
+             for i, (m, x) in enumerate(zip(mean, peak))]
+    return {"positions": positions, "mean_rad": round(float(errors.mean()), 6),
+            "max_rad": round(float(errors.max()), 6), "bands": bands}
 
 
 def _rope(plan: Mapping[str, Any], decisions: list[dict[str, Any]]) -> dict[str, Any]:
@@ -93,9 +96,15 @@ def _rope(plan: Mapping[str, Any], decisions: list[dict[str, Any]]) -> dict[str,
     new_theta, formula = theta_for(theta, scaling, p["head_dim"])
     context = int(p.get("max_position_embeddings") or 4096)
     error = angle_error(theta, scaling, new_theta, p["head_dim"], context)
+    warning = (f"rope_scaling: theta replaces {scaling['rope_type']} scaling x{scaling.get('factor')} by "
+               f"rope_theta={new_theta:.6g}; mean rotary angle error {error['mean_rad']:.3f} rad (max "
+               f"{error['max_rad']:.3f}) over {context} positions: attention will not match the base exactly, "
+               f"so check the smoke test's comparison with the base")
+    if error["mean_rad"] > ANGLE_WARN_RAD:
+        logging.getLogger("moeforge").warning("%s", warning)
     decisions.append({"field": "rope_theta", "value": new_theta, "why": "theta: scaling translated to a static base",
                       "formula": formula, "inputs": {"theta": theta, "scaling": scaling, "head_dim": p["head_dim"]},
-                      "angle_error": error})
+                      "angle_error": error, **({"warning": warning} if error["mean_rad"] > ANGLE_WARN_RAD else {})})
     return _rope_forms(new_theta, None)
 
 
@@ -122,6 +131,8 @@ def build_config(plan: Mapping[str, Any], base_config: Mapping[str, Any]) -> tup
     config.update(out.config["set"])
     config.update(_rope(plan, decisions))
     config["sliding_window"] = recipe["sliding_window"]
+    if "use_sliding_window" in config:
+        config["use_sliding_window"] = recipe["sliding_window"] is not None
     decisions.append({"field": "sliding_window", "value": recipe["sliding_window"],
                       "why": "the recipe's sliding_window" if recipe["sliding_window"] else
                       f"null: full attention (the base's window was {p['sliding_window']})"})
@@ -149,5 +160,6 @@ def translate(plan_json: Path, base_meta: Path, out_dir: Path) -> dict[str, Any]
     config, decisions = build_config(plan, base_config)
     write_json(out_dir / "config.json", config)
     write_json(out_dir / "generation_config.json", generation_config(base_meta, config))
-    write_json(out_dir / "translation.json", {"output_family": plan["output_family"], "decisions": decisions})
+    write_json(out_dir / "translation.json", {"output_family": plan["output_family"], "decisions": decisions,
+                                              "warnings": [d["warning"] for d in decisions if "warning" in d]})
     return config

@@ -19,7 +19,8 @@ def validate_merge(merge: str, recipe_path: Path, meta_dirs: Mapping[str, Path],
     recipe = load_recipe(recipe_path)
     plan, frame = make_plan(merge, recipe, meta_dirs)
     base_config = json.loads((meta_dirs[recipe.base_model] / "config.json").read_text())
-    config, _ = build_config(plan, base_config)
+    config, decisions = build_config(plan, base_config)
+    plan["warnings"] += [d["warning"] for d in decisions if "warning" in d]
     planned = planned_shapes(frame)
     plan["class_check"] = check_plan_against_class(planned, config, output_family_for(plan["output_family"]),
                                                    plan["num_layers"], plan["num_experts"])

@@ -6,6 +6,7 @@ rule smoke_test:
         lock="results/{merge}/model/moeforge.lock.json",
         plan="results/{merge}/plan.json",
         gates="results/{merge}/gates.json",
+        translation="results/{merge}/config/translation.json",
         base_weights=lambda wc: f"resources/models/{base_slug(wc)}/weights.json",
     output:
         json="results/{merge}/smoke/report.json",
