@@ -21,6 +21,7 @@ include: "workflow/rules/shards.smk"
 include: "workflow/rules/translate.smk"
 include: "workflow/rules/assemble.smk"
 include: "workflow/rules/smoke.smk"
+include: "workflow/rules/verify.smk"
 
 
 rule all:

@@ -128,3 +128,46 @@ def test_model_problem_stops_at_validate_with_message(demo, tmp_path):
     assert "resources/demo/expert_math" in proc.stderr
     assert not (wd / MODEL).exists()
     assert not list((wd / "resources/models").glob("*/weights.json"))
+
+
+def _flip_byte(path: Path, offset: int) -> None:
+    path.chmod(0o644)
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("victim", ["model-00001-of-00005.safetensors", "model-00003-of-00005.safetensors",
+                                    "model-00005-of-00005.safetensors", "config.json"])
+def test_verify_detects_a_flipped_byte(demo, tmp_path, victim):
+    """`snakemake verify` on a downloaded copy: passes intact, fails on one flipped byte, naming the file."""
+    copy = tmp_path / "downloaded"
+    shutil.copytree(demo / MODEL, copy)
+    (demo / "verify.yaml").write_text(yaml.safe_dump({"merges": {"demo": {"recipe": "demo.yaml"}},
+                                                      "verify": {"downloaded": str(copy)}}))
+    args = ["--configfile", str(demo / "verify.yaml"), "--cores", "1", "verify"]
+    ok = snakemake(demo, *args)
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    report = json.loads((demo / "results/verify/downloaded/report.json").read_text())
+    assert report["passed"] and report["lock"]["files_verified"] == 12
+    size = (copy / victim).stat().st_size
+    _flip_byte(copy / victim, size // 2)
+    bad = snakemake(demo, *args)
+    assert bad.returncode != 0
+    assert f"{victim}: sha256 differs from the lock" in bad.stderr
+
+
+@pytest.mark.slow
+def test_html_report_holds_the_plots(demo, tmp_path):
+    """`snakemake --report` gives one HTML page with both plots and their captions per merge."""
+    import base64
+
+    out = tmp_path / "report.html"
+    proc = snakemake(demo, "--report", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    html = out.read_text()
+    for png in ("expert_load.png", "gate_similarity.png"):
+        encoded = base64.b64encode((demo / "results/demo/smoke" / png).read_bytes()).decode()
+        assert encoded[:2000] in html, f"{png} is not embedded in the report"
+    assert "Share of tokens each expert receives" in html

@@ -21,6 +21,8 @@ RECIPES = _load_recipes()
 MERGES = list(RECIPES)
 REFS = {parse_ref(ref).slug: ref for r in RECIPES.values() for ref in r.source_models}
 DEMO_ROOT = "resources/demo"
+# Model directories `snakemake verify` checks: every merge's own output, plus config["verify"].
+VERIFY = {**{m: f"results/{m}/model" for m in MERGES}, **config.get("verify", {})}
 
 
 wildcard_constraints:

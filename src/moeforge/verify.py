@@ -1,0 +1,58 @@
+"""Verify a model directory against its moeforge.lock.json, then smoke-test it.
+
+This is how a user checks a published merge they downloaded: every file the lock lists must
+exist with the recorded sha256 (a single flipped byte fails, naming the file), nothing the lock
+does not list may pretend to be part of the model, and the model must load strictly and run.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from moeforge.assemble import LOCK_NAME
+from moeforge.errors import BuildError
+from moeforge.fileio import sha256_file, write_json
+
+
+def check_lock(model_dir: Path) -> dict[str, Any]:
+    """Compare every file against the lock; raise BuildError naming each mismatch."""
+    lock_path = model_dir / LOCK_NAME
+    if not lock_path.is_file():
+        raise BuildError(f"no {LOCK_NAME}", str(model_dir), "only directories built by moeforge can be verified")
+    lock = json.loads(lock_path.read_text())
+    problems = []
+    for name, expected in sorted(lock["files"].items()):
+        path = model_dir / name
+        if not path.is_file():
+            problems.append(f"{name}: missing")
+        elif sha256_file(path) != expected:
+            problems.append(f"{name}: sha256 differs from the lock (file changed or corrupted)")
+    extra = sorted(p.name for p in model_dir.iterdir()
+                   if p.is_file() and p.name not in lock["files"] and p.name != LOCK_NAME
+                   and p.suffix in (".safetensors", ".json", ".bin"))
+    problems += [f"{name}: not listed in the lock" for name in extra]
+    if problems:
+        raise BuildError(f"{len(problems)} file(s) fail verification: " + "; ".join(problems), str(model_dir),
+                         "re-download the model (or rebuild it); do not use it as it is")
+    return {"files_verified": len(lock["files"]), "merge": lock["merge"], "output_family": lock["output_family"]}
+
+
+def verify_model(model_dir: Path, out_dir: Path, *, device: str = "cpu", max_new_tokens: int = 16) -> dict[str, Any]:
+    """Hash check, then the smoke test (no base comparison: the base may not be at hand)."""
+    from moeforge.smoke import SmokeOptions, run_smoke, write_report
+
+    files = check_lock(model_dir)
+    lock = json.loads((model_dir / LOCK_NAME).read_text())
+    recipe = lock["recipe"]
+    expert_prompts = {e["name"]: list(e["positive_prompts"]) for e in recipe["experts"] if e["positive_prompts"]}
+    prompts = list(recipe.get("smoke_prompts") or []) or [p for ps in expert_prompts.values() for p in ps] \
+        or ["The quick brown fox", "Once upon a time"]
+    opts = SmokeOptions(prompts=prompts, max_new_tokens=max_new_tokens, device=device,
+                        expert_prompts=expert_prompts, expert_names=[e["name"] for e in recipe["experts"]])
+    report = run_smoke(model_dir, None, opts)
+    report["lock"] = files
+    write_report(report, out_dir / "report.json", out_dir / "report.md")
+    write_json(out_dir / "lock_check.json", files)
+    return report

@@ -1,0 +1,14 @@
+"""Verify every model directory named for verification: lock hashes, then the smoke test."""
+from pathlib import Path
+
+from moeforge.runner import run
+from moeforge.verify import verify_model
+
+
+def main(s):
+    for name, model in s.params.models.items():
+        verify_model(Path(model), Path("results/verify") / name, device=s.params.device,
+                     max_new_tokens=s.params.max_new_tokens)
+
+
+run(snakemake, main)  # noqa: F821
