@@ -26,21 +26,38 @@ def sha256_file(path: Path) -> str:
 
 
 def _tmp_name(path: Path) -> Path:
+    """A temporary sibling; leftovers of killed writers of the same path are removed first."""
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
-def write_bytes(path: Path, data: bytes) -> None:
-    """Write, fsync, rename: readers see the old file or the complete new one."""
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path to write; on success it is fsynced, made 0644 and renamed to `path`.
+
+    Readers see the old file or the complete new one, never a partial one, and a writer killed
+    midway leaves only a hidden temporary that the next writer of the same path removes.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_name(path)
     try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
+        yield tmp
+        with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    """Write a whole file atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def dumps_json(data: Any) -> str:

@@ -8,8 +8,6 @@ them. PNGs are written without the Software metadata entry, so a rerun gives ide
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +15,7 @@ from matplotlib import style
 from matplotlib.figure import Figure
 
 from moeforge.errors import BuildError
+from moeforge.fileio import atomic_path
 
 _ANNOTATE_MAX_CELLS = 256
 _MAX_PANELS_PER_ROW = 8
@@ -103,14 +102,6 @@ def _gate_layers(gates_json: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _save(fig: Figure, path: Path) -> None:
-    """Write the PNG under a temporary name, without the Software tag, and rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    """Write the PNG atomically, without the Software tag (so the bytes are stable)."""
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100, metadata={"Software": None})
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import BinaryIO, Callable, Iterable
 
 from moeforge.errors import ModelError
+from moeforge.fileio import atomic_path
 
 ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
             "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
@@ -132,12 +133,11 @@ def _copy_range(src: BinaryIO, dst: BinaryIO, offset: int, count: int) -> None:
 
 
 def write_safetensors(path: Path, tensors: Iterable[OutTensor], metadata: dict[str, str] | None = None) -> None:
-    """Write a safetensors file atomically: temp name in the same directory, fsync, rename."""
+    """Write a safetensors file atomically (see fileio.atomic_path), streaming what can be streamed."""
     ordered = _aligned_order(tensors)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     sources: dict[Path, BinaryIO] = {}
     try:
-        with open(tmp, "wb") as out:
+        with atomic_path(path) as tmp, open(tmp, "wb") as out:
             out.write(_header_bytes(ordered, metadata or {"format": "pt"}))
             for t in ordered:
                 if t.produce is not None:
@@ -149,11 +149,6 @@ def write_safetensors(path: Path, tensors: Iterable[OutTensor], metadata: dict[s
                     assert t.src_path is not None
                     src = sources.get(t.src_path) or sources.setdefault(t.src_path, open(t.src_path, "rb"))
                     _copy_range(src, out, t.src_offset, t.nbytes)
-            out.flush()
-            os.fsync(out.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
     finally:
         for fh in sources.values():
             fh.close()
-        tmp.unlink(missing_ok=True)

@@ -32,7 +32,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -46,6 +45,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from moeforge import __version__
 from moeforge.errors import BuildError, RecipeError
+from moeforge.fileio import write_text
 
 DISTINCT_RATIO_MIN = 1 / 3
 DIVERSITY_MIN_TOKENS = 8
@@ -591,22 +591,8 @@ def _short(text: str, width: int = 40) -> str:
 
 def write_report(report: dict[str, Any], out_json: Path, out_md: Path) -> None:
     """Write the report as sorted JSON and as markdown; each file appears complete or not at all."""
-    _write_atomic(Path(out_json), json.dumps(report, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
-    _write_atomic(Path(out_md), render_markdown(report))
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write to a temporary file beside ``path`` and rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
-            handle.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text(Path(out_json), json.dumps(report, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+    write_text(Path(out_md), render_markdown(report))
 
 
 def render_markdown(report: dict[str, Any]) -> str:
