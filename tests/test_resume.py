@@ -1,0 +1,82 @@
+"""A build killed with SIGKILL at any point resumes to the same bytes, without redoing finished work."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline import sha256_tree
+from test_workflow import MODEL, REPO, SNAKEMAKE, snakemake, workdir
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    wd = workdir(tmp_path_factory.mktemp("reference"))
+    proc = snakemake(wd, "--cores", "2", f"{MODEL}/moeforge.lock.json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return sha256_tree(wd / MODEL)
+
+
+def run_until(wd: Path, marker: str, count: int = 1, timeout: float = 300) -> None:
+    """Start the build and SIGKILL its whole process group as soon as `count` files match `marker`."""
+    cmd = [*SNAKEMAKE, "-s", str(REPO / "Snakefile"), "-d", str(wd), "--configfile", str(wd / "config.yaml"),
+           "--cores", "2", f"{MODEL}/moeforge.lock.json"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.monotonic() + timeout
+    try:
+        while len(list(wd.glob(marker))) < count:
+            assert proc.poll() is None, f"the build ended before {marker} appeared"
+            assert time.monotonic() < deadline, f"{marker} did not appear in {timeout}s"
+            time.sleep(0.01)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def resume(wd: Path) -> subprocess.CompletedProcess:
+    unlock = snakemake(wd, "--unlock")
+    assert unlock.returncode == 0, unlock.stderr[-2000:]
+    proc = snakemake(wd, "--cores", "2", f"{MODEL}/moeforge.lock.json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def no_temporaries(wd: Path) -> list[Path]:
+    return [p for p in wd.rglob(".*.tmp-*")]
+
+
+@pytest.mark.parametrize("marker", ["logs/fetch_metadata/*.log", "logs/demo/gates.log", "logs/demo/assemble.log"],
+                         ids=["fetch", "gates", "assemble"])
+def test_killed_build_resumes_to_identical_bytes(tmp_path, reference, marker):
+    wd = workdir(tmp_path)
+    run_until(wd, marker)
+    assert not (wd / MODEL / "moeforge.lock.json").exists()  # nothing half-built looks complete
+    resume(wd)
+    assert sha256_tree(wd / MODEL) == reference
+    assert no_temporaries(wd) == []
+
+
+def test_killed_during_layer_shards_keeps_finished_shards(tmp_path, reference):
+    wd = workdir(tmp_path)
+    # Kill as the last of the five shard jobs starts: with two cores, at least three have finished.
+    run_until(wd, "logs/demo/shards/*.log", count=5)
+    shards = wd / "results/demo/shards"
+    done = {p.name: p.stat().st_ino for p in shards.glob("*.safetensors")}
+    assert len(done) >= 3, done
+    proc = resume(wd)
+    assert sha256_tree(wd / MODEL) == reference
+    # Assembly hard-links shards into model/: a shard that was not redone keeps its inode there.
+    order = ["globals.safetensors"] + [f"layer-{i}.safetensors" for i in range(4)]
+    kept = [name for name, inode in done.items()
+            if (wd / MODEL / f"model-{order.index(name) + 1:05d}-of-00005.safetensors").stat().st_ino == inode]
+    in_flight_at_kill = 2  # with --cores 2, at most two shard jobs may have been cut off mid-registration
+    assert len(kept) >= len(done) - in_flight_at_kill, (done, kept, proc.stdout[-2000:])
+    assert no_temporaries(wd) == []
