@@ -66,10 +66,10 @@ import torch
 
 from .errors import ModelError, RecipeError
 from .fileio import dumps_json, write_bytes
+from .recipe import GATE_MODES, PROMPTLESS_GATE_MODES
 from .layerwise import input_embeddings, iter_layer_hidden_states, load_config
 
-GATE_MODES = ("hidden", "hidden_last", "hidden_avg", "cheap_embed", "random", "uniform_random", "router_input")
-PROMPTLESS_MODES = ("random", "uniform_random")
+PROMPTLESS_MODES = PROMPTLESS_GATE_MODES
 HIDDEN_MODES = ("hidden", "hidden_last", "hidden_avg")
 TOKEN_REDUCTIONS = ("last", "mean")
 PROMPT_TEMPLATES = ("raw", "chat")

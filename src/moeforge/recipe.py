@@ -79,6 +79,10 @@ def _schema() -> dict[str, Any]:
     return yaml.safe_load(resources.files("moeforge").joinpath("schemas/recipe.schema.yaml").read_text())
 
 
+#: Every gate mode, in the schema's order: the schema is the one place that lists them.
+GATE_MODES: tuple[str, ...] = tuple(_schema()["properties"]["gate_mode"]["enum"])
+
+
 def _expert_name(ref: str) -> str:
     base = ref.split("@", 1)[0].rstrip("/").rsplit("/", 1)[-1]
     return re.sub(r"[^A-Za-z0-9_.-]", "_", base) or "expert"
