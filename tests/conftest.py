@@ -25,3 +25,13 @@ def tf4_python() -> Path:
     if os.environ.get("CI"):
         pytest.fail(message + " (CI must run the transformers 4.x tests)")
     pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    """The demo tokenizer, trained once per test session."""
+    from moeforge.fixtures import train_tokenizer
+
+    out = tmp_path_factory.mktemp("tokenizer")
+    train_tokenizer(out)
+    return out

@@ -117,3 +117,26 @@ def logits(model_dir: Path, ids: torch.Tensor) -> torch.Tensor:
     model.eval()
     with torch.no_grad():
         return model(ids).logits
+
+
+_TF4_SCRIPT = (
+    "import sys, json, torch\n"
+    "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+    "m, info = AutoModelForCausalLM.from_pretrained(sys.argv[1], output_loading_info=True, torch_dtype=torch.float32)\n"
+    "AutoTokenizer.from_pretrained(sys.argv[1])\n"
+    "ids = torch.tensor(json.loads(sys.argv[2]))\n"
+    "with torch.no_grad(): out = m.eval()(ids).logits\n"
+    "print(json.dumps({'info': {k: len(v) for k, v in info.items()}, 'logits': out.tolist()}))\n"
+)
+
+
+def tf4_logits(tf4_python: Path, model_dir: Path, ids: torch.Tensor) -> torch.Tensor:
+    """Load `model_dir` (model and tokenizer) strictly in the transformers 4.x interpreter; its logits."""
+    import subprocess
+
+    proc = subprocess.run([str(tf4_python), "-c", _TF4_SCRIPT, str(model_dir), json.dumps(ids.tolist())],
+                          capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert data["info"] == {"missing_keys": 0, "unexpected_keys": 0, "mismatched_keys": 0, "error_msgs": 0}
+    return torch.tensor(data["logits"])

@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from moeforge import layerwise
 from moeforge.errors import RecipeError
-from moeforge.fixtures import build_dense_model, train_tokenizer
+from moeforge.fixtures import build_dense_model
 from moeforge.gates import GATE_MODES, ExpertPrompts, GateSpec, compute_gates, write_gates
 from moeforge.layerwise import iter_layer_hidden_states, position_ids_for
 
@@ -54,13 +54,6 @@ SMALL_EXPERTS = (
     ExpertPrompts("b", ("the oven is hot", "bread"), ("def f(x): return x", "import os")),
     ExpertPrompts("c", ("a triangle has three sides",)),
 )
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("tokenizer")
-    train_tokenizer(out)
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -8,23 +8,17 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from moeforge.fixtures import build_dense_model, train_tokenizer
-from pipeline import build, logits, lock_of, sha256_tree, tensors_of
+from moeforge.fixtures import build_dense_model
+from pipeline import build, logits, lock_of, sha256_tree, tensors_of, tf4_logits
 
 IDS = torch.tensor([[1, 17, 45, 98, 203, 7, 88, 150, 33, 61, 240, 12]])
 
 
 @pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tok")
-    train_tokenizer(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory, tok):
+def models(tmp_path_factory, tokenizer_dir):
     """A Llama base, a rope-scaled (linear x4) Llama, a Mistral, and three experts of the base."""
     root = tmp_path_factory.mktemp("models")
+    tok = tokenizer_dir
     out = {
         "base": build_dense_model(root / "base", "llama", seed=0, tokenizer_dir=tok),
         "scaled": build_dense_model(root / "scaled", "llama", seed=5, tokenizer_dir=tok,
@@ -179,23 +173,7 @@ def test_model_card_and_tokenizer_bytes(tmp_path, models):
 
 def test_transformers4_loads_with_same_logits(tmp_path, models, tf4_python):
     """The same output loads strictly in transformers 4.57 with the same logits (rope-scaled base)."""
-    import subprocess
-
     scaled = models["scaled"]
     result = build(tmp_path, recipe_for(scaled, [scaled] * 3))
-    script = (
-        "import sys, json, torch\n"
-        "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
-        "m, info = AutoModelForCausalLM.from_pretrained(sys.argv[1], output_loading_info=True, torch_dtype=torch.float32)\n"
-        "AutoTokenizer.from_pretrained(sys.argv[1])\n"
-        "ids = torch.tensor(json.loads(sys.argv[2]))\n"
-        "with torch.no_grad(): out = m.eval()(ids).logits\n"
-        "print(json.dumps({'info': {k: len(v) for k, v in info.items()}, 'logits': out.tolist()}))\n"
-    )
-    proc = subprocess.run([tf4_python, "-c", script, str(result.model_dir), json.dumps(IDS.tolist())],
-                          capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    data = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert data["info"] == {"missing_keys": 0, "unexpected_keys": 0, "mismatched_keys": 0, "error_msgs": 0}
-    diff = (torch.tensor(data["logits"]) - dense_logits(scaled)).abs().max().item()
+    diff = (tf4_logits(tf4_python, result.model_dir, IDS) - dense_logits(scaled)).abs().max().item()
     assert diff < 1e-5, f"transformers 4.x max |dlogit| = {diff}"

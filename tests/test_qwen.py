@@ -3,24 +3,22 @@
 from __future__ import annotations
 
 import json
-import subprocess
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from moeforge.errors import ModelError, RecipeError
-from moeforge.fixtures import build_dense_model, build_preset, train_tokenizer
-from pipeline import build, logits, plan_only, tensors_of
+from moeforge.fixtures import build_dense_model, build_preset
+from pipeline import build, logits, plan_only, tensors_of, tf4_logits
 
 IDS = torch.tensor([[1, 17, 45, 98, 203, 7, 88, 150, 33, 61, 240, 12]])
 
 
 @pytest.fixture(scope="module")
-def zoo(tmp_path_factory):
+def zoo(tmp_path_factory, tokenizer_dir):
     root = tmp_path_factory.mktemp("qwen")
-    tok = root / "tok"
-    train_tokenizer(tok)
+    tok = tokenizer_dir
     return {
         "qwen2": build_preset(root / "qwen2", "qwen2.5", tokenizer_dir=tok),
         "qwen15": build_preset(root / "qwen15", "qwen1.5", tokenizer_dir=tok),
@@ -190,17 +188,4 @@ def test_qwen2_tied_keeps_tie_and_untie_matches(tmp_path, zoo):
 def test_transformers4_loads_qwen_moe(tmp_path, zoo, key, tf4_python):
     q = zoo[key]
     result = build(tmp_path, recipe(q, [(q, {})] * 2))
-    script = (
-        "import sys, json, torch\n"
-        "from transformers import AutoModelForCausalLM\n"
-        "m, info = AutoModelForCausalLM.from_pretrained(sys.argv[1], output_loading_info=True, torch_dtype=torch.float32)\n"
-        "ids = torch.tensor(json.loads(sys.argv[2]))\n"
-        "with torch.no_grad(): out = m.eval()(ids).logits\n"
-        "print(json.dumps({'info': {k: len(v) for k, v in info.items()}, 'logits': out.tolist()}))\n"
-    )
-    proc = subprocess.run([tf4_python, "-c", script, str(result.model_dir), json.dumps(IDS.tolist())],
-                          capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    data = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert data["info"] == {"missing_keys": 0, "unexpected_keys": 0, "mismatched_keys": 0, "error_msgs": 0}
-    assert (torch.tensor(data["logits"]) - dense_logits(q)).abs().max().item() < 1e-5
+    assert (tf4_logits(tf4_python, result.model_dir, IDS) - dense_logits(q)).abs().max().item() < 1e-5

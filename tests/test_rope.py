@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from moeforge.errors import RecipeError
-from moeforge.fixtures import build_dense_model, train_tokenizer
+from moeforge.fixtures import build_dense_model
 from moeforge.stages import smoke_stage
 from moeforge.translate import angle_error, theta_for
 from pipeline import build, plan_only
@@ -18,10 +18,9 @@ HEAD_DIM = 16
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
+def models(tmp_path_factory, tokenizer_dir):
     root = tmp_path_factory.mktemp("rope")
-    tok = root / "tok"
-    train_tokenizer(tok)
+    tok = tokenizer_dir
 
     def make(name, scaling):
         return build_dense_model(root / name, "llama", seed=1, tokenizer_dir=tok, rope_scaling=scaling)

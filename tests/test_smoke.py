@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from transformers import MixtralConfig, PretrainedConfig, Qwen2MoeConfig, Qwen3MoeConfig
 
 from moeforge.errors import BuildError, RecipeError
-from moeforge.fixtures import TOKENIZER_FILES, build_dense_model, load_weights, train_tokenizer, write_weights
+from moeforge.fixtures import TOKENIZER_FILES, build_dense_model, load_weights, write_weights
 from moeforge.plots import plot_expert_load, plot_gate_similarity
 from moeforge.smoke import (
     SmokeFailure,
@@ -116,13 +116,6 @@ def _mixtral(base_dir: Path, out_dir: Path, routers: list[torch.Tensor]) -> Path
     config = MixtralConfig(**_moe_fields(base_dir), intermediate_size=INTER, num_local_experts=EXPERTS,
                            architectures=["MixtralForCausalLM"])
     return _moe_from(base_dir, out_dir, config, routers)
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("tokenizer")
-    train_tokenizer(out)
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -144,11 +144,10 @@ def test_template_extends_missing_parent(tmp_path):
 # ---- models --------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def zoo(tmp_path_factory):
+def zoo(tmp_path_factory, tokenizer_dir):
     """A base, a good expert and the bad models, built once."""
     root = tmp_path_factory.mktemp("zoo")
-    tok = root / "tok"
-    train_tokenizer(tok)
+    tok = tokenizer_dir
     z = {"tok": tok, "base": build_dense_model(root / "base", "llama", tokenizer_dir=tok)}
     z["expert"] = build_dense_model(root / "expert", derive_from=z["base"], seed=1, mlp_noise=0.05)
     z["mistral"] = build_dense_model(root / "mistral", "mistral", seed=2, tokenizer_dir=tok)
