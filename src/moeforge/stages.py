@@ -39,9 +39,12 @@ def gate_spec(plan: Mapping[str, Any]) -> Any:
                     strict_gates=recipe["strict_gates"])
 
 
-def gates_for_plan(plan_json: Path, base_weights: Path, out_tensors: Path, out_stats: Path) -> None:
+def gates_for_plan(plan_json: Path, base_weights: Path, out_tensors: Path, out_stats: Path, threads: int = 1) -> None:
+    import torch
+
     from moeforge.gates import compute_gates, write_gates
 
+    torch.set_num_threads(max(1, threads))
     plan = json.loads(plan_json.read_text())
     tensors, stats = compute_gates(_weights_dir(base_weights), gate_spec(plan), progress=False)
     write_gates(tensors, stats, out_tensors, out_stats)

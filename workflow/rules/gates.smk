@@ -10,9 +10,13 @@ rule gates:
         stats="results/{merge}/gates.json",
     log:
         "logs/{merge}/gates.log",
+    # The one compute-bound job: forward passes of the base model, one layer at a time.
+    threads: 4
     resources:
         mem_mb=layer_mem_mb,
         runtime=120,
+        # A GPU only when the recipe asks for gate_device: cuda (SLURM maps this to --gpus).
+        gpu=lambda wc: int(RECIPES[wc.merge].gate_device == "cuda"),
     conda:
         "../../envs/moeforge.yaml"
     script:
