@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -68,16 +69,47 @@ def test_remote_code_is_never_run(tmp_path):
     assert result.plan["recipe"]["trust_remote_code"] is False
 
 
-def test_bin_only_model_is_refused_clearly(tmp_path):
-    model = build_dense_model(tmp_path / "m", "llama")
+def test_bin_only_model_is_converted_safely(tmp_path):
+    """pytorch_model*.bin only: loaded with weights_only=True, converted, then merged like any model."""
+
     import torch
     from safetensors.torch import load_file
 
-    torch.save(load_file(model / "model.safetensors"), model / "pytorch_model.bin")
-    (model / "model.safetensors").unlink()
-    with pytest.raises(ModelError, match="only pytorch_model\\*.bin weights") as info:
-        fetch_metadata(str(model), tmp_path / "meta")
-    assert "convert it to safetensors" in str(info.value)
+    from pipeline import logits
+
+    model = build_dense_model(tmp_path / "m", "llama", max_shard_size="200KB")
+    index = json.loads((model / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    renamed = {shard: f"pytorch_model-{i:05d}-of-{len(shards):05d}.bin" for i, shard in enumerate(shards, start=1)}
+    for shard, name in renamed.items():
+        torch.save(load_file(model / shard), model / name)
+        (model / shard).unlink()
+    (model / "model.safetensors.index.json").unlink()
+    index["weight_map"] = {k: renamed[v] for k, v in index["weight_map"].items()}
+    (model / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    assert len(shards) > 1
+    result = build(tmp_path / "b", {"base_model": str(model), "gate_mode": "random",
+                                    "experts": [{"source_model": str(model)}] * 2})
+    ids = torch.tensor([[1, 5, 9, 33]])
+    from transformers import AutoModelForCausalLM
+
+    dense = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert (logits(result.model_dir, ids) - dense(ids).logits).abs().max() < 1e-5
+
+    evil = tmp_path / "evil"
+    shutil.copytree(model, evil)
+    marker = tmp_path / "unpickled"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    first = renamed[shards[0]]
+    torch.save({"model.embed_tokens.weight": Payload()}, evil / first)
+    with pytest.raises(ModelError, match=f"cannot load {first} safely"):
+        fetch_metadata(str(evil), tmp_path / "evil_meta")
+    assert not marker.exists()
 
 
 def _mount_tmpfs(path: Path, size: str, readonly: bool = False) -> None:

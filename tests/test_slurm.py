@@ -172,12 +172,14 @@ def cluster() -> Iterator[Cluster]:
     env["SLURM_CONF"] = conf.stdout.strip().removeprefix("export SLURM_CONF=")
     state_dir = Path(env["SLURM_CONF"]).parent.parent
     already_up = subprocess.run(["bash", str(CLUSTER), "status"], capture_output=True, env=env, timeout=60).returncode == 0
-    if not already_up:
-        start = subprocess.run(["bash", str(CLUSTER), "start"], capture_output=True, text=True, env=env, timeout=180)
-        assert start.returncode == 0, f"cluster.sh start failed:\n{start.stdout}\n{start.stderr}"
     try:
+        if not already_up:
+            start = subprocess.run(["bash", str(CLUSTER), "start"], capture_output=True, text=True, env=env,
+                                   timeout=180)
+            assert start.returncode == 0, f"cluster.sh start failed:\n{start.stdout}\n{start.stderr}"
         yield Cluster(env=env, state_dir=state_dir)
     finally:
+        # Also after a failed start: the daemons that did come up must not outlive the tests.
         if not already_up:
             subprocess.run(["bash", str(CLUSTER), "stop"], capture_output=True, env=env, timeout=120)
 

@@ -56,7 +56,7 @@ def _rows_from_headers(headers: Mapping[str, Mapping[str, Any]]) -> list[dict[st
     return rows
 
 
-def _local_headers(directory: Path, files: list[str]) -> dict[str, dict[str, Any]]:
+def local_headers(directory: Path, files: list[str]) -> dict[str, dict[str, Any]]:
     headers = {}
     for file in files:
         _, entries = read_header(directory / file)
@@ -67,12 +67,8 @@ def _local_headers(directory: Path, files: list[str]) -> dict[str, dict[str, Any
 
 def write_inventory(source: Mapping[str, Any], headers: Mapping[str, Any] | None, out_tsv: Path) -> pd.DataFrame:
     """Build, validate and write inventory.tsv for a fetched source."""
-    if source["weight_format"] != "safetensors":
-        raise ModelError("only pytorch_model*.bin weights are published for this model", source["ref"],
-                         "convert it to safetensors (e.g. the Hub's convert space, or load and save_pretrained) "
-                         "and point the recipe at the converted copy")
     if headers is None:
-        headers = _local_headers(Path(source["local_path"]), source["weight_files"])
+        headers = local_headers(Path(source["local_path"]), source["weight_files"])
     frame = pd.DataFrame(_rows_from_headers(headers), columns=COLUMNS)
     if frame["name"].duplicated().any():
         dup = frame.loc[frame["name"].duplicated(), "name"].iloc[0]

@@ -199,6 +199,8 @@ def fetch_metadata(raw: str, out_dir: Path) -> dict[str, Any]:
             raise ModelError("no weights found (*.safetensors or pytorch_model*.bin)", ref.raw,
                              "check that the repository/directory holds a full model")
         headers = meta.pop("headers")
+        if meta["weight_format"] == "bin":
+            headers = _convert_bin(ref, meta, tmp)
         source = {"ref": ref.raw, "kind": ref.kind, "repo_id": ref.repo_id, "requested_revision": ref.revision,
                   "slug": ref.slug, **meta}
         write_inventory(source, headers, tmp / "inventory.tsv")
@@ -206,8 +208,32 @@ def fetch_metadata(raw: str, out_dir: Path) -> dict[str, Any]:
     return source
 
 
-def weights_dir(source: dict[str, Any]) -> Path:
+CONVERTED_DIR = "weights"
+
+
+def _convert_bin(ref: ModelRef, meta: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+    """Convert .bin-only weights into out_dir/weights; meta then describes the safetensors copy."""
+    from moeforge.binweights import convert
+    from moeforge.inventory import local_headers
+
+    if ref.kind == "local":
+        src = Path(meta["local_path"])
+    else:
+        src = _hub_snapshot(ModelRef(ref.raw, "hub", repo_id=ref.repo_id, revision=meta["resolved_revision"]),
+                            list(meta["weight_files"]))
+    meta["converted_from"] = meta["weight_files"]
+    meta["weight_files"] = convert(src, meta["weight_files"], out_dir / CONVERTED_DIR)
+    for name in META_FILES:  # the converted copy is a complete model directory
+        if (out_dir / name).is_file():
+            shutil.copyfile(out_dir / name, out_dir / CONVERTED_DIR / name)
+    meta["weight_format"] = "safetensors"
+    return local_headers(out_dir / CONVERTED_DIR, meta["weight_files"])
+
+
+def weights_dir(source: dict[str, Any], meta_dir: Path) -> Path:
     """Where the weight files of a fetched source are on this machine (fetching them if needed)."""
+    if source.get("converted_from"):
+        return meta_dir / CONVERTED_DIR
     if source["kind"] == "local":
         return Path(source["local_path"])
     ref = ModelRef(raw=source["ref"], kind="hub", repo_id=source["repo_id"], revision=source["resolved_revision"])
@@ -218,7 +244,7 @@ def weights_dir(source: dict[str, Any]) -> Path:
 def fetch_weights(source_json: Path, out_json: Path) -> dict[str, Any]:
     """Download (hub) or locate (local) the weights and record where they are, with sha256."""
     source = json.loads(source_json.read_text())
-    directory = weights_dir(source)
+    directory = weights_dir(source, source_json.parent)
     known = {f["name"]: f["sha256"] for f in source["files"]}
     files = []
     for name in source["weight_files"]:

@@ -10,7 +10,7 @@
 # Everything lives under $MOEFORGE_SLURM_DIR (default /tmp/moeforge-slurm): slurm.conf, a munge
 # key and socket of its own, state, logs and pid files. Clients on the submit side find the cluster
 # through $SLURM_CONF and the daemons get the config path on their command line. One global file is
-# unavoidable: the Snakemake SLURM job step strips every SLURM_* variable (SLURM_CONF included)
+# needed all the same: the Snakemake SLURM job step strips every SLURM_* variable (SLURM_CONF included)
 # before its inner `srun`, which then reads /etc/slurm/slurm.conf. So a copy of the config is put
 # there, first line marked, only when that file is absent or was written by this script; `stop`
 # removes it again. A site's own slurm.conf and munge installation are never touched. Ports
@@ -98,6 +98,8 @@ MpiDefault=none
 SchedulerType=sched/backfill
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
+# A job that asks for no memory gets 1 GB per CPU, not the whole node.
+DefMemPerCPU=1000
 SlurmdParameters=config_overrides
 AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
@@ -112,6 +114,8 @@ NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem State=UNKNOWN
 PartitionName=$PARTITION Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
 EOF
     mv "$CONF.tmp" "$CONF"
+    # Job ids restart at 1 on a fresh cluster: drop the completion records of an earlier one.
+    : >"$LOGS/jobcomp.log"
 }
 
 # Install the copy of the config that srun inside a job reads (see the header).
@@ -198,8 +202,8 @@ cmd_start() {
     install_global_conf
     start_munge
     if ! alive "$CTLD_PID" slurmctld; then
-        # -i: ignore state left by an earlier cluster in the same directory (stale jobs).
-        slurmctld -f "$CONF" -i || { show_logs; die "slurmctld failed to start"; }
+        # -c: a fresh cluster; jobs left by an earlier one in this directory must never start again.
+        slurmctld -f "$CONF" -c || { show_logs; die "slurmctld failed to start"; }
         wait_for slurmctld 20 alive "$CTLD_PID" slurmctld || { show_logs; die "slurmctld did not stay up"; }
     fi
     if ! alive "$SLURMD_PID" slurmd; then
