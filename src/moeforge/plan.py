@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -24,13 +25,13 @@ from moeforge.fileio import write_json, write_text
 from moeforge.inventory import InventoryEntry, read_inventory
 from moeforge.params import normalise
 from moeforge.recipe import ExpertSpec, Recipe
-from moeforge.safetensors_io import SAFETENSORS_NAME, TORCH_NAME
+from moeforge.safetensors_io import ITEMSIZE, SAFETENSORS_NAME, TORCH_NAME
+from moeforge.shards import GATES_SOURCE, shape_of as _shape
 from moeforge.sources import parse_ref
 
 PLAN_COLUMNS = ["target_name", "part", "concat_dim", "shard", "source", "source_name", "source_file", "dtype_in",
                 "dtype_out", "shape", "transform"]
 FLOAT_DTYPES = ("F32", "F16", "BF16")
-GATES_SOURCE = "gates"
 ZEROS_SOURCE = "zeros"
 #: Width of the all-zero shared expert written when a Qwen2-MoE recipe has none: small, and
 #: divisible by every usual tensor-parallel degree (engines shard this dimension).
@@ -428,24 +429,15 @@ def _shared_width(shared: list[Source], out: OutputFamily) -> int | None:
 
 def _shard_bytes(frame: pd.DataFrame) -> dict[str, int]:
     """Output bytes per shard: the basis of each shard job's memory and time request."""
-    from moeforge.safetensors_io import ITEMSIZE
-
-    sizes = frame.apply(lambda r: ITEMSIZE[r["dtype_out"]] * _numel(r["shape"]), axis=1)
+    sizes = frame.apply(lambda r: ITEMSIZE[r["dtype_out"]] * math.prod(_shape(r["shape"])), axis=1)
     return {shard: int(total) for shard, total in sizes.groupby(frame["shard"]).sum().items()}
-
-
-def _numel(shape: str) -> int:
-    n = 1
-    for dim in shape.split(","):
-        n *= int(dim)
-    return n
 
 
 def planned_shapes(frame: pd.DataFrame) -> dict[str, tuple[int, ...]]:
     """Output tensor name -> shape, with multi-part tensors concatenated along their dim."""
     shapes: dict[str, tuple[int, ...]] = {}
     for row in frame.itertuples(index=False):
-        shape = tuple(int(x) for x in row.shape.split(","))
+        shape = _shape(row.shape)
         if row.target_name in shapes:
             merged = list(shapes[row.target_name])
             merged[row.concat_dim] += shape[row.concat_dim]

@@ -10,6 +10,7 @@ such a row exists, which keeps pure-copy jobs fast to start.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -21,15 +22,9 @@ from moeforge.safetensors_io import ITEMSIZE, TORCH_NAME, OutTensor, TensorEntry
 GATES_SOURCE = "gates"
 
 
-def _shape(text: str) -> tuple[int, ...]:
+def shape_of(text: str) -> tuple[int, ...]:
+    """A plan row's shape column ("4096,14336") as a tuple."""
     return tuple(int(x) for x in text.split(",") if x)
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 class _Headers:
@@ -87,7 +82,7 @@ def _producer(path: Path, name: str, transform: str, dtype_out: str) -> Callable
 
 def _checked_source(row: Mapping[str, Any], headers: _Headers) -> tuple[Path, int, TensorEntry]:
     """The row's source file and header entry, checked against what validation planned."""
-    shape = _shape(row["shape"])
+    shape = shape_of(row["shape"])
     path = headers.path(row["source"], row["source_file"])
     start, entry = headers.entry(path, row["source_name"])
     if entry.shape != shape or entry.dtype != row["dtype_in"]:
@@ -106,7 +101,7 @@ def _part_tensor(row: Mapping[str, Any], headers: _Headers) -> Any:
     import torch
 
     if row["transform"] == "zeros":
-        return torch.zeros(_shape(row["shape"]), dtype=getattr(torch, TORCH_NAME[row["dtype_out"]]))
+        return torch.zeros(shape_of(row["shape"]), dtype=getattr(torch, TORCH_NAME[row["dtype_out"]]))
     path, _, _ = _checked_source(row, headers)
     return _apply(row["transform"], _load(path, row["source_name"]), row["dtype_out"])
 
@@ -118,8 +113,8 @@ def _concat_producer(parts: list[Mapping[str, Any]], headers: _Headers) -> Calla
     return lambda: _tensor_bytes(torch.cat([_part_tensor(p, headers) for p in parts], dim=dim).contiguous())
 
 
-def _concat_shape(parts: list[Mapping[str, Any]]) -> tuple[int, ...]:
-    shapes = [_shape(p["shape"]) for p in parts]
+def _concatshape_of(parts: list[Mapping[str, Any]]) -> tuple[int, ...]:
+    shapes = [shape_of(p["shape"]) for p in parts]
     dim = int(parts[0]["concat_dim"])
     out = list(shapes[0])
     out[dim] = sum(s[dim] for s in shapes)
@@ -129,8 +124,8 @@ def _concat_shape(parts: list[Mapping[str, Any]]) -> tuple[int, ...]:
 def _out_tensor(parts: list[Mapping[str, Any]], headers: _Headers) -> OutTensor:
     """One output tensor from its plan rows: streamed, zero-filled, computed, or concatenated."""
     row = parts[0]
-    shape = _concat_shape(parts) if len(parts) > 1 else _shape(row["shape"])
-    nbytes = _numel(shape) * ITEMSIZE[row["dtype_out"]]
+    shape = _concatshape_of(parts) if len(parts) > 1 else shape_of(row["shape"])
+    nbytes = math.prod(shape) * ITEMSIZE[row["dtype_out"]]
     name, dtype = row["target_name"], row["dtype_out"]
     if len(parts) > 1:
         for part in parts:
