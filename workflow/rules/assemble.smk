@@ -16,6 +16,9 @@ rule assemble:
         lock=protected("results/{merge}/model/moeforge.lock.json"),
     log:
         "logs/{merge}/assemble.log",
+    # Wall time and peak memory of every job: what a cluster profile should ask for.
+    benchmark:
+        "results/{merge}/benchmarks/assemble.tsv"
     resources:
         mem_mb=1000,
         runtime=60,

@@ -10,6 +10,9 @@ rule gates:
         stats="results/{merge}/gates.json",
     log:
         "logs/{merge}/gates.log",
+    # Wall time and peak memory of every job: what a cluster profile should ask for.
+    benchmark:
+        "results/{merge}/benchmarks/gates.tsv"
     # The one compute-bound job: forward passes of the base model, one layer at a time.
     threads: 4
     resources:

@@ -12,6 +12,8 @@ rule layer_shard:
         shard=lambda wc: f"layer-{wc.layer}",
     log:
         "logs/{merge}/shards/layer-{layer}.log",
+    benchmark:
+        "results/{merge}/benchmarks/layer-{layer}.tsv"
     resources:
         mem_mb=shard_mem_mb,
         runtime=60,
@@ -31,6 +33,8 @@ rule globals_shard:
         shard="globals",
     log:
         "logs/{merge}/shards/globals.log",
+    benchmark:
+        "results/{merge}/benchmarks/globals.tsv"
     resources:
         mem_mb=shard_mem_mb,
         runtime=60,

@@ -28,6 +28,9 @@ rule smoke_test:
         max_new_tokens=config.get("smoke", {}).get("max_new_tokens", 16),
     log:
         "logs/{merge}/smoke_test.log",
+    # Wall time and peak memory of every job: what a cluster profile should ask for.
+    benchmark:
+        "results/{merge}/benchmarks/smoke_test.tsv"
     resources:
         mem_mb=model_mem_mb,
         runtime=60,

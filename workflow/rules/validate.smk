@@ -12,6 +12,9 @@ checkpoint validate:
         refs=lambda wc: {ref: f"resources/models/{slug(ref)}/meta" for ref in RECIPES[wc.merge].source_models},
     log:
         "logs/{merge}/validate.log",
+    # Wall time and peak memory of every job: what a cluster profile should ask for.
+    benchmark:
+        "results/{merge}/benchmarks/validate.tsv"
     resources:
         mem_mb=2000,
         runtime=10,
