@@ -8,6 +8,7 @@ them. PNGs are written without the Software metadata entry, so a rerun gives ide
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +79,10 @@ def plot_gate_similarity(gates_json: dict[str, Any], out_png: Path) -> None:
             ax.set_title(f"layer {layer['layer']}", fontsize=8)
         for ax in list(axes.flat)[len(layers):]:
             ax.set_axis_off()
-        fig.suptitle("gate cosine similarity (rows and columns: experts)", fontsize=9)
+        names = gates_json.get("experts") or []
+        legend = textwrap.fill(", ".join(f"{i}: {name}" for i, name in enumerate(names)), width=28 * cols)
+        fig.suptitle("gate cosine similarity (rows and columns: experts)" + (f"\n{legend}" if legend else ""),
+                     fontsize=8)
         fig.colorbar(image, ax=axes, shrink=0.8, label="cosine")
         _save(fig, Path(out_png))
 
