@@ -41,6 +41,10 @@ REMOTE_RULES = {"validate", "gates", "globals_shard", "layer_shard", "assemble",
 # idle private cluster a 2 s check keeps the test short. MinJobAge=600 in cluster.sh's slurm.conf
 # keeps finished jobs visible to squeue, so the plugin's squeue status command stays in use.
 FAST_POLLING = ["--slurm-init-seconds-before-status-checks", "2", "--seconds-between-status-checks", "2"]
+# The private cluster's one node has this machine's CPUs; a job asking for more (gates declares 4
+# threads) would be rejected, as on any site whose nodes are smaller than a rule's threads.
+NODE_CPUS = str(len(os.sched_getaffinity(0)))
+ON_THIS_NODE = ["--max-threads", NODE_CPUS]
 RUN_TIMEOUT = 900
 
 SUBMITTED = re.compile(r"Job (\S+) has been submitted with SLURM jobid (\d+) \(log: (.+?)\)\.")
@@ -196,7 +200,7 @@ def local_build(tmp_path_factory: pytest.TempPathFactory) -> Run:
 def slurm_build(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Run:
     """The demo built through SLURM with the shipped profile (SLURM logs kept for the checks)."""
     wd = workdir(tmp_path_factory.mktemp("slurm"))
-    run = snakemake(wd, [TARGET], ["--executor", "slurm", "--workflow-profile", str(PROFILE),
+    run = snakemake(wd, [TARGET], ["--executor", "slurm", "--workflow-profile", str(PROFILE), *ON_THIS_NODE,
                                    *FAST_POLLING, "--slurm-keep-successful-logs"], env=cluster.env)
     assert run.returncode == 0, run.log[-6000:]
     return run
@@ -273,13 +277,13 @@ def test_grouped_layer_shards_share_one_allocation(cluster: Cluster, local_build
                                                    tmp_path_factory: pytest.TempPathFactory) -> None:
     """The profile's grouping recipe: all layer shards in one SLURM job, same bytes.
 
-    `--cores 2` caps the group's allocation at this node's CPUs; without it the group asks for the
+    `--cores` caps the group's allocation at this node's CPUs; without it the group asks for the
     sum of its jobs' threads and waits forever for a node that large.
     """
     wd = workdir(tmp_path_factory.mktemp("grouped"))
-    run = snakemake(wd, [LOCK], ["--executor", "slurm", "--workflow-profile", str(PROFILE), *FAST_POLLING,
-                                 "--groups", "layer_shard=shards", "--group-components", "shards=8",
-                                 "--cores", "2"], env=cluster.env)
+    run = snakemake(wd, [LOCK], ["--executor", "slurm", "--workflow-profile", str(PROFILE), *ON_THIS_NODE,
+                                 *FAST_POLLING, "--groups", "layer_shard=shards", "--group-components", "shards=8",
+                                 "--cores", NODE_CPUS], env=cluster.env)
     assert run.returncode == 0, run.log[-6000:]
     logs = [str(path) for _, path in submissions(run.log).values()]
     grouped = [p for p in logs if "/group_shards_layer_shard/" in p]
