@@ -177,3 +177,24 @@ def test_transformers4_loads_with_same_logits(tmp_path, models, tf4_python):
     result = build(tmp_path, recipe_for(scaled, [scaled] * 3))
     diff = (tf4_logits(tf4_python, result.model_dir, IDS) - dense_logits(scaled)).abs().max().item()
     assert diff < 1e-5, f"transformers 4.x max |dlogit| = {diff}"
+
+
+def test_identity_check_in_bfloat16(tmp_path, models):
+    """Big models are smoke-tested in their own 16-bit dtype: the identity check still holds, and
+    still catches a wrong rope theta."""
+    from moeforge.errors import BuildError
+    from moeforge.smoke import SmokeOptions, run_smoke
+
+    base = models["base"]
+    result = build(tmp_path, recipe_for(base, [base] * 3, dtype="bfloat16"))
+    opts = SmokeOptions(prompts=["The cook adds salt", "def main():"], max_new_tokens=4, identity=True,
+                        dtype="bfloat16")
+    report = run_smoke(result.model_dir, base, opts)
+    assert report["passed"] and report["comparison"]["top1_agreement"] > 0.9
+    config_path = result.model_dir / "config.json"
+    config_path.chmod(0o644)
+    config = json.loads(config_path.read_text())
+    config["rope_theta"] = config["rope_parameters"]["rope_theta"] = 1e6
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(BuildError, match="identity mismatch.*in bfloat16"):
+        run_smoke(result.model_dir, base, opts)

@@ -59,7 +59,22 @@ def is_identity_build(plan: Mapping[str, Any]) -> bool:
                and e["residual_scale"] in (None, 1.0) for e in experts) and not recipe["shared_experts"]
 
 
-def smoke_options(plan: Mapping[str, Any], device: str, max_new_tokens: int) -> Any:
+#: Above this float32 footprint the smoke test runs in the model's own dtype ("auto").
+FLOAT32_SMOKE_LIMIT = 8 << 30
+
+
+def smoke_dtype(plan: Mapping[str, Any], requested: str) -> str:
+    """float32 when it fits comfortably (exact identity check), else the model's 16-bit dtype."""
+    if requested != "auto":
+        return requested
+    from moeforge.safetensors_io import ITEMSIZE, TORCH_NAME
+
+    size = sum(plan["shard_bytes"].values())
+    itemsize = ITEMSIZE[plan["dtype_out"]]
+    return "float32" if size * 4 // itemsize <= FLOAT32_SMOKE_LIMIT else TORCH_NAME[plan["dtype_out"]]
+
+
+def smoke_options(plan: Mapping[str, Any], device: str, max_new_tokens: int, dtype: str = "auto") -> Any:
     from moeforge.smoke import SmokeOptions
 
     recipe = plan["recipe"]
@@ -67,19 +82,19 @@ def smoke_options(plan: Mapping[str, Any], device: str, max_new_tokens: int) -> 
     prompts = list(recipe["smoke_prompts"]) or [p for ps in expert_prompts.values() for p in ps] \
         or ["The quick brown fox", "Once upon a time"]
     return SmokeOptions(prompts=prompts, max_new_tokens=recipe["max_new_tokens"] or max_new_tokens,
-                        device=device, identity=is_identity_build(plan),
+                        device=device, identity=is_identity_build(plan), dtype=smoke_dtype(plan, dtype),
                         expert_prompts={k: v for k, v in expert_prompts.items() if v},
                         expert_names=[e["name"] for e in recipe["experts"]])
 
 
 def smoke_stage(model_dir: Path, plan_json: Path, gates_json: Path, translation_json: Path, base_weights: Path, *,
-                device: str,
+                device: str, dtype: str = "auto",
                 max_new_tokens: int, out_json: Path, out_md: Path, load_png: Path, similarity_png: Path) -> dict:
     from moeforge.plots import plot_expert_load, plot_gate_similarity
     from moeforge.smoke import run_smoke, write_report
 
     plan = json.loads(plan_json.read_text())
-    report = run_smoke(model_dir, _weights_dir(base_weights), smoke_options(plan, device, max_new_tokens))
+    report = run_smoke(model_dir, _weights_dir(base_weights), smoke_options(plan, device, max_new_tokens, dtype))
     translation = json.loads(translation_json.read_text())
     report["build"] = {"merge": plan["merge"], "output_family": plan["output_family"],
                        "warnings": plan["warnings"], "decisions": plan["decisions"],

@@ -4,7 +4,9 @@ import re
 
 from moeforge.errors import MoeforgeError
 from moeforge.recipe import check_merge_name, load_recipe
+from moeforge.safetensors_io import ITEMSIZE
 from moeforge.sources import parse_ref
+from moeforge.stages import smoke_dtype
 
 
 def _load_recipes():
@@ -94,11 +96,15 @@ def shard_mem_mb(wildcards, input, attempt):
     return int(500 + 2 * size / 2**20 / max(1, plan["num_experts"] if plan else 1)) * attempt
 
 
-def model_mem_mb(wildcards, input, attempt):
-    """Jobs that load the whole merged model (smoke test): its size, in float32, plus the runtime."""
+def smoke_mem_mb(wildcards, input, attempt):
+    """The smoke test holds one model at a time, in float32 or its own dtype (see smoke_dtype)."""
     plan = _plan_beside(input.plan)
-    size = sum(plan["shard_bytes"].values()) if plan else 0
-    return int(2000 + 3 * size / 2**20) * attempt
+    if not plan:
+        return 2000 * attempt
+    size = sum(plan["shard_bytes"].values())
+    dtype = smoke_dtype(plan, config.get("smoke", {}).get("dtype", "auto"))
+    loaded = size * (4 if dtype == "float32" else 2) // ITEMSIZE[plan["dtype_out"]]
+    return int(2000 + 1.5 * loaded / 2**20) * attempt
 
 
 def layer_mem_mb(wildcards, input, attempt):

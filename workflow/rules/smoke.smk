@@ -26,13 +26,14 @@ rule smoke_test:
     params:
         device=config.get("smoke", {}).get("device", "cpu"),
         max_new_tokens=config.get("smoke", {}).get("max_new_tokens", 16),
+        dtype=config.get("smoke", {}).get("dtype", "auto"),
     log:
         "logs/{merge}/smoke_test.log",
     # Wall time and peak memory of every job: what a cluster profile should ask for.
     benchmark:
         "results/{merge}/benchmarks/smoke_test.tsv"
     resources:
-        mem_mb=model_mem_mb,
+        mem_mb=smoke_mem_mb,
         runtime=60,
     conda:
         "../../envs/moeforge.yaml"

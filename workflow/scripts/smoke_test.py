@@ -8,7 +8,7 @@ from moeforge.stages import smoke_stage
 def main(s):
     smoke_stage(Path(s.input.lock).parent, Path(s.input.plan), Path(s.input.gates), Path(s.input.translation),
                 Path(s.input.base_weights),
-                device=s.params.device, max_new_tokens=s.params.max_new_tokens,
+                device=s.params.device, dtype=s.params.dtype, max_new_tokens=s.params.max_new_tokens,
                 out_json=Path(s.output.json), out_md=Path(s.output.md),
                 load_png=Path(s.output.load), similarity_png=Path(s.output.similarity))
 
