@@ -198,3 +198,31 @@ def test_identity_check_in_bfloat16(tmp_path, models):
     config_path.write_text(json.dumps(config))
     with pytest.raises(BuildError, match="identity mismatch.*in bfloat16"):
         run_smoke(result.model_dir, base, opts)
+
+
+def test_class_check_refuses_a_plan_without_attention(tmp_path, models):
+    """Report 1's class, caught before any weight is written: a plan missing attention or norm
+    tensors does not match the installed transformers Mixtral class."""
+    from moeforge.architectures import output_family_for
+    from moeforge.classcheck import check_plan_against_class
+    from moeforge.errors import BuildError
+    from moeforge.plan import planned_shapes
+    from moeforge.translate import build_config
+    from pipeline import plan_only
+    import pandas as pd
+
+    plan = plan_only(tmp_path, recipe_for(models["base"], [models["e0"], models["e1"]]))
+    frame = pd.read_csv(tmp_path / "results/m/plan.tensors.tsv", sep="\t", dtype=str, keep_default_na=False)
+    frame = frame.astype({"part": int, "concat_dim": int})
+    config, _ = build_config(plan, json.loads((models["base"] / "config.json").read_text()))
+    out = output_family_for("mixtral")
+    planned = planned_shapes(frame)
+    summary = check_plan_against_class(planned, config, out, plan["num_layers"], plan["num_experts"])
+    assert summary["tensors"] == 3 + 9 * plan["num_layers"]  # fused in 5.x: router, gate_up, down per layer
+    assert "fused" in summary["layout_compared"]
+    crippled = {k: v for k, v in planned.items() if "self_attn" not in k and "layernorm" not in k}
+    with pytest.raises(BuildError, match=r"tensor\(s\) the class needs are not planned: .*self_attn"):
+        check_plan_against_class(crippled, config, out, plan["num_layers"], plan["num_experts"])
+    wrong = dict(planned, **{"model.layers.0.block_sparse_moe.gate.weight": (3, 64)})
+    with pytest.raises(BuildError, match="shape mismatch"):
+        check_plan_against_class(wrong, config, out, plan["num_layers"], plan["num_experts"])
