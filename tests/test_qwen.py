@@ -189,3 +189,25 @@ def test_transformers4_loads_qwen_moe(tmp_path, zoo, key, tf4_python):
     q = zoo[key]
     result = build(tmp_path, recipe(q, [(q, {})] * 2))
     assert (tf4_logits(tf4_python, result.model_dir, IDS) - dense_logits(q)).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("key", ["qwen2", "qwen3"])
+def test_smoke_stage_passes_on_qwen_outputs(tmp_path, zoo, key):
+    """The pipeline's smoke stage on Qwen2-MoE / Qwen3-MoE identity builds: passes, with the numbers."""
+    from moeforge.stages import smoke_stage
+
+    q = zoo[key]
+    prompts = {"positive_prompts": ["def main():", "The oven is hot"]}
+    result = build(tmp_path, recipe(q, [(q, prompts), (q, {"positive_prompts": ["Solve for x"]})],
+                                    gate_mode="router_input"))
+    out = tmp_path / "smoke"
+    weights = result.meta[str(q)].parent / "weights.json"
+    report = smoke_stage(result.model_dir, result.model_dir.parent / "plan.json",
+                         result.model_dir.parent / "gates.json", result.model_dir.parent / "config/translation.json",
+                         weights, device="cpu", max_new_tokens=4, out_json=out / "r.json", out_md=out / "r.md",
+                         load_png=out / "l.png", similarity_png=out / "s.png")
+    assert report["passed"] and report["options"]["identity"] is True
+    assert report["comparison"]["max_abs_logit_diff"] < 1e-4
+    layers = report["routing"]["layers"]
+    assert len(layers) == result.plan["num_layers"]
+    assert all(abs(sum(layer["load_share"]) - 1) < 1e-4 for layer in layers)
