@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any, Mapping
 
 
-
 def _weights_dir(weights_json: Path) -> Path:
     return Path(json.loads(weights_json.read_text())["dir"])
 
@@ -53,10 +52,10 @@ def gates_for_plan(plan_json: Path, base_weights: Path, out_tensors: Path, out_s
 def is_identity_build(plan: Mapping[str, Any]) -> bool:
     """Every expert is the base, unmodified: the MoE must then compute exactly the base model."""
     recipe = plan["recipe"]
-    experts = recipe["experts"] + recipe["shared_experts"]
     rope_changed = plan["base_params"]["rope"]["scaling"] is not None and recipe["rope_scaling"] != "preserve"
-    return not rope_changed and all(e["source_model"] == recipe["base_model"] and not e["noise_scale"]
-               and e["residual_scale"] in (None, 1.0) for e in experts) and not recipe["shared_experts"]
+    unmodified = all(e["source_model"] == recipe["base_model"] and not e["noise_scale"]
+                     and e["residual_scale"] in (None, 1.0) for e in recipe["experts"])
+    return unmodified and not rope_changed and not recipe["shared_experts"]
 
 
 #: Above this float32 footprint the smoke test runs in the model's own dtype ("auto").
