@@ -17,9 +17,8 @@ import yaml
 from safetensors import safe_open
 
 from moeforge.assemble import assemble
-from moeforge.plan import read_plan_rows
-from moeforge.shards import weight_dirs_from, write_shard
-from moeforge.sources import fetch_metadata, fetch_weights, parse_ref
+from moeforge.shards import read_rows, weight_dirs_from, write_shard
+from moeforge.sources import fetch_metadata, fetch_weights, hash_weights, parse_ref
 from moeforge.stages import gates_for_plan
 from moeforge.translate import translate
 from moeforge.validate import validate_merge
@@ -66,24 +65,26 @@ def build(root: Path, recipe: dict[str, Any], merge: str = "m") -> Build:
     meta = {ref: root / "resources" / parse_ref(ref).slug / "meta" for ref in
             [recipe["base_model"], *(e["source_model"] for e in recipe["experts"]),
              *(e["source_model"] for e in recipe.get("shared_experts", []))]}
-    weights = []
+    weights, hashes = [], []
     for ref, meta_dir in meta.items():
-        record = meta_dir.parent / "weights.json"
+        record, hashed = meta_dir.parent / "weights.json", meta_dir.parent / "weights.sha256.json"
         if not record.exists():
             fetch_weights(meta_dir / "source.json", record)
+            hash_weights(meta_dir / "source.json", record, hashed)
         weights.append(record)
-    weights = list(dict.fromkeys(weights))
+        hashes.append(hashed)
+    weights, hashes = list(dict.fromkeys(weights)), list(dict.fromkeys(hashes))
     base_weights = meta[recipe["base_model"]].parent / "weights.json"
     gates_for_plan(out / "plan.json", base_weights, out / "gates.safetensors", out / "gates.json")
     dirs = weight_dirs_from(weights)
-    shards = []
+    shards, digests = [], []
     for shard in plan["shards"]:
         path = out / "shards" / f"{shard}.safetensors"
-        write_shard(read_plan_rows(out / "plan.tensors.tsv", shard), dirs,
-                    out / "gates.safetensors" if shard != "globals" else None, path)
+        digests.append(write_shard(read_rows(out / "plan.tensors.tsv", shard), dirs,
+                                   out / "gates.safetensors" if shard != "globals" else None, path))
         shards.append(path)
     translate(out / "plan.json", meta[recipe["base_model"]], out / "config")
-    assemble(out / "plan.json", shards, out / "config", meta[recipe["base_model"]], weights, out / "model")
+    assemble(out / "plan.json", shards, digests, out / "config", meta[recipe["base_model"]], hashes, out / "model")
     return Build(root=root, plan=plan, model_dir=out / "model", meta=meta)
 
 

@@ -38,18 +38,20 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copyfile(src, dst)
 
 
-def place_shards(shards: Sequence[Path], out_dir: Path) -> dict[str, Any]:
-    """Put shard files in place under Hub names and build model.safetensors.index.json."""
+def place_shards(shards: Sequence[Path], out_dir: Path) -> tuple[dict[str, Any], list[str]]:
+    """Put shard files in place under Hub names; returns model.safetensors.index.json and the names."""
     weight_map: dict[str, str] = {}
+    names = []
     total = 0
     for i, shard in enumerate(shards, start=1):
         name = shard_name(i, len(shards))
+        names.append(name)
         _link_or_copy(shard, out_dir / name)
         _, entries = read_header(shard)
         for entry in entries.values():
             weight_map[entry.name] = name
             total += entry.nbytes
-    return {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    return {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, names
 
 
 def library_versions() -> dict[str, str | None]:
@@ -85,8 +87,8 @@ def model_card(plan: Mapping[str, Any], translation: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _sources_lock(plan: Mapping[str, Any], weights: Sequence[Path]) -> dict[str, Any]:
-    records = {json.loads(Path(w).read_text())["slug"]: json.loads(Path(w).read_text()) for w in weights}
+def _sources_lock(plan: Mapping[str, Any], hashes: Sequence[Path]) -> dict[str, Any]:
+    records = {record["slug"]: record for record in (json.loads(Path(h).read_text()) for h in hashes)}
     out = {}
     for slug, src in plan["sources"].items():
         files = records.get(slug, {}).get("files", [])
@@ -96,13 +98,17 @@ def _sources_lock(plan: Mapping[str, Any], weights: Sequence[Path]) -> dict[str,
     return out
 
 
-def assemble(plan_json: Path, shards: Sequence[Path], config_dir: Path, base_meta: Path,
-             weights: Sequence[Path], out_dir: Path) -> dict[str, Any]:
-    """Build out_dir atomically; returns the lock record."""
+def assemble(plan_json: Path, shards: Sequence[Path], shard_digests: Sequence[str], config_dir: Path,
+             base_meta: Path, hashes: Sequence[Path], out_dir: Path) -> dict[str, Any]:
+    """Build out_dir atomically; returns the lock record.
+
+    `shard_digests` are the shards' sha256 as their jobs computed them; `hashes` are the
+    weights.sha256.json records of the sources.
+    """
     plan = json.loads(plan_json.read_text())
     translation = json.loads((config_dir / "translation.json").read_text())
     with atomic_dir(out_dir) as tmp:
-        index = place_shards(shards, tmp)
+        index, names = place_shards(shards, tmp)
         write_json(tmp / "model.safetensors.index.json", index)
         for name in ("config.json", "generation_config.json"):
             shutil.copyfile(config_dir / name, tmp / name)
@@ -110,10 +116,11 @@ def assemble(plan_json: Path, shards: Sequence[Path], config_dir: Path, base_met
             if (base_meta / name).is_file():
                 shutil.copyfile(base_meta / name, tmp / name)
         write_text(tmp / "README.md", model_card(plan, translation))
-        files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        known = dict(zip(names, shard_digests, strict=True))
+        files = {p.name: known.get(p.name) or sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         lock = {"moeforge_lock_version": 1, "merge": plan["merge"], "recipe": plan["recipe"],
                 "seed": plan["recipe"]["seed"], "output_family": plan["output_family"],
-                "sources": _sources_lock(plan, weights), "libraries": library_versions(), "files": files}
+                "sources": _sources_lock(plan, hashes), "libraries": library_versions(), "files": files}
         (tmp / LOCK_NAME).write_text(dumps_json(lock))
         for path in tmp.iterdir():
             path.chmod(0o444)

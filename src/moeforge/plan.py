@@ -241,9 +241,10 @@ def _zeros_row(target: str, shard: str, shape: tuple[int, ...], dtype_out: str) 
 
 
 def _gates_row(target: str, shard: str, name: str, shape: tuple[int, ...], dtype_out: str) -> dict[str, Any]:
+    # The gates rule writes routers in the output dtype: these rows are plain byte copies.
     return {"target_name": target, "part": 0, "concat_dim": 0, "shard": shard, "source": GATES_SOURCE,
-            "source_name": name, "source_file": "gates.safetensors", "dtype_in": "F32", "dtype_out": dtype_out,
-            "shape": ",".join(map(str, shape)), "transform": _transform("F32", dtype_out, [])}
+            "source_name": name, "source_file": "gates.safetensors", "dtype_in": dtype_out, "dtype_out": dtype_out,
+            "shape": ",".join(map(str, shape)), "transform": "copy"}
 
 
 def _mlp_ops(expert: ExpertSpec, role: str, target: str, seed: int, extra_scale: float = 1.0) -> list[str]:
@@ -451,6 +452,3 @@ def write_plan(plan: Mapping[str, Any], frame: pd.DataFrame, plan_json: Path, pl
     write_json(plan_json, plan)
 
 
-def read_plan_rows(plan_tsv: Path, shard: str | None = None) -> pd.DataFrame:
-    frame = pd.read_csv(plan_tsv, sep="\t", dtype=str, keep_default_na=False).astype({"part": int, "concat_dim": int})
-    return frame if shard is None else frame[frame["shard"] == shard]

@@ -9,14 +9,14 @@ such a row exists, which keeps pure-copy jobs fast to start.
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-import pandas as pd
-
 from moeforge.errors import BuildError
+from moeforge.fileio import sha256_file
 from moeforge.safetensors_io import ITEMSIZE, TORCH_NAME, OutTensor, TensorEntry, read_header, write_safetensors
 
 GATES_SOURCE = "gates"
@@ -141,21 +141,31 @@ def _out_tensor(parts: list[Mapping[str, Any]], headers: _Headers) -> OutTensor:
                      produce=_producer(path, row["source_name"], row["transform"], dtype))
 
 
-def write_shard(rows: pd.DataFrame, weight_dirs: Mapping[str, Path], gates_path: Path | None, out: Path) -> int:
-    """Write one shard file from its plan rows; returns the number of tensors written."""
-    if rows.empty:
+def read_rows(plan_tsv: Path, shard: str) -> list[dict[str, str]]:
+    """One shard's rows of plan.tensors.tsv, in plan order (csv: no pandas in a shard job)."""
+    with open(plan_tsv, newline="") as fh:
+        return [row for row in csv.DictReader(fh, delimiter="\t") if row["shard"] == shard]
+
+
+def write_shard(rows: list[dict[str, str]], weight_dirs: Mapping[str, Path], gates_path: Path | None,
+                out: Path) -> str:
+    """Write one shard file from its plan rows; returns its sha256.
+
+    The file is hashed here, right after it is written (from the page cache, in parallel with
+    the other shard jobs), so assembly need not read the whole model again for the lock file.
+    """
+    if not rows:
         raise BuildError("no plan rows for this shard", str(out), "rerun the validate step")
     dirs = dict(weight_dirs)
     if gates_path is not None:
         dirs[GATES_SOURCE] = gates_path.parent
     headers = _Headers(dirs)
     grouped: dict[str, list[Mapping[str, Any]]] = {}
-    for row in rows.to_dict("records"):
+    for row in rows:
         grouped.setdefault(row["target_name"], []).append(row)
     tensors = [_out_tensor(sorted(parts, key=lambda p: int(p["part"])), headers) for parts in grouped.values()]
-    out.parent.mkdir(parents=True, exist_ok=True)
     write_safetensors(out, tensors, {"format": "pt"})
-    return len(tensors)
+    return sha256_file(out)
 
 
 def weight_dirs_from(records: list[Path]) -> dict[str, Path]:

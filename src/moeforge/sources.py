@@ -242,23 +242,43 @@ def weights_dir(source: dict[str, Any], meta_dir: Path) -> Path:
 
 
 def fetch_weights(source_json: Path, out_json: Path) -> dict[str, Any]:
-    """Download (hub) or locate (local) the weights and record where they are, with sha256."""
+    """Download (hub) or locate (local) the weights; record where they are and their sizes.
+
+    Hashing is a separate step (``hash_weights``) that only assembly waits for, so reading
+    every input once more for its sha256 never delays the shard jobs.
+    """
     source = json.loads(source_json.read_text())
     directory = weights_dir(source, source_json.parent)
-    known = {f["name"]: f["sha256"] for f in source["files"]}
     files = []
     for name in source["weight_files"]:
         path = directory / name
         if not path.is_file():
             raise FetchError(f"weight file {name} is missing", str(directory), "re-download the model")
-        digest = known.get(name) or sha256_file(path)
-        files.append({"name": name, "size": path.stat().st_size, "sha256": digest})
+        files.append({"name": name, "size": path.stat().st_size})
     record = {"slug": source["slug"], "dir": str(directory), "files": files}
     write_json(out_json, record)
     return record
 
 
-def redact_token(text: str) -> str:
-    """Remove the Hub token from text that may be shown or stored."""
-    token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
-    return text.replace(token, "<redacted>") if token else text
+def _known_sha256(path: Path, recorded: str | None) -> str | None:
+    """A sha256 that needs no read: the Hub's LFS record, or the HF cache blob the file links to."""
+    if recorded:
+        return recorded
+    if path.is_symlink():
+        blob = Path(os.readlink(path)).name
+        if re.fullmatch(r"[0-9a-f]{64}", blob):
+            return blob
+    return None
+
+
+def hash_weights(source_json: Path, weights_json: Path, out_json: Path) -> dict[str, Any]:
+    """sha256 of every weight file, for the lock file: known hashes reused, the rest computed."""
+    source = json.loads(source_json.read_text())
+    record = json.loads(weights_json.read_text())
+    recorded = {f["name"]: f["sha256"] for f in source["files"]}
+    directory = Path(record["dir"])
+    files = [{**f, "sha256": _known_sha256(directory / f["name"], recorded.get(f["name"]))
+              or sha256_file(directory / f["name"])} for f in record["files"]]
+    hashed = {"slug": record["slug"], "files": files}
+    write_json(out_json, hashed)
+    return hashed

@@ -10,6 +10,8 @@ import json
 from pathlib import Path
 from typing import Any, Mapping
 
+from moeforge.safetensors_io import TORCH_NAME
+
 
 def _weights_dir(weights_json: Path) -> Path:
     return Path(json.loads(weights_json.read_text())["dir"])
@@ -46,7 +48,10 @@ def gates_for_plan(plan_json: Path, base_weights: Path, out_tensors: Path, out_s
     torch.set_num_threads(max(1, threads))
     plan = json.loads(plan_json.read_text())
     tensors, stats = compute_gates(_weights_dir(base_weights), gate_spec(plan), progress=False)
-    write_gates(tensors, stats, out_tensors, out_stats)
+    # Stored in the output dtype, so shard jobs copy router bytes as they are (no torch there);
+    # gates.json's statistics are computed in float32 before this cast.
+    dtype = getattr(torch, TORCH_NAME[plan["dtype_out"]])
+    write_gates({name: t.to(dtype) for name, t in tensors.items()}, stats, out_tensors, out_stats)
 
 
 def is_identity_build(plan: Mapping[str, Any]) -> bool:

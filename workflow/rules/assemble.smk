@@ -5,10 +5,11 @@ rule assemble:
     input:
         plan="results/{merge}/plan.json",
         shards=all_shards,
+        digests=all_shard_digests,
         config="results/{merge}/config/config.json",
         translation="results/{merge}/config/translation.json",
         base_meta=lambda wc: f"resources/models/{base_slug(wc)}/meta",
-        weights=weight_records,
+        hashes=weight_hashes,
     output:
         # The lock file marks a complete model directory: assemble builds the directory under a
         # temporary name and renames it into place whole, lock included (no .snakemake_timestamp

@@ -55,6 +55,10 @@ def plans_using(wildcards):
             if wildcards.slug in {slug(ref) for ref in r.source_models}]
 
 
+def weight_hashes(wildcards):
+    return [f"resources/models/{s}/weights.sha256.json" for s in merge_slugs(wildcards)]
+
+
 def base_slug(wildcards):
     return slug(RECIPES[wildcards.merge].base_model)
 
@@ -80,6 +84,10 @@ def layer_shards(wildcards):
 
 def all_shards(wildcards):
     return [f"results/{wildcards.merge}/shards/globals.safetensors"] + layer_shards(wildcards)
+
+
+def all_shard_digests(wildcards):
+    return [path.replace(".safetensors", ".sha256") for path in all_shards(wildcards)]
 
 
 def _plan_beside(path):

@@ -37,3 +37,20 @@ rule fetch_weights:
         "../../envs/moeforge.yaml"
     script:
         "../scripts/fetch_weights.py"
+
+
+rule hash_weights:
+    input:
+        meta="resources/models/{slug}/meta",
+        weights="resources/models/{slug}/weights.json",
+    output:
+        "resources/models/{slug}/weights.sha256.json",
+    log:
+        "logs/hash_weights/{slug}.log",
+    resources:
+        mem_mb=500,
+        runtime=120,
+    conda:
+        "../../envs/moeforge.yaml"
+    script:
+        "../scripts/hash_weights.py"

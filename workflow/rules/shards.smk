@@ -7,7 +7,8 @@ rule layer_shard:
         weights=weight_records,
         gates="results/{merge}/gates.safetensors",
     output:
-        temp("results/{merge}/shards/layer-{layer}.safetensors"),
+        shard=temp("results/{merge}/shards/layer-{layer}.safetensors"),
+        digest=temp("results/{merge}/shards/layer-{layer}.sha256"),
     params:
         shard=lambda wc: f"layer-{wc.layer}",
     log:
@@ -28,7 +29,8 @@ rule globals_shard:
         tensors="results/{merge}/plan.tensors.tsv",
         weights=weight_records,
     output:
-        temp("results/{merge}/shards/globals.safetensors"),
+        shard=temp("results/{merge}/shards/globals.safetensors"),
+        digest=temp("results/{merge}/shards/globals.sha256"),
     params:
         shard="globals",
     log:
