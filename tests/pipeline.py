@@ -21,7 +21,7 @@ from moeforge.shards import read_rows, weight_dirs_from, write_shard
 from moeforge.sources import fetch_metadata, fetch_weights, hash_weights, parse_ref
 from moeforge.stages import gates_for_plan
 from moeforge.translate import translate
-from moeforge.validate import validate_merge
+from moeforge.validate import check_plan, validate_merge
 
 
 @dataclass
@@ -55,7 +55,10 @@ def plan_only(root: Path, recipe: dict[str, Any], merge: str = "m") -> dict[str,
             *(e["source_model"] for e in recipe.get("shared_experts", []))]
     meta = fetch_all(root, refs)
     out = root / "results" / merge
-    return validate_merge(merge, recipe_path, meta, out / "plan.json", out / "plan.tensors.tsv")
+    plan = validate_merge(merge, recipe_path, meta, out / "plan.json", out / "plan.tensors.tsv")
+    plan["class_check"] = check_plan(out / "plan.json", out / "plan.tensors.tsv", meta[recipe["base_model"]],
+                                     out / "class_check.json")
+    return plan
 
 
 def build(root: Path, recipe: dict[str, Any], merge: str = "m") -> Build:

@@ -20,7 +20,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from moeforge import layerwise
 from moeforge.errors import RecipeError
 from moeforge.fixtures import build_dense_model
-from moeforge.gates import GATE_MODES, ExpertPrompts, GateSpec, compute_gates, write_gates
+from moeforge.gates import ExpertPrompts, GateSpec, compute_gates, write_gates
+from moeforge.recipe import GATE_MODES
 from moeforge.layerwise import iter_layer_hidden_states, position_ids_for
 
 TOPICS = {

@@ -58,7 +58,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,49 +65,17 @@ import torch
 
 from .errors import ModelError, RecipeError
 from .fileio import dumps_json, write_bytes
-from .recipe import GATE_MODES, PROMPTLESS_GATE_MODES
+from .gatespec import PROMPTLESS_MODES, ExpertPrompts, GateSpec, named_groups, validate_spec
 from .layerwise import input_embeddings, iter_layer_hidden_states, load_config
 
-PROMPTLESS_MODES = PROMPTLESS_GATE_MODES
 HIDDEN_MODES = ("hidden", "hidden_last", "hidden_avg")
-TOKEN_REDUCTIONS = ("last", "mean")
-PROMPT_TEMPLATES = ("raw", "chat")
 DEGENERATE_COSINE = 0.99
 _ZERO_NORM = 1e-8
 _SIGNIFICANT_DIGITS = 6
 
+__all__ = ["ExpertPrompts", "GateSpec", "compute_gates", "validate_spec", "write_gates"]
+
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ExpertPrompts:
-    """One expert's prompts: which inputs should (positive) and should not (negative) route to it."""
-
-    name: str
-    positive: tuple[str, ...]
-    negative: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class GateSpec:
-    """Everything that decides the gate tensors (the recipe's gate settings).
-
-    ``token_reduction`` applies to ``router_input`` only (``last`` token or ``mean`` over real
-    tokens); ``prompt_template`` ``chat`` wraps each prompt in the base tokenizer's chat template
-    as one user turn; ``batch_size`` and ``device`` change speed and memory, not the result beyond
-    float rounding; ``strict_gates`` turns the degenerate-gate warning into an error.
-    """
-
-    mode: str
-    experts: tuple[ExpertPrompts, ...]
-    shared_experts: tuple[ExpertPrompts, ...] = ()
-    seed: int = 0
-    token_reduction: str = "last"
-    prompt_template: str = "raw"
-    router_scale: float | None = None
-    batch_size: int = 8
-    device: str = "cpu"
-    strict_gates: bool = False
 
 
 def compute_gates(base_dir: Path, spec: GateSpec, *, progress: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
@@ -128,61 +95,6 @@ def compute_gates(base_dir: Path, spec: GateSpec, *, progress: bool = True) -> t
     stats = _stats(spec, result, num_layers, hidden_size)
     _report_degenerate(spec, stats)
     return tensors, stats
-
-
-def validate_spec(spec: GateSpec) -> None:
-    """Reject settings that cannot produce gates, before anything is loaded."""
-    if spec.mode not in GATE_MODES:
-        raise RecipeError(
-            f"unknown gate_mode {spec.mode!r}", where="gate_mode", fix=f"use one of: {', '.join(GATE_MODES)}"
-        )
-    if not spec.experts:
-        raise RecipeError("the recipe has no experts", where="experts", fix="list at least one expert")
-    _check_choice(spec.token_reduction, TOKEN_REDUCTIONS, "token_reduction")
-    _check_choice(spec.prompt_template, PROMPT_TEMPLATES, "prompt_template")
-    if spec.batch_size < 1:
-        raise RecipeError(f"batch_size must be at least 1, got {spec.batch_size}", where="batch_size")
-    if spec.router_scale is not None:
-        _check_router_scale(spec)
-    if spec.mode not in PROMPTLESS_MODES:
-        for where, expert in _named_groups(spec):
-            if not expert.positive:
-                raise RecipeError(
-                    f"expert {expert.name!r} has no positive_prompts, which gate_mode {spec.mode!r} needs",
-                    where=where,
-                    fix="add positive_prompts to it, or use a gate_mode that needs none "
-                    f"({', '.join(PROMPTLESS_MODES)})",
-                )
-
-
-def _check_choice(value: str, choices: Sequence[str], key: str) -> None:
-    if value not in choices:
-        raise RecipeError(f"unknown {key} {value!r}", where=key, fix=f"use one of: {', '.join(choices)}")
-
-
-def _check_router_scale(spec: GateSpec) -> None:
-    scale = spec.router_scale
-    if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
-        raise RecipeError(f"router_scale must be a positive number, got {scale!r}", where="router_scale")
-    if spec.mode in PROMPTLESS_MODES:
-        raise RecipeError(
-            f"router_scale is calibrated on the prompts' router inputs; gate_mode {spec.mode!r} has none",
-            where="router_scale",
-            fix="remove router_scale, or use a prompt-based gate_mode",
-        )
-    if len(spec.experts) < 2:
-        raise RecipeError(
-            "router_scale needs at least two experts (it calibrates the spread of logits across experts)",
-            where="router_scale",
-            fix="remove router_scale",
-        )
-
-
-def _named_groups(spec: GateSpec) -> list[tuple[str, ExpertPrompts]]:
-    """Routed then shared experts, each with its recipe location for messages."""
-    routed = [(f"experts[{i}] ({e.name})", e) for i, e in enumerate(spec.experts)]
-    shared = [(f"shared_experts[{i}] ({e.name})", e) for i, e in enumerate(spec.shared_experts)]
-    return routed + shared
 
 
 @dataclass
@@ -280,7 +192,7 @@ def _prompt_table(tokenizer, spec: GateSpec) -> _PromptTable:
         return index[text]
 
     positive, negative = [], []
-    for where, group in _named_groups(spec):
+    for where, group in named_groups(spec):
         positive.append([lookup(p, where + " positive_prompts") for p in group.positive])
         negative.append([lookup(p, where + " negative_prompts") for p in group.negative])
     return _PromptTable(token_ids, positive, negative)

@@ -19,7 +19,7 @@ def _weights_dir(weights_json: Path) -> Path:
 
 def gate_spec(plan: Mapping[str, Any]) -> Any:
     """The GateSpec a plan's recipe asks for."""
-    from moeforge.gates import ExpertPrompts, GateSpec
+    from moeforge.gatespec import ExpertPrompts, GateSpec
 
     recipe = plan["recipe"]
 

@@ -4,6 +4,7 @@
 rule layer_shard:
     input:
         tensors="results/{merge}/plan.tensors.tsv",
+        checked="results/{merge}/class_check.json",
         weights=weight_records,
         gates="results/{merge}/gates.safetensors",
     output:
@@ -27,6 +28,7 @@ rule layer_shard:
 rule globals_shard:
     input:
         tensors="results/{merge}/plan.tensors.tsv",
+        checked="results/{merge}/class_check.json",
         weights=weight_records,
     output:
         shard=temp("results/{merge}/shards/globals.safetensors"),

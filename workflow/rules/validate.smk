@@ -22,3 +22,23 @@ checkpoint validate:
         "../../envs/moeforge.yaml"
     script:
         "../scripts/validate.py"
+
+
+rule check_plan:
+    input:
+        plan="results/{merge}/plan.json",
+        tensors="results/{merge}/plan.tensors.tsv",
+        base_meta=lambda wc: f"resources/models/{base_slug(wc)}/meta",
+    output:
+        "results/{merge}/class_check.json",
+    log:
+        "logs/{merge}/check_plan.log",
+    benchmark:
+        "results/{merge}/benchmarks/check_plan.tsv"
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    conda:
+        "../../envs/moeforge.yaml"
+    script:
+        "../scripts/check_plan.py"
