@@ -36,7 +36,10 @@ TARGET = "results/demo/smoke/report.json"
 # Rules that run on the submit host (`localrule: True` in workflow/rules/); everything else is a
 # SLURM job.
 LOCAL_RULES = {"demo_models", "fetch_metadata", "fetch_weights", "translate_config"}
-REMOTE_RULES = {"validate", "gates", "globals_shard", "layer_shard", "assemble", "smoke_test"}
+REMOTE_RULES = {"validate", "check_plan", "gates", "hash_weights", "globals_shard", "layer_shard", "assemble",
+                "smoke_test"}
+# Rules with one job per source model (the demo merges a base and three experts).
+PER_SOURCE_RULES = {"hash_weights": 4}
 # The profile's polling suits a shared cluster (first status check 20 s after submission); on this
 # idle private cluster a 2 s check keeps the test short. MinJobAge=600 in cluster.sh's slurm.conf
 # keeps finished jobs visible to squeue, so the plugin's squeue status command stays in use.
@@ -289,6 +292,7 @@ def test_grouped_layer_shards_share_one_allocation(cluster: Cluster, local_build
     grouped = [p for p in logs if "/group_shards_layer_shard/" in p]
     assert len(grouped) == 1, logs
     assert not [p for p in logs if "/rule_layer_shard/" in p], logs
-    assert len(logs) == len(REMOTE_RULES - {"layer_shard", "smoke_test"}) + 1, logs
+    per_merge = REMOTE_RULES - {"layer_shard", "smoke_test"} - set(PER_SOURCE_RULES)
+    assert len(logs) == len(per_merge) + sum(PER_SOURCE_RULES.values()) + 1, logs
     assert assert_lock_matches_files(wd / MODEL) == sha256_tree(local_build.wd / MODEL)
     print(f"\ngrouped SLURM build: {run.seconds:.1f} s wall, {len(logs)} SLURM jobs")
