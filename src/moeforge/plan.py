@@ -26,7 +26,7 @@ from moeforge.inventory import InventoryEntry, read_inventory
 from moeforge.params import normalise
 from moeforge.recipe import ExpertSpec, Recipe
 from moeforge.safetensors_io import ITEMSIZE, SAFETENSORS_NAME, TORCH_NAME
-from moeforge.shards import GATES_SOURCE, shape_of as _shape
+from moeforge.shards import GATES_SOURCE, shape_of as _shape, tensor_shape
 from moeforge.sources import parse_ref
 
 PLAN_COLUMNS = ["target_name", "part", "concat_dim", "shard", "source", "source_name", "source_file", "dtype_in",
@@ -436,15 +436,10 @@ def _shard_bytes(frame: pd.DataFrame) -> dict[str, int]:
 
 def planned_shapes(frame: pd.DataFrame) -> dict[str, tuple[int, ...]]:
     """Output tensor name -> shape, with multi-part tensors concatenated along their dim."""
-    shapes: dict[str, tuple[int, ...]] = {}
-    for row in frame.itertuples(index=False):
-        shape = _shape(row.shape)
-        if row.target_name in shapes:
-            merged = list(shapes[row.target_name])
-            merged[row.concat_dim] += shape[row.concat_dim]
-            shape = tuple(merged)
-        shapes[row.target_name] = shape
-    return shapes
+    parts: dict[str, list[dict[str, Any]]] = {}
+    for row in frame.to_dict("records"):
+        parts.setdefault(row["target_name"], []).append(row)
+    return {name: tensor_shape(rows) for name, rows in parts.items()}
 
 
 def write_plan(plan: Mapping[str, Any], frame: pd.DataFrame, plan_json: Path, plan_tsv: Path) -> None:

@@ -113,7 +113,8 @@ def _concat_producer(parts: list[Mapping[str, Any]], headers: _Headers) -> Calla
     return lambda: _tensor_bytes(torch.cat([_part_tensor(p, headers) for p in parts], dim=dim).contiguous())
 
 
-def _concatshape_of(parts: list[Mapping[str, Any]]) -> tuple[int, ...]:
+def tensor_shape(parts: list[Mapping[str, Any]]) -> tuple[int, ...]:
+    """An output tensor's shape from its plan rows: parts concatenated along their concat_dim."""
     shapes = [shape_of(p["shape"]) for p in parts]
     dim = int(parts[0]["concat_dim"])
     out = list(shapes[0])
@@ -124,7 +125,7 @@ def _concatshape_of(parts: list[Mapping[str, Any]]) -> tuple[int, ...]:
 def _out_tensor(parts: list[Mapping[str, Any]], headers: _Headers) -> OutTensor:
     """One output tensor from its plan rows: streamed, zero-filled, computed, or concatenated."""
     row = parts[0]
-    shape = _concatshape_of(parts) if len(parts) > 1 else shape_of(row["shape"])
+    shape = tensor_shape(parts)
     nbytes = math.prod(shape) * ITEMSIZE[row["dtype_out"]]
     name, dtype = row["target_name"], row["dtype_out"]
     if len(parts) > 1:
