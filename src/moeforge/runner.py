@@ -14,7 +14,6 @@ from typing import Any, Callable
 
 from moeforge.errors import MoeforgeError
 
-
 #: File-system conditions a user fixes outside moeforge: reported in one line, not a traceback.
 _ENVIRONMENT_ERRNOS = {
     errno.ENOSPC: "free disk space (or point results/ at a larger disk) and rerun; finished outputs are kept",

@@ -17,7 +17,7 @@ from typing import Any, Mapping
 import yaml
 
 from moeforge.errors import RecipeError
-from moeforge.schema_check import schema_errors
+from moeforge.plan.schema import schema_errors
 
 MERGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 PROMPTLESS_GATE_MODES = ("random", "uniform_random")

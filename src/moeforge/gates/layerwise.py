@@ -28,7 +28,7 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from .errors import ModelError
+from moeforge.errors import ModelError
 
 WANTS = ("residual_in", "mlp_in")
 _INDEX_NAME = "model.safetensors.index.json"
@@ -220,7 +220,10 @@ class _Runner:
 
     def masks(self, embeds: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor) -> dict:
         """The 4D masks of one batch for every attention kind the model uses."""
-        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+        from transformers.masking_utils import (
+            create_causal_mask,
+            create_sliding_window_causal_mask,
+        )
 
         kinds = {self.layer_type(i) for i in range(self.config.num_hidden_layers)}
         builders = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from moeforge.errors import ModelError
-from moeforge.fileio import write_json
+from moeforge.io.files import write_json
 
 
 def _name(index: int, total: int) -> str:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from moeforge.architectures import INTEGER_PARAMS, InputFamily
 from moeforge.errors import ModelError
+from moeforge.plan.templates import INTEGER_PARAMS, InputFamily
 
 REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
 

@@ -18,9 +18,15 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
-from moeforge.fileio import atomic_dir, dumps_json, sha256_file, write_json, write_text
-from moeforge.safetensors_io import read_header
-from moeforge.sources import TOKENIZER_FILES
+from moeforge.io.fetch import TOKENIZER_FILES
+from moeforge.io.files import (
+    atomic_dir,
+    dumps_json,
+    sha256_file,
+    write_json,
+    write_text,
+)
+from moeforge.io.safetensors_file import read_header
 
 LOCK_NAME = "moeforge.lock.json"
 LIBRARIES = ("moeforge", "torch", "transformers", "safetensors", "huggingface_hub", "tokenizers", "snakemake")

@@ -6,7 +6,6 @@ so it runs before a single weight byte is downloaded or read.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -14,8 +13,8 @@ import pandas as pd
 import pandera.pandas as pa
 
 from moeforge.errors import ModelError
-from moeforge.fileio import write_text
-from moeforge.safetensors_io import ITEMSIZE, read_header
+from moeforge.io.files import write_text
+from moeforge.io.safetensors_file import ITEMSIZE, TensorEntry, read_header, shape_of
 
 COLUMNS = ["name", "dtype", "shape", "file", "begin", "end"]
 
@@ -34,14 +33,6 @@ INVENTORY_SCHEMA = pa.DataFrameSchema(
 )
 
 
-@dataclass(frozen=True)
-class InventoryEntry:
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    file: str
-    begin: int
-    end: int
 
 
 def _rows_from_headers(headers: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -80,12 +71,11 @@ def write_inventory(source: Mapping[str, Any], headers: Mapping[str, Any] | None
     return frame
 
 
-def read_inventory(tsv: Path) -> dict[str, InventoryEntry]:
+def read_inventory(tsv: Path) -> dict[str, TensorEntry]:
     """inventory.tsv as name -> entry."""
     frame = pd.read_csv(tsv, sep="\t", dtype={"shape": str}, keep_default_na=False)
     INVENTORY_SCHEMA.validate(frame)
     return {
-        r.name: InventoryEntry(r.name, r.dtype, tuple(int(x) for x in r.shape.split(",") if x), r.file,
-                               int(r.begin), int(r.end))
+        r.name: TensorEntry(r.name, r.dtype, shape_of(r.shape), int(r.begin), int(r.end), r.file)
         for r in frame.itertuples(index=False)
     }

@@ -27,12 +27,9 @@ rows, so every statistic here is over real prompt tokens only.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
-import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,18 +38,18 @@ import safetensors
 import torch
 import transformers
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers import AutoModelForCausalLM, GenerationConfig
 
 from moeforge import __version__
 from moeforge.errors import BuildError, RecipeError
-from moeforge.fileio import write_text
+from moeforge.io.hf_load import load_tokenizer, stdin_closed
+from moeforge.numbers import report_number
 
 DISTINCT_RATIO_MIN = 1 / 3
 DIVERSITY_MIN_TOKENS = 8
 REPEAT_MIN_TOKENS = 4
 DEAD_SHARE_FRACTION = 0.1
 NAMES_SHOWN = 5
-SIGNIFICANT_DIGITS = 6
 
 #: Identity tolerance in 16-bit dtypes, relative to the largest base logit: bf16 keeps 8 bits of
 #: mantissa (0.4%), and a forward pass accumulates a few roundings more.
@@ -143,7 +140,8 @@ def run_smoke(model_dir: Path, base_dir: Path | None, opts: SmokeOptions) -> dic
     model_dir = Path(model_dir)
     _check_options(base_dir, opts)
     scan = scan_tensors(model_dir)
-    tokenizer = _load_tokenizer(model_dir)
+    tokenizer = load_tokenizer(model_dir, BuildError, "the tokenizer",
+                               "rerun the assemble step (it copies the tokenizer)")
     prompt_ids = [_encode(tokenizer, p) for p in opts.prompts]
     merged = _measure_merged(model_dir, tokenizer, prompt_ids, opts)
     base = None if base_dir is None else _measure_base(Path(base_dir), tokenizer, prompt_ids, opts,
@@ -250,16 +248,6 @@ def _non_finite(tensor: torch.Tensor) -> int:
     return int((~torch.isfinite(tensor)).sum())
 
 
-@contextlib.contextmanager
-def _stdin_closed() -> Iterator[None]:
-    """Give loads an empty stdin so a remote-code prompt cannot block a batch job."""
-    saved = sys.stdin
-    with open(os.devnull, encoding="utf-8") as devnull:
-        sys.stdin = devnull
-        try:
-            yield
-        finally:
-            sys.stdin = saved
 
 
 def load_strict(model_dir: Path, device: str, dtype: str = "float32") -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -270,7 +258,7 @@ def load_strict(model_dir: Path, device: str, dtype: str = "float32") -> tuple[t
     reported by name together with the other problems.
     """
     try:
-        with _stdin_closed():
+        with stdin_closed():
             model, info = AutoModelForCausalLM.from_pretrained(
                 str(model_dir), dtype=getattr(torch, dtype), output_loading_info=True,
                 trust_remote_code=False, local_files_only=True, ignore_mismatched_sizes=True,
@@ -294,15 +282,6 @@ def load_strict(model_dir: Path, device: str, dtype: str = "float32") -> tuple[t
     return model.to(device), summary
 
 
-def _load_tokenizer(model_dir: Path) -> Any:
-    """The merged model's tokenizer; it is a byte copy of the base's, so it serves both models."""
-    try:
-        with _stdin_closed():
-            return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False,
-                                                 local_files_only=True)
-    except Exception as exc:  # a missing or broken tokenizer is an assembly fault
-        raise BuildError(f"cannot load the tokenizer: {type(exc).__name__}: {exc}",
-                         str(model_dir), "rerun the assemble step (it copies the tokenizer)") from exc
 
 
 def _first(names: Sequence[str]) -> str:
@@ -448,16 +427,16 @@ def compare_logits(base: list[torch.Tensor], merged: list[torch.Tensor]) -> dict
         kl = (log_b.exp() * (log_b - log_m)).sum(dim=-1)
         diff = (b - m).abs().amax(dim=-1)
         prompts.append({
-            "kl_mean": _num(kl.mean()), "kl_max": _num(kl.max()),
-            "top1_agreement": _num((b.argmax(-1) == m.argmax(-1)).double().mean()),
-            "max_abs_logit_diff": _num(diff.max()), "argmax_position": int(diff.argmax()),
-            "max_abs_base_logit": _num(b.abs().max()), "positions": int(b.shape[0]),
+            "kl_mean": report_number(kl.mean()), "kl_max": report_number(kl.max()),
+            "top1_agreement": report_number((b.argmax(-1) == m.argmax(-1)).double().mean()),
+            "max_abs_logit_diff": report_number(diff.max()), "argmax_position": int(diff.argmax()),
+            "max_abs_base_logit": report_number(b.abs().max()), "positions": int(b.shape[0]),
         })
     positions = sum(p["positions"] for p in prompts)
     return {
         "prompts": prompts,
-        "kl_mean": _num(sum(p["kl_mean"] * p["positions"] for p in prompts) / positions),
-        "top1_agreement": _num(sum(p["top1_agreement"] * p["positions"] for p in prompts) / positions),
+        "kl_mean": report_number(sum(p["kl_mean"] * p["positions"] for p in prompts) / positions),
+        "top1_agreement": report_number(sum(p["top1_agreement"] * p["positions"] for p in prompts) / positions),
         "max_abs_logit_diff": max(p["max_abs_logit_diff"] for p in prompts),
     }
 
@@ -509,10 +488,10 @@ def routing_stats(runs: list[list[torch.Tensor]], top_k: int, layer_ids: list[in
         entropy = -(probs * torch.log(probs.clamp_min(1e-300))).sum(-1)
         layers.append({
             "layer": layer,
-            "load_share": [_num(x) for x in load],
-            "router_entropy_mean": _num(entropy.mean()),
-            "load_entropy": _num(-(load * torch.log(load.clamp_min(1e-300))).sum()),
-            "own_top1": {name: _num(_top1_fraction([per_text[t] for t in texts], row))
+            "load_share": [report_number(x) for x in load],
+            "router_entropy_mean": report_number(entropy.mean()),
+            "load_entropy": report_number(-(load * torch.log(load.clamp_min(1e-300))).sum()),
+            "own_top1": {name: report_number(_top1_fraction([per_text[t] for t in texts], row))
                          for name, (row, texts) in sorted(own.items()) if texts},
         })
     return layers
@@ -550,8 +529,8 @@ def _routing(runs: list[list[torch.Tensor] | None], texts: list[str], sparse_lay
                             f"under {threshold:.2%} in {', '.join(dead)}")
     return {
         "experts": names, "top_k": top_k, "tokens": sum(int(run[0].shape[0]) for run in runs),
-        "texts": len(texts), "max_entropy": _num(math.log(experts)),
-        "dead_share_threshold": _num(threshold), "layers": layers,
+        "texts": len(texts), "max_entropy": report_number(math.log(experts)),
+        "dead_share_threshold": report_number(threshold), "layers": layers,
     }
 
 
@@ -586,12 +565,6 @@ def _config_summary(model_dir: Path) -> dict[str, Any]:
     return {k: config[k] for k in _CONFIG_KEYS if k in config}
 
 
-def _num(value: float | torch.Tensor) -> float | str:
-    """A float rounded to stable digits for the JSON; non-finite values become strings."""
-    x = float(value)
-    if not math.isfinite(x):
-        return str(x)
-    return float(f"{x:.{SIGNIFICANT_DIGITS}g}")
 
 
 def _short(text: str, width: int = 40) -> str:
@@ -599,102 +572,19 @@ def _short(text: str, width: int = 40) -> str:
     return repr(text if len(text) <= width else text[: width - 1] + "…")
 
 
-def write_report(report: dict[str, Any], out_json: Path, out_md: Path) -> None:
-    """Write the report as sorted JSON and as markdown; each file appears complete or not at all."""
-    write_text(Path(out_json), json.dumps(report, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
-    write_text(Path(out_md), render_markdown(report))
 
 
-def render_markdown(report: dict[str, Any]) -> str:
-    """A readable report: verdict and warnings first, then generations, comparison, routing."""
-    status = "FAIL" if not report.get("passed", False) else (
-        f"PASS with {len(report['warnings'])} warning(s)" if report["warnings"] else "PASS")
-    lines = [f"# Smoke test: {status}", ""]
-    lines += _md_list("Errors", report.get("errors", [])) + _md_list("Warnings", report["warnings"])
-    lines += _md_model(report) + _md_generations(report["generations"])
-    if report["comparison"] is not None:
-        lines += _md_comparison(report["comparison"])
-    if report["routing"] is not None:
-        lines += _md_routing(report["routing"])
-    return "\n".join(lines).rstrip("\n") + "\n"
 
 
-def _md_list(title: str, items: list[str]) -> list[str]:
-    return [f"## {title}", "", *[f"- {item}" for item in items], ""] if items else []
 
 
-def _md_model(report: dict[str, Any]) -> list[str]:
-    versions = ", ".join(f"{k} {v}" for k, v in sorted(report["versions"].items()))
-    load = report["load"]
-    lines = ["## Model", "", f"- model: `{report['model_dir']}`", f"- base: `{report['base_dir']}`",
-             f"- versions: {versions}",
-             f"- loaded strictly: {load['parameters']} parameters, {load['tensors_scanned']} tensors "
-             f"in {len(load['files'])} file(s), all finite", "", "| config key | value |", "|---|---|"]
-    lines += [f"| {k} | `{json.dumps(v, sort_keys=True)}` |" for k, v in sorted(report["config"].items())]
-    return lines + [""]
 
 
-def _fence(text: str) -> list[str]:
-    """A code block that the text itself cannot close, with control characters made visible.
-
-    Broken models often emit control bytes; escaped, they can neither garble a terminal nor
-    hide as blank output.
-    """
-    text = "".join(ch if ch.isprintable() or ch in "\n\t" else ascii(ch)[1:-1] for ch in text)
-    ticks = "`" * max(3, _longest_backtick_run(text) + 1)
-    return [ticks + "text", text, ticks]
 
 
-def _longest_backtick_run(text: str) -> int:
-    """Length of the longest run of backticks in ``text``."""
-    best = run = 0
-    for ch in text:
-        run = run + 1 if ch == "`" else 0
-        best = max(best, run)
-    return best
 
 
-def _md_generations(rows: list[dict[str, Any]]) -> list[str]:
-    lines = ["## Generations (greedy)", ""]
-    for i, row in enumerate(rows):
-        flags = ", ".join(row["flags"]) or "none"
-        lines += [f"### Prompt {i}", "", *_fence(row["prompt"]), "",
-                  f"Merged model ({row['new_tokens']} new tokens, {row['distinct_tokens']} distinct; "
-                  f"degeneracy flags: {flags}):", "", *_fence(row["text"]), ""]
-        if "base_text" in row:
-            same = "identical to the merged model" if row["matches_base"] else "differs"
-            lines += [f"Base model ({same}; flags: {', '.join(row['base_flags']) or 'none'}):", "",
-                      *_fence(row["base_text"]), ""]
-    return lines
 
 
-def _md_comparison(comparison: dict[str, Any]) -> list[str]:
-    lines = ["## Comparison with the base", "",
-             f"Mean KL(base || merged) {comparison['kl_mean']:.4g} nats, top-1 agreement "
-             f"{comparison['top1_agreement']:.2%}, max |Δlogit| {comparison['max_abs_logit_diff']:.4g}.",
-             "", "| prompt | positions | mean KL | max KL | top-1 agreement | max abs Δlogit |",
-             "|---|---|---|---|---|---|"]
-    lines += [f"| {i} | {p['positions']} | {p['kl_mean']:.4g} | {p['kl_max']:.4g} | "
-              f"{p['top1_agreement']:.2%} | {p['max_abs_logit_diff']:.4g} |"
-              for i, p in enumerate(comparison["prompts"])]
-    return lines + [""]
 
 
-def _md_routing(routing: dict[str, Any]) -> list[str]:
-    names = routing["experts"]
-    lines = ["## Routing", "",
-             f"Share of the top-{routing['top_k']} slots per expert over {routing['tokens']} prompt "
-             f"tokens ({routing['texts']} texts); uniform is {1 / len(names):.1%}, dead below "
-             f"{routing['dead_share_threshold']:.2%}. Entropies in nats (max {routing['max_entropy']:.3g}).",
-             "", "| layer | " + " | ".join(names) + " | router entropy | load entropy |",
-             "|---" * (len(names) + 3) + "|"]
-    lines += [f"| {row['layer']} | " + " | ".join(f"{s:.1%}" for s in row["load_share"])
-              + f" | {row['router_entropy_mean']:.3g} | {row['load_entropy']:.3g} |"
-              for row in routing["layers"]]
-    own = [n for n in names if n in routing["layers"][0]["own_top1"]] if routing["layers"] else []
-    if own:
-        lines += ["", "Fraction of each expert's own prompt tokens routed to it as top-1:", "",
-                  "| layer | " + " | ".join(own) + " |", "|---" * (len(own) + 1) + "|"]
-        lines += [f"| {row['layer']} | " + " | ".join(f"{row['own_top1'][n]:.1%}" for n in own) + " |"
-                  for row in routing["layers"]]
-    return lines + [""]

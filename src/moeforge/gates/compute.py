@@ -56,6 +56,7 @@ which does not say which experts are at fault.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 from dataclasses import dataclass, field
@@ -63,15 +64,29 @@ from pathlib import Path
 
 import torch
 
-from .errors import ModelError, RecipeError
-from .fileio import dumps_json, write_bytes
-from .gatespec import PROMPTLESS_MODES, ExpertPrompts, GateSpec, named_groups, validate_spec
-from .layerwise import input_embeddings, iter_layer_hidden_states, load_config
+from moeforge.errors import ModelError, RecipeError
+from moeforge.gates.layerwise import (
+    input_embeddings,
+    iter_layer_hidden_states,
+    load_config,
+)
+from moeforge.gates.spec import (
+    PROMPTLESS_MODES,
+    ExpertPrompts,
+    GateSpec,
+    gate_spec,
+    named_groups,
+    validate_spec,
+)
+from moeforge.io.fetch import weights_dir_of
+from moeforge.io.files import dumps_json, write_bytes
+from moeforge.io.hf_load import load_tokenizer
+from moeforge.io.safetensors_file import TORCH_NAME
+from moeforge.numbers import report_number
 
 HIDDEN_MODES = ("hidden", "hidden_last", "hidden_avg")
 DEGENERATE_COSINE = 0.99
 _ZERO_NORM = 1e-8
-_SIGNIFICANT_DIGITS = 6
 
 __all__ = ["ExpertPrompts", "GateSpec", "compute_gates", "validate_spec", "write_gates"]
 
@@ -147,17 +162,6 @@ class _PromptTable:
     negative: list[list[int]]
 
 
-def _load_tokenizer(base_dir: Path):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(base_dir), trust_remote_code=False)
-    except (OSError, ValueError, KeyError) as exc:
-        raise ModelError(
-            f"cannot load the base model's tokenizer: {exc}",
-            where=str(base_dir),
-            fix="make sure the tokenizer files were fetched with the base model",
-        ) from exc
 
 
 def _render(tokenizer, prompt: str, template: str) -> str:
@@ -266,7 +270,8 @@ def _set_vector(features: torch.Tensor, indices: list[int], normalise: bool) -> 
 
 
 def _prompt_gates(base_dir: Path, spec: GateSpec, num_layers: int, progress: bool) -> _Result:
-    tokenizer = _load_tokenizer(base_dir)
+    tokenizer = load_tokenizer(base_dir, ModelError, "the base model's tokenizer",
+                               "make sure the tokenizer files were fetched with the base model")
     table = _prompt_table(tokenizer, spec)
     batches = _make_batches(table.token_ids, spec.batch_size, _pad_id(tokenizer))
     info = {"count": len(table.token_ids), "tokens": sum(len(t) for t in table.token_ids)}
@@ -347,10 +352,6 @@ def _tensor_dict(result: _Result, num_routed: int) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _num(value: float) -> float | None:
-    """Stats numbers: a fixed number of significant digits, so the JSON is stable; None if not finite."""
-    value = float(value)
-    return float(f"{value:.{_SIGNIFICANT_DIGITS}g}") if math.isfinite(value) else None
 
 
 def _layer_stats(
@@ -361,14 +362,14 @@ def _layer_stats(
     cosine = unit @ unit.T
     entry = {
         "layer": layer,
-        "vector_norms": [_num(n) for n in norms[:num_routed]],
-        "cosine": [[_num(cosine[a, b]) for b in range(num_routed)] for a in range(num_routed)],
-        "condition_number": _num(torch.linalg.cond(router)),
+        "vector_norms": [report_number(n) for n in norms[:num_routed]],
+        "cosine": [[report_number(cosine[a, b]) for b in range(num_routed)] for a in range(num_routed)],
+        "condition_number": report_number(torch.linalg.cond(router)),
     }
     if len(rows) > num_routed:
-        entry["shared_vector_norms"] = [_num(n) for n in norms[num_routed:]]
+        entry["shared_vector_norms"] = [report_number(n) for n in norms[num_routed:]]
     if calibration:
-        entry.update({key: _num(value) for key, value in calibration.items()})
+        entry.update({key: report_number(value) for key, value in calibration.items()})
     return entry
 
 
@@ -470,3 +471,14 @@ def write_gates(tensors: dict[str, torch.Tensor], stats: dict, out_safetensors: 
 
 def _tensor_sort_key(name: str) -> tuple:
     return tuple((0, int(p)) if p.isdigit() else (1, p) for p in name.split("."))
+
+
+def gates_for_plan(plan_json: Path, base_weights: Path, out_tensors: Path, out_stats: Path, threads: int = 1) -> None:
+    """The gates step: the routers a plan's recipe asks for, from the base model's weights."""
+    torch.set_num_threads(max(1, threads))
+    plan = json.loads(plan_json.read_text())
+    tensors, stats = compute_gates(weights_dir_of(base_weights), gate_spec(plan), progress=False)
+    # Stored in the output dtype, so shard jobs copy router bytes as they are (no torch there);
+    # gates.json's statistics are computed in float32 before this cast.
+    dtype = getattr(torch, TORCH_NAME[plan["dtype_out"]])
+    write_gates({name: t.to(dtype) for name, t in tensors.items()}, stats, out_tensors, out_stats)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import BinaryIO, Callable, Iterable
 
 from moeforge.errors import ModelError
-from moeforge.fileio import atomic_path
+from moeforge.io.files import atomic_path
 
 ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
             "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
@@ -29,13 +29,14 @@ _COPY_CHUNK = 64 << 20
 
 @dataclass(frozen=True)
 class TensorEntry:
-    """A tensor's place in a safetensors file."""
+    """A tensor's place in a safetensors file (``file``: which one, in a model's inventory)."""
 
     name: str
     dtype: str
     shape: tuple[int, ...]
     begin: int
     end: int
+    file: str = ""
 
     @property
     def nbytes(self) -> int:
@@ -152,3 +153,8 @@ def write_safetensors(path: Path, tensors: Iterable[OutTensor], metadata: dict[s
     finally:
         for fh in sources.values():
             fh.close()
+
+
+def shape_of(text: str) -> tuple[int, ...]:
+    """A shape as inventory.tsv and plan.tensors.tsv write it ("4096,14336"), as a tuple."""
+    return tuple(int(x) for x in text.split(",") if x)

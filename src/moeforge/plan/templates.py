@@ -15,7 +15,6 @@ AttributeError deep inside planning.
 from __future__ import annotations
 
 import ast
-import difflib
 import functools
 from dataclasses import dataclass
 from importlib import resources
@@ -25,7 +24,7 @@ from typing import Any, Mapping
 import yaml
 
 from moeforge.errors import ModelError, TemplateError
-from moeforge.schema_check import schema_errors
+from moeforge.plan.schema import closest, schema_errors
 
 INTEGER_PARAMS = (
     "hidden_size",
@@ -153,8 +152,8 @@ def _check_expr(expr: str | int, where: str) -> None:
 
 
 def _suggest(word: str, choices: tuple[str, ...] | list[str]) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1)
-    return f"did you mean {close[0]!r}?" if close else f"known: {', '.join(choices)}"
+    match = closest(word, choices)
+    return f"did you mean {match!r}?" if match else f"known: {', '.join(choices)}"
 
 
 def _tensor_map(raw: Mapping[str, Any], source: str, section: str) -> dict[str, TensorSpec]:

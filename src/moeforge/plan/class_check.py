@@ -10,10 +10,14 @@ so the comparison holds on 4.x (classic names in memory) and 5.x alike.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from moeforge.architectures import OutputFamily
 from moeforge.errors import BuildError
+from moeforge.io.files import write_json
+from moeforge.plan.table import planned_shapes, read_rows
+from moeforge.plan.templates import OutputFamily, output_family_for
 
 
 def class_state_shapes(config: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
@@ -86,3 +90,15 @@ def check_plan_against_class(planned: dict[str, tuple[int, ...]], config: Mappin
         raise BuildError("; ".join(parts), f"{config['model_type']} plan vs the installed transformers class",
                          "this is a template or planning bug; please report it with your recipe")
     return {"tensors": len(expected), "layout_compared": layout}
+
+
+def class_check(plan_json: Path, plan_tsv: Path, config_json: Path, out_json: Path) -> dict[str, Any]:
+    """The class_check step: the planned tensors, under the config.json that translate_config
+    wrote, must be exactly what the installed transformers class expects."""
+    plan = json.loads(plan_json.read_text())
+    config = json.loads(config_json.read_text())
+    summary = check_plan_against_class(planned_shapes(read_rows(plan_tsv)), config,
+                                       output_family_for(plan["output_family"]), plan["num_layers"],
+                                       plan["num_experts"])
+    write_json(out_json, summary)
+    return summary

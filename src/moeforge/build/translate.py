@@ -14,10 +14,10 @@ import logging
 from pathlib import Path
 from typing import Any, Mapping
 
-from moeforge import architectures as arch
 from moeforge.errors import RecipeError
-from moeforge.fileio import write_json
-from moeforge.safetensors_io import TORCH_NAME
+from moeforge.io.files import write_json
+from moeforge.io.safetensors_file import TORCH_NAME
+from moeforge.plan import templates as arch
 
 #: Mean wrapped angle error (radians) above which a theta translation is reported as a warning;
 #: random phases average pi/2, and any linear-scaling translation lands near 1 rad.

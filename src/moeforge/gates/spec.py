@@ -9,9 +9,10 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, Mapping
 
 from moeforge.errors import RecipeError
-from moeforge.recipe import GATE_MODES, PROMPTLESS_GATE_MODES
+from moeforge.plan.recipe import GATE_MODES, PROMPTLESS_GATE_MODES
 
 PROMPTLESS_MODES = PROMPTLESS_GATE_MODES
 TOKEN_REDUCTIONS = ("last", "mean")
@@ -102,3 +103,26 @@ def named_groups(spec: GateSpec) -> list[tuple[str, ExpertPrompts]]:
     routed = [(f"experts[{i}] ({e.name})", e) for i, e in enumerate(spec.experts)]
     shared = [(f"shared_experts[{i}] ({e.name})", e) for i, e in enumerate(spec.shared_experts)]
     return routed + shared
+
+
+def gate_spec(plan: Mapping[str, Any]) -> Any:
+    """The GateSpec a plan's recipe asks for."""
+    from moeforge.gates.spec import ExpertPrompts, GateSpec
+
+    recipe = plan["recipe"]
+
+    def prompts(items: list[Mapping[str, Any]]) -> tuple[Any, ...]:
+        return tuple(ExpertPrompts(e["name"], tuple(e["positive_prompts"]), tuple(e["negative_prompts"]))
+                     for e in items)
+
+    shared: tuple[Any, ...] = ()
+    if recipe["shared_experts"] and recipe["shared_gate"] == "prompts":
+        # The N shared experts become one fused shared MLP with one gate, routed by all their prompts.
+        group = prompts(recipe["shared_experts"])
+        shared = (ExpertPrompts("shared", tuple(p for g in group for p in g.positive),
+                                tuple(p for g in group for p in g.negative)),)
+    return GateSpec(mode=recipe["gate_mode"], experts=prompts(recipe["experts"]), shared_experts=shared,
+                    seed=recipe["seed"], token_reduction=recipe["token_reduction"],
+                    prompt_template=recipe["prompt_template"], router_scale=recipe["router_scale"],
+                    batch_size=recipe["gate_batch_size"], device=recipe["gate_device"],
+                    strict_gates=recipe["strict_gates"])

@@ -21,9 +21,15 @@ def key_path(path: Iterable[Any]) -> str:
     return out or "(top level)"
 
 
-def _closest(word: str, choices: Iterable[str]) -> str:
+def closest(word: str, choices: Iterable[str]) -> str | None:
+    """The valid choice a mistyped word most likely meant, if any is close enough."""
     close = difflib.get_close_matches(word, [str(c) for c in choices], n=1, cutoff=0.6)
-    return f"; did you mean {close[0]!r}?" if close else ""
+    return close[0] if close else None
+
+
+def _closest(word: str, choices: Iterable[str]) -> str:
+    match = closest(word, choices)
+    return f"; did you mean {match!r}?" if match else ""
 
 
 def _describe(error: jsonschema.ValidationError) -> str:

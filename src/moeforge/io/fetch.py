@@ -10,7 +10,6 @@ second copy per merge). The Hub token is read by huggingface_hub from the enviro
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -20,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from moeforge.errors import FetchError, ModelError
-from moeforge.fileio import atomic_dir, sha256_file, write_json
+from moeforge.io.files import atomic_dir, sha256_file, write_json
+from moeforge.io.refs import ModelRef, parse_ref
 
-HUB_REF = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<rev>[\w./-]+))?$")
 META_FILES = (
     "config.json",
     "generation_config.json",
@@ -43,39 +42,10 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
 
 
-@dataclass(frozen=True)
-class ModelRef:
-    """A parsed model reference."""
-
-    raw: str
-    kind: str  # "local" | "hub"
-    path: str | None = None
-    repo_id: str | None = None
-    revision: str | None = None
-
-    @property
-    def slug(self) -> str:
-        """A filesystem-safe, stable name for this reference's resources directory."""
-        digest = hashlib.sha256(self.raw.encode()).hexdigest()[:8]
-        if self.kind == "hub":
-            assert self.repo_id is not None
-            name = self.repo_id.replace("/", "--")
-            return _safe(f"hub--{name}--{self.revision or 'main'}") + f"--{digest}"
-        return _safe(f"local--{Path(self.path or '.').name}") + f"--{digest}"
 
 
-def _safe(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", text)
 
 
-def parse_ref(raw: str) -> ModelRef:
-    """Local directory or Hub repo: a path that exists, or that has no single org/name shape, is local."""
-    text = raw.strip()
-    match = HUB_REF.match(text)
-    looks_local = text.startswith(("/", "./", "../", "~")) or Path(text).expanduser().is_dir()
-    if match and not looks_local:
-        return ModelRef(raw=text, kind="hub", repo_id=match["repo"], revision=match["rev"])
-    return ModelRef(raw=text, kind="local", path=text)
 
 
 @dataclass(frozen=True)
@@ -125,7 +95,11 @@ def _hub_offline() -> bool:
 def _hub_snapshot(ref: ModelRef, patterns: list[str] | None) -> Path:
     """A cached snapshot folder; offline this only reads the cache."""
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import (
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
 
     try:
         return Path(snapshot_download(ref.repo_id, revision=ref.revision, allow_patterns=patterns))
@@ -180,7 +154,7 @@ def _dir_metadata(src_dir: Path, out_dir: Path, hash_small: bool) -> dict[str, A
 
 def fetch_metadata(raw: str, out_dir: Path) -> dict[str, Any]:
     """Write ``out_dir`` (atomically): source.json, config.json, tokenizer files, inventory.tsv."""
-    from moeforge.inventory import write_inventory
+    from moeforge.io.inventory import write_inventory
 
     ref = parse_ref(raw)
     with atomic_dir(out_dir) as tmp:
@@ -213,8 +187,8 @@ CONVERTED_DIR = "weights"
 
 def _convert_bin(ref: ModelRef, meta: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     """Convert .bin-only weights into out_dir/weights; meta then describes the safetensors copy."""
-    from moeforge.binweights import convert
-    from moeforge.inventory import local_headers
+    from moeforge.io.binweights import convert
+    from moeforge.io.inventory import local_headers
 
     if ref.kind == "local":
         src = Path(meta["local_path"])
@@ -282,3 +256,17 @@ def hash_weights(source_json: Path, weights_json: Path, out_json: Path) -> dict[
     hashed = {"slug": record["slug"], "files": files}
     write_json(out_json, hashed)
     return hashed
+
+
+def weights_dir_of(weights_json: Path) -> Path:
+    """Where fetch_weights found a model's weight files (its weights.json record)."""
+    return Path(json.loads(Path(weights_json).read_text())["dir"])
+
+
+def weight_dirs_from(records: list[Path]) -> dict[str, Path]:
+    """slug -> weights directory, from fetch_weights' weights.json records."""
+    dirs = {}
+    for path in records:
+        record = json.loads(Path(path).read_text())
+        dirs[record["slug"]] = Path(record["dir"])
+    return dirs

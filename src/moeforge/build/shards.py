@@ -9,22 +9,23 @@ such a row exists, which keeps pure-copy jobs fast to start.
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from moeforge.errors import BuildError
-from moeforge.fileio import sha256_file
-from moeforge.safetensors_io import ITEMSIZE, TORCH_NAME, OutTensor, TensorEntry, read_header, write_safetensors
-
-GATES_SOURCE = "gates"
-
-
-def shape_of(text: str) -> tuple[int, ...]:
-    """A plan row's shape column ("4096,14336") as a tuple."""
-    return tuple(int(x) for x in text.split(",") if x)
+from moeforge.io.fetch import weight_dirs_from
+from moeforge.io.files import sha256_file, write_text
+from moeforge.io.safetensors_file import (
+    ITEMSIZE,
+    TORCH_NAME,
+    OutTensor,
+    TensorEntry,
+    read_header,
+    shape_of,
+    write_safetensors,
+)
+from moeforge.plan.table import GATES_SOURCE, read_rows, tensor_shape
 
 
 class _Headers:
@@ -113,13 +114,6 @@ def _concat_producer(parts: list[Mapping[str, Any]], headers: _Headers) -> Calla
     return lambda: _tensor_bytes(torch.cat([_part_tensor(p, headers) for p in parts], dim=dim).contiguous())
 
 
-def tensor_shape(parts: list[Mapping[str, Any]]) -> tuple[int, ...]:
-    """An output tensor's shape from its plan rows: parts concatenated along their concat_dim."""
-    shapes = [shape_of(p["shape"]) for p in parts]
-    dim = int(parts[0]["concat_dim"])
-    out = list(shapes[0])
-    out[dim] = sum(s[dim] for s in shapes)
-    return tuple(out)
 
 
 def _out_tensor(parts: list[Mapping[str, Any]], headers: _Headers) -> OutTensor:
@@ -142,10 +136,6 @@ def _out_tensor(parts: list[Mapping[str, Any]], headers: _Headers) -> OutTensor:
                      produce=_producer(path, row["source_name"], row["transform"], dtype))
 
 
-def read_rows(plan_tsv: Path, shard: str) -> list[dict[str, str]]:
-    """One shard's rows of plan.tensors.tsv, in plan order (csv: no pandas in a shard job)."""
-    with open(plan_tsv, newline="") as fh:
-        return [row for row in csv.DictReader(fh, delimiter="\t") if row["shard"] == shard]
 
 
 def write_shard(rows: list[dict[str, str]], weight_dirs: Mapping[str, Path], gates_path: Path | None,
@@ -169,10 +159,11 @@ def write_shard(rows: list[dict[str, str]], weight_dirs: Mapping[str, Path], gat
     return sha256_file(out)
 
 
-def weight_dirs_from(records: list[Path]) -> dict[str, Path]:
-    """slug -> weights directory, from fetch_weights' weights.json files."""
-    dirs = {}
-    for path in records:
-        record = json.loads(Path(path).read_text())
-        dirs[record["slug"]] = Path(record["dir"])
-    return dirs
+
+
+def shard_step(plan_tsv: Path, shard: str, weight_records: list[Path], gates_path: Path | None, out: Path,
+               out_digest: Path) -> str:
+    """The layer_shard / globals_shard step: one shard file and its sha256 beside it."""
+    digest = write_shard(read_rows(plan_tsv, shard), weight_dirs_from(weight_records), gates_path, out)
+    write_text(out_digest, digest + "\n")
+    return digest

@@ -8,7 +8,7 @@ untied embeddings, sharded weights, rope scaling, and a tokenizer with special t
 chat template. Every output is byte-deterministic for the same arguments, so tests can pin
 hashes and the workflow can rerun without rebuilding.
 
-Command line: ``python -m moeforge.fixtures demo OUT_ROOT`` builds the demo base + experts.
+Command line: ``python -m moeforge.tiny_models demo OUT_ROOT`` builds the demo base + experts.
 """
 
 from __future__ import annotations
@@ -25,8 +25,23 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
-from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerFast
+from tokenizers import (
+    Regex,
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+    trainers,
+)
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 
@@ -648,7 +663,7 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m moeforge.fixtures", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m moeforge.tiny_models", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="build the demo tokenizer, base model and experts")
     demo.add_argument("out_root", type=Path)

@@ -16,7 +16,7 @@ from matplotlib import style
 from matplotlib.figure import Figure
 
 from moeforge.errors import BuildError
-from moeforge.fileio import atomic_path
+from moeforge.io.files import atomic_path
 
 _ANNOTATE_MAX_CELLS = 256
 _MAX_PANELS_PER_ROW = 8

@@ -11,9 +11,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from moeforge.assemble import LOCK_NAME
+from moeforge.build.assemble import LOCK_NAME
 from moeforge.errors import BuildError
-from moeforge.fileio import sha256_file, write_json
+from moeforge.io.files import sha256_file, write_json
 
 
 def check_lock(model_dir: Path) -> dict[str, Any]:
@@ -41,7 +41,8 @@ def check_lock(model_dir: Path) -> dict[str, Any]:
 
 def verify_model(model_dir: Path, out_dir: Path, *, device: str = "cpu", max_new_tokens: int = 16) -> dict[str, Any]:
     """Hash check, then the smoke test (no base comparison: the base may not be at hand)."""
-    from moeforge.smoke import SmokeOptions, run_smoke, write_report
+    from moeforge.check.report import write_report
+    from moeforge.check.smoke import SmokeOptions, run_smoke
 
     files = check_lock(model_dir)
     lock = json.loads((model_dir / LOCK_NAME).read_text())

@@ -1,0 +1,1 @@
+"""Proving a build: smoke test, verification against a lock, reports and figures."""

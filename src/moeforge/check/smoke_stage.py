@@ -1,0 +1,61 @@
+"""Plan-driven entry points of the gates and smoke-test rules.
+
+The gate and smoke libraries take explicit options; these adapters derive those options
+from plan.json (the single truth), so the Snakemake scripts stay one call each.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+from moeforge.io.fetch import weights_dir_of
+from moeforge.resources import smoke_dtype
+
+
+def is_identity_build(plan: Mapping[str, Any]) -> bool:
+    """Every expert is the base, unmodified: the MoE must then compute exactly the base model."""
+    recipe = plan["recipe"]
+    rope_changed = plan["base_params"]["rope"]["scaling"] is not None and recipe["rope_scaling"] != "preserve"
+    unmodified = all(e["source_model"] == recipe["base_model"] and not e["noise_scale"]
+                     and e["residual_scale"] in (None, 1.0) for e in recipe["experts"])
+    return unmodified and not rope_changed and not recipe["shared_experts"]
+
+
+
+
+
+
+def smoke_options(plan: Mapping[str, Any], device: str, max_new_tokens: int, dtype: str = "auto") -> Any:
+    from moeforge.check.smoke import SmokeOptions
+
+    recipe = plan["recipe"]
+    expert_prompts = {e["name"]: list(e["positive_prompts"]) for e in recipe["experts"]}
+    prompts = list(recipe["smoke_prompts"]) or [p for ps in expert_prompts.values() for p in ps] \
+        or ["The quick brown fox", "Once upon a time"]
+    return SmokeOptions(prompts=prompts, max_new_tokens=recipe["max_new_tokens"] or max_new_tokens,
+                        device=device, identity=is_identity_build(plan), dtype=smoke_dtype(plan, dtype),
+                        expert_prompts={k: v for k, v in expert_prompts.items() if v},
+                        expert_names=[e["name"] for e in recipe["experts"]])
+
+
+def smoke_stage(model_dir: Path, plan_json: Path, gates_json: Path, translation_json: Path, base_weights: Path, *,
+                device: str, dtype: str = "auto",
+                max_new_tokens: int, out_json: Path, out_md: Path, load_png: Path, similarity_png: Path) -> dict:
+    from moeforge.check.plots import plot_expert_load, plot_gate_similarity
+    from moeforge.check.report import write_report
+    from moeforge.check.smoke import run_smoke
+
+    plan = json.loads(plan_json.read_text())
+    report = run_smoke(model_dir, weights_dir_of(base_weights), smoke_options(plan, device, max_new_tokens, dtype))
+    translation = json.loads(translation_json.read_text())
+    report["build"] = {"merge": plan["merge"], "output_family": plan["output_family"],
+                       "warnings": plan["warnings"], "decisions": plan["decisions"],
+                       "translation": translation["decisions"],
+                       "trust_remote_code": plan["recipe"]["trust_remote_code"]}
+    report["warnings"] = list(report["warnings"]) + translation["warnings"]
+    write_report(report, out_json, out_md)
+    plot_expert_load(report, load_png)
+    plot_gate_similarity(json.loads(gates_json.read_text()), similarity_png)
+    return report

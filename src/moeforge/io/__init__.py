@@ -1,0 +1,1 @@
+"""Where bytes come from and go: model references and fetching, safetensors headers, atomic writes, hashes."""

@@ -1,0 +1,38 @@
+"""Loading with transformers in a batch job: stdin closed, local files only, no remote code.
+
+Loading a config or tokenizer that carries ``auto_map`` can stop at an interactive prompt; a
+job with an empty stdin fails instead of hanging until its time limit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from pathlib import Path
+from typing import Any, Iterator
+
+from moeforge.errors import MoeforgeError
+
+
+@contextlib.contextmanager
+def stdin_closed() -> Iterator[None]:
+    """Give loads an empty stdin so a remote-code prompt cannot block a batch job."""
+    saved = sys.stdin
+    with open(os.devnull, encoding="utf-8") as devnull:
+        sys.stdin = devnull
+        try:
+            yield
+        finally:
+            sys.stdin = saved
+
+
+def load_tokenizer(directory: Path, error: type[MoeforgeError], what: str, fix: str) -> Any:
+    """The tokenizer of a model directory; a missing or broken one is one clear `error`."""
+    from transformers import AutoTokenizer
+
+    try:
+        with stdin_closed():
+            return AutoTokenizer.from_pretrained(str(directory), trust_remote_code=False, local_files_only=True)
+    except Exception as exc:  # any failure to load is the files' fault, named with its directory
+        raise error(f"cannot load {what}: {type(exc).__name__}: {exc}", str(directory), fix) from exc

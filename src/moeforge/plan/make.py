@@ -1,0 +1,133 @@
+"""The merge plan: recipe + sources' metadata -> plan.json and the tensor table.
+
+The single truth every later stage executes. Everything is decided from metadata (config.json,
+tokenizer files, safetensors headers) before any weight is downloaded.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Mapping
+
+import pandas as pd
+
+from moeforge.errors import RecipeError
+from moeforge.io.files import write_json, write_text
+from moeforge.io.safetensors_file import (
+    ITEMSIZE,
+    SAFETENSORS_NAME,
+    TORCH_NAME,
+    shape_of,
+)
+from moeforge.plan.recipe import Recipe
+from moeforge.plan.rows import ZERO_SHARED_INTERMEDIATE, build_rows, validate_rows
+from moeforge.plan.sources import (
+    PlanContext,
+    Source,
+    check_against_base,
+    check_inventory,
+    check_representable,
+    load_source,
+    output_family,
+)
+from moeforge.plan.templates import OutputFamily
+
+
+def _dtype_out(recipe: Recipe, base: Source, ctx: PlanContext) -> str:
+    if recipe.dtype:
+        ctx.decide(f"output dtype {recipe.dtype}", "the recipe's dtype")
+        return SAFETENSORS_NAME[recipe.dtype]
+    embed = base.inventory[base.family.globals["embed"].name]
+    ctx.decide(f"output dtype {TORCH_NAME[embed.dtype]}", "the recipe gives no dtype: the base's weights' dtype")
+    return embed.dtype
+
+
+def _tie_output(recipe: Recipe, base: Source, ctx: PlanContext) -> bool:
+    if not base.params["tied"]:
+        return False
+    if recipe.tie_word_embeddings == "untie":
+        ctx.decide("write lm_head.weight as a copy of the embeddings (untied)",
+                   "tie_word_embeddings: untie, for engines whose MoE classes ignore the tie")
+        return False
+    ctx.decide("keep tied embeddings (no lm_head on disk, tie_word_embeddings: true)",
+               "the base ties its embeddings and the recipe keeps the tie")
+    return True
+
+
+def _source_entry(source: Source, roles: list[str]) -> dict[str, Any]:
+    sj = source.source_json
+    return {"ref": source.ref, "slug": source.slug, "roles": roles, "family": source.family.name,
+            "model_type": source.params["model_type"], "kind": sj["kind"],
+            "resolved_revision": sj["resolved_revision"]}
+
+
+def make_plan(merge: str, recipe: Recipe, meta_dirs: Mapping[str, Path]) -> tuple[dict[str, Any], pd.DataFrame]:
+    """Validate the recipe against its sources' metadata and build plan.json + the tensor table."""
+    ctx = PlanContext()
+    sources = {ref: load_source(ref, meta_dirs[ref]) for ref in recipe.source_models}
+    base = sources[recipe.base_model]
+    check_inventory(base)
+    experts = [sources[e.source_model] for e in recipe.experts]
+    shared = [sources[e.source_model] for e in recipe.shared_experts]
+    for role, group in (("expert", experts), ("shared expert", shared)):
+        for source in group:
+            check_inventory(source, roles="mlp")
+            check_against_base(base, source, role, recipe, ctx)
+    out = output_family(recipe, base)
+    if shared and not out.shared_expert:
+        raise RecipeError(f"{out.name} has no shared experts, but the recipe lists {len(shared)}",
+                          "recipe: shared_experts", "remove shared_experts or use architecture: qwen (Qwen2-MoE)")
+    check_representable(base, experts + shared, out)
+    dtype_out = _dtype_out(recipe, base, ctx)
+    tie_output = _tie_output(recipe, base, ctx)
+    num_layers = base.params["num_hidden_layers"]
+    frame = validate_rows(build_rows(recipe, base, experts, shared, out, dtype_out, tie_output), num_layers)
+    roles: dict[str, list[str]] = {}
+    for ref, role in [(recipe.base_model, "base")] + [(e.source_model, f"expert:{e.name}") for e in recipe.experts] \
+            + [(e.source_model, f"shared_expert:{e.name}") for e in recipe.shared_experts]:
+        roles.setdefault(ref, []).append(role)
+    plan = {
+        "merge": merge,
+        "recipe": recipe.to_dict(),
+        "base": base.slug,
+        "input_family": base.family.name,
+        "output_family": out.name,
+        "num_layers": num_layers,
+        "num_experts": len(experts),
+        "hidden_size": base.params["hidden_size"],
+        "shared_intermediate_size": _shared_width(shared, out),
+        "dtype_out": dtype_out,
+        "tie_output": tie_output,
+        "experts": [{"name": e.name, "slug": s.slug, "ref": e.source_model} for e, s in zip(recipe.experts, experts)],
+        "shared_experts": [{"name": e.name, "slug": s.slug, "ref": e.source_model}
+                           for e, s in zip(recipe.shared_experts, shared)],
+        "sources": {s.slug: _source_entry(s, roles[s.ref]) for s in sources.values()},
+        "base_params": base.params,
+        "shards": ["globals"] + [f"layer-{i}" for i in range(num_layers)],
+        "shard_bytes": _shard_bytes(frame),
+        "decisions": ctx.decisions,
+        "warnings": ctx.warnings,
+    }
+    return plan, frame
+
+
+def _shared_width(shared: list[Source], out: OutputFamily) -> int | None:
+    if not out.shared_expert:
+        return None
+    return sum(s.params["intermediate_size"] for s in shared) if shared else ZERO_SHARED_INTERMEDIATE
+
+
+def _shard_bytes(frame: pd.DataFrame) -> dict[str, int]:
+    """Output bytes per shard: the basis of each shard job's memory and time request."""
+    sizes = frame.apply(lambda r: ITEMSIZE[r["dtype_out"]] * math.prod(shape_of(r["shape"])), axis=1)
+    return {shard: int(total) for shard, total in sizes.groupby(frame["shard"]).sum().items()}
+
+
+
+
+def write_plan(plan: Mapping[str, Any], frame: pd.DataFrame, plan_json: Path, plan_tsv: Path) -> None:
+    write_text(plan_tsv, frame.to_csv(sep="\t", index=False))
+    write_json(plan_json, plan)
+
+

@@ -1,0 +1,47 @@
+"""plan.tensors.tsv, the contract between validation and the shard jobs: columns and reading.
+
+No pandas here: shard jobs read their rows with the csv module and start in a fraction of a
+second; validation builds and checks the table with pandera in ``moeforge.plan.rows``.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from moeforge.io.safetensors_file import shape_of
+
+PLAN_COLUMNS = ["target_name", "part", "concat_dim", "shard", "source", "source_name", "source_file", "dtype_in",
+                "dtype_out", "shape", "transform"]
+
+
+ZEROS_SOURCE = "zeros"
+
+
+GATES_SOURCE = "gates"
+
+
+
+
+def tensor_shape(parts: list[Mapping[str, Any]]) -> tuple[int, ...]:
+    """An output tensor's shape from its plan rows: parts concatenated along their concat_dim."""
+    shapes = [shape_of(p["shape"]) for p in parts]
+    dim = int(parts[0]["concat_dim"])
+    out = list(shapes[0])
+    out[dim] = sum(s[dim] for s in shapes)
+    return tuple(out)
+
+
+def read_rows(plan_tsv: Path, shard: str | None = None) -> list[dict[str, str]]:
+    """The rows of plan.tensors.tsv (of one shard, or all), in plan order."""
+    with open(plan_tsv, newline="") as fh:
+        return [row for row in csv.DictReader(fh, delimiter="\t") if shard is None or row["shard"] == shard]
+
+
+def planned_shapes(rows: Iterable[Mapping[str, Any]]) -> dict[str, tuple[int, ...]]:
+    """Output tensor name -> shape, with multi-part tensors concatenated along their dim."""
+    parts: dict[str, list[Mapping[str, Any]]] = {}
+    for row in rows:
+        parts.setdefault(row["target_name"], []).append(row)
+    return {name: tensor_shape(sorted(group, key=lambda r: int(r["part"]))) for name, group in parts.items()}

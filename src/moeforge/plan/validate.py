@@ -1,0 +1,32 @@
+"""The validate step: recipe + sources' metadata -> a checked plan, before any weight is read.
+
+The check of the plan against the installed transformers class (which imports torch and
+transformers) is its own step, ``class_check``: the shard jobs wait for it, fetching and gates
+do not, so it costs the build no time on the critical path.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+from moeforge.build.translate import build_config
+from moeforge.gates.spec import gate_spec, validate_spec
+from moeforge.plan.make import make_plan, write_plan
+from moeforge.plan.recipe import load_recipe
+
+
+def validate_merge(merge: str, recipe_path: Path, meta_dirs: Mapping[str, Path], plan_json: Path,
+                   plan_tsv: Path) -> dict[str, Any]:
+    """Validate and plan; the config translation runs too, so its refusals come now."""
+    recipe = load_recipe(recipe_path)
+    plan, frame = make_plan(merge, recipe, meta_dirs)
+    validate_spec(gate_spec(plan))
+    base_config = json.loads((meta_dirs[recipe.base_model] / "config.json").read_text())
+    _, decisions = build_config(plan, base_config)
+    plan["warnings"] += [d["warning"] for d in decisions if "warning" in d]
+    write_plan(plan, frame, plan_json, plan_tsv)
+    return plan
+
+
