@@ -23,7 +23,5 @@ rule assemble:
     resources:
         mem_mb=1000,
         runtime=60,
-    conda:
-        "../../envs/moeforge.yaml"
     script:
         "../scripts/assemble.py"

@@ -2,11 +2,10 @@
 import json
 import re
 
+from moeforge import resources as job_resources
 from moeforge.errors import MoeforgeError
-from moeforge.recipe import check_merge_name, load_recipe
-from moeforge.safetensors_io import ITEMSIZE
-from moeforge.sources import parse_ref
-from moeforge.stages import smoke_dtype
+from moeforge.io.refs import parse_ref
+from moeforge.plan.recipe import check_merge_name, load_recipe
 
 
 def _load_recipes():
@@ -97,26 +96,13 @@ def _plan_beside(path):
 
 
 def shard_mem_mb(wildcards, input, attempt):
-    """A shard job holds one transformed tensor at a time plus copy buffers: scale with the shard."""
-    plan = _plan_beside(input.tensors)
-    key = f"layer-{wildcards.layer}" if hasattr(wildcards, "layer") else "globals"
-    size = plan["shard_bytes"].get(key, 0) if plan else 0
-    return int(500 + 2 * size / 2**20 / max(1, plan["num_experts"] if plan else 1)) * attempt
+    shard = f"layer-{wildcards.layer}" if hasattr(wildcards, "layer") else "globals"
+    return job_resources.shard_mem_mb(_plan_beside(input.plan), shard) * attempt
 
 
 def smoke_mem_mb(wildcards, input, attempt):
-    """The smoke test holds one model at a time, in float32 or its own dtype (see smoke_dtype)."""
-    plan = _plan_beside(input.plan)
-    if not plan:
-        return 2000 * attempt
-    size = sum(plan["shard_bytes"].values())
-    dtype = smoke_dtype(plan, config.get("smoke", {}).get("dtype", "auto"))
-    loaded = size * (4 if dtype == "float32" else 2) // ITEMSIZE[plan["dtype_out"]]
-    return int(2000 + 1.5 * loaded / 2**20) * attempt
+    return job_resources.smoke_mem_mb(_plan_beside(input.plan), lookup(dpath="smoke/dtype", within=config)) * attempt
 
 
 def layer_mem_mb(wildcards, input, attempt):
-    """Layer-streamed jobs (gates) hold about one layer at a time, in float32."""
-    plan = _plan_beside(input.plan)
-    largest = max(plan["shard_bytes"].values()) if plan else 0
-    return int(2000 + 3 * largest / 2**20) * attempt
+    return job_resources.layer_mem_mb(_plan_beside(input.plan)) * attempt

@@ -16,7 +16,5 @@ rule demo_models:
         mem_mb=2000,
         runtime=10,
     localrule: True
-    conda:
-        "../../envs/moeforge.yaml"
     script:
         "../scripts/demo_models.py"

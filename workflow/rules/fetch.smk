@@ -14,8 +14,6 @@ rule fetch_metadata:
         mem_mb=1000,
         runtime=30,
     localrule: True
-    conda:
-        "../../envs/moeforge.yaml"
     script:
         "../scripts/fetch_metadata.py"
 
@@ -29,12 +27,12 @@ rule fetch_weights:
         "resources/models/{slug}/weights.json",
     log:
         "logs/fetch_weights/{slug}.log",
+    benchmark:
+        "resources/models/{slug}/benchmarks/fetch_weights.tsv"
     resources:
         mem_mb=1000,
         runtime=600,
     localrule: True
-    conda:
-        "../../envs/moeforge.yaml"
     script:
         "../scripts/fetch_weights.py"
 
@@ -47,10 +45,10 @@ rule hash_weights:
         "resources/models/{slug}/weights.sha256.json",
     log:
         "logs/hash_weights/{slug}.log",
+    benchmark:
+        "resources/models/{slug}/benchmarks/hash_weights.tsv"
     resources:
         mem_mb=500,
         runtime=120,
-    conda:
-        "../../envs/moeforge.yaml"
     script:
         "../scripts/hash_weights.py"

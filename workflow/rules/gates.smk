@@ -20,7 +20,5 @@ rule gates:
         runtime=120,
         # A GPU only when the recipe asks for gate_device: cuda (SLURM maps this to --gpus).
         gpu=lambda wc: int(RECIPES[wc.merge].gate_device == "cuda"),
-    conda:
-        "../../envs/moeforge.yaml"
     script:
         "../scripts/gates.py"

@@ -3,6 +3,8 @@
 
 rule layer_shard:
     input:
+        # plan.json sizes the job's memory request (shard_mem_mb).
+        plan="results/{merge}/plan.json",
         tensors="results/{merge}/plan.tensors.tsv",
         checked="results/{merge}/class_check.json",
         weights=weight_records,
@@ -19,14 +21,14 @@ rule layer_shard:
     resources:
         mem_mb=shard_mem_mb,
         runtime=60,
-    conda:
-        "../../envs/moeforge.yaml"
     script:
         "../scripts/shard.py"
 
 
 rule globals_shard:
     input:
+        # plan.json sizes the job's memory request (shard_mem_mb).
+        plan="results/{merge}/plan.json",
         tensors="results/{merge}/plan.tensors.tsv",
         checked="results/{merge}/class_check.json",
         weights=weight_records,
@@ -42,7 +44,5 @@ rule globals_shard:
     resources:
         mem_mb=shard_mem_mb,
         runtime=60,
-    conda:
-        "../../envs/moeforge.yaml"
     script:
         "../scripts/shard.py"

@@ -24,9 +24,9 @@ rule smoke_test:
             labels={"merge": "{merge}", "figure": "gate similarity"},
         ),
     params:
-        device=config.get("smoke", {}).get("device", "cpu"),
-        max_new_tokens=config.get("smoke", {}).get("max_new_tokens", 16),
-        dtype=config.get("smoke", {}).get("dtype", "auto"),
+        device=lookup(dpath="smoke/device", within=config),
+        max_new_tokens=lookup(dpath="smoke/max_new_tokens", within=config),
+        dtype=lookup(dpath="smoke/dtype", within=config),
     log:
         "logs/{merge}/smoke_test.log",
     # Wall time and peak memory of every job: what a cluster profile should ask for.
@@ -35,7 +35,5 @@ rule smoke_test:
     resources:
         mem_mb=smoke_mem_mb,
         runtime=60,
-    conda:
-        "../../envs/moeforge.yaml"
     script:
         "../scripts/smoke_test.py"

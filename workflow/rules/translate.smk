@@ -15,7 +15,5 @@ rule translate_config:
         mem_mb=1000,
         runtime=5,
     localrule: True
-    conda:
-        "../../envs/moeforge.yaml"
     script:
         "../scripts/translate_config.py"

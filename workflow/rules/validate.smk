@@ -18,27 +18,24 @@ checkpoint validate:
     resources:
         mem_mb=2000,
         runtime=10,
-    conda:
-        "../../envs/moeforge.yaml"
     script:
         "../scripts/validate.py"
 
 
-rule check_plan:
+rule class_check:
     input:
         plan="results/{merge}/plan.json",
         tensors="results/{merge}/plan.tensors.tsv",
-        base_meta=lambda wc: f"resources/models/{base_slug(wc)}/meta",
+        # The config.json translate_config wrote: the one the output will carry.
+        config="results/{merge}/config/config.json",
     output:
         "results/{merge}/class_check.json",
     log:
-        "logs/{merge}/check_plan.log",
+        "logs/{merge}/class_check.log",
     benchmark:
-        "results/{merge}/benchmarks/check_plan.tsv"
+        "results/{merge}/benchmarks/class_check.tsv"
     resources:
         mem_mb=2000,
         runtime=10,
-    conda:
-        "../../envs/moeforge.yaml"
     script:
-        "../scripts/check_plan.py"
+        "../scripts/class_check.py"

@@ -7,12 +7,10 @@ rule verify:
         locks=lambda wc: [f"{path}/moeforge.lock.json" for path in VERIFY.values()],
     params:
         models=lambda wc: VERIFY,
-        device=config.get("smoke", {}).get("device", "cpu"),
-        max_new_tokens=config.get("smoke", {}).get("max_new_tokens", 16),
+        device=lookup(dpath="smoke/device", within=config),
+        max_new_tokens=lookup(dpath="smoke/max_new_tokens", within=config),
     log:
         "logs/verify.log",
     localrule: True
-    conda:
-        "../../envs/moeforge.yaml"
     script:
         "../scripts/verify.py"

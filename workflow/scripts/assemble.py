@@ -1,7 +1,7 @@
 """The Hub-ready model directory."""
 from pathlib import Path
 
-from moeforge.assemble import assemble
+from moeforge.build.assemble import assemble
 from moeforge.runner import run
 
 run(snakemake, lambda s: assemble(Path(s.input.plan), [Path(p) for p in s.input.shards],  # noqa: F821

@@ -1,8 +1,8 @@
 """Pre-flight validation: plan.json and plan.tensors.tsv, from metadata only."""
 from pathlib import Path
 
+from moeforge.plan.validate import validate_merge
 from moeforge.runner import run
-from moeforge.validate import validate_merge
 
 
 def main(s):
