@@ -8,4 +8,4 @@ fi
 python3 -m venv .venv-tf4
 .venv-tf4/bin/python -m pip install -q --upgrade pip
 .venv-tf4/bin/python -m pip install -q torch==2.13.0
-.venv-tf4/bin/python -m pip install -q "transformers>=4.57,<5" safetensors
+.venv-tf4/bin/python -m pip install -q -r envs/requirements-tf4.txt
