@@ -243,7 +243,7 @@ def ensure_tokenizer(data_dir: Path, vocab: int) -> Path:
     out = data_dir / f"tokenizer-{vocab}"
     if not (out / "tokenizer.json").is_file():
         # imports transformers: only when the tokenizer is not cached yet
-        from moeforge.fixtures import train_tokenizer
+        from moeforge.tiny_models import train_tokenizer
 
         tmp = out.with_name(out.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -601,7 +601,7 @@ def probe_startup(log: Callable[[str], None], peer: bool) -> dict[str, float]:
     probes = {
         "python -c pass": [sys.executable, "-c", "pass"],
         "import snakemake (job preamble)": [sys.executable, "-c", "import snakemake.script"],
-        "import moeforge.shards (pandas)": [sys.executable, "-c", "import moeforge.shards, moeforge.plan"],
+        "import moeforge.build.shards": [sys.executable, "-c", "import moeforge.build.shards, moeforge.plan.make"],
         "import torch": [sys.executable, "-c", "import torch"],
         "snakemake --version": [snakemake_bin(), "--version"],
     }

@@ -30,7 +30,7 @@ def tf4_python() -> Path:
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> Path:
     """The demo tokenizer, trained once per test session."""
-    from moeforge.fixtures import train_tokenizer
+    from moeforge.tiny_models import train_tokenizer
 
     out = tmp_path_factory.mktemp("tokenizer")
     train_tokenizer(out)

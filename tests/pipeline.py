@@ -16,12 +16,14 @@ import torch
 import yaml
 from safetensors import safe_open
 
-from moeforge.assemble import assemble
-from moeforge.shards import read_rows, weight_dirs_from, write_shard
-from moeforge.sources import fetch_metadata, fetch_weights, hash_weights, parse_ref
-from moeforge.stages import gates_for_plan
-from moeforge.translate import translate
-from moeforge.validate import check_plan, validate_merge
+from moeforge.build.assemble import assemble
+from moeforge.build.shards import shard_step
+from moeforge.build.translate import translate
+from moeforge.gates.compute import gates_for_plan
+from moeforge.io.fetch import fetch_metadata, fetch_weights, hash_weights
+from moeforge.io.refs import parse_ref
+from moeforge.plan.class_check import class_check
+from moeforge.plan.validate import validate_merge
 
 
 @dataclass
@@ -56,8 +58,9 @@ def plan_only(root: Path, recipe: dict[str, Any], merge: str = "m") -> dict[str,
     meta = fetch_all(root, refs)
     out = root / "results" / merge
     plan = validate_merge(merge, recipe_path, meta, out / "plan.json", out / "plan.tensors.tsv")
-    plan["class_check"] = check_plan(out / "plan.json", out / "plan.tensors.tsv", meta[recipe["base_model"]],
-                                     out / "class_check.json")
+    translate(out / "plan.json", meta[recipe["base_model"]], out / "config")
+    plan["class_check"] = class_check(out / "plan.json", out / "plan.tensors.tsv", out / "config" / "config.json",
+                                      out / "class_check.json")
     return plan
 
 
@@ -79,14 +82,13 @@ def build(root: Path, recipe: dict[str, Any], merge: str = "m") -> Build:
     weights, hashes = list(dict.fromkeys(weights)), list(dict.fromkeys(hashes))
     base_weights = meta[recipe["base_model"]].parent / "weights.json"
     gates_for_plan(out / "plan.json", base_weights, out / "gates.safetensors", out / "gates.json")
-    dirs = weight_dirs_from(weights)
     shards, digests = [], []
     for shard in plan["shards"]:
         path = out / "shards" / f"{shard}.safetensors"
-        digests.append(write_shard(read_rows(out / "plan.tensors.tsv", shard), dirs,
-                                   out / "gates.safetensors" if shard != "globals" else None, path))
+        digests.append(shard_step(out / "plan.tensors.tsv", shard, weights,
+                                  out / "gates.safetensors" if shard != "globals" else None, path,
+                                  path.with_suffix(".sha256")))
         shards.append(path)
-    translate(out / "plan.json", meta[recipe["base_model"]], out / "config")
     assemble(out / "plan.json", shards, digests, out / "config", meta[recipe["base_model"]], hashes, out / "model")
     return Build(root=root, plan=plan, model_dir=out / "model", meta=meta)
 
@@ -102,7 +104,7 @@ def tensors_of(model_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def sha256_tree(model_dir: Path) -> dict[str, str]:
-    from moeforge.fileio import sha256_file
+    from moeforge.io.files import sha256_file
 
     return {p.name: sha256_file(p) for p in sorted(model_dir.iterdir()) if p.is_file()}
 

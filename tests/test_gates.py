@@ -17,12 +17,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from moeforge import layerwise
 from moeforge.errors import RecipeError
-from moeforge.fixtures import build_dense_model
-from moeforge.gates import ExpertPrompts, GateSpec, compute_gates, write_gates
-from moeforge.recipe import GATE_MODES
-from moeforge.layerwise import iter_layer_hidden_states, position_ids_for
+from moeforge.gates import layerwise
+from moeforge.gates.compute import ExpertPrompts, GateSpec, compute_gates, write_gates
+from moeforge.gates.layerwise import iter_layer_hidden_states, position_ids_for
+from moeforge.plan.recipe import GATE_MODES
+from moeforge.tiny_models import build_dense_model
 
 TOPICS = {
     "code": (

@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from moeforge.fixtures import build_dense_model
-from pipeline import build, logits, lock_of, sha256_tree, tensors_of, tf4_logits
+from moeforge.tiny_models import build_dense_model
+from pipeline import build, lock_of, logits, sha256_tree, tensors_of, tf4_logits
 
 IDS = torch.tensor([[1, 17, 45, 98, 203, 7, 88, 150, 33, 61, 240, 12]])
 
@@ -182,8 +182,8 @@ def test_transformers4_loads_with_same_logits(tmp_path, models, tf4_python):
 def test_identity_check_in_bfloat16(tmp_path, models):
     """Big models are smoke-tested in their own 16-bit dtype: the identity check still holds, and
     still catches a wrong rope theta."""
+    from moeforge.check.smoke import SmokeOptions, run_smoke
     from moeforge.errors import BuildError
-    from moeforge.smoke import SmokeOptions, run_smoke
 
     base = models["base"]
     result = build(tmp_path, recipe_for(base, [base] * 3, dtype="bfloat16"))
@@ -203,20 +203,17 @@ def test_identity_check_in_bfloat16(tmp_path, models):
 def test_class_check_refuses_a_plan_without_attention(tmp_path, models):
     """Report 1's class, caught before any weight is written: a plan missing attention or norm
     tensors does not match the installed transformers Mixtral class."""
-    from moeforge.architectures import output_family_for
-    from moeforge.classcheck import check_plan_against_class
+    from moeforge.build.translate import build_config
     from moeforge.errors import BuildError
-    from moeforge.plan import planned_shapes
-    from moeforge.translate import build_config
+    from moeforge.plan.class_check import check_plan_against_class
+    from moeforge.plan.table import planned_shapes, read_rows
+    from moeforge.plan.templates import output_family_for
     from pipeline import plan_only
-    import pandas as pd
 
     plan = plan_only(tmp_path, recipe_for(models["base"], [models["e0"], models["e1"]]))
-    frame = pd.read_csv(tmp_path / "results/m/plan.tensors.tsv", sep="\t", dtype=str, keep_default_na=False)
-    frame = frame.astype({"part": int, "concat_dim": int})
     config, _ = build_config(plan, json.loads((models["base"] / "config.json").read_text()))
     out = output_family_for("mixtral")
-    planned = planned_shapes(frame)
+    planned = planned_shapes(read_rows(tmp_path / "results/m/plan.tensors.tsv"))
     summary = check_plan_against_class(planned, config, out, plan["num_layers"], plan["num_experts"])
     assert summary["tensors"] == 3 + 9 * plan["num_layers"]  # fused in 5.x: router, gate_up, down per layer
     assert "fused" in summary["layout_compared"]

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from moeforge.errors import ModelError, RecipeError
-from moeforge.fixtures import build_dense_model, build_preset
+from moeforge.tiny_models import build_dense_model, build_preset
 from pipeline import build, logits, plan_only, tensors_of, tf4_logits
 
 IDS = torch.tensor([[1, 17, 45, 98, 203, 7, 88, 150, 33, 61, 240, 12]])
@@ -194,7 +194,7 @@ def test_transformers4_loads_qwen_moe(tmp_path, zoo, key, tf4_python):
 @pytest.mark.parametrize("key", ["qwen2", "qwen3"])
 def test_smoke_stage_passes_on_qwen_outputs(tmp_path, zoo, key):
     """The pipeline's smoke stage on Qwen2-MoE / Qwen3-MoE identity builds: passes, with the numbers."""
-    from moeforge.stages import smoke_stage
+    from moeforge.check.smoke_stage import smoke_stage
 
     q = zoo[key]
     prompts = {"positive_prompts": ["def main():", "The oven is hot"]}

@@ -8,10 +8,10 @@ import math
 import pytest
 import torch
 
+from moeforge.build.translate import angle_error, theta_for
+from moeforge.check.smoke_stage import smoke_stage
 from moeforge.errors import RecipeError
-from moeforge.fixtures import build_dense_model
-from moeforge.stages import smoke_stage
-from moeforge.translate import angle_error, theta_for
+from moeforge.tiny_models import build_dense_model
 from pipeline import build, plan_only
 
 HEAD_DIM = 16
@@ -106,8 +106,9 @@ def test_theta_refused_for_uneven_scalings(tmp_path, models, kind):
 
 @pytest.mark.parametrize("kind", ["yarn", "llama3", "dynamic"])
 def test_preserve_keeps_every_scaling(tmp_path, models, kind):
-    from pipeline import logits
     from transformers import AutoModelForCausalLM
+
+    from pipeline import logits
 
     result = build(tmp_path, recipe(models[kind], "preserve"))
     ids = torch.tensor([[1, 9, 40, 77, 120, 300, 15, 8]])

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 
 from hfcache import offline_env, populate
+from moeforge.errors import ModelError
+from moeforge.io.fetch import fetch_metadata
+from moeforge.tiny_models import build_demo, build_dense_model
 from pipeline import build
 from test_workflow import MODEL, REPO, SNAKEMAKE, workdir
-from moeforge.errors import ModelError
-from moeforge.fixtures import build_demo, build_dense_model
-from moeforge.sources import fetch_metadata
 
 FAKE_TOKEN = "hf_moeforgeFAKEtokenDoNotLeak0123456789"
 COMMIT = "fedcba9876543210fedcba9876543210fedcba98"
@@ -62,7 +62,7 @@ def test_remote_code_is_never_run(tmp_path):
     (model / "config.json").write_text(json.dumps(config))
     result = build(tmp_path / "b", {"base_model": str(model), "gate_mode": "hidden",
                                     "experts": [{"source_model": str(model), "positive_prompts": ["hi"]}] * 2})
-    from moeforge.smoke import SmokeOptions, run_smoke
+    from moeforge.check.smoke import SmokeOptions, run_smoke
 
     run_smoke(result.model_dir, model, SmokeOptions(prompts=["hello"], max_new_tokens=2, identity=True))
     assert not marker.exists()

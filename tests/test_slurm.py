@@ -36,7 +36,7 @@ TARGET = "results/demo/smoke/report.json"
 # Rules that run on the submit host (`localrule: True` in workflow/rules/); everything else is a
 # SLURM job.
 LOCAL_RULES = {"demo_models", "fetch_metadata", "fetch_weights", "translate_config"}
-REMOTE_RULES = {"validate", "check_plan", "gates", "hash_weights", "globals_shard", "layer_shard", "assemble",
+REMOTE_RULES = {"validate", "class_check", "gates", "hash_weights", "globals_shard", "layer_shard", "assemble",
                 "smoke_test"}
 # Rules with one job per source model (the demo merges a base and three experts).
 PER_SOURCE_RULES = {"hash_weights": 4}
@@ -144,7 +144,7 @@ def jobcomp_states(state_dir: Path) -> dict[str, str]:
 
 def sha256_tree(model: Path) -> dict[str, str]:
     """Every file of a model directory by name, hashed: the bytes two builds must share."""
-    from moeforge.fileio import sha256_file
+    from moeforge.io.files import sha256_file
 
     return {p.name: sha256_file(p) for p in sorted(model.iterdir()) if p.is_file()}
 

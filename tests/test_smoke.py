@@ -19,19 +19,11 @@ from matplotlib.image import imread
 from safetensors.torch import load_file, save_file
 from transformers import MixtralConfig, PretrainedConfig, Qwen2MoeConfig, Qwen3MoeConfig
 
+from moeforge.check.plots import plot_expert_load, plot_gate_similarity
+from moeforge.check.report import render_markdown, write_report
+from moeforge.check.smoke import SmokeFailure, SmokeOptions, compare_logits, degeneracy_flags, routing_stats, run_smoke
 from moeforge.errors import BuildError, RecipeError
-from moeforge.fixtures import TOKENIZER_FILES, build_dense_model, load_weights, write_weights
-from moeforge.plots import plot_expert_load, plot_gate_similarity
-from moeforge.smoke import (
-    SmokeFailure,
-    SmokeOptions,
-    compare_logits,
-    degeneracy_flags,
-    render_markdown,
-    routing_stats,
-    run_smoke,
-    write_report,
-)
+from moeforge.tiny_models import TOKENIZER_FILES, build_dense_model, load_weights, write_weights
 
 HIDDEN, INTER, LAYERS, EXPERTS, TOP_K = 32, 64, 2, 4, 2
 PROMPTS = ["The quick brown fox", "def add(a, b):", "Two plus two equals"]

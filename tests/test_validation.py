@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from moeforge.architectures import load_template
-from moeforge.errors import FetchError, ModelError, RecipeError, TemplateError
-from moeforge.fixtures import build_dense_model, build_preset, train_tokenizer
-from moeforge.plan import load_source
-from moeforge.recipe import check_merge_name, load_recipe, parse_recipe
-from moeforge.sources import fetch_metadata
 from hfcache import offline_env, populate
+from moeforge.errors import FetchError, ModelError, RecipeError, TemplateError
+from moeforge.io.fetch import fetch_metadata
+from moeforge.plan.recipe import check_merge_name, load_recipe, parse_recipe
+from moeforge.plan.sources import load_source
+from moeforge.plan.templates import load_template
+from moeforge.tiny_models import build_dense_model, build_preset, train_tokenizer
 from pipeline import plan_only
 
 REPO = Path(__file__).resolve().parents[1]
@@ -101,7 +101,7 @@ def test_expert_names_are_unique():
 # ---- templates -----------------------------------------------------------------------------
 
 def test_builtin_templates_load():
-    from moeforge.architectures import load_all
+    from moeforge.plan.templates import load_all
 
     inputs, outputs = load_all()
     assert {"llama", "mistral", "qwen2", "qwen3"} <= set(inputs)
@@ -323,7 +323,7 @@ def test_offline_hub_cache_resolves_commit(tmp_path, zoo):
     cache = tmp_path / "hub"
     commit = "0123456789abcdef0123456789abcdef01234567"
     populate(cache, "acme/tiny-llama", zoo["base"], commit)
-    code = ("import json, sys; from pathlib import Path; from moeforge.sources import fetch_metadata; "
+    code = ("import json, sys; from pathlib import Path; from moeforge.io.fetch import fetch_metadata; "
             "print(json.dumps(fetch_metadata(sys.argv[1], Path(sys.argv[2]))))")
     for ref in ("acme/tiny-llama", "acme/tiny-llama@main", f"acme/tiny-llama@{commit}"):
         out = tmp_path / ref.replace("/", "_").replace("@", "_")
@@ -336,7 +336,7 @@ def test_offline_hub_cache_resolves_commit(tmp_path, zoo):
 
 
 def test_offline_without_cache_is_a_clear_error(tmp_path):
-    code = ("from pathlib import Path; from moeforge.runner import run; from moeforge.sources import fetch_metadata; "
+    code = ("from pathlib import Path; from moeforge.runner import run; from moeforge.io.fetch import fetch_metadata; "
             "import types; run(types.SimpleNamespace(log=[]), lambda s: fetch_metadata('acme/absent', Path('x')))")
     proc = subprocess.run([sys.executable, "-c", code], env=offline_env(tmp_path / "hub"), cwd=tmp_path,
                           capture_output=True, text=True, stdin=subprocess.DEVNULL)
@@ -348,8 +348,8 @@ def test_nan_weights_in_an_expert_fail_the_smoke_test(tmp_path, zoo):
     """NaN in a source cannot be seen from headers; the smoke test's scan names the tensor and file."""
     from safetensors.torch import load_file, save_file
 
+    from moeforge.check.smoke import SmokeOptions, run_smoke
     from moeforge.errors import BuildError
-    from moeforge.smoke import SmokeOptions, run_smoke
     from pipeline import build
 
     bad = variant(zoo["expert"], tmp_path / "nan")
