@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -88,6 +88,16 @@ class SmokeOptions:
     dtype: str = "float32"
     expert_prompts: dict[str, list[str]] = field(default_factory=dict)
     expert_names: list[str] = field(default_factory=list)
+
+
+#: Prompts for a recipe that names no smoke_prompts and no expert prompts (random/cheap_embed gates).
+FALLBACK_PROMPTS = ("The quick brown fox", "Once upon a time")
+
+
+def smoke_prompts(recipe: Mapping[str, Any]) -> list[str]:
+    """What the smoke test generates from: the recipe's smoke_prompts, else every expert prompt."""
+    expert = [p for e in recipe["experts"] for p in e.get("positive_prompts") or []]
+    return list(recipe.get("smoke_prompts") or []) or expert or list(FALLBACK_PROMPTS)
 
 
 class SmokeFailure(BuildError):

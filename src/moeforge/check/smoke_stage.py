@@ -28,13 +28,11 @@ def is_identity_build(plan: Mapping[str, Any]) -> bool:
 
 
 def smoke_options(plan: Mapping[str, Any], device: str, max_new_tokens: int, dtype: str = "auto") -> Any:
-    from moeforge.check.smoke import SmokeOptions
+    from moeforge.check.smoke import SmokeOptions, smoke_prompts
 
     recipe = plan["recipe"]
     expert_prompts = {e["name"]: list(e["positive_prompts"]) for e in recipe["experts"]}
-    prompts = list(recipe["smoke_prompts"]) or [p for ps in expert_prompts.values() for p in ps] \
-        or ["The quick brown fox", "Once upon a time"]
-    return SmokeOptions(prompts=prompts, max_new_tokens=recipe["max_new_tokens"] or max_new_tokens,
+    return SmokeOptions(prompts=smoke_prompts(recipe), max_new_tokens=recipe["max_new_tokens"] or max_new_tokens,
                         device=device, identity=is_identity_build(plan), dtype=smoke_dtype(plan, dtype),
                         expert_prompts={k: v for k, v in expert_prompts.items() if v},
                         expert_names=[e["name"] for e in recipe["experts"]])

@@ -39,18 +39,16 @@ def check_lock(model_dir: Path) -> dict[str, Any]:
     return {"files_verified": len(lock["files"]), "merge": lock["merge"], "output_family": lock["output_family"]}
 
 
-def verify_model(model_dir: Path, out_dir: Path, *, device: str = "cpu", max_new_tokens: int = 16) -> dict[str, Any]:
+def verify_model(model_dir: Path, out_dir: Path, *, device: str, max_new_tokens: int) -> dict[str, Any]:
     """Hash check, then the smoke test (no base comparison: the base may not be at hand)."""
     from moeforge.check.report import write_report
-    from moeforge.check.smoke import SmokeOptions, run_smoke
+    from moeforge.check.smoke import SmokeOptions, run_smoke, smoke_prompts
 
     files = check_lock(model_dir)
     lock = json.loads((model_dir / LOCK_NAME).read_text())
     recipe = lock["recipe"]
     expert_prompts = {e["name"]: list(e["positive_prompts"]) for e in recipe["experts"] if e["positive_prompts"]}
-    prompts = list(recipe.get("smoke_prompts") or []) or [p for ps in expert_prompts.values() for p in ps] \
-        or ["The quick brown fox", "Once upon a time"]
-    opts = SmokeOptions(prompts=prompts, max_new_tokens=max_new_tokens, device=device,
+    opts = SmokeOptions(prompts=smoke_prompts(recipe), max_new_tokens=max_new_tokens, device=device,
                         expert_prompts=expert_prompts, expert_names=[e["name"] for e in recipe["experts"]])
     report = run_smoke(model_dir, None, opts)
     report["lock"] = files
