@@ -1,6 +1,9 @@
 # moeforge: build a Mixture-of-Experts checkpoint from dense checkpoints.
-#   snakemake --cores 2                 the merges listed in config/config.yaml
-#   snakemake --cores 2 --configfile my.yaml
+#   snakemake --cores 2                                   the offline demo
+#   snakemake --cores 8 --config recipe=path/to/name.yaml one recipe, merge "name"
+#   snakemake --cores 8 --configfile my.yaml              the merges listed in my.yaml
+#                                                         (recipe: a YAML recipe, or lock: a build to rerun)
+# Targets go before --configfile/--config, which take several values.
 from snakemake.utils import min_version, validate
 
 min_version("9")
@@ -22,9 +25,11 @@ include: "workflow/rules/translate.smk"
 include: "workflow/rules/assemble.smk"
 include: "workflow/rules/smoke.smk"
 include: "workflow/rules/verify.smk"
+include: "workflow/rules/reproduce.smk"
 
 
 rule all:
     default_target: True
     input:
         expand("results/{merge}/smoke/report.json", merge=MERGES),
+        expand("results/{merge}/reproduce/report.json", merge=LOCKS),

@@ -4,20 +4,24 @@ import re
 
 from moeforge import resources as job_resources
 from moeforge.errors import MoeforgeError
+from moeforge.io.fetch import local_source_files
 from moeforge.io.refs import parse_ref
-from moeforge.plan.recipe import check_merge_name, load_recipe
+from moeforge.plan.merges import merges_to_build
+from moeforge.plan.recipe import load_recipe
 
 
 def _load_recipes():
     """Validate every merge's recipe at parse time: bad recipes fail before any job runs."""
     try:
-        for merge in config["merges"]:
-            check_merge_name(merge)
-        return {m: load_recipe(spec["recipe"]) for m, spec in config["merges"].items()}
+        return {m: load_recipe(spec["recipe"]) for m, spec in MERGE_TABLE.items()}
     except MoeforgeError as exc:
         raise WorkflowError(f"moeforge: {exc}") from None
 
 
+try:
+    MERGE_TABLE = merges_to_build(config)
+except MoeforgeError as exc:
+    raise WorkflowError(f"moeforge: {exc}") from None
 RECIPES = _load_recipes()
 MERGES = list(RECIPES)
 REFS = {parse_ref(ref).slug: ref for r in RECIPES.values() for ref in r.source_models}
@@ -63,11 +67,11 @@ def base_slug(wildcards):
 
 
 def local_model_input(wildcards):
-    """A local model directory is an input (so the demo rule can build it); hub refs have none."""
-    ref = parse_ref(REFS[wildcards.slug])
-    if ref.kind == "local" and (ref.path.startswith(f"{DEMO_ROOT}/") or Path(ref.path).is_dir()):
-        return [ref.path]
-    return []
+    """A local model's files (an edit in place reruns what used them); the demo's directory (built here)."""
+    ref = REFS[wildcards.slug]
+    if ref.startswith(f"{DEMO_ROOT}/"):
+        return [ref]
+    return local_source_files(ref)
 
 
 def plan_of(merge):

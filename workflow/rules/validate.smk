@@ -3,7 +3,7 @@
 
 checkpoint validate:
     input:
-        recipe=lambda wc: config["merges"][wc.merge]["recipe"],
+        recipe=lambda wc: MERGE_TABLE[wc.merge]["recipe"],
         meta=meta_dirs,
     output:
         plan="results/{merge}/plan.json",

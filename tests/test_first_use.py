@@ -1,0 +1,266 @@
+"""A new user's first runs: the run named is the run built, and the faults outside testing found.
+
+Each test here failed before its fix: the demo built alongside a user's config, a mistyped local
+path looked up on the Hub, a NaN in a source expert blamed on moeforge's transforms, a failed
+model left where a finished one stands, an edited local source not noticed, published recipes
+with empty prompts refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from moeforge.build.finite import hash_and_scan
+from moeforge.errors import BuildError, FetchError, ModelError, RecipeError
+from moeforge.io.fetch import fetch_metadata
+from moeforge.io.files import sha256_file
+from moeforge.plan.merges import merges_to_build
+from moeforge.plan.recipe import parse_recipe
+from moeforge.tiny_models import build_dense_model
+from pipeline import build, plan_only
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEMAKE = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile")]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, tokenizer_dir):
+    root = tmp_path_factory.mktemp("models")
+    base = build_dense_model(root / "base", "llama", seed=0, tokenizer_dir=tokenizer_dir)
+    return {"base": base, **{f"e{i}": build_dense_model(root / f"e{i}", derive_from=base, seed=20 + i, mlp_noise=0.05)
+                             for i in range(2)}}
+
+
+def recipe_for(models, **extra):
+    return {"base_model": str(models["base"]), "gate_mode": "random",
+            "experts": [{"source_model": str(models["e0"])}, {"source_model": str(models["e1"])}], **extra}
+
+
+# ---- the run you name ----------------------------------------------------------------------
+
+def dry_run(wd: Path, *args: str) -> str:
+    """Jobs a dry run would run, from the repository's own config/config.yaml (as a user runs it)."""
+    proc = subprocess.run([*SNAKEMAKE, "-d", str(wd), "-n", "--cores", "1", *args], cwd=REPO,
+                          capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return proc.stdout + proc.stderr
+
+
+@pytest.fixture
+def wd(tmp_path):
+    (tmp_path / "config").mkdir()
+    shutil.copytree(REPO / "config", tmp_path / "config", dirs_exist_ok=True)
+    return tmp_path
+
+
+def test_a_user_config_builds_only_its_merges(wd, models):
+    (wd / "mine.yaml").write_text(yaml.safe_dump(recipe_for(models)))
+    (wd / "my.yaml").write_text(yaml.safe_dump({"merges": {"mine": {"recipe": str(wd / "mine.yaml")}}}))
+    out = dry_run(wd, "--configfile", str(wd / "my.yaml"))
+    assert "results/mine/" in out and "results/demo" not in out and "demo_models" not in out
+
+
+def test_recipe_config_key_names_the_merge_after_the_file(wd, models):
+    (wd / "my-moe.yaml").write_text(yaml.safe_dump(recipe_for(models)))
+    out = dry_run(wd, "--config", f"recipe={wd / 'my-moe.yaml'}")
+    assert "results/my-moe/" in out and "results/demo" not in out
+
+
+def test_a_bare_run_builds_the_demo(wd):
+    assert "demo_models" in dry_run(wd) and "results/demo/" in dry_run(wd)
+
+
+def test_merge_table_rules():
+    demo = {"demo": {"recipe": "config/recipes/demo.yaml"}}
+    assert merges_to_build({"merges": {}, "demo": demo["demo"]}) == demo
+    assert merges_to_build({"merges": {}, "recipe": "a/b/x_1.yaml", "demo": demo["demo"]}) == {
+        "x_1": {"recipe": "a/b/x_1.yaml"}}
+    with pytest.raises(RecipeError, match="cannot name a merge"):
+        merges_to_build({"recipe": "my recipe.yaml", "demo": demo["demo"]})
+    with pytest.raises(RecipeError, match="named twice"):
+        merges_to_build({"recipe": "x.yaml", "merges": {"x": {"recipe": "other.yaml"}}, "demo": demo["demo"]})
+
+
+# ---- local paths are never Hub lookups, local files are tracked ------------------------------
+
+def test_mistyped_local_path_is_not_a_hub_lookup(tmp_path, models, monkeypatch):
+    shutil.copytree(models["e0"], tmp_path / "models" / "expert")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FetchError, match=r"no such local directory \./modles/expert, but the local model "
+                                         r"models/expert exists.*modles/expert@main"):
+        fetch_metadata("modles/expert", tmp_path / "meta")
+    with pytest.raises(FetchError, match=r"no such local directory: .*models/exprt.*did you mean models/expert"):
+        fetch_metadata("./models/exprt", tmp_path / "meta")
+    assert not (tmp_path / "meta").exists()
+
+
+def test_missing_hub_ref_names_both_places(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    code = ("from pathlib import Path; from moeforge.io.fetch import fetch_metadata; "
+            "fetch_metadata('nobody/nothing', Path('meta'))")
+    proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL, timeout=120)
+    assert proc.returncode != 0
+    assert "not in the Hugging Face cache" in proc.stderr and "no local directory ./nobody/nothing" in proc.stderr
+
+
+def test_local_source_edited_in_place_reruns(wd, models):
+    """Overwriting a weight file (directory mtime unchanged) makes the plan out of date."""
+    local = wd / "models"
+    for key in ("base", "e0", "e1"):
+        shutil.copytree(models[key], local / key)
+    recipe = {"base_model": "models/base", "gate_mode": "random",
+              "experts": [{"source_model": "models/e0"}, {"source_model": "models/e1"}]}
+    (wd / "m.yaml").write_text(yaml.safe_dump(recipe))
+    args = ["--config", "recipe=m.yaml"]
+    proc = subprocess.run([*SNAKEMAKE, "-d", str(wd), "--cores", "1", "results/m/plan.json", *args], cwd=REPO,
+                          capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Nothing to be done" in dry_run(wd, "results/m/plan.json", *args)
+    weights = local / "e1" / "model.safetensors"
+    dir_mtime = os.stat(local / "e1").st_mtime_ns
+    tensors = load_file(weights)
+    save_file({k: v * 2 for k, v in tensors.items()}, weights.with_suffix(".tmp"), metadata={"format": "pt"})
+    with open(weights, "r+b") as fh:  # in place: the directory entry, and its mtime, do not change
+        fh.write(weights.with_suffix(".tmp").read_bytes())
+    weights.with_suffix(".tmp").unlink()
+    os.utime(local / "e1", ns=(dir_mtime, dir_mtime))
+    assert "fetch_metadata" in dry_run(wd, "results/m/plan.json", *args)
+
+
+# ---- non-finite sources and failed models ---------------------------------------------------
+
+def poisoned_copy(src: Path, dst: Path, name_part: str) -> str:
+    shutil.copytree(src, dst)
+    tensors = load_file(dst / "model.safetensors")
+    victim = next(k for k in sorted(tensors) if name_part in k)
+    tensors[victim] = tensors[victim].clone()
+    tensors[victim].view(-1)[3] = float("nan")
+    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+    return victim
+
+
+def test_nan_in_a_source_expert_is_named_before_assembly(tmp_path, models):
+    victim = poisoned_copy(models["e1"], tmp_path / "bad_expert", "layers.1.mlp.up_proj")
+    recipe = recipe_for(models)
+    recipe["experts"][1]["source_model"] = str(tmp_path / "bad_expert")
+    with pytest.raises(ModelError) as info:
+        build(tmp_path / "run", recipe)
+    message = str(info.value)
+    assert f"source tensor {victim!r}" in message and str(tmp_path / "bad_expert" / "model.safetensors") in message
+    assert "1 NaN/inf" in message and "re-download" in message
+    run = tmp_path / "run" / "results" / "m"
+    assert not (run / "model").exists() and not (run / "shards" / "layer-1.safetensors").exists()
+
+
+def test_a_transform_overflow_is_blamed_on_the_transform(tmp_path, models):
+    recipe = recipe_for(models, dtype="float16")
+    recipe["experts"][0]["residual_scale"] = 1e9
+    with pytest.raises(BuildError, match="not in its source tensors: a scale, noise or cast overflowed"):
+        build(tmp_path, recipe)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_scan_counts_nonfinite_values_and_hashes(tmp_path, dtype):
+    good = torch.arange(12, dtype=dtype).reshape(3, 4)
+    bad = good.clone()
+    bad[0, 1], bad[2, 3], bad[1, 0] = float("nan"), float("inf"), float("-inf")
+    save_file({"a": good, "b": bad, "i": torch.arange(5)}, tmp_path / "x.safetensors")
+    digest, found = hash_and_scan(tmp_path / "x.safetensors")
+    assert digest == sha256_file(tmp_path / "x.safetensors") and found == {"b": 3}
+
+
+def test_a_model_that_fails_its_checks_is_moved_aside(tmp_path, models):
+    from moeforge.check.smoke_stage import smoke_stage
+
+    result = build(tmp_path, recipe_for(models))
+    out = tmp_path / "results" / "m"
+    shard = next(result.model_dir.glob("model-*.safetensors"))
+    tensors = load_file(shard)
+    name = next(k for k in sorted(tensors) if "q_proj" in k)
+    tensors[name] = torch.full_like(tensors[name], float("nan"))
+    shard.unlink()
+    save_file(tensors, shard, metadata={"format": "pt"})
+    with pytest.raises(BuildError, match="NaN"):
+        smoke_stage(result.model_dir, out / "plan.json", out / "gates.json", out / "config" / "translation.json",
+                    result.meta[str(models["base"])].parent / "weights.json", device="cpu",
+                    max_new_tokens=2, out_json=out / "smoke/report.json", out_md=out / "smoke/report.md",
+                    load_png=out / "smoke/load.png", similarity_png=out / "smoke/sim.png")
+    assert not result.model_dir.exists()
+    assert (out / "failed" / "model" / "moeforge.lock.json").is_file()
+
+
+# ---- prompts: mergekit-moe's rules, and the base's context ----------------------------------
+
+def hidden_recipe(models, prompts0, prompts1):
+    return {"base_model": str(models["base"]), "gate_mode": "hidden",
+            "experts": [{"source_model": str(models["e0"]), "positive_prompts": prompts0},
+                        {"source_model": str(models["e1"]), "positive_prompts": prompts1}]}
+
+
+def test_empty_and_whitespace_prompts_are_accepted(tmp_path, models):
+    """As mergekit-moe: the bos token alone gives an empty prompt's vector."""
+    plan = plan_only(tmp_path, hidden_recipe(models, [""], ["  ", "def f(x):"]))
+    assert list(plan["recipe"]["experts"][0]["positive_prompts"]) == [""]
+
+
+@pytest.mark.parametrize("prompts", [["same"], [""], [" "]])
+def test_identical_prompts_for_every_expert_are_refused(prompts):
+    data = {"base_model": "a/b", "experts": [{"source_model": "x/y", "positive_prompts": prompts},
+                                             {"source_model": "x/z", "positive_prompts": prompts}]}
+    with pytest.raises(RecipeError, match=r"r.yaml: experts: all 2 experts have identical prompts"):
+        parse_recipe(data, "r.yaml")
+
+
+def test_a_prompt_longer_than_the_base_context_is_refused_at_validation(tmp_path, models):
+    limit = json.loads((models["base"] / "config.json").read_text())["max_position_embeddings"]
+    long_prompt = " ".join(["hello world"] * limit)
+    with pytest.raises(RecipeError, match=rf"experts\[1\].*positive_prompts\[0\] is \d+ tokens long, more than "
+                                          rf"the base model's max_position_embeddings \({limit}\)"):
+        plan_only(tmp_path, hidden_recipe(models, ["short"], [long_prompt]))
+    assert not (tmp_path / "results" / "m" / "plan.json").exists()
+
+
+def test_ill_conditioned_router_warns_like_mergekit(tmp_path, models):
+    from moeforge.gates.compute import ILL_CONDITIONED
+
+    """Two of three experts share their prompts (allowed: not all do), so their router rows coincide."""
+    recipe = hidden_recipe(models, ["The cat sat on the mat"], ["def add(a, b): return a + b"])
+    recipe["experts"].append(dict(recipe["experts"][0]))
+    result = build(tmp_path, recipe)
+    gates = json.loads((tmp_path / "results" / "m" / "gates.json").read_text())
+    worst = max(layer["condition_number"] for layer in gates["layers"])
+    assert worst > ILL_CONDITIONED
+    assert any("ill-conditioned" in w for w in gates["warnings"])
+    assert result.model_dir.is_dir()
+
+
+# ---- warnings a user wants ------------------------------------------------------------------
+
+def test_one_expert_merge_warns(tmp_path, models):
+    recipe = recipe_for(models, experts_per_token=1)
+    recipe["experts"] = recipe["experts"][:1]
+    plan = plan_only(tmp_path, recipe)
+    assert any("one expert" in w for w in plan["warnings"])
+
+
+def test_expert_without_tokenizer_files_warns(tmp_path, models):
+    bare = tmp_path / "bare"
+    shutil.copytree(models["e1"], bare)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (bare / name).unlink(missing_ok=True)
+    recipe = recipe_for(models)
+    recipe["experts"][1]["source_model"] = str(bare)
+    plan = plan_only(tmp_path / "run", recipe)
+    assert any(str(bare) in w and "vocabulary was skipped" in w for w in plan["warnings"])
