@@ -14,7 +14,14 @@ import pandera.pandas as pa
 
 from moeforge.errors import ModelError
 from moeforge.io.files import write_text
-from moeforge.io.safetensors_file import ITEMSIZE, TensorEntry, read_header, shape_of
+from moeforge.io.safetensors_file import (
+    ITEMSIZE,
+    TensorEntry,
+    check_entries,
+    parse_entries,
+    read_header,
+    shape_of,
+)
 
 COLUMNS = ["name", "dtype", "shape", "file", "begin", "end"]
 
@@ -35,15 +42,18 @@ INVENTORY_SCHEMA = pa.DataFrameSchema(
 
 
 
-def _rows_from_headers(headers: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
+def _rows_from_headers(headers: Mapping[str, Mapping[str, Any]], ref: str) -> list[dict[str, Any]]:
+    """Inventory rows, each file's header checked as ``read_header`` checks a local one.
+
+    Hub headers come from range requests, without the file, so the data buffer's length is not
+    known here; the end-of-buffer check runs on the downloaded files (``fetch_weights``).
+    """
     rows = []
-    for file, tensors in sorted(headers.items()):
-        for name, info in tensors.items():
-            if name == "__metadata__":
-                continue
-            begin, end = info["data_offsets"]
-            rows.append({"name": name, "dtype": info["dtype"], "shape": ",".join(map(str, info["shape"])),
-                         "file": file, "begin": begin, "end": end})
+    for file, header in sorted(headers.items()):
+        entries = parse_entries(header, f"{ref}: {file}")
+        check_entries(entries, None, f"{ref}: {file}")
+        rows.extend({"name": e.name, "dtype": e.dtype, "shape": ",".join(map(str, e.shape)), "file": file,
+                     "begin": e.begin, "end": e.end} for e in entries.values())
     return rows
 
 
@@ -60,7 +70,7 @@ def write_inventory(source: Mapping[str, Any], headers: Mapping[str, Any] | None
     """Build, validate and write inventory.tsv for a fetched source."""
     if headers is None:
         headers = local_headers(Path(source["local_path"]), source["weight_files"])
-    frame = pd.DataFrame(_rows_from_headers(headers), columns=COLUMNS)
+    frame = pd.DataFrame(_rows_from_headers(headers, source["ref"]), columns=COLUMNS)
     if frame["name"].duplicated().any():
         dup = frame.loc[frame["name"].duplicated(), "name"].iloc[0]
         raise ModelError(f"tensor {dup!r} appears in more than one weight file", source["ref"],
