@@ -1,16 +1,21 @@
-"""The bridge from a Snakemake ``script:`` to the library: logging and clean failures.
+"""The bridge from a Snakemake ``script:`` to the library: one log holding everything, and clean failures.
 
-A user-caused problem (MoeforgeError) becomes one message on stderr and in the rule's log,
-and a non-zero exit, instead of a traceback from library internals.
+Everything a step prints reaches the rule's log file as well as the console: moeforge's logging,
+Python warnings, the logging of libraries (transformers, huggingface_hub), progress bars, prints
+and, for an unexpected failure, the traceback. So ``snakemake --show-failed-logs`` shows the cause
+instead of an empty log. A user-caused problem (MoeforgeError) stays one message and a non-zero
+exit, without a traceback from library internals.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import io
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, TextIO
 
 from moeforge.errors import MoeforgeError
 
@@ -21,29 +26,120 @@ _ENVIRONMENT_ERRNOS = {
     errno.EROFS: "the file system is read-only: run from a writable working directory",
     errno.EACCES: "check the permissions of the working directory and of the Hugging Face cache",
 }
+_FORMAT = "%(levelname)s moeforge: %(message)s"
 
 
-def _setup_logging(log_paths: Any) -> None:
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
-    for path in list(log_paths or [])[:1]:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(path, mode="w"))
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s moeforge: %(message)s", handlers=handlers,
-                        force=True)
+class _Tee(io.TextIOBase):
+    """A console stream that also writes into the log file; once the log is closed, the console alone.
+
+    Libraries keep the sys.stderr they found (a logging handler made while the step ran, a progress
+    bar), so a reference that outlives the step must keep working after the log is closed.
+    """
+
+    def __init__(self, console: TextIO, log: TextIO) -> None:
+        super().__init__()
+        self._console = console
+        self._log = log
+
+    def write(self, text: str) -> int:
+        self._console.write(text)
+        if not self._log.closed:
+            self._log.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        self._console.flush()
+        if not self._log.closed:
+            self._log.flush()
+
+    def isatty(self) -> bool:
+        """As the console: progress bars and colours decide by it."""
+        return self._console.isatty()
+
+    def fileno(self) -> int:
+        return self._console.fileno()
+
+    @property
+    def encoding(self) -> str:
+        return self._console.encoding
+
+
+def _console_handlers(streams: tuple[TextIO, ...]) -> list[logging.StreamHandler]:
+    """Logging handlers bound to the console before the step: transformers and huggingface_hub make
+    their own at import, with propagation off, so their records never reach the root logger."""
+    loggers = [logging.getLogger(), *(logger for logger in logging.Logger.manager.loggerDict.values()
+                                      if isinstance(logger, logging.Logger))]
+    return [handler for logger in loggers for handler in logger.handlers
+            if isinstance(handler, logging.StreamHandler) and handler.stream in streams]
+
+
+@contextlib.contextmanager
+def _teed_into(log: TextIO) -> Iterator[None]:
+    """stdout, stderr and console logging handlers also write into `log`; all restored afterwards."""
+    consoles = (sys.stdout, sys.stderr)
+    tees = {console: _Tee(console, log) for console in consoles}
+    moved = [(handler, handler.stream) for handler in _console_handlers(consoles)]
+    sys.stdout, sys.stderr = tees[consoles[0]], tees[consoles[1]]
+    for handler, console in moved:
+        handler.setStream(tees[console])
+    try:
+        yield
+    finally:
+        for handler, console in moved:
+            handler.setStream(console)
+        sys.stdout, sys.stderr = consoles
+
+
+@contextlib.contextmanager
+def _moeforge_logging() -> Iterator[None]:
+    """INFO records on the (teed) stderr while the step runs; the caller's logging setup afterwards."""
+    root = logging.getLogger()
+    saved_handlers, saved_level = root.handlers[:], root.level
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(_FORMAT))
+    root.handlers = [handler]
+    root.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        handler.flush()
+        root.handlers = saved_handlers
+        root.setLevel(saved_level)
+
+
+@contextlib.contextmanager
+def _output_to_log(log_paths: Any) -> Iterator[None]:
+    """Everything printed while the step runs goes to the console and to the rule's log (if it has one).
+
+    The log is line-buffered, so a job killed at its time limit still leaves what it printed.
+    """
+    with contextlib.ExitStack() as stack:
+        for path in list(log_paths or [])[:1]:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            log = stack.enter_context(open(path, "w", encoding="utf-8", buffering=1))
+            stack.enter_context(_teed_into(log))
+        stack.enter_context(_moeforge_logging())
+        yield
+
+
+def _report(exc: Exception, smk: Any) -> None:
+    """One line for a problem the user fixes; the full traceback for anything else (a bug to report)."""
+    log = logging.getLogger("moeforge")
+    if isinstance(exc, MoeforgeError):
+        log.error("%s", exc)
+    elif isinstance(exc, OSError) and exc.errno in _ENVIRONMENT_ERRNOS:
+        where = exc.filename or next(iter(getattr(smk, "output", None) or []), "output")
+        log.error("%s: %s -> %s", where, exc.strerror, _ENVIRONMENT_ERRNOS[exc.errno])
+    else:
+        log.error("unexpected %s: %s (a moeforge bug or an input it does not handle; the traceback follows)",
+                  type(exc).__name__, exc, exc_info=exc)
 
 
 def run(smk: Any, step: Callable[[Any], Any]) -> None:
-    """Run one workflow step; exit 1 with a single clear message on a user-facing error."""
-    _setup_logging(getattr(smk, "log", None))
-    log = logging.getLogger("moeforge")
-    try:
-        step(smk)
-    except MoeforgeError as exc:
-        log.error("%s", exc)
-        sys.exit(1)
-    except OSError as exc:
-        if exc.errno not in _ENVIRONMENT_ERRNOS:
-            raise
-        where = exc.filename or next(iter(getattr(smk, "output", None) or []), "output")
-        log.error("%s: %s -> %s", where, exc.strerror, _ENVIRONMENT_ERRNOS[exc.errno])
-        sys.exit(1)
+    """Run one workflow step with all its output in the rule's log; exit 1 on any failure."""
+    with _output_to_log(getattr(smk, "log", None)):
+        try:
+            step(smk)
+        except Exception as exc:  # every failure is reported here, so the log shows its cause
+            _report(exc, smk)
+            sys.exit(1)

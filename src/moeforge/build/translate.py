@@ -14,8 +14,9 @@ import logging
 from pathlib import Path
 from typing import Any, Mapping
 
-from moeforge.errors import RecipeError
-from moeforge.io.files import write_json
+from moeforge.errors import ModelError, RecipeError
+from moeforge.io.fetch import REFETCH_FIX
+from moeforge.io.files import read_json, write_json
 from moeforge.io.safetensors_file import TORCH_NAME
 from moeforge.plan import templates as arch
 
@@ -149,14 +150,14 @@ def generation_config(base_meta: Path, config: Mapping[str, Any]) -> dict[str, A
     """The base's generation_config.json, or a minimal one from the config's special tokens."""
     path = base_meta / "generation_config.json"
     if path.is_file():
-        return json.loads(path.read_text())
+        return read_json(path, "the base model", ModelError, REFETCH_FIX)
     return {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if config.get(k) is not None}
 
 
 def translate(plan_json: Path, base_meta: Path, out_dir: Path) -> dict[str, Any]:
     """Write config.json, generation_config.json and translation.json into out_dir."""
     plan = json.loads(plan_json.read_text())
-    base_config = json.loads((base_meta / "config.json").read_text())
+    base_config = read_json(base_meta / "config.json", "the base model", ModelError, REFETCH_FIX)
     config, decisions = build_config(plan, base_config)
     write_json(out_dir / "config.json", config)
     write_json(out_dir / "generation_config.json", generation_config(base_meta, config))

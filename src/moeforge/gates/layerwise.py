@@ -19,7 +19,7 @@ Two per-layer vectors are available:
 from __future__ import annotations
 
 import ctypes
-import json
+import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +29,8 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from moeforge.errors import ModelError
+from moeforge.io.fetch import DAMAGED_FILE_FIX
+from moeforge.io.files import read_json
 
 WANTS = ("residual_in", "mlp_in")
 _INDEX_NAME = "model.safetensors.index.json"
@@ -51,8 +53,10 @@ class CheckpointTensors:
     def _map_files(self) -> dict[str, Path]:
         index = self.base_dir / _INDEX_NAME
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            return {name: self.base_dir / file for name, file in weight_map.items()}
+            weight_map = read_json(index, "", ModelError, DAMAGED_FILE_FIX)["weight_map"]
+            files = {name: self.base_dir / file for name, file in weight_map.items()}
+            _warn_missing_shards(index, set(files.values()))
+            return files
         files = sorted(self.base_dir.glob("*.safetensors"))
         if not files:
             raise ModelError(
@@ -80,10 +84,30 @@ class CheckpointTensors:
             by_file.setdefault(self.files[name], []).append(name)
         tensors: dict[str, torch.Tensor] = {}
         for file, file_names in by_file.items():
+            if not file.is_file():
+                raise ModelError(
+                    f"tensor {file_names[0]} is in {file.name}, which {_INDEX_NAME} names but the model lacks",
+                    where=str(self.base_dir),
+                    fix="re-download the model: that shard is missing",
+                )
             with safe_open(file, framework="pt", device="cpu") as handle:
                 for name in file_names:
                     tensors[name] = handle.get_tensor(name)
         return tensors
+
+
+def _warn_missing_shards(index: Path, shards: set[Path]) -> None:
+    """Say which shards the index names but the directory lacks; only reading from one is an error.
+
+    Such an index is usable when the tensors it misses are never read (a partial download, an
+    index left over from re-sharding), so it is not refused; the warning says why reading one of
+    those tensors fails, before it does.
+    """
+    missing = sorted(path.name for path in shards if not path.is_file())
+    if missing:
+        logging.getLogger("moeforge").warning(
+            "%s: names shard file(s) the model does not have: %s; tensors in them cannot be read",
+            index, ", ".join(missing))
 
 
 def _release_freed_memory() -> None:

@@ -19,8 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from moeforge.errors import FetchError, ModelError
-from moeforge.io.files import atomic_dir, sha256_file, write_json
+from moeforge.io.files import atomic_dir, read_json, sha256_file, write_json
 from moeforge.io.refs import ModelRef, parse_ref
+from moeforge.io.safetensors_file import read_header
+from moeforge.plan.schema import closest
 
 META_FILES = (
     "config.json",
@@ -66,11 +68,26 @@ def _weight_files(names: list[str]) -> tuple[str, list[str]]:
     return "none", []
 
 
-def _copy_meta(src_dir: Path, out_dir: Path) -> list[str]:
+#: What to do about a damaged metadata file of a source model, wherever it is read.
+DAMAGED_FILE_FIX = ("restore the file from the model's origin (for a Hub model, delete the model's folder in the "
+                    "Hugging Face cache and rerun to download it again)")
+#: The same for a fetched copy (fetch_metadata checked the original, so the copy was damaged later).
+REFETCH_FIX = "delete the fetched copy (the model's meta directory under results/) and rerun to fetch it again"
+
+
+def _copy_meta_file(src: Path, dst: Path, ref: ModelRef) -> None:
+    """Copy one metadata file; a JSON one must parse, so a damaged file is named where it lies (the local
+    directory or the Hugging Face cache) instead of failing as a traceback in a later step."""
+    if src.suffix == ".json":
+        read_json(src, f"model {ref.raw}", ModelError, DAMAGED_FILE_FIX)
+    shutil.copyfile(src, dst)
+
+
+def _copy_meta(src_dir: Path, out_dir: Path, ref: ModelRef) -> list[str]:
     copied = []
     for name in META_FILES:
         if (src_dir / name).is_file():
-            shutil.copyfile(src_dir / name, out_dir / name)
+            _copy_meta_file(src_dir / name, out_dir / name, ref)
             copied.append(name)
     return copied
 
@@ -78,12 +95,59 @@ def _copy_meta(src_dir: Path, out_dir: Path) -> list[str]:
 def _local_dir(ref: ModelRef) -> Path:
     path = Path(ref.path or "").expanduser()
     if not path.is_dir():
-        raise FetchError("local model directory not found", ref.raw,
+        near = near_local_model(ref.path or "")
+        raise FetchError(f"no such local directory: {path.absolute()}", ref.raw,
+                         f"did you mean {near}?" if near else
                          "check the path in the recipe (relative paths are relative to the working directory)")
     if not (path / "config.json").is_file():
         raise ModelError("no config.json in the model directory", ref.raw,
                          "point the recipe at a Hugging Face model directory (config.json + weights)")
     return path.resolve()
+
+
+def near_local_model(text: str) -> str | None:
+    """An existing local model directory whose path is a likely typo of ``text`` (component by component)."""
+    path = Path(text).expanduser()
+    current = Path(path.anchor) if path.is_absolute() else Path(".")
+    for part in path.parts[1:] if path.is_absolute() else path.parts:
+        if not (current / part).is_dir():
+            try:
+                children = [c.name for c in current.iterdir() if c.is_dir()]
+            except OSError:
+                return None
+            part = closest(part, children, cutoff=0.8) or ""
+            if not part:
+                return None
+        current = current / part
+    same = current.absolute() == path.absolute()
+    return None if same or not (current / "config.json").is_file() else str(current)
+
+
+def local_source_files(raw: str) -> list[str]:
+    """The files of a local model directory: what a rerun must notice when one is edited in place."""
+    ref = parse_ref(raw)
+    path = Path(ref.path or "").expanduser()
+    if ref.kind != "local" or not path.is_dir():
+        return []
+    return sorted(str(p) for p in path.iterdir() if p.is_file())
+
+
+def _check_not_a_mistyped_path(ref: ModelRef) -> None:
+    """``org/name`` that is one typo away from a local model directory is refused before any Hub lookup.
+
+    Otherwise a mistyped local path would be looked up on the Hub, and downloaded if a stranger owns
+    that repo name. A revision (``org/name@main``) says the Hub is meant.
+    """
+    near = near_local_model(ref.raw) if ref.revision is None else None
+    if near:
+        raise FetchError(f"no such local directory ./{ref.raw}, but the local model {near} exists", ref.raw,
+                         f"write {near} if you meant that directory; to use the Hub repo {ref.repo_id}, pin its "
+                         f"revision: {ref.repo_id}@main")
+
+
+def _also_not_local(ref: ModelRef) -> str:
+    """For a Hub ref that could also be a path: say that the local directory was looked for too."""
+    return "" if ref.revision else f"; there is no local directory ./{ref.raw} either"
 
 
 def _hub_offline() -> bool:
@@ -105,10 +169,10 @@ def _hub_snapshot(ref: ModelRef, patterns: list[str] | None) -> Path:
         return Path(snapshot_download(ref.repo_id, revision=ref.revision, allow_patterns=patterns))
     except LocalEntryNotFoundError:
         raise FetchError("not in the Hugging Face cache and the Hub cannot be reached (HF_HUB_OFFLINE is set "
-                         "or there is no network)", ref.raw,
+                         f"or there is no network){_also_not_local(ref)}", ref.raw,
                          "download it once with network access, or unset HF_HUB_OFFLINE") from None
     except RepositoryNotFoundError:
-        raise FetchError("repository not found or access denied", ref.raw,
+        raise FetchError(f"repository not found or access denied{_also_not_local(ref)}", ref.raw,
                          "check the name; for gated or private repos run `hf auth login` or set HF_TOKEN") from None
     except HfHubHTTPError as exc:
         raise FetchError(f"Hub request failed: {exc}", ref.raw, "check the revision and your access") from None
@@ -122,7 +186,7 @@ def _hub_metadata(ref: ModelRef, out_dir: Path) -> dict[str, Any]:
     try:
         info = HfApi().model_info(ref.repo_id, revision=ref.revision, files_metadata=True)
     except RepositoryNotFoundError:
-        raise FetchError("repository not found or access denied", ref.raw,
+        raise FetchError(f"repository not found or access denied{_also_not_local(ref)}", ref.raw,
                          "check the name; for gated or private repos run `hf auth login` or set HF_TOKEN") from None
     except HfHubHTTPError as exc:
         raise FetchError(f"Hub request failed: {exc}", ref.raw, "check the revision and your access") from None
@@ -130,7 +194,7 @@ def _hub_metadata(ref: ModelRef, out_dir: Path) -> dict[str, Any]:
     names = [f.name for f in files]
     for name in META_FILES:
         if name in names:
-            shutil.copyfile(hf_hub_download(ref.repo_id, name, revision=info.sha), out_dir / name)
+            _copy_meta_file(Path(hf_hub_download(ref.repo_id, name, revision=info.sha)), out_dir / name, ref)
     fmt, weights = _weight_files(names)
     headers: dict[str, dict[str, Any]] = {}
     if fmt == "safetensors":
@@ -141,10 +205,10 @@ def _hub_metadata(ref: ModelRef, out_dir: Path) -> dict[str, Any]:
             "weight_files": weights, "headers": headers}
 
 
-def _dir_metadata(src_dir: Path, out_dir: Path, hash_small: bool) -> dict[str, Any]:
+def _dir_metadata(src_dir: Path, out_dir: Path, ref: ModelRef, hash_small: bool) -> dict[str, Any]:
     """Metadata of a directory on disk (a local model or a cached snapshot)."""
     names = sorted(p.name for p in src_dir.iterdir() if p.is_file())
-    copied = set(_copy_meta(src_dir, out_dir))
+    copied = set(_copy_meta(src_dir, out_dir, ref))
     files = [FileInfo(n, (src_dir / n).stat().st_size,
                       sha256_file(src_dir / n) if hash_small and n in copied else None) for n in names]
     fmt, weights = _weight_files(names)
@@ -157,13 +221,15 @@ def fetch_metadata(raw: str, out_dir: Path) -> dict[str, Any]:
     from moeforge.io.inventory import write_inventory
 
     ref = parse_ref(raw)
+    if ref.kind == "hub":
+        _check_not_a_mistyped_path(ref)
     with atomic_dir(out_dir) as tmp:
         if ref.kind == "local":
-            meta = _dir_metadata(_local_dir(ref), tmp, hash_small=True)
+            meta = _dir_metadata(_local_dir(ref), tmp, ref, hash_small=True)
             meta["resolved_revision"] = None
         elif _hub_offline():
             snapshot = _hub_snapshot(ref, None)
-            meta = _dir_metadata(snapshot, tmp, hash_small=True)
+            meta = _dir_metadata(snapshot, tmp, ref, hash_small=True)
             meta["resolved_revision"] = snapshot.name
         else:
             meta = _hub_metadata(ref, tmp)
@@ -219,7 +285,8 @@ def fetch_weights(source_json: Path, out_json: Path) -> dict[str, Any]:
     """Download (hub) or locate (local) the weights; record where they are and their sizes.
 
     Hashing is a separate step (``hash_weights``) that only assembly waits for, so reading
-    every input once more for its sha256 never delays the shard jobs.
+    every input once more for its sha256 never delays the shard jobs. Each file's header is
+    checked again, now against the file's size: Hub headers were checked without it.
     """
     source = json.loads(source_json.read_text())
     directory = weights_dir(source, source_json.parent)
@@ -228,6 +295,7 @@ def fetch_weights(source_json: Path, out_json: Path) -> dict[str, Any]:
         path = directory / name
         if not path.is_file():
             raise FetchError(f"weight file {name} is missing", str(directory), "re-download the model")
+        read_header(path)
         files.append({"name": name, "size": path.stat().st_size})
     record = {"slug": source["slug"], "dir": str(directory), "files": files}
     write_json(out_json, record)

@@ -1,7 +1,9 @@
-"""Atomic file output and hashing.
+"""Atomic file output, hashing, and reading the files users supply.
 
 Every output is written under a temporary name in its final directory and renamed into place
 when complete, so a crash never leaves a file (or a model directory) that looks finished.
+A damaged input file (a recipe, a model's config.json) is one moeforge error naming the file and
+the place in it, never a UnicodeDecodeError or JSONDecodeError traceback.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
+from moeforge.errors import MoeforgeError
+
 _HASH_CHUNK = 16 << 20
 
 
@@ -23,6 +27,35 @@ def sha256_file(path: Path) -> str:
         while chunk := fh.read(_HASH_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def read_text(path: Path, owner: str, error: type[MoeforgeError], fix: str) -> str:
+    """A user-supplied text file, decoded as UTF-8 whatever the locale (every format moeforge reads is UTF-8).
+
+    Bytes that are not UTF-8 (a file saved as Latin-1) are one `error` naming the file, `owner`
+    (whose file it is, e.g. ``model org/name``) and the first bad byte.
+    """
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise error(f"not UTF-8 text (byte 0x{data[exc.start]:02x} at position {exc.start}, line {line})",
+                    _where(path, owner), fix) from None
+
+
+def read_json(path: Path, owner: str, error: type[MoeforgeError], fix: str) -> Any:
+    """A user-supplied JSON file; a truncated or hand-broken one is one `error` naming the file and the place."""
+    text = read_text(path, owner, error, fix)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise error(f"not valid JSON: line {exc.lineno} column {exc.colno}: {exc.msg}", _where(path, owner),
+                    fix) from None
+
+
+def _where(path: Path, owner: str) -> str:
+    return f"{owner} ({path})" if owner else str(path)
 
 
 def _tmp_name(path: Path) -> Path:

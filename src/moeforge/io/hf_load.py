@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from moeforge.errors import MoeforgeError
+from moeforge.io.fetch import TOKENIZER_FILES
+from moeforge.io.files import read_json
 
 
 @contextlib.contextmanager
@@ -28,9 +30,16 @@ def stdin_closed() -> Iterator[None]:
 
 
 def load_tokenizer(directory: Path, error: type[MoeforgeError], what: str, fix: str) -> Any:
-    """The tokenizer of a model directory; a missing or broken one is one clear `error`."""
+    """The tokenizer of a model directory; a missing or broken one is one clear `error`.
+
+    Its JSON files are parsed first: transformers' error for a damaged one does not say which file
+    it is, so the error would only point at the directory.
+    """
     from transformers import AutoTokenizer
 
+    for name in TOKENIZER_FILES:
+        if name.endswith(".json") and (Path(directory) / name).is_file():
+            read_json(Path(directory) / name, what, error, fix)
     try:
         with stdin_closed():
             return AutoTokenizer.from_pretrained(str(directory), trust_remote_code=False, local_files_only=True)

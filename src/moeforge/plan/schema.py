@@ -21,9 +21,9 @@ def key_path(path: Iterable[Any]) -> str:
     return out or "(top level)"
 
 
-def closest(word: str, choices: Iterable[str]) -> str | None:
+def closest(word: str, choices: Iterable[str], cutoff: float = 0.6) -> str | None:
     """The valid choice a mistyped word most likely meant, if any is close enough."""
-    close = difflib.get_close_matches(word, [str(c) for c in choices], n=1, cutoff=0.6)
+    close = difflib.get_close_matches(word, [str(c) for c in choices], n=1, cutoff=cutoff)
     return close[0] if close else None
 
 

@@ -1,0 +1,161 @@
+"""Everything a step prints reaches its log; damaged input files are one moeforge error, not a traceback."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from hfcache import offline_env, populate
+from moeforge.errors import ModelError, RecipeError
+from moeforge.io.fetch import fetch_metadata
+from moeforge.io.hf_load import load_tokenizer
+from moeforge.plan.recipe import load_recipe
+from moeforge.plan.sources import load_source
+from moeforge.runner import run
+from moeforge.tiny_models import build_dense_model
+
+#: A step that does what library code does (print, warn, log through transformers' own handler,
+#: which it binds to stderr at import) and then fails unexpectedly or with a user-facing error.
+STEP = """
+import sys, types, warnings
+from transformers.utils import logging as hf_logging
+from moeforge.errors import RecipeError
+from moeforge.runner import run
+
+def step(smk):
+    print("printed by the step")
+    warnings.warn("a library warning")
+    hf_logging.get_logger("transformers.modeling_utils").warning("a transformers warning")
+    if sys.argv[2] == "user":
+        raise RecipeError("gate_mode is wrong", "recipe.yaml", "fix it")
+    raise RuntimeError("an unexpected failure")
+
+run(types.SimpleNamespace(log=[sys.argv[1]]), step)
+"""
+
+
+def _run_step(tmp_path: Path, failure: str) -> tuple[subprocess.CompletedProcess, str]:
+    log = tmp_path / "logs" / "step.log"
+    proc = subprocess.run([sys.executable, "-c", STEP, str(log), failure], capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL, cwd=tmp_path)
+    return proc, log.read_text(encoding="utf-8")
+
+
+def test_unexpected_failure_leaves_everything_in_the_log(tmp_path):
+    proc, log = _run_step(tmp_path, "bug")
+    assert proc.returncode != 0
+    for text in ("printed by the step", "UserWarning: a library warning", "a transformers warning",
+                 "Traceback (most recent call last)", "RuntimeError: an unexpected failure"):
+        assert text in log, (text, log)
+    assert "printed by the step" in proc.stdout
+    assert "Traceback" in proc.stderr and "a library warning" in proc.stderr
+
+
+def test_user_error_is_one_line_without_traceback(tmp_path):
+    proc, log = _run_step(tmp_path, "user")
+    assert proc.returncode == 1
+    errors = [line for line in log.splitlines() if line.startswith("ERROR")]
+    assert errors == ["ERROR moeforge: recipe.yaml: gate_mode is wrong -> fix it"]
+    assert "Traceback" not in log and "Traceback" not in proc.stderr
+    assert "a library warning" in log
+
+
+def _failing_step(smk: types.SimpleNamespace) -> None:
+    print("second step")
+    logging.getLogger("moeforge").info("second log")
+    raise ZeroDivisionError("a bug")
+
+
+def test_in_process_runs_restore_the_streams(tmp_path):
+    """Two steps in one process: each log gets its own output, the streams and logging are put back."""
+    before = sys.stdout, sys.stderr, logging.getLogger().handlers[:]
+    run(types.SimpleNamespace(log=[tmp_path / "one.log"]), lambda smk: print("first step"))
+    with pytest.raises(SystemExit):
+        run(types.SimpleNamespace(log=[tmp_path / "two.log"]), _failing_step)
+    assert (sys.stdout, sys.stderr, logging.getLogger().handlers) == before
+    assert (tmp_path / "one.log").read_text() == "first step\n"
+    two = (tmp_path / "two.log").read_text()
+    assert "first step" not in two and "INFO moeforge: second log" in two and "ZeroDivisionError" in two
+    print("after the steps")  # a closed log file must not break later output
+    sys.stderr.write("after the steps\n")
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory, tokenizer_dir) -> Path:
+    return build_dense_model(tmp_path_factory.mktemp("tiny") / "model", tokenizer_dir=tokenizer_dir)
+
+
+def _damaged_copy(model: Path, dst: Path, name: str) -> Path:
+    """A copy of `model` whose file `name` is cut short after its third line."""
+    shutil.copytree(model, dst)
+    lines = (dst / name).read_text().splitlines(keepends=True)
+    (dst / name).write_text("".join(lines[:3]))
+    return dst
+
+
+@pytest.mark.parametrize("name", ["config.json", "tokenizer_config.json", "generation_config.json"])
+def test_fetch_names_a_truncated_json_file(tmp_path, tiny_model, name):
+    model = _damaged_copy(tiny_model, tmp_path / "model", name)
+    with pytest.raises(ModelError) as info:
+        fetch_metadata(str(model), tmp_path / "meta")
+    message = str(info.value)
+    assert f"model {model} ({model / name}): not valid JSON: line " in message
+    assert "->" in message and "\n" not in message
+    assert not (tmp_path / "meta").exists()
+
+
+def test_fetch_from_the_hub_cache_names_the_cached_file(tmp_path, tiny_model):
+    """Offline from the Hugging Face cache, through the runner: one line naming the file in the cache."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    model = _damaged_copy(tiny_model, tmp_path / "model", "config.json")
+    snapshot = populate(tmp_path / "hub", "acme/tiny", model, commit)
+    code = ("import sys, types; from pathlib import Path; from moeforge.runner import run; "
+            "from moeforge.io.fetch import fetch_metadata; "
+            "run(types.SimpleNamespace(log=['fetch.log']), lambda s: fetch_metadata('acme/tiny', Path('meta')))")
+    proc = subprocess.run([sys.executable, "-c", code], env=offline_env(tmp_path / "hub"), cwd=tmp_path,
+                          capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 1
+    log = (tmp_path / "fetch.log").read_text()
+    assert f"model acme/tiny ({snapshot / 'config.json'}): not valid JSON" in log
+    assert "Traceback" not in log and "Traceback" not in proc.stderr
+
+
+def test_load_source_names_a_damaged_fetched_config(tmp_path, tiny_model):
+    fetch_metadata(str(tiny_model), tmp_path / "meta")
+    (tmp_path / "meta" / "config.json").write_text('{"model_type": "llama",\n  "hidden_size": 64\n  "x": 1}')
+    with pytest.raises(ModelError, match=r"\(.*meta/config.json\): not valid JSON: line 3 column 3: "
+                                         r"Expecting ',' delimiter -> delete the fetched copy"):
+        load_source(str(tiny_model), tmp_path / "meta")
+
+
+@pytest.mark.parametrize("name", ["tokenizer.json", "tokenizer_config.json"])
+def test_load_tokenizer_names_the_broken_file(tmp_path, tiny_model, name):
+    model = _damaged_copy(tiny_model, tmp_path / "model", name)
+    with pytest.raises(ModelError) as info:
+        load_tokenizer(model, ModelError, "the base model's tokenizer", "refetch the base model")
+    assert str(info.value).startswith(f"the base model's tokenizer ({model / name}): not valid JSON: line ")
+
+
+def test_recipe_that_is_not_utf8(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_bytes("base_model: org/base\nexperts:\n  - source_model: org/caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: not UTF-8 text (byte 0xe9 at position 55, line 3)")
+    assert "save the recipe as UTF-8" in message
+
+
+def test_recipe_yaml_error_is_one_line_with_its_place(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text("base_model: org/base\nexperts: [unclosed\n")
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: not valid YAML: line 3 column 1: ") and "\n" not in message
