@@ -13,9 +13,10 @@ import math
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from moeforge.build.finite import blame_nonfinite, hash_and_scan
 from moeforge.errors import BuildError
 from moeforge.io.fetch import weight_dirs_from
-from moeforge.io.files import sha256_file, write_text
+from moeforge.io.files import write_text
 from moeforge.io.safetensors_file import (
     ITEMSIZE,
     TORCH_NAME,
@@ -143,7 +144,8 @@ def write_shard(rows: list[dict[str, str]], weight_dirs: Mapping[str, Path], gat
     """Write one shard file from its plan rows; returns its sha256.
 
     The file is hashed here, right after it is written (from the page cache, in parallel with
-    the other shard jobs), so assembly need not read the whole model again for the lock file.
+    the other shard jobs), so assembly need not read the whole model again for the lock file;
+    the same pass refuses NaN/inf, naming the source model and file they came from.
     """
     if not rows:
         raise BuildError("no plan rows for this shard", str(out), "rerun the validate step")
@@ -156,7 +158,11 @@ def write_shard(rows: list[dict[str, str]], weight_dirs: Mapping[str, Path], gat
         grouped.setdefault(row["target_name"], []).append(row)
     tensors = [_out_tensor(sorted(parts, key=lambda p: int(p["part"])), headers) for parts in grouped.values()]
     write_safetensors(out, tensors, {"format": "pt"})
-    return sha256_file(out)
+    digest, nonfinite = hash_and_scan(out)
+    if nonfinite:
+        out.unlink()
+        blame_nonfinite(nonfinite, rows, weight_dirs, out)
+    return digest
 
 
 

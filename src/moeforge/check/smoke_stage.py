@@ -7,6 +7,9 @@ from plan.json (the single truth), so the Snakemake scripts stay one call each.
 from __future__ import annotations
 
 import json
+import logging
+import os
+import shutil
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -38,6 +41,28 @@ def smoke_options(plan: Mapping[str, Any], device: str, max_new_tokens: int, dty
                         expert_names=[e["name"] for e in recipe["experts"]])
 
 
+def set_aside_failed_model(model_dir: Path, exc: BaseException) -> Path:
+    """Move a model that failed its checks out of the place a finished one stands; keep it to inspect.
+
+    ``results/<merge>/model/`` with its lock means "built and checked". A failed model goes to
+    ``results/<merge>/failed/model/`` (with the smoke report, when there is one), so neither a user
+    nor a rerun mistakes it for a good one; a rerun reassembles from the kept shards.
+    """
+    from moeforge.check.report import write_report
+    from moeforge.check.smoke import SmokeFailure
+
+    failed = model_dir.parent / "failed"
+    if failed.exists():
+        shutil.rmtree(failed)
+    failed.mkdir(parents=True)
+    os.replace(model_dir, failed / "model")
+    if isinstance(exc, SmokeFailure):
+        write_report(exc.report, failed / "smoke-report.json", failed / "smoke-report.md")
+    logging.getLogger("moeforge").error("the model failed its checks; it was moved to %s for inspection, "
+                                        "and a rerun reassembles it from the kept shards", failed / "model")
+    return failed / "model"
+
+
 def smoke_stage(model_dir: Path, plan_json: Path, gates_json: Path, translation_json: Path, base_weights: Path, *,
                 device: str, dtype: str = "auto",
                 max_new_tokens: int, out_json: Path, out_md: Path, load_png: Path, similarity_png: Path) -> dict:
@@ -46,14 +71,19 @@ def smoke_stage(model_dir: Path, plan_json: Path, gates_json: Path, translation_
     from moeforge.check.smoke import run_smoke
 
     plan = json.loads(plan_json.read_text())
-    report = run_smoke(model_dir, weights_dir_of(base_weights), smoke_options(plan, device, max_new_tokens, dtype))
+    try:
+        report = run_smoke(model_dir, weights_dir_of(base_weights), smoke_options(plan, device, max_new_tokens, dtype))
+    except Exception as exc:
+        set_aside_failed_model(model_dir, exc)
+        raise
     translation = json.loads(translation_json.read_text())
     report["build"] = {"merge": plan["merge"], "output_family": plan["output_family"],
                        "warnings": plan["warnings"], "decisions": plan["decisions"],
                        "translation": translation["decisions"],
                        "trust_remote_code": plan["recipe"]["trust_remote_code"]}
-    report["warnings"] = list(report["warnings"]) + translation["warnings"]
+    gates = json.loads(gates_json.read_text())
+    report["warnings"] = [*plan["warnings"], *gates.get("warnings", []), *translation["warnings"], *report["warnings"]]
     write_report(report, out_json, out_md)
     plot_expert_load(report, load_png)
-    plot_gate_similarity(json.loads(gates_json.read_text()), similarity_png)
+    plot_gate_similarity(gates, similarity_png)
     return report
