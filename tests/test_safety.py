@@ -61,7 +61,8 @@ def test_remote_code_is_never_run(tmp_path):
     config["auto_map"] = {"AutoConfig": "modeling_evil.EvilConfig", "AutoModelForCausalLM": "modeling_evil.Evil"}
     (model / "config.json").write_text(json.dumps(config))
     result = build(tmp_path / "b", {"base_model": str(model), "gate_mode": "hidden",
-                                    "experts": [{"source_model": str(model), "positive_prompts": ["hi"]}] * 2})
+                                    "experts": [{"source_model": str(model), "positive_prompts": [p]}
+                                                for p in ("hi", "bye")]})
     from moeforge.check.smoke import SmokeOptions, run_smoke
 
     run_smoke(result.model_dir, model, SmokeOptions(prompts=["hello"], max_new_tokens=2, identity=True))

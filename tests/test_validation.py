@@ -30,7 +30,7 @@ PROMPT = ["hello"]
 
 def ok_recipe(**extra):
     return {"base_model": "org/base", "experts": [{"source_model": "org/e1", "positive_prompts": PROMPT},
-                                                  {"source_model": "org/e2", "positive_prompts": PROMPT}], **extra}
+                                                  {"source_model": "org/e2", "positive_prompts": ["world"]}], **extra}
 
 
 # ---- recipes -------------------------------------------------------------------------------
@@ -260,7 +260,7 @@ def test_corrupt_header(tmp_path, zoo):
 
 
 def test_missing_local_path(tmp_path):
-    with pytest.raises(FetchError, match="local model directory not found"):
+    with pytest.raises(FetchError, match="no such local directory"):
         fetch_metadata(str(tmp_path / "nowhere"), tmp_path / "meta")
 
 
@@ -342,22 +342,3 @@ def test_offline_without_cache_is_a_clear_error(tmp_path):
                           capture_output=True, text=True, stdin=subprocess.DEVNULL)
     assert proc.returncode == 1
     assert "acme/absent: not in the Hugging Face cache" in proc.stderr and "Traceback" not in proc.stderr
-
-
-def test_nan_weights_in_an_expert_fail_the_smoke_test(tmp_path, zoo):
-    """NaN in a source cannot be seen from headers; the smoke test's scan names the tensor and file."""
-    from safetensors.torch import load_file, save_file
-
-    from moeforge.check.smoke import SmokeOptions, run_smoke
-    from moeforge.errors import BuildError
-    from pipeline import build
-
-    bad = variant(zoo["expert"], tmp_path / "nan")
-    tensors = load_file(bad / "model.safetensors")
-    tensors["model.layers.1.mlp.up_proj.weight"][3, 5] = float("nan")
-    save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
-    result = build(tmp_path / "b", recipe(zoo["base"], bad, zoo["expert"]))
-    with pytest.raises(BuildError) as info:
-        run_smoke(result.model_dir, None, SmokeOptions(prompts=["hello"], max_new_tokens=2))
-    assert "model.layers.1.block_sparse_moe.experts.0.w3.weight" in str(info.value)
-    assert "NaN" in str(info.value) or "non-finite" in str(info.value)

@@ -49,8 +49,8 @@ Degenerate gates: two routed experts whose rows at a layer have cosine similarit
 token, so that layer's router cannot tell them apart. This is reported per expert pair with the
 layers where it happens (a warning, or a ``RecipeError`` under ``strict_gates``). A row whose
 unnormalised vector vanishes (positive and negative prompts cancel) is reported the same way. The
-condition number of every layer's matrix is recorded too; mergekit-moe warns when it exceeds 5,
-which does not say which experts are at fault.
+condition number of every layer's matrix is recorded too, with mergekit-moe's warning when it
+exceeds 5 (which does not say which experts are at fault; the cosine check does).
 """
 
 from __future__ import annotations
@@ -76,6 +76,7 @@ from moeforge.gates.spec import (
     GateSpec,
     gate_spec,
     named_groups,
+    render_prompt,
     validate_spec,
 )
 from moeforge.io.fetch import weights_dir_of
@@ -86,6 +87,8 @@ from moeforge.numbers import report_number
 
 HIDDEN_MODES = ("hidden", "hidden_last", "hidden_avg")
 DEGENERATE_COSINE = 0.99
+#: mergekit-moe warns when a layer's router matrix has a condition number above this.
+ILL_CONDITIONED = 5.0
 _ZERO_NORM = 1e-8
 
 __all__ = ["ExpertPrompts", "GateSpec", "compute_gates", "validate_spec", "write_gates"]
@@ -164,27 +167,12 @@ class _PromptTable:
 
 
 
-def _render(tokenizer, prompt: str, template: str) -> str:
-    """The text the base model reads for one prompt (special tokens written out as text)."""
-    if template == "raw":
-        return (tokenizer.bos_token or "") + prompt
-    if not getattr(tokenizer, "chat_template", None):
-        raise RecipeError(
-            "prompt_template 'chat' needs a chat template, and the base tokenizer has none",
-            where="prompt_template",
-            fix="use prompt_template: raw, or a base model whose tokenizer has a chat template",
-        )
-    return tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=False
-    )
-
-
 def _prompt_table(tokenizer, spec: GateSpec) -> _PromptTable:
     index: dict[str, int] = {}
     token_ids: list[list[int]] = []
 
     def lookup(prompt: str, where: str) -> int:
-        text = _render(tokenizer, prompt, spec.prompt_template)
+        text = render_prompt(tokenizer, prompt, spec.prompt_template)
         if text not in index:
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
             if not ids:
@@ -394,8 +382,27 @@ def _stats(spec: GateSpec, result: _Result, num_layers: int, hidden_size: int) -
         "degenerate": _degenerate(layers, spec),
         "layers": layers,
     }
-    stats["warnings"] = [_degenerate_message(spec, d) for d in stats["degenerate"]]
+    stats["ill_conditioned_above"] = ILL_CONDITIONED
+    stats["warnings"] = [_degenerate_message(spec, d) for d in stats["degenerate"]] + _conditioning(layers, spec)
     return stats
+
+
+def _conditioning(layers: list[dict], spec: GateSpec) -> list[str]:
+    """mergekit-moe's warning: a router matrix with condition number above 5 routes poorly.
+
+    Random rows are exempt, as for the degenerate check.
+    """
+    if spec.mode in PROMPTLESS_MODES:
+        return []
+    bad = [(e["layer"], e["condition_number"]) for e in layers
+           if e["condition_number"] is None or e["condition_number"] > ILL_CONDITIONED]
+    if not bad:
+        return []
+    worst = max((c for _, c in bad if c is not None), default=None)
+    return [f"router matrix is ill-conditioned (condition number above {ILL_CONDITIONED}, up to "
+            f"{worst if worst is not None else 'infinite'}) at layer(s) {', '.join(str(i) for i, _ in bad)}: "
+            "the experts' prompts give similar hidden states there, so routing may be degenerate; "
+            "make the experts' positive_prompts more distinct or add negative_prompts"]
 
 
 def _degenerate(layers: list[dict], spec: GateSpec) -> list[dict]:
@@ -443,11 +450,9 @@ def _degenerate_message(spec: GateSpec, item: dict) -> str:
 
 
 def _report_degenerate(spec: GateSpec, stats: dict) -> None:
-    if not stats["warnings"]:
-        return
-    if spec.strict_gates:
+    if spec.strict_gates and stats["degenerate"]:
         raise RecipeError(
-            "degenerate gates: " + "; ".join(stats["warnings"]),
+            "degenerate gates: " + "; ".join(_degenerate_message(spec, d) for d in stats["degenerate"]),
             where=f"gate_mode {spec.mode}, expert prompts",
             fix="make those experts' positive_prompts more distinct or add negative_prompts, "
             "or set strict_gates: false to accept the gates",

@@ -98,6 +98,47 @@ def _check_router_scale(spec: GateSpec) -> None:
         )
 
 
+def render_prompt(tokenizer: Any, prompt: str, template: str) -> str:
+    """The text the base model reads for one prompt (special tokens written out as text).
+
+    ``raw`` is mergekit-moe's ``bos_token + prompt``: an empty prompt is the bos token alone.
+    """
+    if template == "raw":
+        return (tokenizer.bos_token or "") + prompt
+    if not getattr(tokenizer, "chat_template", None):
+        raise RecipeError(
+            "prompt_template 'chat' needs a chat template, and the base tokenizer has none",
+            where="prompt_template",
+            fix="use prompt_template: raw, or a base model whose tokenizer has a chat template",
+        )
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=False
+    )
+
+
+def check_prompt_tokens(spec: GateSpec, tokenizer: Any, max_positions: int | None) -> None:
+    """Every prompt, rendered as the gates will read it, has a token and fits the base's context.
+
+    A prompt longer than ``max_position_embeddings`` is refused, not truncated: the base cannot
+    read past its context, and cutting a prompt silently would change what routes where.
+    """
+    if spec.mode in PROMPTLESS_MODES:
+        return
+    for where, group in named_groups(spec):
+        for kind, prompts in (("positive_prompts", group.positive), ("negative_prompts", group.negative)):
+            for i, prompt in enumerate(prompts):
+                text = render_prompt(tokenizer, prompt, spec.prompt_template)
+                count = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+                if count == 0:
+                    raise RecipeError(f"{kind}[{i}] {prompt!r} gives no tokens (the base tokenizer has no bos "
+                                      "token to stand for an empty prompt)", where=where,
+                                      fix="write some text in the prompt, or remove it")
+                if max_positions and count > max_positions:
+                    raise RecipeError(f"{kind}[{i}] is {count} tokens long, more than the base model's "
+                                      f"max_position_embeddings ({max_positions})", where=where,
+                                      fix=f"shorten it to at most {max_positions} tokens")
+
+
 def named_groups(spec: GateSpec) -> list[tuple[str, ExpertPrompts]]:
     """Routed then shared experts, each with its recipe location for messages."""
     routed = [(f"experts[{i}] ({e.name})", e) for i, e in enumerate(spec.experts)]
@@ -107,8 +148,6 @@ def named_groups(spec: GateSpec) -> list[tuple[str, ExpertPrompts]]:
 
 def gate_spec(plan: Mapping[str, Any]) -> Any:
     """The GateSpec a plan's recipe asks for."""
-    from moeforge.gates.spec import ExpertPrompts, GateSpec
-
     recipe = plan["recipe"]
 
     def prompts(items: list[Mapping[str, Any]]) -> tuple[Any, ...]:

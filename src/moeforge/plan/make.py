@@ -74,6 +74,9 @@ def make_plan(merge: str, recipe: Recipe, meta_dirs: Mapping[str, Path]) -> tupl
         for source in group:
             check_inventory(source, roles="mlp")
             check_against_base(base, source, role, recipe, ctx)
+    if len(experts) == 1:
+        ctx.warnings.append(f"the merge has one expert ({recipe.experts[0].name}): every token goes to it, so the "
+                            "result computes that dense model with the base's attention; a router needs two or more")
     out = output_family(recipe, base)
     if shared and not out.shared_expert:
         raise RecipeError(f"{out.name} has no shared experts, but the recipe lists {len(shared)}",

@@ -17,6 +17,7 @@ from typing import Any, Mapping
 import yaml
 
 from moeforge.errors import RecipeError
+from moeforge.io.files import read_text
 from moeforge.plan.schema import schema_errors
 
 MERGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -151,9 +152,21 @@ def check_recipe(recipe: Recipe, source: str) -> None:
                 f"gate_mode {recipe.gate_mode!r} computes routers from prompts, but {needing[0].name!r} "
                 f"({needing[0].source_model}) has no positive_prompts", f"{source}: {where}",
                 "add positive_prompts to every expert, or use gate_mode random / uniform_random")
+    if recipe.gate_mode not in PROMPTLESS_GATE_MODES:
+        _check_distinct_prompts(recipe, source)
     if recipe.token_reduction != "last" and recipe.gate_mode != "router_input":
         raise RecipeError(f"token_reduction only applies to gate_mode router_input, not {recipe.gate_mode!r}",
                           f"{source}: token_reduction", "remove token_reduction or use gate_mode router_input")
+
+
+def _check_distinct_prompts(recipe: Recipe, source: str) -> None:
+    """mergekit-moe's refusal: if every expert has the same prompts, every router row is the same."""
+    prompts = {(e.positive_prompts, e.negative_prompts) for e in recipe.experts}
+    if len(recipe.experts) > 1 and len(prompts) == 1:
+        raise RecipeError(
+            f"all {len(recipe.experts)} experts have identical prompts, so every router row would be the same "
+            "and the router could not choose between them", f"{source}: experts",
+            "give each expert prompts typical of the inputs it should handle, or use gate_mode random")
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -161,11 +174,21 @@ def load_recipe(path: str | Path) -> Recipe:
     path = Path(path)
     if not path.is_file():
         raise RecipeError("recipe file not found", str(path), "check the `recipe:` path in config/config.yaml")
+    text = read_text(path, "", RecipeError, "save the recipe as UTF-8 (editors offer it under 'Save with encoding')")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise RecipeError(f"not valid YAML: {exc}", str(path), "fix the YAML syntax") from None
+        raise RecipeError(f"not valid YAML: {_yaml_problem(exc)}", str(path), "fix the YAML syntax") from None
     return parse_recipe(data, str(path))
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's message in one line, with the place counted from 1 as editors do."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None)
+    if mark is None or problem is None:
+        return " ".join(str(exc).split())
+    return f"line {mark.line + 1} column {mark.column + 1}: {problem}"
 
 
 def check_merge_name(name: str) -> None:

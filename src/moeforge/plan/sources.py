@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from moeforge.errors import ModelError
+from moeforge.io.fetch import REFETCH_FIX
+from moeforge.io.files import read_json
 from moeforge.io.inventory import read_inventory
 from moeforge.io.refs import parse_ref
 from moeforge.io.safetensors_file import TensorEntry
@@ -50,7 +52,7 @@ class PlanContext:
 
 def load_source(ref: str, meta_dir: Path) -> Source:
     """Read a fetched source's metadata and classify it by model_type."""
-    config = json.loads((meta_dir / "config.json").read_text())
+    config = read_json(meta_dir / "config.json", f"model {ref}", ModelError, REFETCH_FIX)
     where = f"model {ref} (config.json)"
     model_type = config.get("model_type")
     if not model_type:
@@ -101,7 +103,7 @@ def _tokenizer_vocab(source: Source) -> dict[str, int] | None:
     path = source.meta_dir / "tokenizer.json"
     if not path.is_file():
         return None
-    data = json.loads(path.read_text())
+    data = read_json(path, f"model {source.ref}", ModelError, REFETCH_FIX)
     vocab = dict(data.get("model", {}).get("vocab") or {})
     for tok in data.get("added_tokens", []):
         vocab[tok["content"]] = tok["id"]
@@ -141,7 +143,12 @@ def check_against_base(base: Source, other: Source, role: str, recipe: Recipe, c
         ctx.decide(f"{role} {other.ref} is {other.family.name}, the base is {base.family.name}",
                    "their tensor shapes and MLP semantics agree, so they can be mixed")
     base_vocab, other_vocab = _tokenizer_vocab(base), _tokenizer_vocab(other)
-    if base_vocab is not None and other_vocab is not None and base_vocab != other_vocab:
+    if base_vocab is None or other_vocab is None:
+        missing = " and ".join(f"{who} {src.ref}" for who, src, vocab in
+                               (("the base", base, base_vocab), (role, other, other_vocab)) if vocab is None)
+        ctx.warnings.append(f"{role} {other.ref}: no tokenizer.json in {missing}, so the check that it shares the "
+                            "base's vocabulary was skipped; a different vocabulary would make this expert useless")
+    elif base_vocab != other_vocab:
         diff = sorted(set(base_vocab.items()) ^ set(other_vocab.items()))[:3]
         raise ModelError(f"tokenizer vocabulary differs from the base's (e.g. {diff})", f"{role} {other.ref}",
                          "experts must share the base's tokenizer; a different vocabulary means a different model")

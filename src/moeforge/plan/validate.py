@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from moeforge.build.translate import build_config
-from moeforge.gates.spec import gate_spec, validate_spec
+from moeforge.errors import ModelError
+from moeforge.gates.spec import PROMPTLESS_MODES, check_prompt_tokens, gate_spec, validate_spec
+from moeforge.io.hf_load import load_tokenizer
 from moeforge.plan.make import make_plan, write_plan
 from moeforge.plan.recipe import load_recipe
 
@@ -22,7 +24,12 @@ def validate_merge(merge: str, recipe_path: Path, meta_dirs: Mapping[str, Path],
     """Validate and plan; the config translation runs too, so its refusals come now."""
     recipe = load_recipe(recipe_path)
     plan, frame = make_plan(merge, recipe, meta_dirs)
-    validate_spec(gate_spec(plan))
+    spec = gate_spec(plan)
+    validate_spec(spec)
+    if spec.mode not in PROMPTLESS_MODES:
+        tokenizer = load_tokenizer(meta_dirs[recipe.base_model], ModelError, "the base model's tokenizer",
+                                   "the gates read the prompts with it: check the base's tokenizer files")
+        check_prompt_tokens(spec, tokenizer, plan["base_params"].get("max_position_embeddings"))
     base_config = json.loads((meta_dirs[recipe.base_model] / "config.json").read_text())
     _, decisions = build_config(plan, base_config)
     plan["warnings"] += [d["warning"] for d in decisions if "warning" in d]
