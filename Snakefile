@@ -25,9 +25,11 @@ include: "workflow/rules/translate.smk"
 include: "workflow/rules/assemble.smk"
 include: "workflow/rules/smoke.smk"
 include: "workflow/rules/verify.smk"
+include: "workflow/rules/reproduce.smk"
 
 
 rule all:
     default_target: True
     input:
         expand("results/{merge}/smoke/report.json", merge=MERGES),
+        expand("results/{merge}/reproduce/report.json", merge=LOCKS),

@@ -45,3 +45,13 @@ def layer_mem_mb(plan: Mapping[str, Any] | None) -> int:
     """Layer-streamed jobs (gates) hold about one layer at a time, in float32."""
     largest = max(plan["shard_bytes"].values()) if plan else 0
     return int(2000 + 3 * largest / MIB)
+
+
+def reproduce_mem_mb(plan: Mapping[str, Any] | None) -> int:
+    """The comparison holds one tensor of each model: the largest is an embedding (in globals) or one expert's
+    matrix (a layer shard over its experts)."""
+    if not plan:
+        return 1000
+    layers = [v for k, v in plan["shard_bytes"].items() if k != "globals"]
+    largest = max([plan["shard_bytes"].get("globals", 0), *(v / max(1, plan["num_experts"]) for v in layers)])
+    return int(1000 + 2.5 * largest / MIB)

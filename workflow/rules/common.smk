@@ -6,6 +6,7 @@ from moeforge import resources as job_resources
 from moeforge.errors import MoeforgeError
 from moeforge.io.fetch import local_source_files
 from moeforge.io.refs import parse_ref
+from moeforge.plan.lock_merge import merge_from_lock
 from moeforge.plan.merges import merges_to_build
 from moeforge.plan.recipe import load_recipe
 
@@ -13,15 +14,20 @@ from moeforge.plan.recipe import load_recipe
 def _load_recipes():
     """Validate every merge's recipe at parse time: bad recipes fail before any job runs."""
     try:
-        return {m: load_recipe(spec["recipe"]) for m, spec in MERGE_TABLE.items()}
+        return {m: LOCKS[m].recipe if m in LOCKS else load_recipe(spec["recipe"])
+                for m, spec in MERGE_TABLE.items()}
     except MoeforgeError as exc:
         raise WorkflowError(f"moeforge: {exc}") from None
 
 
 try:
     MERGE_TABLE = merges_to_build(config)
+    # `lock:` merges: the lock read and checked now; its pinned recipe is written by the lock_recipe rule.
+    LOCKS = {m: merge_from_lock(spec["lock"]) for m, spec in MERGE_TABLE.items() if "lock" in spec}
 except MoeforgeError as exc:
     raise WorkflowError(f"moeforge: {exc}") from None
+for _merge in LOCKS:
+    MERGE_TABLE[_merge] = {**MERGE_TABLE[_merge], "recipe": f"results/{_merge}/reproduce/recipe.yaml"}
 RECIPES = _load_recipes()
 MERGES = list(RECIPES)
 REFS = {parse_ref(ref).slug: ref for r in RECIPES.values() for ref in r.source_models}
@@ -74,6 +80,11 @@ def local_model_input(wildcards):
     return local_source_files(ref)
 
 
+def merge_title(wildcards):
+    """The name a merge's plan, card and lock carry: a `lock:` merge is the recorded merge, built again."""
+    return LOCKS[wildcards.merge].name if wildcards.merge in LOCKS else wildcards.merge
+
+
 def plan_of(merge):
     """plan.json of a merge, available once the validate checkpoint has run."""
     path = checkpoints.validate.get(merge=merge).output.plan
@@ -106,6 +117,10 @@ def shard_mem_mb(wildcards, input, attempt):
 
 def smoke_mem_mb(wildcards, input, attempt):
     return job_resources.smoke_mem_mb(_plan_beside(input.plan), lookup(dpath="smoke/dtype", within=config)) * attempt
+
+
+def reproduce_mem_mb(wildcards, input, attempt):
+    return job_resources.reproduce_mem_mb(_plan_beside(input.plan)) * attempt
 
 
 def layer_mem_mb(wildcards, input, attempt):

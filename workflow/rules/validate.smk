@@ -10,6 +10,7 @@ checkpoint validate:
         tensors="results/{merge}/plan.tensors.tsv",
     params:
         refs=lambda wc: {ref: f"resources/models/{slug(ref)}/meta" for ref in RECIPES[wc.merge].source_models},
+        name=merge_title,
     log:
         "logs/{merge}/validate.log",
     # Wall time and peak memory of every job: what a cluster profile should ask for.

@@ -6,7 +6,7 @@ from moeforge.runner import run
 
 
 def main(s):
-    validate_merge(s.wildcards.merge, Path(s.input.recipe), {r: Path(p) for r, p in s.params.refs.items()},
+    validate_merge(s.params.name, Path(s.input.recipe), {r: Path(p) for r, p in s.params.refs.items()},
                    Path(s.output.plan), Path(s.output.tensors))
 
 

@@ -4,7 +4,7 @@ Shard files are hard-linked, not rewritten (a 4x7B output is ~48 GB). Tokenizer 
 byte copies of the base's: re-saving a tokenizer with transformers 5.x records a class that
 4.x cannot load. moeforge.lock.json records what went in (recipe, each source's resolved
 commit and file hashes, library versions) and the sha256 of every file that came out, so a
-rerun or a downloaded copy can be checked byte for byte.
+rerun or a downloaded copy can be checked byte for byte, and the merge rebuilt (a `lock:` merge).
 """
 
 from __future__ import annotations
@@ -26,9 +26,10 @@ from moeforge.io.files import (
     write_json,
     write_text,
 )
+from moeforge.io.lockfile import LOCK_NAME, LOCK_VERSION
+from moeforge.io.refs import parse_ref
 from moeforge.io.safetensors_file import read_header
 
-LOCK_NAME = "moeforge.lock.json"
 LIBRARIES = ("moeforge", "torch", "transformers", "safetensors", "huggingface_hub", "tokenizers", "snakemake")
 
 
@@ -70,12 +71,60 @@ def library_versions() -> dict[str, str | None]:
     return versions
 
 
-def model_card(plan: Mapping[str, Any], translation: Mapping[str, Any]) -> str:
-    """README.md with Hub front matter: sources, tags, and what was done to make the model."""
-    recipe = plan["recipe"]
-    refs = list(dict.fromkeys([recipe["base_model"], *(e["source_model"] for e in recipe["experts"]),
-                               *(e["source_model"] for e in recipe["shared_experts"])]))
-    front = {"base_model": refs, "tags": ["moe", "merge", "moeforge"], "library_name": "transformers"}
+def _card_names(sources: Mapping[str, Any]) -> dict[str, str]:
+    """How the card names each source reference: a Hub repo at the commit the build used, a local model by
+    its directory name (never a path of the building machine). A rebuild from the lock, whose Hub
+    references are pinned, names them the same, so its card is byte-identical."""
+    names = {}
+    for src in sources.values():
+        ref = parse_ref(src["ref"])
+        if ref.kind == "hub":
+            names[src["ref"]] = f"{ref.repo_id}@{src['resolved_revision']}"
+        else:
+            names[src["ref"]] = Path(src["ref"]).expanduser().resolve().name
+    return names
+
+
+def _base_model_ids(sources: Mapping[str, Any], names: Mapping[str, str]) -> list[str]:
+    """The card's base_model list: Hub repo ids without revision (the Hub links them), local models by name."""
+    return list(dict.fromkeys(parse_ref(s["ref"]).repo_id if s["kind"] == "hub" else names[s["ref"]]
+                              for s in sources.values()))
+
+
+def _card_recipe(recipe: Mapping[str, Any], names: Mapping[str, str]) -> dict[str, Any]:
+    """The resolved recipe with every source as the card names it."""
+    out = dict(recipe)
+    out["base_model"] = names[recipe["base_model"]]
+    for key in ("experts", "shared_experts"):
+        out[key] = [{**e, "source_model": names[e["source_model"]]} for e in recipe[key]]
+    return out
+
+
+def _card_lock(merge: str, sources: Mapping[str, Any], names: Mapping[str, str]) -> list[str]:
+    """The lock in brief, and how to rebuild the merge from it."""
+    lines = ["## Reproduce", "",
+             f"`{LOCK_NAME}` records the resolved recipe above, each source's commit and weight-file sha256, the "
+             "library versions and the sha256 of every file here. moeforge rebuilds the merge from it and "
+             "compares the result with these files, tensor by tensor:", "",
+             "```yaml", "merges:", f"  {merge}:",
+             "    lock: org/name@revision   # this repository, or a local copy of it", "```", "",
+             "| source | roles | revision | weight files |", "|---|---|---|---|"]
+    for src in sources.values():
+        revision = f"`{src['resolved_revision']}`" if src["kind"] == "hub" else "local (sha256 in the lock)"
+        lines.append(f"| `{names[src['ref']]}` | {', '.join(src['roles'])} | {revision} | {len(src['files'])} |")
+    return lines + [""]
+
+
+def model_card(plan: Mapping[str, Any], translation: Mapping[str, Any], sources: Mapping[str, Any]) -> str:
+    """README.md with Hub front matter: sources, tags, what was done to make the model, and how to rebuild it.
+
+    `sources` is the lock's record of them: the card names each source as it was resolved, so the
+    card of a rebuild from the lock is the same bytes.
+    """
+    names = _card_names(sources)
+    recipe = _card_recipe(plan["recipe"], names)
+    front = {"base_model": _base_model_ids(sources, names), "tags": ["moe", "merge", "moeforge"],
+             "library_name": "transformers"}
     lines = ["---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", "",
              f"# {plan['merge']}", "",
              f"A {plan['output_family']} Mixture-of-Experts model with {plan['num_experts']} experts "
@@ -90,6 +139,7 @@ def model_card(plan: Mapping[str, Any], translation: Mapping[str, Any]) -> str:
     for d in translation["decisions"]:
         lines.append(f"- `{d['field']}` = `{json.dumps(d['value'])}`: {d['why']}")
     lines += ["", "## Recipe", "", "```yaml", yaml.safe_dump(recipe, sort_keys=False).rstrip(), "```", ""]
+    lines += _card_lock(plan["merge"], sources, names)
     return "\n".join(lines)
 
 
@@ -121,12 +171,13 @@ def assemble(plan_json: Path, shards: Sequence[Path], shard_digests: Sequence[st
         for name in TOKENIZER_FILES:
             if (base_meta / name).is_file():
                 shutil.copyfile(base_meta / name, tmp / name)
-        write_text(tmp / "README.md", model_card(plan, translation))
+        sources = _sources_lock(plan, hashes)
+        write_text(tmp / "README.md", model_card(plan, translation, sources))
         known = dict(zip(names, shard_digests, strict=True))
         files = {p.name: known.get(p.name) or sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
-        lock = {"moeforge_lock_version": 1, "merge": plan["merge"], "recipe": plan["recipe"],
+        lock = {"moeforge_lock_version": LOCK_VERSION, "merge": plan["merge"], "recipe": plan["recipe"],
                 "seed": plan["recipe"]["seed"], "output_family": plan["output_family"],
-                "sources": _sources_lock(plan, hashes), "libraries": library_versions(), "files": files}
+                "sources": sources, "libraries": library_versions(), "files": files}
         (tmp / LOCK_NAME).write_text(dumps_json(lock))
         for path in tmp.iterdir():
             path.chmod(0o444)

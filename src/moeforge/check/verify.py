@@ -7,13 +7,12 @@ does not list may pretend to be part of the model, and the model must load stric
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from moeforge.build.assemble import LOCK_NAME
 from moeforge.errors import BuildError
 from moeforge.io.files import sha256_file, write_json
+from moeforge.io.lockfile import LOCK_NAME, read_lock
 
 
 def check_lock(model_dir: Path) -> dict[str, Any]:
@@ -21,7 +20,7 @@ def check_lock(model_dir: Path) -> dict[str, Any]:
     lock_path = model_dir / LOCK_NAME
     if not lock_path.is_file():
         raise BuildError(f"no {LOCK_NAME}", str(model_dir), "only directories built by moeforge can be verified")
-    lock = json.loads(lock_path.read_text())
+    lock = read_lock(lock_path)
     problems = []
     for name, expected in sorted(lock["files"].items()):
         path = model_dir / name
@@ -45,8 +44,7 @@ def verify_model(model_dir: Path, out_dir: Path, *, device: str, max_new_tokens:
     from moeforge.check.smoke import SmokeOptions, run_smoke, smoke_prompts
 
     files = check_lock(model_dir)
-    lock = json.loads((model_dir / LOCK_NAME).read_text())
-    recipe = lock["recipe"]
+    recipe = read_lock(model_dir / LOCK_NAME)["recipe"]
     expert_prompts = {e["name"]: list(e["positive_prompts"]) for e in recipe["experts"] if e["positive_prompts"]}
     opts = SmokeOptions(prompts=smoke_prompts(recipe), max_new_tokens=max_new_tokens, device=device,
                         expert_prompts=expert_prompts, expert_names=[e["name"] for e in recipe["experts"]])

@@ -1,0 +1,149 @@
+"""Finding and reading a moeforge.lock.json that a build wrote, possibly on another machine, long ago.
+
+A ``lock:`` merge names a lock file, a model directory holding one, or a Hub repo (``org/name``,
+``org/name@revision``) holding one. A lock someone hands over is input like a recipe: every way it
+can be unusable (not found, not JSON, written by a newer moeforge, fields missing) is one message
+naming the file, never a KeyError in a later job.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from moeforge.errors import FetchError, RecipeError
+from moeforge.io.files import read_json
+from moeforge.io.refs import parse_ref
+from moeforge.plan.schema import schema_errors
+
+LOCK_NAME = "moeforge.lock.json"
+#: The lock format this code writes and reads; a greater number comes from a newer moeforge.
+LOCK_VERSION = 1
+_FIX = "give the moeforge.lock.json a moeforge build wrote, unedited (or a model directory or Hub repo holding one)"
+
+
+@dataclass(frozen=True)
+class LockRef:
+    """Where a lock came from: its file on this machine, and the published model beside it, if any."""
+
+    raw: str
+    path: Path
+    model_dir: Path | None = None
+    repo_id: str | None = None
+    revision: str | None = None  # the commit the lock was read at (Hub)
+
+    @property
+    def has_model(self) -> bool:
+        """Whether the recorded model's files can be had (a model directory or a Hub repo, not a bare lock)."""
+        return self.model_dir is not None or self.repo_id is not None
+
+    def local_files(self) -> list[str]:
+        """The lock and the published model's files on this machine: what a comparison with them reads (a Hub
+        model's files are fetched by that job; a commit's files do not change)."""
+        if self.model_dir is None:
+            return [str(self.path)]
+        return sorted(str(p) for p in self.model_dir.iterdir() if p.is_file())
+
+    def model_file(self, name: str) -> Path | None:
+        """A file of the published model on this machine (a Hub file is downloaded into the cache); None if absent."""
+        if self.model_dir is not None:
+            path = self.model_dir / name
+            return path if path.is_file() else None
+        if self.repo_id is None:
+            return None
+        from huggingface_hub.errors import EntryNotFoundError
+
+        try:
+            return _hub_file(self.repo_id, name, self.revision, self.raw)
+        except EntryNotFoundError:
+            return None
+
+
+def _hub_file(repo_id: str, name: str, revision: str | None, raw: str) -> Path:
+    """One file of a Hub repo, from the cache when it is there (offline too); raises EntryNotFoundError if the
+    repo has no such file."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    try:
+        return Path(hf_hub_download(repo_id, name, revision=revision))
+    except LocalEntryNotFoundError:
+        raise FetchError(f"{name} is not in the Hugging Face cache and the Hub cannot be reached (HF_HUB_OFFLINE is "
+                         "set or there is no network)", raw,
+                         "download it once with network access, or unset HF_HUB_OFFLINE") from None
+    except EntryNotFoundError:
+        raise  # the caller says what a missing file means
+    except RepositoryNotFoundError:
+        raise FetchError("repository not found or access denied, and there is no local file or directory of that "
+                         "name", raw, "check the name; for gated or private repos run `hf auth login` or set HF_TOKEN"
+                         ) from None
+    except RevisionNotFoundError:
+        raise FetchError(f"the repository has no revision {revision!r}", raw, "check the revision after '@'") from None
+    except HfHubHTTPError as exc:
+        raise FetchError(f"Hub request failed: {exc}", raw, "check the name, the revision and your access") from None
+
+
+def resolve_lock_ref(raw: str) -> LockRef:
+    """A lock file, a directory holding one, or a Hub repo holding one (its lock is downloaded, or read from
+    the cache offline)."""
+    path = Path(raw).expanduser()
+    if path.is_file():
+        return LockRef(raw, path)
+    if path.is_dir():
+        if not (path / LOCK_NAME).is_file():
+            raise FetchError(f"the directory holds no {LOCK_NAME}", raw,
+                             "give a model directory a moeforge build wrote, or the lock file itself")
+        return LockRef(raw, path / LOCK_NAME, model_dir=path)
+    ref = parse_ref(raw)
+    if ref.kind != "hub":
+        raise FetchError("no such lock file or model directory", str(path.absolute()),
+                         "check the `lock:` path (relative paths are relative to the working directory)")
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        lock = _hub_file(ref.repo_id or "", LOCK_NAME, ref.revision, raw)
+    except EntryNotFoundError:
+        raise FetchError(f"the Hub repository holds no {LOCK_NAME}", raw,
+                         "only merges built by moeforge can be rebuilt from their lock; build this one from its "
+                         "recipe instead") from None
+    # The cache keeps each file under snapshots/<commit>/: the commit this lock was read at.
+    return LockRef(raw, lock, repo_id=ref.repo_id, revision=lock.parent.name)
+
+
+def _schema() -> dict[str, Any]:
+    return yaml.safe_load(resources.files("moeforge").joinpath("schemas/lock.schema.yaml").read_text())
+
+
+def read_lock(path: Path) -> dict[str, Any]:
+    """A lock file, checked: JSON, a version this code reads, every field moeforge relies on."""
+    data = read_json(path, "", RecipeError, _FIX)
+    if not isinstance(data, dict):
+        raise RecipeError("not a moeforge lock: a JSON object is expected", str(path), _FIX)
+    version = data.get("moeforge_lock_version")
+    if isinstance(version, int) and not isinstance(version, bool) and version > LOCK_VERSION:
+        raise RecipeError(f"written by a newer moeforge (moeforge_lock_version {version}; this moeforge reads "
+                          f"version {LOCK_VERSION})", str(path), "upgrade moeforge and rerun")
+    schema = _schema()
+    missing = [key for key in schema["required"] if key not in data]
+    if missing:
+        raise RecipeError(f"not a complete moeforge lock: missing {', '.join(missing)}", str(path), _FIX)
+    problems = schema_errors(data, schema)
+    if problems:
+        raise RecipeError(f"not a complete moeforge lock: {'; '.join(problems)}", str(path), _FIX)
+    return data
+
+
+def load_lock(raw: str) -> tuple[LockRef, dict[str, Any]]:
+    """Resolve a ``lock:`` reference and read the lock it names."""
+    ref = resolve_lock_ref(raw)
+    return ref, read_lock(ref.path)
