@@ -2,7 +2,8 @@
 #   snakemake --cores 2                                   the offline demo
 #   snakemake --cores 8 --config recipe=path/to/name.yaml one recipe, merge "name"
 #   snakemake --cores 8 --configfile my.yaml              the merges listed in my.yaml
-#                                                         (recipe: a YAML recipe, or lock: a build to rerun)
+#                                                         (recipe: a YAML recipe, lock: a build to rerun,
+#                                                          or published: a published merge to rebuild)
 # Targets go before --configfile/--config, which take several values.
 from snakemake.utils import min_version, validate
 
@@ -32,4 +33,4 @@ rule all:
     default_target: True
     input:
         expand("results/{merge}/smoke/report.json", merge=MERGES),
-        expand("results/{merge}/reproduce/report.json", merge=LOCKS),
+        expand("results/{merge}/reproduce/report.json", merge=REBUILDS),

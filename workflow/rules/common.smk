@@ -5,16 +5,18 @@ import re
 from moeforge import resources as job_resources
 from moeforge.errors import MoeforgeError
 from moeforge.io.fetch import local_source_files
+from moeforge.io.published import RECIPE_FILES
 from moeforge.io.refs import parse_ref
 from moeforge.plan.lock_merge import merge_from_lock
 from moeforge.plan.merges import merges_to_build
+from moeforge.plan.published_merge import merge_from_published
 from moeforge.plan.recipe import load_recipe
 
 
 def _load_recipes():
     """Validate every merge's recipe at parse time: bad recipes fail before any job runs."""
     try:
-        return {m: LOCKS[m].recipe if m in LOCKS else load_recipe(spec["recipe"])
+        return {m: REBUILDS[m].recipe if m in REBUILDS else load_recipe(spec["recipe"])
                 for m, spec in MERGE_TABLE.items()}
     except MoeforgeError as exc:
         raise WorkflowError(f"moeforge: {exc}") from None
@@ -24,9 +26,12 @@ try:
     MERGE_TABLE = merges_to_build(config)
     # `lock:` merges: the lock read and checked now; its pinned recipe is written by the lock_recipe rule.
     LOCKS = {m: merge_from_lock(spec["lock"]) for m, spec in MERGE_TABLE.items() if "lock" in spec}
+    # `published:` merges: the recipe found in the repo now; the published_recipe rule writes it out.
+    PUBLISHED = {m: merge_from_published(spec["published"]) for m, spec in MERGE_TABLE.items() if "published" in spec}
 except MoeforgeError as exc:
     raise WorkflowError(f"moeforge: {exc}") from None
-for _merge in LOCKS:
+REBUILDS = {**LOCKS, **PUBLISHED}
+for _merge in REBUILDS:
     MERGE_TABLE[_merge] = {**MERGE_TABLE[_merge], "recipe": f"results/{_merge}/reproduce/recipe.yaml"}
 RECIPES = _load_recipes()
 MERGES = list(RECIPES)
@@ -36,8 +41,13 @@ DEMO_ROOT = "resources/demo"
 VERIFY = {**{m: f"results/{m}/model" for m in MERGES}, **config.get("verify", {})}
 
 
+def one_of(names):
+    """A wildcard regex matching exactly these names; one that matches nothing when there are none."""
+    return "|".join(re.escape(n) for n in names) or "(?!)"
+
+
 wildcard_constraints:
-    merge="|".join(re.escape(m) for m in MERGES),
+    merge=one_of(MERGES),
     slug="|".join(re.escape(s) for s in REFS),
     layer=r"\d+",
 

@@ -1,7 +1,10 @@
-# `lock:` merges: the recorded recipe built again, then compared with the recorded merge.
+# `lock:` and `published:` merges: a recipe built again, then compared with the merge it came from.
+# Each kind has its own pair of rules (same outputs), told apart by which merges they match.
 
 
 rule lock_recipe:
+    wildcard_constraints:
+        merge=one_of(LOCKS),
     input:
         lock=lambda wc: str(LOCKS[wc.merge].ref.path),
         # The recorded local weight files: checked byte for byte (an edit in place reruns the check).
@@ -21,6 +24,8 @@ rule lock_recipe:
 
 
 rule reproduce:
+    wildcard_constraints:
+        merge=one_of(LOCKS),
     input:
         lock="results/{merge}/model/moeforge.lock.json",
         recorded=lambda wc: LOCKS[wc.merge].ref.local_files(),
@@ -41,3 +46,53 @@ rule reproduce:
     localrule: True
     script:
         "../scripts/reproduce.py"
+
+
+rule published_recipe:
+    wildcard_constraints:
+        merge=one_of(PUBLISHED),
+    input:
+        # A local published merge's recipe files (an edit in place reruns the rebuild); a Hub commit's do not change.
+        published=lambda wc: PUBLISHED[wc.merge].ref.local_files(RECIPE_FILES),
+    output:
+        recipe="results/{merge}/reproduce/recipe.yaml",
+        record="results/{merge}/reproduce/sources.json",
+    params:
+        ref=lambda wc: MERGE_TABLE[wc.merge]["published"],
+    log:
+        "logs/{merge}/published_recipe.log",
+    benchmark:
+        "results/{merge}/benchmarks/published_recipe.tsv"
+    resources:
+        mem_mb=500,
+        runtime=120,
+    # The recipe is read from the Hub repo (or the Hugging Face cache), as fetch rules do.
+    localrule: True
+    script:
+        "../scripts/published_recipe.py"
+
+
+rule reproduce_published:
+    wildcard_constraints:
+        merge=one_of(PUBLISHED),
+    input:
+        model="results/{merge}/model/moeforge.lock.json",
+        published=lambda wc: PUBLISHED[wc.merge].ref.local_files(),
+        plan="results/{merge}/plan.json",
+        record="results/{merge}/reproduce/sources.json",
+    output:
+        json="results/{merge}/reproduce/report.json",
+        md="results/{merge}/reproduce/report.md",
+    params:
+        ref=lambda wc: MERGE_TABLE[wc.merge]["published"],
+    log:
+        "logs/{merge}/reproduce.log",
+    benchmark:
+        "results/{merge}/benchmarks/reproduce.tsv"
+    resources:
+        mem_mb=reproduce_mem_mb,
+        runtime=120,
+    # The published weights are downloaded into the Hugging Face cache, as fetch rules do.
+    localrule: True
+    script:
+        "../scripts/reproduce_published.py"

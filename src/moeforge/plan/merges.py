@@ -26,8 +26,8 @@ def merge_from_recipe_path(path: str) -> tuple[str, dict[str, str]]:
 
 
 def merges_to_build(config: Mapping[str, Any]) -> dict[str, dict[str, str]]:
-    """The user's merges (``merges:``, each a ``recipe:`` or a ``lock:``, plus ``recipe=``), or the demo when the
-    user names none."""
+    """The user's merges (``merges:``, each a ``recipe:``, a ``lock:`` or a ``published:``, plus ``recipe=``), or
+    the demo when the user names none."""
     merges = dict(config.get("merges") or {})
     if config.get("recipe"):
         name, spec = merge_from_recipe_path(config["recipe"])

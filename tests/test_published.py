@@ -1,0 +1,251 @@
+"""Rebuild a published merge from the recipe in its repo (`published:` merges) and compare it tensor by tensor.
+
+The published model is made by the real mergekit-moe 0.1.5 (the peer environment the speed benchmark
+installs), so its fused layout (`mlp.experts.gate_up_proj`, `down_proj`, `mlp.gate.weight`) is the
+one users meet. One real-Snakefile run rebuilds a Hub repo served by an offline cache; the rest goes
+through the library functions the rules call.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from hfcache import offline_env, populate
+from moeforge.check.published import reproduce_published
+from moeforge.errors import RecipeError
+from moeforge.io.published import RECIPE_NAME, find_recipe
+from moeforge.plan.published_merge import merge_from_published, write_published_recipe
+from moeforge.tiny_models import build_dense_model
+from pipeline import build
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEMAKE = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile")]
+COMMITS = {"base": "1111111111111111111111111111111111111111", "e0": "2222222222222222222222222222222222222222",
+           "e1": "3333333333333333333333333333333333333333", "moe": "5555555555555555555555555555555555555555"}
+LAYERS, EXPERTS = 4, 2
+
+
+@pytest.fixture(scope="module")
+def mergekit_moe() -> Path:
+    """mergekit-moe: ``$MOEFORGE_MERGEKIT_MOE``, else the speed benchmark's peer environment."""
+    candidates = [os.environ.get("MOEFORGE_MERGEKIT_MOE"), REPO / "benchmarks" / ".peer-venv" / "bin" / "mergekit-moe"]
+    for candidate in candidates:
+        if candidate and Path(candidate).is_file():
+            return Path(candidate)
+    pytest.skip("no mergekit-moe: run benchmarks/build_speed.py once (it installs benchmarks/.peer-venv) or set "
+                "MOEFORGE_MERGEKIT_MOE")
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, tokenizer_dir):
+    root = tmp_path_factory.mktemp("models")
+    base = build_dense_model(root / "base", "llama", seed=0, tokenizer_dir=tokenizer_dir, num_layers=LAYERS)
+    return {"base": base, **{f"e{i}": build_dense_model(root / f"e{i}", derive_from=base, seed=20 + i, mlp_noise=0.05)
+                             for i in range(EXPERTS)}}
+
+
+def recipe_for(base: str, experts: list[str]) -> dict:
+    return {"base_model": base, "gate_mode": "cheap_embed", "dtype": "float32",
+            "experts": [{"source_model": e, "positive_prompts": [f"questions about topic {i}"]}
+                        for i, e in enumerate(experts)]}
+
+
+@pytest.fixture(scope="module")
+def published(models, mergekit_moe, tmp_path_factory) -> Path:
+    """mergekit-moe's own output for the recipe (it writes mergekit_moe_config.yml beside the weights)."""
+    root = tmp_path_factory.mktemp("published")
+    recipe = root / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(recipe_for(str(models["base"]), [str(models["e0"]), str(models["e1"])])))
+    proc = subprocess.run([str(mergekit_moe), str(recipe), str(root / "out"), "--device", "cpu",
+                           "--i-understand-this-is-not-useful-without-training"],
+                          capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return root / "out"
+
+
+@pytest.fixture(scope="module")
+def rebuilt(published, tmp_path_factory):
+    """The rebuild, in-process: the published recipe written out as the workflow's job does, then built."""
+    root = tmp_path_factory.mktemp("rebuilt")
+    write_published_recipe(str(published), root / "recipe.yaml", root / "sources.json")
+    result = build(root, yaml.safe_load((root / "recipe.yaml").read_text()))
+    return {"model": result.model_dir, "plan": root / "results/m/plan.json", "record": root / "sources.json"}
+
+
+def compare(rebuilt: dict, published: Path, out: Path) -> dict:
+    return reproduce_published("pub", str(published), rebuilt["model"], rebuilt["plan"], rebuilt["record"],
+                               out / "r.json", out / "r.md")
+
+
+def writable_copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    for path in dst.iterdir():
+        path.chmod(0o644)
+    return dst
+
+
+def edit_tensors(model_dir: Path, edit) -> None:
+    """Rewrite the (single) weights file with ``edit`` applied to its tensors."""
+    (path,) = model_dir.glob("*.safetensors")
+    with safe_open(str(path), framework="pt") as fh:
+        tensors, metadata = {name: fh.get_tensor(name) for name in fh.keys()}, fh.metadata()
+    edit(tensors)
+    save_file(tensors, path, metadata=metadata)
+
+
+# ---- the rebuild of mergekit-moe's output -------------------------------------------------------
+
+def test_a_mergekit_moe_merge_is_rebuilt_bit_identical(published, rebuilt, tmp_path):
+    with safe_open(str(published / "model.safetensors"), framework="pt") as fh:
+        assert "model.layers.0.mlp.experts.gate_up_proj" in fh.keys()  # the fused layout is what was read
+    report = compare(rebuilt, published, tmp_path)
+    assert report["verdict"] == "identical" and report["differing"] == [] and report["config_mismatches"] == []
+    assert report["recipe_from"] == RECIPE_NAME
+    assert {role: (g["tensors"], g["bit_identical"]) for role, g in report["groups"].items()} == {
+        "embeddings": (1, 1), "attention": (4 * LAYERS, 4 * LAYERS), "norms": (2 * LAYERS + 1, 2 * LAYERS + 1),
+        "expert MLPs": (3 * EXPERTS * LAYERS, 3 * EXPERTS * LAYERS), "routers": (LAYERS, LAYERS), "lm_head": (1, 1)}
+    assert sorted((r["layer"], r["expert"]) for r in report["routers"]) == [
+        (layer, e) for layer in range(LAYERS) for e in range(EXPERTS)]
+    assert [r["cosine"] for r in report["routers"]] == pytest.approx([1.0] * LAYERS * EXPERTS)
+    assert (tmp_path / "r.md").read_text().startswith("# Reproduce pub: identical")
+
+
+def test_a_changed_router_row_is_named_with_its_cosine(published, rebuilt, tmp_path):
+    copy = writable_copy(published, tmp_path / "published")
+
+    def nudge(tensors):
+        router = tensors["model.layers.2.mlp.gate.weight"].clone()
+        router[1] = router[1] + 0.5 * router[1].abs().mean() * torch.randn(router.shape[1],
+                                                                          generator=torch.Generator().manual_seed(0))
+        tensors["model.layers.2.mlp.gate.weight"] = router
+
+    edit_tensors(copy, nudge)
+    report = compare(rebuilt, copy, tmp_path)
+    assert report["verdict"] == "different"
+    (tensor,) = report["differing"]
+    assert (tensor["tensor"], tensor["role"], tensor["layer"]) == ("model.layers.2.block_sparse_moe.gate.weight",
+                                                                   "routers", 2)
+    moved = [r for r in report["routers"] if r["cosine"] < 1 - 1e-9]
+    assert [(r["layer"], r["expert"]) for r in moved] == [(2, 1)] and 0 < moved[0]["cosine"] < 0.999
+    assert report["groups"]["routers"]["bit_identical"] == LAYERS - 1
+    markdown = (tmp_path / "r.md").read_text()
+    assert "## Router rows that differ" in markdown and f"| 2 | 1 | {moved[0]['cosine']:.4g} |" in markdown
+
+
+def test_a_published_config_that_does_not_match_is_reported(published, rebuilt, tmp_path):
+    """A third expert in the published model that its recipe does not have: reported, not a crash."""
+    copy = writable_copy(published, tmp_path / "published")
+
+    def add_expert(tensors):
+        for name in [n for n in tensors if n.endswith(("gate_up_proj", "down_proj"))]:
+            tensors[name] = torch.cat([tensors[name], tensors[name][:1]])
+
+    edit_tensors(copy, add_expert)
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**config, "num_local_experts": 3}))
+    report = compare(rebuilt, copy, tmp_path)
+    assert report["verdict"] == "different"
+    assert report["config_mismatches"] == [{"what": "experts", "rebuilt": 2, "published": 3}]
+    extra = {(t["layer"], t["expert"]) for t in report["differing"] if t.get("problem") == "missing from the rebuild"}
+    assert extra == {(layer, 2) for layer in range(LAYERS)}
+    assert "does not match the recipe's sources" in (tmp_path / "r.md").read_text()
+
+
+# ---- finding the recipe ------------------------------------------------------------------------
+
+CARD = """---
+license: apache-2.0
+---
+# A merge
+
+```yaml
+library_name: transformers
+```
+
+Made with mergekit-moe:
+
+```yaml
+{recipe}```
+"""
+
+
+def test_a_recipe_only_in_the_card_is_found(published, tmp_path):
+    card_only = writable_copy(published, tmp_path / "card-only")
+    recipe = (card_only / RECIPE_NAME).read_text()
+    (card_only / RECIPE_NAME).unlink()
+    (card_only / "README.md").write_text(CARD.format(recipe=recipe))
+    merge = merge_from_published(str(card_only))
+    assert merge.found.source == "README.md (YAML block at line 13)"
+    assert merge.recipe == merge_from_published(str(published)).recipe
+
+
+def bad_repos(published: Path, tmp_path: Path) -> dict[str, tuple[Path, str]]:
+    """A repo with no recipe at all, and one whose card's recipe is not YAML."""
+    none = writable_copy(published, tmp_path / "no-recipe")
+    (none / RECIPE_NAME).unlink()
+    (none / "README.md").write_text("# A merge\n\nNo recipe here.\n")
+    broken = writable_copy(published, tmp_path / "broken")
+    (broken / RECIPE_NAME).unlink()
+    (broken / "README.md").write_text(CARD.format(recipe="base_model: x\nexperts: [\n  - source_model: y\n"))
+    return {"none": (none, f"no mergekit-moe recipe: no {RECIPE_NAME}, and no YAML block with base_model and "
+                           "experts in README.md"),
+            "broken": (broken, "the recipe in README.md (the YAML block at line 13) is not valid YAML: line 15 ")}
+
+
+def test_bad_repos_are_one_message_each(published, tmp_path):
+    for directory, message in bad_repos(published, tmp_path).values():
+        with pytest.raises(RecipeError) as info:
+            find_recipe(directory, str(directory))
+        assert str(info.value).startswith(f"{directory}: {message}") and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("case", ["none", "broken"])
+def test_a_bad_repo_stops_the_workflow(published, tmp_path, case):
+    directory, message = bad_repos(published, tmp_path)[case]
+    wd = tmp_path / "wd"
+    wd.mkdir()
+    (wd / "cfg.yaml").write_text(yaml.safe_dump({"merges": {"pub": {"published": str(directory)}}}))
+    proc = subprocess.run([*SNAKEMAKE, "-d", str(wd), "--configfile", str(wd / "cfg.yaml"), "-n"],
+                          capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=300)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert output.count(message) == 1 and "Traceback" not in output
+    assert not (wd / "results").exists()
+
+
+# ---- through the real workflow, from a Hub repo served by an offline cache ----------------------
+
+@pytest.mark.slow
+def test_a_hub_published_merge_is_rebuilt_through_the_workflow(models, published, tmp_path):
+    cache = tmp_path / "cache"
+    for name in ("base", "e0", "e1"):
+        populate(cache, f"acme/{name}", models[name], COMMITS[name])
+    hub = writable_copy(published, tmp_path / "hub")
+    # The same merge as published on the Hub: its recipe names the sources by their Hub repos.
+    (hub / RECIPE_NAME).write_text(yaml.safe_dump(recipe_for("acme/base", ["acme/e0", "acme/e1"])))
+    populate(cache, "acme/moe", hub, COMMITS["moe"])
+    wd = tmp_path / "wd"
+    wd.mkdir()
+    (wd / "cfg.yaml").write_text(yaml.safe_dump({"merges": {"pub": {"published": "acme/moe"}}}))
+    proc = subprocess.run([*SNAKEMAKE, "-d", str(wd), "--configfile", str(wd / "cfg.yaml"), "--cores", "2"],
+                          capture_output=True, text=True, stdin=subprocess.DEVNULL, env=offline_env(cache),
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads((wd / "results/pub/reproduce/report.json").read_text())
+    assert report["verdict"] == "identical" and report["revision"] == COMMITS["moe"]
+    assert sum(g["tensors"] for g in report["groups"].values()) == 3 + 7 * LAYERS + 3 * EXPERTS * LAYERS
+    assert any("without a revision" in note and "acme/e0" in note for note in report["notes"])
+    record = json.loads((wd / "results/pub/reproduce/sources.json").read_text())
+    assert record["recipe_from"] == RECIPE_NAME and record["revision"] == COMMITS["moe"]
+    assert json.loads((wd / "results/pub/smoke/report.json").read_text())["passed"] is True
