@@ -22,7 +22,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"PASS with {len(report['warnings'])} warning(s)" if report["warnings"] else "PASS")
     lines = [f"# Smoke test: {status}", ""]
     lines += _md_list("Errors", report.get("errors", [])) + _md_list("Warnings", report["warnings"])
-    lines += _md_model(report) + _md_generations(report["generations"])
+    lines += _md_model(report) + _md_generations(report["generations"], report["memory"])
     if report["comparison"] is not None:
         lines += _md_comparison(report["comparison"])
     if report["routing"] is not None:
@@ -40,9 +40,19 @@ def _md_model(report: dict[str, Any]) -> list[str]:
     lines = ["## Model", "", f"- model: `{report['model_dir']}`", f"- base: `{report['base_dir']}`",
              f"- versions: {versions}",
              f"- loaded strictly: {load['parameters']} parameters, {load['tensors_scanned']} tensors "
-             f"in {len(load['files'])} file(s), all finite", "", "| config key | value |", "|---|---|"]
+             f"in {len(load['files'])} file(s), all finite", _md_memory(report["memory"]),
+             "", "| config key | value |", "|---|---|"]
     lines += [f"| {k} | `{json.dumps(v, sort_keys=True)}` |" for k, v in sorted(report["config"].items())]
     return lines + [""]
+
+
+def _md_memory(memory: dict[str, Any]) -> str:
+    """The memory budget the check ran under, and whether generation fitted it."""
+    budget = "unknown" if memory["budget_gib"] is None else f"{fmt(memory['budget_gib'], '.2f')} GiB"
+    generation = "was skipped" if memory["generation_skipped"] else "ran"
+    return (f"- memory: budget {budget} ({memory['budget_source']}); comparison and routing ran one layer at a "
+            f"time; greedy generation, which loads one whole model (about {fmt(memory['whole_model_gib'], '.2f')} "
+            f"GiB), {generation}")
 
 
 def _fence(text: str) -> list[str]:
@@ -65,8 +75,10 @@ def _longest_backtick_run(text: str) -> int:
     return best
 
 
-def _md_generations(rows: list[dict[str, Any]]) -> list[str]:
+def _md_generations(rows: list[dict[str, Any]] | None, memory: dict[str, Any]) -> list[str]:
     lines = ["## Generations (greedy)", ""]
+    if rows is None:
+        return lines + [memory["generation_skipped"], ""]
     for i, row in enumerate(rows):
         flags = ", ".join(row["flags"]) or "none"
         lines += [f"### Prompt {i}", "", *_fence(row["prompt"]), "",

@@ -2,9 +2,15 @@
 
 A merged checkpoint can be wrong in ways that no shape check sees: a Mixtral that loads with
 attention or norm weights silently re-initialised generates nothing useful, and a RoPE setting
-translated wrongly yields fluent-looking garbage such as ``")))))"``. This module loads the
-assembled model the way a user would (strict, offline, no remote code), runs it on a few prompts
-and compares it with the base model, so such builds fail here instead of after upload.
+translated wrongly yields fluent-looking garbage such as ``")))))"``. This module checks that the
+assembled model loads the way a user would load it (strict, offline, no remote code), runs it on a
+few prompts and compares it with the base model, so such builds fail here instead of after upload.
+
+Memory stays bounded at any model size: the strict load check reads only the safetensors headers,
+and the logits and router logits behind every comparison and routing figure are computed one
+module at a time (``gates.layerwise.stream_logits``). Only greedy generation loads a whole model,
+and only when it fits the job's memory budget (see ``check.generation``); otherwise the report
+says why it was skipped.
 
 Hard faults raise :class:`~moeforge.errors.BuildError`; soft signals (degenerate generations, a
 large divergence from the base, dead experts) become warnings in the report.
@@ -28,21 +34,24 @@ rows, so every statistic here is over real prompt tokens only.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import safetensors
 import torch
 import transformers
-from safetensors import safe_open
-from transformers import AutoModelForCausalLM, GenerationConfig
 
 from moeforge import __version__
-from moeforge.errors import BuildError, RecipeError
-from moeforge.io.hf_load import load_tokenizer, stdin_closed
+from moeforge.check.generation import Generation, eos_ids, generate_all, skip_reason, whole_model_bytes
+from moeforge.errors import BuildError, ModelError, RecipeError
+from moeforge.gates.layerwise import check_loadable, load_config, stream_logits
+from moeforge.io.hf_load import load_tokenizer
+from moeforge.io.safetensors_file import TensorEntry, read_header
+from moeforge.memory_budget import GIB, MemoryBudget, gib, memory_budget, peak_rss
 from moeforge.numbers import report_number
 
 DISTINCT_RATIO_MIN = 1 / 3
@@ -50,11 +59,14 @@ DIVERSITY_MIN_TOKENS = 8
 REPEAT_MIN_TOKENS = 4
 DEAD_SHARE_FRACTION = 0.1
 NAMES_SHOWN = 5
+_log = logging.getLogger("moeforge")
 
 #: Identity tolerance in 16-bit dtypes, relative to the largest base logit: bf16 keeps 8 bits of
 #: mantissa (0.4%), and a forward pass accumulates a few roundings more.
 LOW_PRECISION_IDENTITY = 0.05
 _NATIVE_FLOATS = {torch.float16, torch.bfloat16, torch.float32, torch.float64}
+_FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                 "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 _CONFIG_KEYS = (
     "architectures", "model_type", "dtype", "torch_dtype", "vocab_size", "hidden_size",
     "intermediate_size", "moe_intermediate_size", "shared_expert_intermediate_size",
@@ -77,6 +89,9 @@ class SmokeOptions:
     to ``identity_atol``; in a 16-bit dtype (for models whose float32 copy would not fit in
     memory) rounding differs between the dense and the MoE computation, so the identity
     tolerance becomes ``LOW_PRECISION_IDENTITY`` times the largest base logit of the prompt.
+    ``memory_gb`` (the config's ``smoke.memory_gb``) and ``job_mem_mb`` (the rule's request) set
+    the memory budget that decides whether greedy generation may load a whole model (see
+    ``moeforge.memory_budget``).
     """
 
     prompts: list[str]
@@ -88,6 +103,8 @@ class SmokeOptions:
     dtype: str = "float32"
     expert_prompts: dict[str, list[str]] = field(default_factory=dict)
     expert_names: list[str] = field(default_factory=list)
+    memory_gb: float | None = None
+    job_mem_mb: int | None = None
 
 
 #: Prompts for a recipe that names no smoke_prompts and no expert prompts (random/cheap_embed gates).
@@ -109,26 +126,30 @@ class SmokeFailure(BuildError):
 
 
 @dataclass
-class _Run:
-    """One prompt through one model: next-token logits, router logits, greedy continuation."""
+class _Measured:
+    """What a model computes on the prompts, from the layer-streamed forward pass.
 
-    logits: torch.Tensor
-    router_logits: list[torch.Tensor] | None
-    new_tokens: list[int]
-    text: str
+    ``logits`` holds one [T, V] tensor per smoke prompt; ``router_logits`` one list per routing
+    text (the prompts, then the expert prompts) of [T, E] tensors, one per sparse layer, or None
+    for a model without routers.
+    """
+
+    logits: list[torch.Tensor]
+    router_logits: list[list[torch.Tensor]] | None
+    sparse_layers: list[int]
 
 
 @dataclass
-class _Merged:
-    """Everything measured on the merged model, so it can be freed before the base is loaded."""
+class _Runs:
+    """Everything measured, gathered for the report; no generations when the budget forbade them."""
 
-    runs: list[_Run]
+    merged: _Measured
+    base: _Measured | None
     routing_texts: list[str]
-    router_logits: list[list[torch.Tensor] | None]
-    sparse_layers: list[int]
     top_k: int
     eos_ids: list[int]
-    load_info: dict[str, Any]
+    merged_text: list[Generation] | None = None
+    base_text: list[Generation] | None = None
 
 
 _IDENTITY_FIX = ("every expert is the base model, so the build must reproduce it: compare config.json "
@@ -144,61 +165,88 @@ _FINITE_FIX = ("the weights are finite but the activations overflow: check scale
 def run_smoke(model_dir: Path, base_dir: Path | None, opts: SmokeOptions) -> dict[str, Any]:
     """Check the assembled model in ``model_dir`` (against ``base_dir`` when given); return the report.
 
-    The two models are loaded one after the other, never together, so the check needs the
-    memory of one float32 copy of the larger model.
+    Everything but generation holds one module of one model at a time; generation holds one
+    whole model at a time, when the memory budget allows it.
     """
     model_dir = Path(model_dir)
+    base_dir = None if base_dir is None else Path(base_dir)
     _check_options(base_dir, opts)
     scan = scan_tensors(model_dir)
+    load_info = check_keys(model_dir)
     tokenizer = load_tokenizer(model_dir, BuildError, "the tokenizer",
                                "rerun the assemble step (it copies the tokenizer)")
+    config = load_config(model_dir)
     prompt_ids = [_encode(tokenizer, p) for p in opts.prompts]
-    merged = _measure_merged(model_dir, tokenizer, prompt_ids, opts)
-    base = None if base_dir is None else _measure_base(Path(base_dir), tokenizer, prompt_ids, opts,
-                                                         merged.eos_ids)
-    report = _new_report(model_dir, base_dir, opts, merged.load_info, scan)
-    failures = _fill_report(report, merged, base, opts)
+    budget = memory_budget(opts.memory_gb, opts.job_mem_mb)
+    need = whole_model_bytes([model_dir] if base_dir is None else [model_dir, base_dir], opts.dtype)
+    skipped = skip_reason(need, budget, opts.dtype)
+    _log_plan(budget, need, skipped)
+    texts = _routing_texts(opts)
+    runs = _Runs(merged=_measure(model_dir, [_encode(tokenizer, t) for t in texts], len(prompt_ids), opts),
+                 base=None if base_dir is None else _measure(base_dir, prompt_ids, len(prompt_ids), opts),
+                 routing_texts=texts, top_k=int(getattr(config, "num_experts_per_tok", 1)),
+                 eos_ids=eos_ids(model_dir, config, tokenizer))
+    _log.info("streamed comparison done; peak memory so far %s", gib(peak_rss()))
+    if skipped is None:
+        args = (prompt_ids, tokenizer, runs.eos_ids, opts.max_new_tokens, opts.device, opts.dtype)
+        runs.merged_text = generate_all(model_dir, *args)
+        runs.base_text = None if base_dir is None else generate_all(base_dir, *args)
+    report = _new_report(model_dir, base_dir, opts, load_info, scan)
+    report["memory"] = {"budget_gib": None if budget.limit is None else report_number(budget.limit / GIB),
+                        "budget_source": budget.source, "whole_model_gib": report_number(need / GIB),
+                        "generation_skipped": skipped}
+    failures = _fill_report(report, runs, opts)
     if failures:
         what, fix = zip(*failures)
         raise SmokeFailure("; ".join(what), str(model_dir), " / ".join(dict.fromkeys(fix)), report)
     return report
 
 
-def _measure_merged(model_dir: Path, tokenizer: Any, prompt_ids: list[torch.Tensor],
-                    opts: SmokeOptions) -> _Merged:
-    """Load the merged model strictly; run the prompts, then the expert prompts for routing."""
-    texts = _routing_texts(opts)
-    model, load_info = load_strict(model_dir, opts.device, opts.dtype)
-    eos_ids = _eos_ids(model, tokenizer)
-    runs = [_run(model, tokenizer, ids, opts, eos_ids, routers=True) for ids in prompt_ids]
-    extra = [_forward(model, _encode(tokenizer, t), opts.device, routers=True)[1]
-             for t in texts[len(prompt_ids):]]
-    return _Merged(runs=runs, routing_texts=texts, router_logits=[r.router_logits for r in runs] + extra,
-                   sparse_layers=_sparse_layer_ids(model),
-                   top_k=int(getattr(model.config, "num_experts_per_tok", 1)),
-                   eos_ids=eos_ids, load_info=load_info)
+def _log_plan(budget: MemoryBudget, need: int, skipped: str | None) -> None:
+    """Put the memory budget and the plan in the log before any weight is read.
+
+    A job killed for memory (SIGKILL) cannot report anything itself; these lines say what it was
+    allowed and what it was about to load.
+    """
+    limit = "unknown" if budget.limit is None else gib(budget.limit)
+    _log.info("memory budget %s (%s); peak memory so far %s; the comparison runs one layer at a time",
+              limit, budget.source, gib(peak_rss()))
+    if skipped is not None:
+        _log.warning("%s", skipped)
+    elif budget.limit is None:
+        _log.info("greedy generation loads one whole model at a time, about %s, unchecked: if this job is "
+                  "killed for memory, set smoke.memory_gb to what it may use and generation is skipped", gib(need))
+    else:
+        _log.info("greedy generation loads one whole model at a time, about %s: within the budget", gib(need))
 
 
-def _measure_base(base_dir: Path, tokenizer: Any, prompt_ids: list[torch.Tensor], opts: SmokeOptions,
-                  eos_ids: list[int]) -> list[_Run]:
-    """Run the same prompts through the base model, with the same tokens and stop ids."""
-    model, _ = load_strict(base_dir, opts.device, opts.dtype)
-    return [_run(model, tokenizer, ids, opts, eos_ids, routers=False) for ids in prompt_ids]
+def _measure(model_dir: Path, ids: list[torch.Tensor], prompts: int, opts: SmokeOptions) -> _Measured:
+    """Logits of the first ``prompts`` texts and router logits of all, one module in memory at a time.
+
+    Each text is its own batch, unpadded, as a user's single-prompt forward pass sees it.
+    """
+    streamed = stream_logits(model_dir, [(i, torch.ones_like(i)) for i in ids], device=opts.device,
+                             dtype=getattr(torch, opts.dtype), progress=False)
+    routers = streamed.router_logits if streamed.sparse_layers else None
+    return _Measured([batch[0] for batch in streamed.logits[:prompts]], routers, streamed.sparse_layers)
 
 
-def _fill_report(report: dict[str, Any], merged: _Merged, base: list[_Run] | None,
-                 opts: SmokeOptions) -> list[tuple[str, str]]:
+def _fill_report(report: dict[str, Any], runs: _Runs, opts: SmokeOptions) -> list[tuple[str, str]]:
     """Add generations, comparison and routing to ``report``; return hard faults as (what, fix)."""
     warnings: list[str] = report["warnings"]
-    report["generations"] = _generations(merged.runs, base, opts.prompts, merged.eos_ids, warnings)
-    failures = [(what, _FINITE_FIX) for what in _finite_errors(merged.runs, opts.prompts)]
+    if runs.merged_text is None:
+        warnings.append(report["memory"]["generation_skipped"])
+        report["generations"] = None
+    else:
+        report["generations"] = _generations(runs.merged_text, runs.base_text, opts.prompts, runs.eos_ids, warnings)
+    failures = [(what, _FINITE_FIX) for what in _finite_errors(runs.merged.logits, opts.prompts)]
     if not failures:  # with non-finite activations, comparison and routing numbers mean nothing
-        if base is not None:
-            report["comparison"] = compare_logits([r.logits for r in base], [r.logits for r in merged.runs])
+        if runs.base is not None:
+            report["comparison"] = compare_logits(runs.base.logits, runs.merged.logits)
             findings = _comparison_findings(report["comparison"], opts, warnings)
             failures += [(what, _IDENTITY_FIX) for what in findings]
-        report["routing"] = _routing(merged.router_logits, merged.routing_texts, merged.sparse_layers,
-                                     merged.top_k, opts, warnings)
+        report["routing"] = _routing(runs.merged.router_logits, runs.routing_texts, runs.merged.sparse_layers,
+                                     runs.top_k, opts, warnings)
     report["errors"] = [what for what, _ in failures]
     report["passed"] = not failures
     return failures
@@ -226,8 +274,9 @@ def scan_tensors(model_dir: Path) -> dict[str, Any]:
     """Read every tensor of the checkpoint once, one at a time, and fail on NaN or Inf.
 
     Loading alone does not catch them: a non-finite weight loads fine and only shows as NaN
-    logits, or not at all if the tensor is never used. Tensors are read via ``safe_open`` so no
-    more than one is in memory at a time.
+    logits, or not at all if the tensor is never used. Tensors are read with plain reads, one at
+    a time: a memory map would keep every page it touched resident until the file is closed, so
+    the scan of a large shard would look, to the job's memory accounting, like a loaded model.
     """
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
@@ -235,10 +284,11 @@ def scan_tensors(model_dir: Path) -> dict[str, Any]:
     bad: list[str] = []
     count = 0
     for path in files:
-        with safe_open(str(path), framework="pt") as handle:
-            for name in sorted(handle.keys()):
+        start, entries = read_header(path)
+        with open(path, "rb") as handle:
+            for name in sorted(entries):
                 count += 1
-                n_bad = _non_finite(handle.get_tensor(name))
+                n_bad = _non_finite(_read_tensor(handle, start, entries[name]))
                 if n_bad:
                     bad.append(f"{name} in {path.name} ({n_bad} values)")
     if bad:
@@ -247,6 +297,18 @@ def scan_tensors(model_dir: Path) -> dict[str, Any]:
             "check the shard that wrote them (noise/scale transforms, dtype casts) and rebuild it",
         )
     return {"files": [p.name for p in files], "tensors_scanned": count}
+
+
+def _read_tensor(handle: BinaryIO, start: int, entry: TensorEntry) -> torch.Tensor:
+    """One tensor's values, flat, read into fresh memory (floats only; others come back empty)."""
+    dtype = _FLOAT_DTYPES.get(entry.dtype)
+    if dtype is None or not entry.nbytes:
+        return torch.empty(0)
+    buffer = bytearray(entry.nbytes)
+    handle.seek(start + entry.begin)
+    if handle.readinto(buffer) != entry.nbytes:
+        raise BuildError(f"tensor {entry.name} runs past the end of the file", handle.name, "rerun the assemble step")
+    return torch.frombuffer(buffer, dtype=dtype)
 
 
 def _non_finite(tensor: torch.Tensor) -> int:
@@ -258,40 +320,24 @@ def _non_finite(tensor: torch.Tensor) -> int:
     return int((~torch.isfinite(tensor)).sum())
 
 
-
-
-def load_strict(model_dir: Path, device: str, dtype: str = "float32") -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Load as users would, and fail on any key that did not load exactly.
+def check_keys(model_dir: Path) -> dict[str, Any]:
+    """Fail on any tensor that would not load exactly; reads the headers only, whatever the model's size.
 
     transformers re-initialises missing or mis-shaped weights and only logs it; such a model
-    runs and produces nonsense. Mismatched shapes are let through the loader so they can be
-    reported by name together with the other problems.
+    runs and produces nonsense. The check goes through transformers' own name conversion (fused
+    experts included), so it reports what ``from_pretrained`` would, by name.
     """
     try:
-        with stdin_closed():
-            model, info = AutoModelForCausalLM.from_pretrained(
-                str(model_dir), dtype=getattr(torch, dtype), output_loading_info=True,
-                trust_remote_code=False, local_files_only=True, ignore_mismatched_sizes=True,
-            )
-    except Exception as exc:  # any loader failure is a build fault; keep its message
-        raise BuildError(f"transformers cannot load the model: {type(exc).__name__}: {exc}",
-                         str(model_dir), "check config.json and the tensor index") from exc
-    summary = {
-        "missing_keys": sorted(info["missing_keys"]),
-        "unexpected_keys": sorted(info["unexpected_keys"]),
-        "mismatched_keys": sorted(f"{k} (file {list(a)} vs model {list(b)})"
-                                  for k, a, b in info["mismatched_keys"]),
-        "error_msgs": [str(m) for m in info["error_msgs"]],
-    }
-    problems = [f"{len(v)} {k.replace('_', ' ')}: {_first(v)}" for k, v in summary.items() if v]
+        outcome, parameters = check_loadable(model_dir)
+    except ModelError as exc:
+        raise BuildError(f"transformers cannot load the model: {exc.what}", str(model_dir),
+                         "check config.json and the tensor index") from exc
+    problems = [f"{len(v)} {k.replace('_', ' ')}: {_first(v)}" for k, v in outcome.problems()]
     if problems:
         raise BuildError("; ".join(problems), str(model_dir),
                          "the tensor names or shapes do not match the model class that config.json "
                          "names; a merged model must be rebuilt with the matching output template")
-    summary["parameters"] = sum(p.numel() for p in model.parameters())
-    return model.to(device), summary
-
-
+    return asdict(outcome) | {"parameters": parameters}
 
 
 def _first(names: Sequence[str]) -> str:
@@ -320,63 +366,6 @@ def _routing_texts(opts: SmokeOptions) -> list[str]:
     return texts
 
 
-def _eos_ids(model: torch.nn.Module, tokenizer: Any) -> list[int]:
-    """Every id that ends generation: the model's generation config and the tokenizer's EOS."""
-    ids: set[int] = set()
-    for value in (model.generation_config.eos_token_id, model.config.eos_token_id,
-                  tokenizer.eos_token_id):
-        if value is not None:
-            ids.update(value if isinstance(value, list) else [value])
-    return sorted(ids)
-
-
-@torch.inference_mode()
-def _forward(model: torch.nn.Module, ids: torch.Tensor, device: str,
-             routers: bool) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
-    """Logits [T, V] in float32 on CPU and, for the merged model, router logits per MoE layer."""
-    kwargs = {"output_router_logits": True} if routers else {}
-    ids = ids.to(device)
-    out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False, **kwargs)
-    router = getattr(out, "router_logits", None) if routers else None
-    router_cpu = [r.float().cpu() for r in router] if router else None
-    return out.logits[0].float().cpu(), router_cpu
-
-
-@torch.inference_mode()
-def _generate(model: torch.nn.Module, tokenizer: Any, ids: torch.Tensor, opts: SmokeOptions,
-              eos_ids: list[int]) -> tuple[list[int], str]:
-    """Plain greedy continuation.
-
-    The model's own generation config is replaced so that repetition penalties or a minimum
-    length cannot hide a degenerate model.
-    """
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos_ids or [0])[0]
-    model.generation_config = GenerationConfig(eos_token_id=eos_ids or None, pad_token_id=pad)
-    config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=opts.max_new_tokens,
-                              eos_token_id=eos_ids or None, pad_token_id=pad)
-    ids = ids.to(opts.device)
-    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
-    new = out[0, ids.shape[1]:].tolist()
-    return new, tokenizer.decode(new, skip_special_tokens=True)
-
-
-def _run(model: torch.nn.Module, tokenizer: Any, ids: torch.Tensor, opts: SmokeOptions,
-         eos_ids: list[int], routers: bool) -> _Run:
-    """Forward pass and greedy generation for one prompt."""
-    logits, router = _forward(model, ids, opts.device, routers)
-    new, text = _generate(model, tokenizer, ids, opts, eos_ids)
-    return _Run(logits, router, new, text)
-
-
-def _sparse_layer_ids(model: torch.nn.Module) -> list[int]:
-    """Decoder layer indices that hold experts, in the order their router logits are returned.
-
-    Qwen2-MoE can keep some layers dense (``mlp_only_layers``), so list position != layer index.
-    """
-    return [i for i, layer in enumerate(model.model.layers)
-            if any(hasattr(child, "experts") for child in layer.children())]
-
-
 # ---------------------------------------------------------------------------------------------
 # checks
 
@@ -396,13 +385,13 @@ def degeneracy_flags(new_tokens: Sequence[int], text: str, eos_ids: Sequence[int
     return flags
 
 
-def _finite_errors(runs: list[_Run], prompts: list[str]) -> list[str]:
+def _finite_errors(logits: list[torch.Tensor], prompts: list[str]) -> list[str]:
     """Non-finite logits on any prompt: the model computes garbage whatever it generates."""
     return [f"non-finite logits on prompt {i} ({_short(prompts[i])})"
-            for i, run in enumerate(runs) if not torch.isfinite(run.logits).all()]
+            for i, values in enumerate(logits) if not torch.isfinite(values).all()]
 
 
-def _generations(merged: list[_Run], base: list[_Run] | None, prompts: list[str],
+def _generations(merged: list[Generation], base: list[Generation] | None, prompts: list[str],
                  eos_ids: list[int], warnings: list[str]) -> list[dict[str, Any]]:
     """Per-prompt generated text and flags; warn when every prompt degenerates."""
     rows = []

@@ -30,7 +30,8 @@ def is_identity_build(plan: Mapping[str, Any]) -> bool:
 
 
 
-def smoke_options(plan: Mapping[str, Any], device: str, max_new_tokens: int, dtype: str = "auto") -> Any:
+def smoke_options(plan: Mapping[str, Any], device: str, max_new_tokens: int, dtype: str = "auto",
+                  memory_gb: float | None = None, job_mem_mb: int | None = None) -> Any:
     from moeforge.check.smoke import SmokeOptions, smoke_prompts
 
     recipe = plan["recipe"]
@@ -38,7 +39,8 @@ def smoke_options(plan: Mapping[str, Any], device: str, max_new_tokens: int, dty
     return SmokeOptions(prompts=smoke_prompts(recipe), max_new_tokens=recipe["max_new_tokens"] or max_new_tokens,
                         device=device, identity=is_identity_build(plan), dtype=smoke_dtype(plan, dtype),
                         expert_prompts={k: v for k, v in expert_prompts.items() if v},
-                        expert_names=[e["name"] for e in recipe["experts"]])
+                        expert_names=[e["name"] for e in recipe["experts"]],
+                        memory_gb=memory_gb, job_mem_mb=job_mem_mb)
 
 
 def set_aside_failed_model(model_dir: Path, exc: BaseException) -> Path:
@@ -64,7 +66,7 @@ def set_aside_failed_model(model_dir: Path, exc: BaseException) -> Path:
 
 
 def smoke_stage(model_dir: Path, plan_json: Path, gates_json: Path, translation_json: Path, base_weights: Path, *,
-                device: str, dtype: str = "auto",
+                device: str, dtype: str = "auto", memory_gb: float | None = None, job_mem_mb: int | None = None,
                 max_new_tokens: int, out_json: Path, out_md: Path, load_png: Path, similarity_png: Path) -> dict:
     from moeforge.check.plots import plot_expert_load, plot_gate_similarity
     from moeforge.check.report import write_report
@@ -72,7 +74,8 @@ def smoke_stage(model_dir: Path, plan_json: Path, gates_json: Path, translation_
 
     plan = json.loads(plan_json.read_text())
     try:
-        report = run_smoke(model_dir, weights_dir_of(base_weights), smoke_options(plan, device, max_new_tokens, dtype))
+        opts = smoke_options(plan, device, max_new_tokens, dtype, memory_gb, job_mem_mb)
+        report = run_smoke(model_dir, weights_dir_of(base_weights), opts)
     except Exception as exc:
         set_aside_failed_model(model_dir, exc)
         raise

@@ -38,7 +38,8 @@ def check_lock(model_dir: Path) -> dict[str, Any]:
     return {"files_verified": len(lock["files"]), "merge": lock["merge"], "output_family": lock["output_family"]}
 
 
-def verify_model(model_dir: Path, out_dir: Path, *, device: str, max_new_tokens: int) -> dict[str, Any]:
+def verify_model(model_dir: Path, out_dir: Path, *, device: str, max_new_tokens: int,
+                 memory_gb: float | None = None) -> dict[str, Any]:
     """Hash check, then the smoke test (no base comparison: the base may not be at hand)."""
     from moeforge.check.report import write_report
     from moeforge.check.smoke import SmokeOptions, run_smoke, smoke_prompts
@@ -47,7 +48,8 @@ def verify_model(model_dir: Path, out_dir: Path, *, device: str, max_new_tokens:
     recipe = read_lock(model_dir / LOCK_NAME)["recipe"]
     expert_prompts = {e["name"]: list(e["positive_prompts"]) for e in recipe["experts"] if e["positive_prompts"]}
     opts = SmokeOptions(prompts=smoke_prompts(recipe), max_new_tokens=max_new_tokens, device=device,
-                        expert_prompts=expert_prompts, expert_names=[e["name"] for e in recipe["experts"]])
+                        expert_prompts=expert_prompts, expert_names=[e["name"] for e in recipe["experts"]],
+                        memory_gb=memory_gb)
     report = run_smoke(model_dir, None, opts)
     report["lock"] = files
     write_report(report, out_dir / "report.json", out_dir / "report.md")

@@ -8,7 +8,14 @@ on the meta device from its config and given real weights one layer at a time, s
 variants, q/k/v biases, q/k norms, rotary scaling types and sliding windows behave exactly as in
 the full model.
 
-Two per-layer vectors are available:
+The same engine gives the logits of whole prompts (``stream_logits``: embeddings, every decoder
+layer, final norm, output head) and, for MoE checkpoints, each sparse layer's router logits, so
+the smoke test compares a merged model with its base in the memory of one layer. Each module's
+weights go through transformers' own checkpoint conversion (see ``moeforge.io.key_conversion``),
+so an MoE checkpoint with one tensor per expert fills the fused expert modules exactly as
+``from_pretrained`` does.
+
+Two per-layer vectors are available to the gates:
 
 * ``residual_in``: the residual stream entering layer ``i`` (``output_hidden_states[i]`` of the
   full model), before the layer's input norm;
@@ -31,12 +38,11 @@ from tqdm import tqdm
 from moeforge.errors import ModelError
 from moeforge.io.fetch import DAMAGED_FILE_FIX
 from moeforge.io.files import read_json
+from moeforge.io.key_conversion import KeyConversion, LoadOutcome
+from moeforge.io.safetensors_file import TensorEntry, read_header
 
 WANTS = ("residual_in", "mlp_in")
 _INDEX_NAME = "model.safetensors.index.json"
-# Older checkpoints saved the rotary inverse frequencies inside every layer; they are derived
-# from the config and the layer modules no longer carry them.
-_DERIVED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 class CheckpointTensors:
@@ -73,9 +79,13 @@ class CheckpointTensors:
     def __contains__(self, name: str) -> bool:
         return name in self.files
 
-    def with_prefix(self, prefix: str) -> list[str]:
-        """All tensor names under ``prefix`` (e.g. ``model.layers.3.``), sorted."""
-        return sorted(name for name in self.files if name.startswith(prefix))
+    def entries(self) -> dict[str, TensorEntry]:
+        """Every tensor's dtype, shape and size, from the file headers alone (no tensor data read)."""
+        found: dict[str, TensorEntry] = {}
+        for file in sorted(set(self.files.values())):
+            if file.is_file():
+                found.update(read_header(file)[1])
+        return {name: entry for name, entry in found.items() if name in self.files}
 
     def read(self, names: Sequence[str]) -> dict[str, torch.Tensor]:
         """Read the named tensors (stored dtype, CPU), grouped by file."""
@@ -110,7 +120,7 @@ def _warn_missing_shards(index: Path, shards: set[Path]) -> None:
             index, ", ".join(missing))
 
 
-def _release_freed_memory() -> None:
+def release_freed_memory() -> None:
     """Hand freed heap memory back to the operating system (glibc only; a no-op elsewhere).
 
     glibc raises its mmap threshold after the first large free, so later layers' weights land on
@@ -179,55 +189,62 @@ class _Runner:
 
     def __init__(self, base_dir: Path, device: torch.device, dtype: torch.dtype) -> None:
         self.config = load_config(base_dir)
-        self.model = build_skeleton(self.config)
+        self.model = build_skeleton(self.config).to(dtype)
         self.base = self.model.base_model
         self.store = CheckpointTensors(base_dir)
+        self.conversion = KeyConversion(self.model, list(self.store.files))
         self.device = device
         self.dtype = dtype
         self.module_names = {id(m): n for n, m in self.model.named_modules()}
 
-    def _checkpoint_name(self, name: str) -> str | None:
-        """The checkpoint's name for a skeleton tensor (with or without the ``model.`` prefix)."""
-        if name in self.store:
-            return name
-        stripped = name.split(".", 1)[1] if "." in name else name
-        return stripped if stripped in self.store else None
-
     def materialise(self, module: torch.nn.Module) -> torch.nn.Module:
         """Give ``module`` its checkpoint weights (cast to the compute dtype) on the device."""
         prefix = self.module_names[id(module)] + "."
-        wanted = list(module.state_dict().keys())
-        found = {key: self._checkpoint_name(prefix + key) for key in wanted}
-        missing = sorted(prefix + key for key, name in found.items() if name is None)
+        tensors = self.store.read(self.conversion.sources_under(prefix))
+        for target, source in self.conversion.tied_parameters().items():
+            if target.startswith(prefix):  # as transformers ties it: the input embedding, whatever is stored
+                tensors = {n: t for n, t in tensors.items() if self.conversion.targets[n] != target}
+                name = self._source_of(source)
+                tensors[target] = self.store.read([name])[name]
+        outcome = self.conversion.load(tensors, self.device, self.dtype)
+        self._check_outcome(module, prefix, outcome)
+        return module
+
+    def _source_of(self, key: str) -> str:
+        """The checkpoint name of the tensor that loads into model key ``key``."""
+        names = [n for n, target in self.conversion.targets.items() if target == key]
+        if not names:
+            raise ModelError(f"tensor {key} missing from the checkpoint", where=str(self.store.base_dir),
+                             fix="check that the weights match config.json (tie_word_embeddings)")
+        return names[0]
+
+    def _check_outcome(self, module: torch.nn.Module, prefix: str, outcome: LoadOutcome) -> None:
+        """Refuse a module whose weights did not load exactly: config.json does not describe them."""
+        if outcome.unexpected_keys:
+            raise ModelError(
+                f"checkpoint tensor {outcome.unexpected_keys[0]} is not part of the model described by config.json",
+                where=str(self.store.base_dir),
+                fix="check config.json (e.g. attention_bias, model_type) against the weights",
+            )
+        if outcome.mismatched_keys or outcome.error_msgs:
+            wrong = [*outcome.mismatched_keys, *outcome.error_msgs]
+            raise ModelError(
+                f"{len(wrong)} tensor(s) do not fit the model's shapes, e.g. {wrong[0]}",
+                where=str(self.store.base_dir),
+                fix="check config.json (sizes, head counts, expert counts) against the weights",
+            )
+        missing = sorted(prefix + name for name, p in module.named_parameters() if p.is_meta)
         if missing:
             raise ModelError(
                 f"{len(missing)} tensor(s) missing from the checkpoint, e.g. {missing[0]}",
                 where=str(self.store.base_dir),
                 fix="check that the weights match config.json (model_type, layer count, biases)",
             )
-        self._check_unexpected(found)
-        read = self.store.read(list(found.values()))
-        state = {key: read[name].to(device=self.device, dtype=self.dtype) for key, name in found.items()}
-        module.load_state_dict(state, strict=True, assign=True)
         if any(t.is_meta for t in module.buffers()):
             raise ModelError(
                 f"module {prefix[:-1]} has buffers that are not in the checkpoint",
                 where=type(module).__name__,
                 fix="this architecture cannot be run layer by layer; use a llama-style decoder",
-            )
-        return module
-
-    def _check_unexpected(self, found: dict[str, str]) -> None:
-        """Reject extra checkpoint tensors under a module: config.json does not describe the weights."""
-        key, name = next(iter(found.items()))
-        prefix = name[: len(name) - len(key)]
-        used = set(found.values())
-        extra = [n for n in self.store.with_prefix(prefix) if n not in used and not n.endswith(_DERIVED_SUFFIXES)]
-        if extra:
-            raise ModelError(
-                f"checkpoint tensor {extra[0]} is not part of the model described by config.json",
-                where=str(self.store.base_dir),
-                fix="check config.json (e.g. attention_bias, model_type) against the weights",
             )
 
     def rotary(self) -> torch.nn.Module:
@@ -295,7 +312,7 @@ def _embed_batches(
             _Batch(hidden, positions, rotary(hidden, positions), runner.masks(hidden, mask, positions))
         )
     embed.to("meta")
-    _release_freed_memory()
+    release_freed_memory()
     return prepared
 
 
@@ -330,18 +347,26 @@ def iter_layer_hidden_states(
         if "mlp_in" not in want and index == count - 1:
             yield LayerStates(index, residual_in, None)
             break
-        mlp_in = _run_layer(runner, index, prepared, capture="mlp_in" in want)
-        yield LayerStates(index, residual_in, mlp_in)
+        captured = _run_layer(runner, index, prepared, capture=("mlp_in",) if "mlp_in" in want else ())
+        yield LayerStates(index, residual_in, captured.get("mlp_in"))
 
 
 @torch.no_grad()
-def _run_layer(runner: _Runner, index: int, prepared: list[_Batch], capture: bool) -> list[torch.Tensor] | None:
-    """Run every batch through layer ``index`` in place; optionally capture the MLP inputs."""
+def _run_layer(runner: _Runner, index: int, prepared: list[_Batch],
+               capture: Sequence[str] = ()) -> dict[str, list[torch.Tensor]]:
+    """Run every batch through layer ``index`` in place; capture per batch what ``capture`` names.
+
+    ``mlp_in`` is the MLP's input [B, T, H]; ``router_logits`` the sparse block's router output
+    [B*T, E], the tensor the whole model returns with ``output_router_logits``.
+    """
     layer = runner.materialise(runner.base.layers[index])
-    captured: list[torch.Tensor] = []
-    hook = None
-    if capture:
-        hook = layer.mlp.register_forward_pre_hook(lambda _module, args: captured.append(args[0]))
+    captured: dict[str, list[torch.Tensor]] = {kind: [] for kind in capture}
+    hooks = []
+    if "mlp_in" in captured:
+        hooks.append(layer.mlp.register_forward_pre_hook(lambda _module, args: captured["mlp_in"].append(args[0])))
+    if "router_logits" in captured:
+        hooks.append(router_of(layer).register_forward_hook(
+            lambda _module, _args, out: captured["router_logits"].append(out[0] if isinstance(out, tuple) else out)))
     try:
         kind = runner.layer_type(index)
         for batch in prepared:
@@ -354,11 +379,87 @@ def _run_layer(runner: _Runner, index: int, prepared: list[_Batch], capture: boo
             )
             batch.hidden = output[0] if isinstance(output, tuple) else output
     finally:
-        if hook is not None:
+        for hook in hooks:
             hook.remove()
         layer.to("meta")
-        _release_freed_memory()
-    return captured if capture else None
+        release_freed_memory()
+    return captured
+
+
+def router_of(layer: torch.nn.Module) -> torch.nn.Module | None:
+    """The router of a decoder layer's sparse MoE block; None for a dense layer.
+
+    Found by structure, not by class name: the block is the child holding ``experts`` (``mlp`` in
+    Qwen-MoE, ``mlp`` or ``block_sparse_moe`` in Mixtral), its router the module named ``gate``.
+    """
+    block = next((child for child in layer.children() if hasattr(child, "experts")), None)
+    return None if block is None else block.gate
+
+
+@dataclass
+class StreamedLogits:
+    """Whole-prompt outputs of a streamed forward pass, per input batch, float32 on the CPU.
+
+    ``logits[b]`` is [B, T, V]; ``router_logits[b]`` holds one [B*T, E] tensor per sparse layer,
+    in the order of ``sparse_layers`` (decoder layer indices: Qwen2-MoE may keep layers dense).
+    """
+
+    logits: list[torch.Tensor]
+    router_logits: list[list[torch.Tensor]]
+    sparse_layers: list[int]
+
+
+def stream_logits(
+    model_dir: Path,
+    batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    progress: bool = True,
+) -> StreamedLogits:
+    """Run ``batches`` through the whole model, holding one module's weights at a time.
+
+    Embeddings, then each decoder layer, then the final norm and the output head (the input
+    embedding when the config ties them): the logits equal the loaded model's, in the memory of
+    the largest of those modules plus the batches' activations.
+    """
+    runner = _Runner(Path(model_dir), torch.device(device), dtype)
+    sparse = [i for i, layer in enumerate(runner.base.layers) if router_of(layer) is not None]
+    prepared = _embed_batches(runner, batches)
+    routers: list[list[torch.Tensor]] = [[] for _ in prepared]
+    for index in tqdm(range(runner.config.num_hidden_layers), desc="layers", unit="layer", disable=not progress):
+        if index not in sparse:
+            _run_layer(runner, index, prepared)
+            continue
+        captured = _run_layer(runner, index, prepared, capture=("router_logits",))
+        for per_batch, router in zip(routers, captured["router_logits"], strict=True):
+            per_batch.append(router.float().cpu())
+    return StreamedLogits(_head_logits(runner, prepared), routers, sparse)
+
+
+@torch.no_grad()
+def _head_logits(runner: _Runner, prepared: list[_Batch]) -> list[torch.Tensor]:
+    """Final norm and output head over every batch's last hidden states; both dropped afterwards."""
+    norm = runner.materialise(runner.base.norm)
+    head = runner.materialise(runner.model.get_output_embeddings())
+    try:
+        return [head(norm(batch.hidden)).float().cpu() for batch in prepared]
+    finally:
+        norm.to("meta")
+        head.to("meta")
+        release_freed_memory()
+
+
+def check_loadable(model_dir: Path) -> tuple[LoadOutcome, int]:
+    """Every name and shape problem ``from_pretrained`` would meet, and the parameter count.
+
+    The checkpoint's tensors enter the skeleton as meta tensors of their stored shapes, through
+    transformers' own conversion: nothing is read but the headers, whatever the model's size.
+    """
+    runner = _Runner(Path(model_dir), torch.device("meta"), torch.float32)
+    parameters = sum(p.numel() for p in runner.model.parameters())  # before loading unties anything
+    shapes = {name: entry.shape for name, entry in runner.store.entries().items()}
+    return runner.conversion.check_all(shapes), parameters
 
 
 def input_embeddings(base_dir: Path, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -1,0 +1,136 @@
+"""Greedy generation for the smoke test: the one check that loads a whole model, so only when it fits.
+
+Every other smoke figure is computed one decoder layer at a time (``gates.layerwise``), but greedy
+decoding re-reads every weight for every new token; streamed from disk that is the whole
+checkpoint read ``max_new_tokens`` times per prompt. Generation therefore loads the model as a
+user would, one model at a time, and is skipped, with the reason and what to raise, when the
+memory budget is smaller than that load.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, GenerationConfig
+
+from moeforge.errors import BuildError
+from moeforge.gates.layerwise import CheckpointTensors, release_freed_memory
+from moeforge.io.hf_load import stdin_closed
+from moeforge.io.safetensors_file import ITEMSIZE
+from moeforge.memory_budget import MIB, MemoryBudget, gib, peak_rss, whole_model_mb
+
+_log = logging.getLogger("moeforge")
+
+
+@dataclass(frozen=True)
+class Generation:
+    """A greedy continuation: its new token ids and their text."""
+
+    new_tokens: list[int]
+    text: str
+
+
+def weight_bytes(model_dir: Path, dtype: str) -> int:
+    """The model's weights in ``dtype``, from the safetensors headers (no tensor read)."""
+    itemsize = torch.empty(0, dtype=getattr(torch, dtype)).element_size()
+    return sum(e.nbytes // ITEMSIZE[e.dtype] * itemsize for e in CheckpointTensors(model_dir).entries().values())
+
+
+def whole_model_bytes(model_dirs: list[Path], dtype: str) -> int:
+    """Memory to generate with each model in turn (never two at once), in ``dtype``."""
+    return whole_model_mb(max(weight_bytes(d, dtype) for d in model_dirs)) * MIB
+
+
+def skip_reason(need: int, budget: MemoryBudget, dtype: str) -> str | None:
+    """Why generation cannot load the whole model within ``budget``; None when it can (or nothing is known)."""
+    if budget.limit is None or need <= budget.limit:
+        return None
+    smaller = " (or set smoke.dtype: bfloat16, which needs about half)" if dtype == "float32" else ""
+    return (f"greedy generation skipped: it loads the whole model, about {gib(need)} in {dtype}, over the "
+            f"memory budget of {gib(budget.limit)} ({budget.source}); the comparison and routing figures were "
+            f"computed layer by layer regardless. To generate, the budget must be at least {gib(need)}: "
+            f"{budget.raise_how}{smaller}")
+
+
+def eos_ids(model_dir: Path, config: Any, tokenizer: Any) -> list[int]:
+    """Every id that ends generation: the model's generation config, its config and the tokenizer's EOS.
+
+    Read from the files, as ``from_pretrained`` would set ``model.generation_config``, so the ids are
+    known without loading the model.
+    """
+    try:
+        generation = GenerationConfig.from_pretrained(str(model_dir), local_files_only=True)
+    except OSError:
+        generation = GenerationConfig.from_model_config(config)
+    ids: set[int] = set()
+    for value in (generation.eos_token_id, config.eos_token_id, tokenizer.eos_token_id):
+        if value is not None:
+            ids.update(value if isinstance(value, list) else [value])
+    return sorted(ids)
+
+
+def generate_all(model_dir: Path, prompt_ids: list[torch.Tensor], tokenizer: Any, eos: list[int],
+                 max_new_tokens: int, device: str, dtype: str) -> list[Generation]:
+    """Load ``model_dir`` strictly, continue every prompt greedily, free the model."""
+    model, _ = load_strict(model_dir, device, dtype)
+    try:
+        generated = [_generate(model, tokenizer, ids, eos, max_new_tokens, device) for ids in prompt_ids]
+    finally:
+        del model
+        gc.collect()
+        release_freed_memory()
+    _log.info("generated with %s; peak memory so far %s", model_dir, gib(peak_rss()))
+    return generated
+
+
+def load_strict(model_dir: Path, device: str, dtype: str = "float32") -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Load as users would, and fail on any key that did not load exactly.
+
+    transformers re-initialises missing or mis-shaped weights and only logs it; such a model
+    runs and produces nonsense. Mismatched shapes are let through the loader so they can be
+    reported by name together with the other problems.
+    """
+    try:
+        with stdin_closed():
+            model, info = AutoModelForCausalLM.from_pretrained(
+                str(model_dir), dtype=getattr(torch, dtype), output_loading_info=True,
+                trust_remote_code=False, local_files_only=True, ignore_mismatched_sizes=True,
+            )
+    except Exception as exc:  # any loader failure is a build fault; keep its message
+        raise BuildError(f"transformers cannot load the model: {type(exc).__name__}: {exc}",
+                         str(model_dir), "check config.json and the tensor index") from exc
+    summary = {
+        "missing_keys": sorted(info["missing_keys"]),
+        "unexpected_keys": sorted(info["unexpected_keys"]),
+        "mismatched_keys": sorted(f"{k} (file {list(a)} vs model {list(b)})"
+                                  for k, a, b in info["mismatched_keys"]),
+        "error_msgs": [str(m) for m in info["error_msgs"]],
+    }
+    problems = [f"{len(v)} {k.replace('_', ' ')}" for k, v in summary.items() if v]
+    if problems:
+        raise BuildError("; ".join(problems), str(model_dir),
+                         "the tensor names or shapes do not match the model class that config.json names")
+    return model.to(device), summary
+
+
+@torch.inference_mode()
+def _generate(model: torch.nn.Module, tokenizer: Any, ids: torch.Tensor, eos: list[int], max_new_tokens: int,
+              device: str) -> Generation:
+    """Plain greedy continuation.
+
+    The model's own generation config is replaced so that repetition penalties or a minimum
+    length cannot hide a degenerate model.
+    """
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or [0])[0]
+    model.generation_config = GenerationConfig(eos_token_id=eos or None, pad_token_id=pad)
+    config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens,
+                              eos_token_id=eos or None, pad_token_id=pad)
+    ids = ids.to(device)
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
+    new = out[0, ids.shape[1]:].tolist()
+    return Generation(new, tokenizer.decode(new, skip_special_tokens=True))

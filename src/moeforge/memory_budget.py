@@ -1,0 +1,121 @@
+"""How much memory a job may use: the limit it runs under, never the machine's size.
+
+A process that outgrows its cgroup is killed with SIGKILL: no exception, no message, only an
+empty or cut-off log. So a step that could hold a whole model decides beforehand whether it fits,
+and says in its log what it assumed. The machine's total RAM is no guide: a cluster job or a
+container gets a share of it.
+
+Where the limit comes from, first found wins: the workflow config (``smoke.memory_gb``), the
+process's cgroup (v2 ``memory.max``, v1 ``memory.limit_in_bytes``, the smallest along the path
+to the root of the hierarchy), the rule's ``mem_mb`` request.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+MIB = 1 << 20
+GIB = 1 << 30
+#: cgroup v1 writes "no limit" as 2**63-1 rounded down to a page; anything this large is none.
+_UNLIMITED = 1 << 60
+_SET_RESOURCES = "--set-resources smoke_test:mem_mb=N"
+
+
+@dataclass(frozen=True)
+class MemoryBudget:
+    """A memory limit in bytes (None: none known), where it was read, and how a user raises it."""
+
+    limit: int | None
+    source: str
+    raise_how: str
+
+
+def memory_budget(memory_gb: float | None = None, job_mem_mb: int | None = None, *,
+                  proc_cgroup: Path = Path("/proc/self/cgroup"),
+                  cgroup_root: Path = Path("/sys/fs/cgroup")) -> MemoryBudget:
+    """The budget of this process: the config's value, else its cgroup limit, else the job's mem_mb."""
+    if memory_gb is not None:
+        return MemoryBudget(int(memory_gb * GIB), "smoke.memory_gb in the workflow config",
+                            "raise smoke.memory_gb in the workflow config")
+    found = cgroup_memory_limit(proc_cgroup, cgroup_root)
+    if found is not None:
+        limit, path = found
+        return MemoryBudget(limit, f"the cgroup limit {path}",
+                            f"give the job more memory (a cluster profile's {_SET_RESOURCES}), or set "
+                            "smoke.memory_gb when the limit is not the job's own")
+    if job_mem_mb:
+        return MemoryBudget(int(job_mem_mb) << 20, "the smoke_test rule's mem_mb",
+                            f"raise the rule's memory ({_SET_RESOURCES}) or set smoke.memory_gb in the workflow config")
+    return MemoryBudget(None, "no cgroup limit, no mem_mb, no smoke.memory_gb",
+                        "set smoke.memory_gb in the workflow config")
+
+
+def cgroup_memory_limit(proc_cgroup: Path = Path("/proc/self/cgroup"),
+                        cgroup_root: Path = Path("/sys/fs/cgroup")) -> tuple[int, Path] | None:
+    """The tightest memory limit on this process's cgroup and its ancestors, and the file that sets it.
+
+    ``/proc/self/cgroup`` names the cgroup: ``0::/path`` on v2 (limit in ``memory.max``),
+    ``N:memory:/path`` on v1 (``memory/.../memory.limit_in_bytes``). Inside a cgroup namespace the
+    path is ``/`` and the mount's root holds the container's own limit; the walk covers both.
+    """
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        return None
+    limits = []
+    for line in lines:
+        hierarchy, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        if hierarchy == "0" and not controllers:
+            limits += _limits_along(cgroup_root, path, "memory.max")
+        elif "memory" in controllers.split(","):
+            limits += _limits_along(cgroup_root / "memory", path, "memory.limit_in_bytes")
+    return min(limits, default=None)
+
+
+def _limits_along(mount: Path, path: str, name: str) -> list[tuple[int, Path]]:
+    """The limits set in ``name`` from the cgroup ``path`` up to the mount's root."""
+    node = mount / path.strip("/")
+    found = []
+    for directory in (node, *node.parents):
+        limit = _read_limit(directory / name)
+        if limit is not None:
+            found.append((limit, directory / name))
+        if directory == mount:
+            break
+    return found
+
+
+def _read_limit(file: Path) -> int | None:
+    """A limit file's value in bytes; None when absent, unreadable or unlimited ("max")."""
+    try:
+        text = file.read_text().strip()
+    except OSError:
+        return None
+    if not text.isdigit() or int(text) >= _UNLIMITED:
+        return None
+    return int(text)
+
+
+def whole_model_mb(weight_bytes: int) -> int:
+    """Memory to load one whole model and generate with it, in MiB, for weights of ``weight_bytes``.
+
+    The loader's copies take about half as much again as the weights, and torch, the tokenizer and
+    the generation buffers about 2 GB beside them. The smoke job's mem_mb request is this figure,
+    so a budget read from that request fits generation exactly.
+    """
+    return int(2000 + 1.5 * weight_bytes / MIB)
+
+
+def peak_rss() -> int:
+    """This process's peak resident set size so far, in bytes."""
+    import resource  # Unix only; the workflow imports this module at parse time
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
+
+
+def gib(size: int | float) -> str:
+    """A byte count as GiB, for messages."""
+    return f"{size / GIB:.2f} GiB"

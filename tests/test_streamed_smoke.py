@@ -1,0 +1,248 @@
+"""The smoke test in bounded memory: layer-streamed figures equal the loaded model's, one layer at a time.
+
+Builds go through the real pipeline (Mixtral from Llama, Qwen2-MoE with a shared expert from
+Qwen2, Qwen3-MoE from Qwen3; tied and untied embeddings), with experts that differ from the base
+so that KL, agreement and routing are not trivial. The reference is the whole model loaded by
+transformers in float32.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from moeforge.check import generation
+from moeforge.check.report import render_markdown
+from moeforge.check.smoke import SmokeOptions, compare_logits, routing_stats, run_smoke
+from moeforge.gates import layerwise
+from moeforge.gates.layerwise import stream_logits
+from moeforge.memory_budget import GIB, cgroup_memory_limit, memory_budget
+from moeforge.tiny_models import build_dense_model
+from pipeline import build
+
+PROMPTS = ["The quick brown fox", "def add(a, b):", "Two plus two equals"]
+EXPERT_PROMPTS = {"e0": ["Slice the onions thinly"], "e2": ["Solve for x in the equation"]}
+EXPERT_NAMES = ["e0", "e1", "e2"]
+FAMILIES = {"llama": "mixtral", "qwen2": "qwen2_moe", "qwen3": "qwen3_moe"}
+CASES = [(family, tied) for family in FAMILIES for tied in (False, True)]
+
+
+def _recipe(base: Path, experts: list[Path], shared: bool) -> dict:
+    recipe = {"base_model": str(base), "gate_mode": "random", "experts_per_token": 2,
+              "experts": [{"source_model": str(e)} for e in experts]}
+    if shared:  # Qwen2-MoE's shared expert and its sigmoid gate, which an identity build leaves zero
+        recipe["shared_experts"] = [{"source_model": str(experts[0]), "residual_scale": 0.5}]
+    return recipe
+
+
+@pytest.fixture(scope="module")
+def builds(tmp_path_factory, tokenizer_dir):
+    """(family, tied, identity) -> (merged model dir, base dir), built on first use."""
+    made: dict[tuple[str, bool, bool], tuple[Path, Path]] = {}
+
+    def get(family: str, tied: bool, identity: bool = False) -> tuple[Path, Path]:
+        key = (family, tied, identity)
+        if key not in made:
+            root = tmp_path_factory.mktemp(f"{family}-{'tied' if tied else 'untied'}")
+            base = build_dense_model(root / "base", family, seed=1, tie_word_embeddings=tied,
+                                     tokenizer_dir=tokenizer_dir)
+            experts = [base] * 3 if identity else [
+                build_dense_model(root / f"e{i}", derive_from=base, seed=20 + i, mlp_noise=0.2) for i in range(3)]
+            result = build(root / "build", _recipe(base, experts, shared=family == "qwen2" and not identity))
+            assert result.plan["output_family"] == FAMILIES[family]
+            made[key] = (result.model_dir, base)
+        return made[key]
+
+    return get
+
+
+def _options(**changes) -> SmokeOptions:
+    fields = {"prompts": PROMPTS, "max_new_tokens": 4, "expert_prompts": EXPERT_PROMPTS,
+              "expert_names": EXPERT_NAMES, "memory_gb": 0.5}
+    return SmokeOptions(**(fields | changes))
+
+
+def _ids(texts: list[str], model_dir: Path) -> list[torch.Tensor]:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    return [tokenizer(t, return_tensors="pt").input_ids for t in texts]
+
+
+@torch.no_grad()
+def _whole_model(model_dir: Path, ids: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[list[torch.Tensor]]]:
+    """Logits [T, V] and router logits per text from the model loaded whole, as a user loads it."""
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    moe = hasattr(model.config, "num_experts_per_tok")
+    logits, routers = [], []
+    for i in ids:
+        out = model(input_ids=i, attention_mask=torch.ones_like(i), use_cache=False,
+                    **({"output_router_logits": True} if moe else {}))
+        logits.append(out.logits[0].float())
+        routers.append([r.float() for r in out.router_logits] if moe else [])
+    return logits, routers
+
+
+@pytest.mark.parametrize(("family", "tied"), CASES)
+def test_streamed_outputs_equal_the_loaded_model(builds, family, tied):
+    model_dir, base = builds(family, tied)
+    ids = _ids(PROMPTS, model_dir)
+    sparse = {}
+    for directory in (model_dir, base):
+        streamed = stream_logits(directory, [(i, torch.ones_like(i)) for i in ids], progress=False)
+        logits, routers = _whole_model(directory, ids)
+        for b in range(len(ids)):
+            torch.testing.assert_close(streamed.logits[b][0], logits[b], atol=1e-5, rtol=0)
+            for got, want in zip(streamed.router_logits[b], routers[b], strict=True):
+                torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+        sparse[directory] = streamed.sparse_layers
+    assert sparse == {model_dir: [0, 1, 2, 3], base: []}
+
+
+@pytest.mark.parametrize(("family", "tied"), CASES)
+def test_smoke_figures_equal_whole_model_figures(builds, family, tied):
+    """KL, top-1 agreement, max |Δlogit| and routing statistics, against the loaded models' numbers."""
+    model_dir, base = builds(family, tied)
+    report = run_smoke(model_dir, base, _options(kl_warn=math.inf))
+    texts = PROMPTS + [t for name in EXPERT_NAMES for t in EXPERT_PROMPTS.get(name, [])]
+    merged_logits, merged_routers = _whole_model(model_dir, _ids(texts, model_dir))
+    base_logits, _ = _whole_model(base, _ids(PROMPTS, model_dir))
+    expected = compare_logits(base_logits, merged_logits[: len(PROMPTS)])
+    assert expected["max_abs_logit_diff"] > 1e-3  # the experts differ from the base: not a trivial comparison
+    _assert_close_numbers(report["comparison"], expected)
+    own = {"e0": (0, [3]), "e2": (2, [4])}
+    _assert_close_numbers(report["routing"]["layers"], routing_stats(merged_routers, 2, [0, 1, 2, 3], own))
+
+
+def _assert_close_numbers(got, want, path="") -> None:
+    """Equal structure, numbers within 1e-5 (report numbers are rounded to stable digits)."""
+    if isinstance(want, dict):
+        assert set(got) == set(want), path
+        for key in want:
+            _assert_close_numbers(got[key], want[key], f"{path}.{key}")
+    elif isinstance(want, list):
+        assert len(got) == len(want), path
+        for i, (g, w) in enumerate(zip(got, want, strict=True)):
+            _assert_close_numbers(g, w, f"{path}[{i}]")
+    elif isinstance(want, float):
+        assert got == pytest.approx(want, abs=1e-5, rel=1e-5), path
+    else:
+        assert got == want, path
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_identity_builds_pass_the_identity_check(builds, family):
+    model_dir, base = builds(family, True, identity=True)
+    report = run_smoke(model_dir, base, _options(identity=True))
+    assert report["passed"] and report["errors"] == []
+    assert report["comparison"]["max_abs_logit_diff"] < 1e-5 and report["comparison"]["top1_agreement"] == 1.0
+
+
+def test_streamed_check_holds_one_layer_at_a_time(builds, monkeypatch):
+    """Every read is one module's tensors, and a module is loaded only once every other decoder
+    layer, the embedding and the head are back on the meta device (no storage)."""
+    model_dir, base = builds("llama", True)
+    reads: list[list[str]] = []
+    loads: list[str] = []
+    original_read, original_materialise = layerwise.CheckpointTensors.read, layerwise._Runner.materialise
+
+    def recording_read(self, names):
+        reads.append(list(names))
+        return original_read(self, names)
+
+    def checked_materialise(self, module):
+        name = self.module_names[id(module)]
+        alive = {n for n, p in self.model.named_parameters() if not p.is_meta}
+        allowed = {"model.norm.weight"} if name == "lm_head" else set()  # the final norm runs just before the head
+        assert alive <= allowed, f"loading {name} while {sorted(alive)} are still in memory"
+        loads.append(name)
+        return original_materialise(self, module)
+
+    def no_whole_model(*args, **kwargs):
+        raise AssertionError("the whole model was loaded")
+
+    monkeypatch.setattr(layerwise.CheckpointTensors, "read", recording_read)
+    monkeypatch.setattr(layerwise._Runner, "materialise", checked_materialise)
+    monkeypatch.setattr(generation.AutoModelForCausalLM, "from_pretrained", no_whole_model)
+    report = run_smoke(model_dir, base, _options())
+    assert report["passed"] and report["generations"] is None
+    layers = [f"model.layers.{i}" for i in range(4)]
+    assert loads == ["model.embed_tokens", *layers, "model.norm", "lm_head"] * 2  # merged, then base
+    for names in reads:
+        assert len({n.split(".")[2] for n in names if n.startswith("model.layers.")}) <= 1, names
+        assert all(n.startswith("model.layers.") for n in names) or not any(
+            n.startswith("model.layers.") for n in names), names
+    assert ["model.embed_tokens.weight"] in reads[-2:]  # tied: the head is the input embedding, read alone
+
+
+def test_over_budget_skips_generation_and_says_what_to_raise(builds, monkeypatch, caplog):
+    model_dir, base = builds("llama", False)
+    monkeypatch.setattr(generation.AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **k: pytest.fail("generation loaded a whole model over the budget"))
+    with caplog.at_level(logging.INFO, logger="moeforge"):
+        report = run_smoke(model_dir, base, _options(memory_gb=0.5))
+    assert report["passed"] and report["generations"] is None and report["comparison"] is not None
+    reason = report["memory"]["generation_skipped"]
+    assert reason.startswith("greedy generation skipped") and reason in report["warnings"]
+    assert "memory budget of 0.50 GiB (smoke.memory_gb in the workflow config)" in reason
+    assert f"at least {report['memory']['whole_model_gib']:.2f} GiB: raise smoke.memory_gb in the workflow" in reason
+    assert report["memory"]["budget_gib"] == 0.5
+    assert reason in render_markdown(report).split("## Generations (greedy)")[1]
+    messages = [r.getMessage() for r in caplog.records]
+    first = next(i for i, m in enumerate(messages) if m.startswith("memory budget 0.50 GiB"))
+    assert "peak memory so far" in messages[first]
+    assert first < next(i for i, m in enumerate(messages) if m.startswith("streamed comparison done"))
+
+
+def test_within_budget_generates(builds):
+    model_dir, base = builds("llama", False)
+    report = run_smoke(model_dir, base, _options(memory_gb=64))
+    assert report["memory"]["generation_skipped"] is None
+    assert [row["prompt"] for row in report["generations"]] == PROMPTS
+    assert all("base_text" in row for row in report["generations"])
+
+
+# --------------------------------------------------------------------------- the budget
+
+
+def _cgroup_v2(root: Path, limits: dict[str, str]) -> Path:
+    for path, value in limits.items():
+        (root / path).mkdir(parents=True, exist_ok=True)
+        (root / path / "memory.max").write_text(value + "\n")
+    proc = root / "proc_cgroup"
+    proc.write_text("0::/user.slice/job\n")
+    return proc
+
+
+def test_cgroup_v2_limit_is_the_tightest_along_the_path(tmp_path):
+    proc = _cgroup_v2(tmp_path, {"user.slice/job": "max", "user.slice": str(8 * GIB), ".": str(64 * GIB)})
+    assert cgroup_memory_limit(proc, tmp_path) == (8 * GIB, tmp_path / "user.slice" / "memory.max")
+    budget = memory_budget(None, 4000, proc_cgroup=proc, cgroup_root=tmp_path)
+    assert budget.limit == 8 * GIB and "cgroup" in budget.source  # the cgroup wins over mem_mb
+    assert memory_budget(3, 4000, proc_cgroup=proc, cgroup_root=tmp_path).limit == 3 * GIB  # the config wins
+
+
+def test_cgroup_v1_limit_and_unlimited_values(tmp_path):
+    job = tmp_path / "memory" / "slurm" / "job_7"
+    job.mkdir(parents=True)
+    (job / "memory.limit_in_bytes").write_text(f"{6 * GIB}\n")
+    (tmp_path / "memory" / "memory.limit_in_bytes").write_text("9223372036854771712\n")  # v1's "no limit"
+    proc = tmp_path / "proc_cgroup"
+    proc.write_text("12:cpu,cpuacct:/slurm/job_7\n4:memory:/slurm/job_7\n0::/\n")
+    assert cgroup_memory_limit(proc, tmp_path) == (6 * GIB, job / "memory.limit_in_bytes")
+    (job / "memory.limit_in_bytes").write_text("9223372036854771712\n")
+    assert cgroup_memory_limit(proc, tmp_path) is None
+
+
+def test_without_a_cgroup_limit_the_job_request_is_the_budget(tmp_path):
+    proc = tmp_path / "proc_cgroup"
+    proc.write_text("0::/\n")
+    budget = memory_budget(None, 5000, proc_cgroup=proc, cgroup_root=tmp_path)
+    assert budget.limit == 5000 << 20 and "mem_mb" in budget.source and "smoke_test:mem_mb" in budget.raise_how
+    nothing = memory_budget(None, None, proc_cgroup=tmp_path / "absent", cgroup_root=tmp_path)
+    assert nothing.limit is None  # never the machine's RAM
