@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+import yaml
 from safetensors import safe_open
 
 from moeforge.tiny_models import build_dense_model
@@ -166,7 +167,10 @@ def test_dtype_cast(tmp_path, models):
 def test_model_card_and_tokenizer_bytes(tmp_path, models):
     result = build(tmp_path, recipe_for(models["base"], [models["e0"], models["e1"]]))
     card = (result.model_dir / "README.md").read_text()
-    assert card.startswith("---\nbase_model:") and "moeforge" in card and "library_name: transformers" in card
+    front = yaml.safe_load(card.split("---")[1])
+    assert "base_model" not in front, "local sources are not Hub ids"  # they are named in the text
+    assert front["tags"] == ["moe", "merge", "moeforge"] and front["library_name"] == "transformers"
+    assert f"`{models['base'].name}`" in card and str(models["base"]) not in card
     for name in ("tokenizer.json", "tokenizer_config.json"):
         assert (result.model_dir / name).read_bytes() == (models["base"] / name).read_bytes()
 

@@ -85,10 +85,10 @@ def _card_names(sources: Mapping[str, Any]) -> dict[str, str]:
     return names
 
 
-def _base_model_ids(sources: Mapping[str, Any], names: Mapping[str, str]) -> list[str]:
-    """The card's base_model list: Hub repo ids without revision (the Hub links them), local models by name."""
-    return list(dict.fromkeys(parse_ref(s["ref"]).repo_id if s["kind"] == "hub" else names[s["ref"]]
-                              for s in sources.values()))
+def _base_model_ids(sources: Mapping[str, Any]) -> list[str]:
+    """The card's base_model list: Hub repo ids without revision, which the Hub links; a local model is not
+    a Hub id (the Hub would flag the card), so it is named in the card's text and sources table instead."""
+    return list(dict.fromkeys(parse_ref(s["ref"]).repo_id for s in sources.values() if s["kind"] == "hub"))
 
 
 def _card_recipe(recipe: Mapping[str, Any], names: Mapping[str, str]) -> dict[str, Any]:
@@ -123,7 +123,8 @@ def model_card(plan: Mapping[str, Any], translation: Mapping[str, Any], sources:
     """
     names = _card_names(sources)
     recipe = _card_recipe(plan["recipe"], names)
-    front = {"base_model": _base_model_ids(sources, names), "tags": ["moe", "merge", "moeforge"],
+    hub_ids = _base_model_ids(sources)
+    front = {**({"base_model": hub_ids} if hub_ids else {}), "tags": ["moe", "merge", "moeforge"],
              "library_name": "transformers"}
     lines = ["---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", "",
              f"# {plan['merge']}", "",
