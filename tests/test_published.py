@@ -123,6 +123,8 @@ def test_a_mergekit_moe_merge_is_rebuilt_bit_identical(published, rebuilt, tmp_p
         (layer, e) for layer in range(LAYERS) for e in range(EXPERTS)]
     assert [r["cosine"] for r in report["routers"]] == pytest.approx([1.0] * LAYERS * EXPERTS)
     assert (tmp_path / "r.md").read_text().startswith("# Reproduce pub: identical")
+    assert report["next_token"]["kl_mean"] == 0 and report["next_token"]["top1_agreement"] == 1
+    assert "## Next-token comparison" in (tmp_path / "r.md").read_text()
 
 
 def test_a_changed_router_row_is_named_with_its_cosine(published, rebuilt, tmp_path):
@@ -164,6 +166,7 @@ def test_a_published_config_that_does_not_match_is_reported(published, rebuilt, 
     extra = {(t["layer"], t["expert"]) for t in report["differing"] if t.get("problem") == "missing from the rebuild"}
     assert extra == {(layer, 2) for layer in range(LAYERS)}
     assert "does not match the recipe's sources" in (tmp_path / "r.md").read_text()
+    assert report["next_token"] is None and "next-token comparison skipped" in " ".join(report["notes"])
 
 
 # ---- finding the recipe ------------------------------------------------------------------------
@@ -281,3 +284,4 @@ def test_hidden_routers_agree_with_mergekit_moe_within_float_noise(models, merge
     assert {role: g["tensors"] == g["bit_identical"] for role, g in report["groups"].items()} == {
         "embeddings": True, "attention": True, "norms": True, "expert MLPs": True, "routers": False, "lm_head": True}
     assert min(r["cosine"] for r in report["routers"]) > 0.9995
+    assert report["next_token"]["top1_agreement"] == 1 and report["next_token"]["kl_mean"] < 1e-4

@@ -133,5 +133,10 @@ def reproduce_mem_mb(wildcards, input, attempt):
     return job_resources.reproduce_mem_mb(_plan_beside(input.plan)) * attempt
 
 
+def published_compare_mem_mb(wildcards, input, attempt):
+    """One tensor pair for the tensor comparison, one layer of each model for the next-token one."""
+    return max(reproduce_mem_mb(wildcards, input, attempt), layer_mem_mb(wildcards, input, attempt))
+
+
 def layer_mem_mb(wildcards, input, attempt):
     return job_resources.layer_mem_mb(_plan_beside(input.plan)) * attempt

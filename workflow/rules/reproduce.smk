@@ -90,7 +90,7 @@ rule reproduce_published:
     benchmark:
         "results/{merge}/benchmarks/reproduce.tsv"
     resources:
-        mem_mb=reproduce_mem_mb,
+        mem_mb=published_compare_mem_mb,
         runtime=120,
     # The published weights are downloaded into the Hugging Face cache, as fetch rules do.
     localrule: True

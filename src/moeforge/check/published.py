@@ -21,6 +21,7 @@ import torch
 
 from moeforge.check.layouts import ROLES, Reader, classic_view, natural_order, place_of, place_patterns
 from moeforge.check.reproduce import differing_elements
+from moeforge.check.smoke import smoke_prompts
 from moeforge.errors import ModelError
 from moeforge.io.files import read_json, write_json, write_text
 from moeforge.io.published import PublishedRef
@@ -148,14 +149,43 @@ def reproduce_published(merge: str, raw: str, rebuilt_dir: Path, plan_path: Path
     mismatches = config_mismatches(rebuilt_config, published_config) if published_config else []
     tensors = compare_models(rebuilt_dir, published_dir, family)
     identical = not mismatches and not tensors["differing"]
+    next_token = None
+    if mismatches:
+        notes.append("next-token comparison skipped: the two configs differ")
+    else:
+        next_token = next_token_comparison(rebuilt_dir, published_dir, smoke_prompts(plan["recipe"]), notes)
     report = {"merge": merge, "published": raw, "revision": ref.revision, "recipe_from": record["recipe_from"],
               "verdict": "identical" if identical else "different", "config_mismatches": mismatches,
-              **tensors, "notes": notes}
+              **tensors, "next_token": next_token, "notes": notes}
     write_json(out_json, report)
     write_text(out_md, render_markdown(report))
     if not identical:
         log.warning("%s: the rebuild differs from %s; see %s", merge, raw, out_md)
     return report
+
+
+def next_token_comparison(rebuilt_dir: Path, published_dir: Path, prompts: list[str],
+                          notes: list[str]) -> dict[str, Any] | None:
+    """KL(published || rebuilt), top-1 agreement and max |delta logit| on the smoke prompts.
+
+    Both models run one module at a time (as the smoke test does), so this job needs one layer's
+    memory, not two models'. A published model that cannot be run is a note, not a crash.
+    """
+    from moeforge.check.smoke import compare_logits
+    from moeforge.gates.layerwise import stream_logits
+    from moeforge.io.hf_load import load_tokenizer
+
+    tokenizer = load_tokenizer(rebuilt_dir, ModelError, "the rebuilt model's tokenizer", "rerun assemble")
+    ids = [tokenizer(p, return_tensors="pt").input_ids for p in prompts]
+    batches = [(i, torch.ones_like(i)) for i in ids if i.shape[1]]
+    try:
+        published = stream_logits(published_dir, batches, progress=False).logits
+    except Exception as exc:  # whatever the published files hold, the report still stands
+        notes.append(f"next-token comparison skipped: the published model cannot be run ({type(exc).__name__}: "
+                     f"{exc})")
+        return None
+    rebuilt = stream_logits(rebuilt_dir, batches, progress=False).logits
+    return compare_logits([b[0] for b in published], [b[0] for b in rebuilt])
 
 
 def render_markdown(report: Mapping[str, Any]) -> str:
@@ -169,6 +199,11 @@ def render_markdown(report: Mapping[str, Any]) -> str:
                   "| what | rebuilt | published |", "|---|---|---|"]
         lines += [f"| {m['what']} | {m['rebuilt']} | {m['published']} |" for m in report["config_mismatches"]]
         lines.append("")
+    if report["next_token"]:
+        nt = report["next_token"]
+        lines += ["## Next-token comparison on the smoke prompts", "",
+                  f"KL(published || rebuilt) mean {fmt(nt['kl_mean'])}, top-1 agreement {fmt(nt['top1_agreement'])}, "
+                  f"max abs logit difference {fmt(nt['max_abs_logit_diff'])}.", ""]
     lines += ["## Tensors by role", "", "| role | tensors | bit-identical | max abs diff |", "|---|---|---|---|"]
     lines += [f"| {role} | {g['tensors']} | {g['bit_identical']} | {fmt(g['max_abs_diff'])} |"
               for role, g in report["groups"].items()] + [""]
