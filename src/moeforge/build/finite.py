@@ -11,55 +11,72 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, BinaryIO, Callable, Mapping
 
 import numpy as np
 
 from moeforge.errors import BuildError, ModelError
-from moeforge.io.safetensors_file import read_header
+from moeforge.io.safetensors_file import TensorEntry, read_header
 
-#: Exponent bits all set means inf or NaN, in every IEEE binary format (as unsigned-int views).
-_EXPONENT = {"F64": (np.uint64, 0x7FF0000000000000), "F32": (np.uint32, 0x7F800000),
-             "F16": (np.uint16, 0x7C00), "BF16": (np.uint16, 0x7F80)}
+#: Bits that, all set, make a value inf or NaN (as unsigned-int views): the exponent in every IEEE
+#: binary format; float8 E4M3 has no inf, and its one NaN pattern is exponent and mantissa all set.
+_NONFINITE_BITS = {"F64": (np.uint64, 0x7FF0000000000000), "F32": (np.uint32, 0x7F800000),
+                   "F16": (np.uint16, 0x7C00), "BF16": (np.uint16, 0x7F80),
+                   "F8_E5M2": (np.uint8, 0x7C), "F8_E4M3": (np.uint8, 0x7F)}
 _CHUNK = 64 << 20  # a multiple of every item size
 
 
 def _nonfinite(chunk: bytes, dtype: str) -> int:
-    if dtype not in _EXPONENT:
+    if dtype not in _NONFINITE_BITS:
         return 0
-    view, mask = _EXPONENT[dtype]
+    view, mask = _NONFINITE_BITS[dtype]
     bits = np.frombuffer(chunk, dtype=view)
     return int(np.count_nonzero((bits & view(mask)) == view(mask)))
 
 
-def hash_and_scan(path: Path) -> tuple[str, dict[str, int]]:
-    """sha256 of a safetensors file, and the count of non-finite values of each tensor that has any."""
+def _count_tensor(fh: BinaryIO, entry: TensorEntry, path: Path, consume: Callable[[bytes], Any]) -> int:
+    """Non-finite values of the tensor at the file's position, read in bounded chunks, each passed on."""
+    left, count = entry.nbytes, 0
+    while left:
+        chunk = fh.read(min(_CHUNK, left))
+        if not chunk:
+            raise BuildError(f"file ended inside tensor {entry.name}", str(path), "rebuild or re-download it")
+        consume(chunk)
+        count += _nonfinite(chunk, entry.dtype)
+        left -= len(chunk)
+    return count
+
+
+def nonfinite_counts(path: Path, consume: Callable[[bytes], Any] = lambda chunk: None) -> dict[str, int]:
+    """Non-finite values of each tensor of a safetensors file that has any, reading the file once.
+
+    Every byte of the file goes through ``consume`` in order, so a caller can hash in the same pass.
+    """
     start, entries = read_header(path)
-    digest = hashlib.sha256()
     bad: dict[str, int] = {}
     with open(path, "rb") as fh:
-        digest.update(fh.read(start))
+        consume(fh.read(start))
         for entry in sorted(entries.values(), key=lambda e: e.begin):
-            left, count = entry.nbytes, 0
-            while left:
-                chunk = fh.read(min(_CHUNK, left))
-                if not chunk:
-                    raise BuildError("shard file ended early while hashing", str(path), "rerun the shard job")
-                digest.update(chunk)
-                count += _nonfinite(chunk, entry.dtype)
-                left -= len(chunk)
+            count = _count_tensor(fh, entry, path, consume)
             if count:
                 bad[entry.name] = count
-        digest.update(fh.read())
+        consume(fh.read())
+    return bad
+
+
+def hash_and_scan(path: Path) -> tuple[str, dict[str, int]]:
+    """sha256 of a safetensors file, and the count of non-finite values of each tensor that has any."""
+    digest = hashlib.sha256()
+    bad = nonfinite_counts(path, digest.update)
     return digest.hexdigest(), bad
 
 
 def _source_nonfinite(path: Path, name: str) -> int:
-    import torch
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as fh:
-        return int((~torch.isfinite(fh.get_tensor(name))).sum())
+    """Non-finite values of one tensor of a source file (the other tensors are not read)."""
+    start, entries = read_header(path)
+    with open(path, "rb") as fh:
+        fh.seek(start + entries[name].begin)
+        return _count_tensor(fh, entries[name], path, lambda chunk: None)
 
 
 def blame_nonfinite(bad: Mapping[str, int], rows: list[Mapping[str, Any]], weight_dirs: Mapping[str, Path],

@@ -39,18 +39,19 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import safetensors
 import torch
 import transformers
 
 from moeforge import __version__
+from moeforge.build.finite import nonfinite_counts
 from moeforge.check.generation import Generation, eos_ids, generate_all, skip_reason, whole_model_bytes
 from moeforge.errors import BuildError, ModelError, RecipeError
 from moeforge.gates.layerwise import check_loadable, load_config, stream_logits
 from moeforge.io.hf_load import load_tokenizer
-from moeforge.io.safetensors_file import TensorEntry, read_header
+from moeforge.io.safetensors_file import read_header
 from moeforge.memory_budget import GIB, MemoryBudget, gib, memory_budget, peak_rss
 from moeforge.numbers import report_number
 
@@ -64,9 +65,6 @@ _log = logging.getLogger("moeforge")
 #: Identity tolerance in 16-bit dtypes, relative to the largest base logit: bf16 keeps 8 bits of
 #: mantissa (0.4%), and a forward pass accumulates a few roundings more.
 LOW_PRECISION_IDENTITY = 0.05
-_NATIVE_FLOATS = {torch.float16, torch.bfloat16, torch.float32, torch.float64}
-_FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                 "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 _CONFIG_KEYS = (
     "architectures", "model_type", "dtype", "torch_dtype", "vocab_size", "hidden_size",
     "intermediate_size", "moe_intermediate_size", "shared_expert_intermediate_size",
@@ -271,12 +269,11 @@ def _check_options(base_dir: Path | None, opts: SmokeOptions) -> None:
 
 
 def scan_tensors(model_dir: Path) -> dict[str, Any]:
-    """Read every tensor of the checkpoint once, one at a time, and fail on NaN or Inf.
+    """Read every tensor of the checkpoint once, in bounded chunks, and fail on NaN or Inf.
 
     Loading alone does not catch them: a non-finite weight loads fine and only shows as NaN
-    logits, or not at all if the tensor is never used. Tensors are read with plain reads, one at
-    a time: a memory map would keep every page it touched resident until the file is closed, so
-    the scan of a large shard would look, to the job's memory accounting, like a loaded model.
+    logits, or not at all if the tensor is never used. The shard jobs ran the same scan on what
+    they wrote; this one also covers a model checked by ``verify`` that was built elsewhere.
     """
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
@@ -284,40 +281,14 @@ def scan_tensors(model_dir: Path) -> dict[str, Any]:
     bad: list[str] = []
     count = 0
     for path in files:
-        start, entries = read_header(path)
-        with open(path, "rb") as handle:
-            for name in sorted(entries):
-                count += 1
-                n_bad = _non_finite(_read_tensor(handle, start, entries[name]))
-                if n_bad:
-                    bad.append(f"{name} in {path.name} ({n_bad} values)")
+        count += len(read_header(path)[1])
+        bad += [f"{name} in {path.name} ({n_bad} values)" for name, n_bad in sorted(nonfinite_counts(path).items())]
     if bad:
         raise BuildError(
             f"{len(bad)} tensor(s) contain NaN or Inf: {_first(bad)}", str(model_dir),
             "check the shard that wrote them (noise/scale transforms, dtype casts) and rebuild it",
         )
     return {"files": [p.name for p in files], "tensors_scanned": count}
-
-
-def _read_tensor(handle: BinaryIO, start: int, entry: TensorEntry) -> torch.Tensor:
-    """One tensor's values, flat, read into fresh memory (floats only; others come back empty)."""
-    dtype = _FLOAT_DTYPES.get(entry.dtype)
-    if dtype is None or not entry.nbytes:
-        return torch.empty(0)
-    buffer = bytearray(entry.nbytes)
-    handle.seek(start + entry.begin)
-    if handle.readinto(buffer) != entry.nbytes:
-        raise BuildError(f"tensor {entry.name} runs past the end of the file", handle.name, "rerun the assemble step")
-    return torch.frombuffer(buffer, dtype=dtype)
-
-
-def _non_finite(tensor: torch.Tensor) -> int:
-    """Count NaN/Inf values; float8 and other narrow floats are widened since isfinite lacks them."""
-    if not tensor.dtype.is_floating_point:
-        return 0
-    if tensor.dtype not in _NATIVE_FLOATS:
-        tensor = tensor.to(torch.float32)
-    return int((~torch.isfinite(tensor)).sum())
 
 
 def check_keys(model_dir: Path) -> dict[str, Any]:
