@@ -14,9 +14,10 @@ import json
 import os
 import re
 import shutil
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from moeforge.errors import FetchError, ModelError
 from moeforge.io.files import atomic_dir, read_json, sha256_file, write_json
@@ -156,40 +157,55 @@ def _hub_offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE)
 
 
-def _hub_snapshot(ref: ModelRef, patterns: list[str] | None) -> Path:
-    """A cached snapshot folder; offline this only reads the cache."""
-    from huggingface_hub import snapshot_download
+@contextmanager
+def hub_errors(raw: str, subject: str = "", not_local: str = "") -> Iterator[None]:
+    """Hugging Face Hub failures as one FetchError each, naming ``raw`` and what to do: one wording for
+    every Hub read.
+
+    ``subject`` names what was read when it is not the repository (a file); ``not_local`` says what
+    was looked for on this machine first, for the messages that say nothing was found. A file missing
+    from an existing repo (EntryNotFoundError) is left to the caller, which knows what that means.
+    """
     from huggingface_hub.errors import (
+        EntryNotFoundError,
         HfHubHTTPError,
         LocalEntryNotFoundError,
         RepositoryNotFoundError,
+        RevisionNotFoundError,
     )
 
     try:
-        return Path(snapshot_download(ref.repo_id, revision=ref.revision, allow_patterns=patterns))
+        yield
     except LocalEntryNotFoundError:
-        raise FetchError("not in the Hugging Face cache and the Hub cannot be reached (HF_HUB_OFFLINE is set "
-                         f"or there is no network){_also_not_local(ref)}", ref.raw,
+        raise FetchError(f"{subject + ' is ' if subject else ''}not in the Hugging Face cache and the Hub cannot be "
+                         f"reached (HF_HUB_OFFLINE is set or there is no network){not_local}", raw,
                          "download it once with network access, or unset HF_HUB_OFFLINE") from None
+    except EntryNotFoundError:
+        raise
     except RepositoryNotFoundError:
-        raise FetchError(f"repository not found or access denied{_also_not_local(ref)}", ref.raw,
+        raise FetchError(f"repository not found or access denied{not_local}", raw,
                          "check the name; for gated or private repos run `hf auth login` or set HF_TOKEN") from None
+    except RevisionNotFoundError:
+        raise FetchError(f"the repository has no revision {raw.partition('@')[2]!r}", raw,
+                         "check the revision after '@'") from None
     except HfHubHTTPError as exc:
-        raise FetchError(f"Hub request failed: {exc}", ref.raw, "check the revision and your access") from None
+        raise FetchError(f"Hub request failed: {exc}", raw, "check the name, the revision and your access") from None
+
+
+def _hub_snapshot(ref: ModelRef, patterns: list[str] | None) -> Path:
+    """A cached snapshot folder; offline this only reads the cache."""
+    from huggingface_hub import snapshot_download
+
+    with hub_errors(ref.raw, not_local=_also_not_local(ref)):
+        return Path(snapshot_download(ref.repo_id, revision=ref.revision, allow_patterns=patterns))
 
 
 def _hub_metadata(ref: ModelRef, out_dir: Path) -> dict[str, Any]:
     """Online: commit and file list from the API, small files, headers by range requests."""
     from huggingface_hub import HfApi, get_safetensors_metadata, hf_hub_download
-    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 
-    try:
+    with hub_errors(ref.raw, not_local=_also_not_local(ref)):
         info = HfApi().model_info(ref.repo_id, revision=ref.revision, files_metadata=True)
-    except RepositoryNotFoundError:
-        raise FetchError(f"repository not found or access denied{_also_not_local(ref)}", ref.raw,
-                         "check the name; for gated or private repos run `hf auth login` or set HF_TOKEN") from None
-    except HfHubHTTPError as exc:
-        raise FetchError(f"Hub request failed: {exc}", ref.raw, "check the revision and your access") from None
     files = [FileInfo(s.rfilename, s.size, s.lfs.sha256 if s.lfs else None) for s in info.siblings or []]
     names = [f.name for f in files]
     for name in META_FILES:

@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from moeforge.errors import FetchError, RecipeError
+from moeforge.io.fetch import hub_errors
 from moeforge.io.files import read_json
 from moeforge.io.refs import parse_ref
 from moeforge.plan.schema import schema_errors
@@ -67,30 +68,9 @@ def _hub_file(repo_id: str, name: str, revision: str | None, raw: str) -> Path:
     """One file of a Hub repo, from the cache when it is there (offline too); raises EntryNotFoundError if the
     repo has no such file."""
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import (
-        EntryNotFoundError,
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
 
-    try:
+    with hub_errors(raw, subject=name, not_local=", and there is no local file or directory of that name"):
         return Path(hf_hub_download(repo_id, name, revision=revision))
-    except LocalEntryNotFoundError:
-        raise FetchError(f"{name} is not in the Hugging Face cache and the Hub cannot be reached (HF_HUB_OFFLINE is "
-                         "set or there is no network)", raw,
-                         "download it once with network access, or unset HF_HUB_OFFLINE") from None
-    except EntryNotFoundError:
-        raise  # the caller says what a missing file means
-    except RepositoryNotFoundError:
-        raise FetchError("repository not found or access denied, and there is no local file or directory of that "
-                         "name", raw, "check the name; for gated or private repos run `hf auth login` or set HF_TOKEN"
-                         ) from None
-    except RevisionNotFoundError:
-        raise FetchError(f"the repository has no revision {revision!r}", raw, "check the revision after '@'") from None
-    except HfHubHTTPError as exc:
-        raise FetchError(f"Hub request failed: {exc}", raw, "check the name, the revision and your access") from None
 
 
 def resolve_lock_ref(raw: str) -> LockRef:

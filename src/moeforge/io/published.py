@@ -19,7 +19,8 @@ from typing import Any
 import yaml
 
 from moeforge.errors import FetchError, RecipeError
-from moeforge.io.files import read_text
+from moeforge.io.fetch import hub_errors
+from moeforge.io.files import read_text, yaml_problem
 from moeforge.io.refs import parse_ref
 
 RECIPE_NAME = "mergekit_moe_config.yml"
@@ -66,26 +67,9 @@ class FoundRecipe:
 def _snapshot(repo_id: str, revision: str | None, patterns: tuple[str, ...], raw: str) -> Path:
     """The repo's files matching ``patterns``, from the cache when they are there (offline too)."""
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
 
-    try:
+    with hub_errors(raw, subject="the repository", not_local=", and there is no local directory of that name"):
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=list(patterns)))
-    except LocalEntryNotFoundError:
-        raise FetchError("the repository is not in the Hugging Face cache and the Hub cannot be reached "
-                         "(HF_HUB_OFFLINE is set or there is no network)", raw,
-                         "download it once with network access, or unset HF_HUB_OFFLINE") from None
-    except RepositoryNotFoundError:
-        raise FetchError("repository not found or access denied, and there is no local directory of that name", raw,
-                         "check the name; for gated or private repos run `hf auth login` or set HF_TOKEN") from None
-    except RevisionNotFoundError:
-        raise FetchError(f"the repository has no revision {revision!r}", raw, "check the revision after '@'") from None
-    except HfHubHTTPError as exc:
-        raise FetchError(f"Hub request failed: {exc}", raw, "check the name, the revision and your access") from None
 
 
 def resolve_published(raw: str) -> tuple[PublishedRef, Path]:
@@ -102,14 +86,6 @@ def resolve_published(raw: str) -> tuple[PublishedRef, Path]:
     return PublishedRef(raw, repo_id=ref.repo_id, revision=snapshot.name), snapshot
 
 
-def _yaml_problem(exc: yaml.YAMLError, first_line: int = 1) -> str:
-    """PyYAML's message in one line, its line counted in the file (a card's block starts part-way down)."""
-    mark, problem = getattr(exc, "problem_mark", None), getattr(exc, "problem", None)
-    if mark is None or problem is None:
-        return " ".join(str(exc).split())
-    return f"line {mark.line + first_line} column {mark.column + 1}: {problem}"
-
-
 def _is_recipe(data: Any) -> bool:
     return isinstance(data, dict) and "base_model" in data and isinstance(data.get("experts"), list)
 
@@ -119,7 +95,7 @@ def _from_config_file(path: Path, where: str) -> FoundRecipe:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise RecipeError(f"{RECIPE_NAME} is not valid YAML: {_yaml_problem(exc)}", where,
+        raise RecipeError(f"{RECIPE_NAME} is not valid YAML: {yaml_problem(exc)}", where,
                           "fix the file in the repo, or build the merge from a corrected copy with `recipe:`") from None
     if not _is_recipe(data):
         raise RecipeError(f"{RECIPE_NAME} is not a mergekit-moe recipe (a mapping with base_model and experts)",
@@ -140,7 +116,7 @@ def _from_card(path: Path, where: str) -> FoundRecipe | None:
         except yaml.YAMLError as exc:
             if "base_model" in match[3] and "experts" in match[3]:
                 raise RecipeError(f"the recipe in {CARD_NAME} (the YAML block at line {first_line}) is not valid "
-                                  f"YAML: {_yaml_problem(exc, first_line)}", where,
+                                  f"YAML: {yaml_problem(exc, first_line)}", where,
                                   "fix the block in the model card, or build the merge from a corrected copy with "
                                   "`recipe:`") from None
             continue

@@ -17,7 +17,7 @@ from typing import Any, Mapping
 import yaml
 
 from moeforge.errors import RecipeError
-from moeforge.io.files import read_text
+from moeforge.io.files import read_text, yaml_problem
 from moeforge.plan.schema import schema_errors
 
 MERGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -178,17 +178,8 @@ def load_recipe(path: str | Path) -> Recipe:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise RecipeError(f"not valid YAML: {_yaml_problem(exc)}", str(path), "fix the YAML syntax") from None
+        raise RecipeError(f"not valid YAML: {yaml_problem(exc)}", str(path), "fix the YAML syntax") from None
     return parse_recipe(data, str(path))
-
-
-def _yaml_problem(exc: yaml.YAMLError) -> str:
-    """PyYAML's message in one line, with the place counted from 1 as editors do."""
-    mark = getattr(exc, "problem_mark", None)
-    problem = getattr(exc, "problem", None)
-    if mark is None or problem is None:
-        return " ".join(str(exc).split())
-    return f"line {mark.line + 1} column {mark.column + 1}: {problem}"
 
 
 def check_merge_name(name: str) -> None:
