@@ -10,21 +10,33 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="session")
-def tf4_python() -> Path:
-    """A Python interpreter with transformers 4.x installed, for checking that outputs load there.
+def required_tool(env: str, candidates: list[Path], setup: str, what: str) -> Path:
+    """An executable the tests need: ``$env``, else the first of ``candidates`` that exists.
 
-    Looked up in ``$MOEFORGE_TF4_PYTHON``, then ``<repo>/.venv-tf4/bin/python``; tests that need it
-    are skipped when neither exists.
+    Tests that need it are skipped when none exists, except under CI, which must run them.
     """
-    candidates = [os.environ.get("MOEFORGE_TF4_PYTHON"), REPO / ".venv-tf4" / "bin" / "python"]
-    for candidate in candidates:
+    for candidate in [os.environ.get(env), *candidates]:
         if candidate and Path(candidate).is_file():
             return Path(candidate)
-    message = "no transformers 4.x interpreter: run tests/setup_tf4.sh or set MOEFORGE_TF4_PYTHON"
+    message = f"no {what}: run {setup} or set {env}"
     if os.environ.get("CI"):
-        pytest.fail(message + " (CI must run the transformers 4.x tests)")
+        pytest.fail(f"{message} (CI must run the tests that use it)")
     pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def tf4_python() -> Path:
+    """A Python interpreter with transformers 4.x installed, for checking that outputs load there."""
+    return required_tool("MOEFORGE_TF4_PYTHON", [REPO / ".venv-tf4" / "bin" / "python"], "tests/setup_tf4.sh",
+                         "transformers 4.x interpreter")
+
+
+@pytest.fixture(scope="session")
+def mergekit_moe() -> Path:
+    """mergekit-moe 0.1.5, which makes the published merges the rebuild tests compare against."""
+    return required_tool("MOEFORGE_MERGEKIT_MOE", [REPO / ".venv-mergekit" / "bin" / "mergekit-moe",
+                                                   REPO / "benchmarks" / ".peer-venv" / "bin" / "mergekit-moe"],
+                         "tests/setup_mergekit.sh", "mergekit-moe")
 
 
 @pytest.fixture(scope="session")
@@ -35,3 +47,14 @@ def tokenizer_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tokenizer")
     train_tokenizer(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def base_and_experts(tmp_path_factory, tokenizer_dir) -> dict[str, Path]:
+    """A tiny seeded Llama base and two experts derived from it (MLP noise), shared read-only by tests."""
+    from moeforge.tiny_models import build_dense_model
+
+    root = tmp_path_factory.mktemp("base_and_experts")
+    base = build_dense_model(root / "base", "llama", seed=0, tokenizer_dir=tokenizer_dir)
+    return {"base": base, **{f"e{i}": build_dense_model(root / f"e{i}", derive_from=base, seed=20 + i, mlp_noise=0.05)
+                             for i in range(2)}}

@@ -26,7 +26,6 @@ from moeforge.io.fetch import fetch_metadata
 from moeforge.io.files import sha256_file
 from moeforge.plan.merges import merges_to_build
 from moeforge.plan.recipe import parse_recipe
-from moeforge.tiny_models import build_dense_model
 from pipeline import build, plan_only
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,11 +33,8 @@ SNAKEMAKE = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile")]
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory, tokenizer_dir):
-    root = tmp_path_factory.mktemp("models")
-    base = build_dense_model(root / "base", "llama", seed=0, tokenizer_dir=tokenizer_dir)
-    return {"base": base, **{f"e{i}": build_dense_model(root / f"e{i}", derive_from=base, seed=20 + i, mlp_noise=0.05)
-                             for i in range(2)}}
+def models(base_and_experts):
+    return base_and_experts
 
 
 def recipe_for(models, **extra):

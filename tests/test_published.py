@@ -9,7 +9,6 @@ through the library functions the rules call.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -26,7 +25,6 @@ from moeforge.check.published import reproduce_published
 from moeforge.errors import RecipeError
 from moeforge.io.published import RECIPE_NAME, find_recipe
 from moeforge.plan.published_merge import merge_from_published, write_published_recipe
-from moeforge.tiny_models import build_dense_model
 from pipeline import build
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,26 +35,9 @@ LAYERS, EXPERTS = 4, 2
 
 
 @pytest.fixture(scope="module")
-def mergekit_moe() -> Path:
-    """mergekit-moe: ``$MOEFORGE_MERGEKIT_MOE``, else .venv-mergekit (tests/setup_mergekit.sh), else the
-    speed benchmark's peer environment; CI must have one."""
-    candidates = [os.environ.get("MOEFORGE_MERGEKIT_MOE"), REPO / ".venv-mergekit" / "bin" / "mergekit-moe",
-                  REPO / "benchmarks" / ".peer-venv" / "bin" / "mergekit-moe"]
-    for candidate in candidates:
-        if candidate and Path(candidate).is_file():
-            return Path(candidate)
-    message = "no mergekit-moe: run tests/setup_mergekit.sh or set MOEFORGE_MERGEKIT_MOE"
-    if os.environ.get("CI"):
-        pytest.fail(message + " (CI must run the published-merge tests)")
-    pytest.skip(message)
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory, tokenizer_dir):
-    root = tmp_path_factory.mktemp("models")
-    base = build_dense_model(root / "base", "llama", seed=0, tokenizer_dir=tokenizer_dir, num_layers=LAYERS)
-    return {"base": base, **{f"e{i}": build_dense_model(root / f"e{i}", derive_from=base, seed=20 + i, mlp_noise=0.05)
-                             for i in range(EXPERTS)}}
+def models(base_and_experts):
+    assert len(base_and_experts) == EXPERTS + 1
+    return base_and_experts
 
 
 def recipe_for(base: str, experts: list[str]) -> dict:

@@ -24,7 +24,6 @@ from moeforge.check.reproduce import reproduce
 from moeforge.errors import FetchError, ModelError, RecipeError
 from moeforge.io.lockfile import LOCK_NAME, read_lock, resolve_lock_ref
 from moeforge.plan.lock_merge import merge_from_lock, pinned_recipe, write_lock_recipe
-from moeforge.tiny_models import build_dense_model
 from pipeline import build, sha256_tree
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,11 +35,8 @@ MERGED_COMMIT = "4444444444444444444444444444444444444444"
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory, tokenizer_dir):
-    root = tmp_path_factory.mktemp("models")
-    base = build_dense_model(root / "base", "llama", seed=0, tokenizer_dir=tokenizer_dir)
-    return {"base": base, **{f"e{i}": build_dense_model(root / f"e{i}", derive_from=base, seed=20 + i, mlp_noise=0.05)
-                             for i in range(2)}}
+def models(base_and_experts):
+    return base_and_experts
 
 
 def recipe_for(base: str, experts: list[str]) -> dict:
