@@ -60,31 +60,54 @@ def cgroup_memory_limit(proc_cgroup: Path = Path("/proc/self/cgroup"),
     ``N:memory:/path`` on v1 (``memory/.../memory.limit_in_bytes``). Inside a cgroup namespace the
     path is ``/`` and the mount's root holds the container's own limit; the walk covers both.
     """
-    try:
-        lines = proc_cgroup.read_text().splitlines()
-    except OSError:
-        return None
     limits = []
-    for line in lines:
-        hierarchy, controllers, path = (line.split(":", 2) + ["", ""])[:3]
-        if hierarchy == "0" and not controllers:
-            limits += _limits_along(cgroup_root, path, "memory.max")
-        elif "memory" in controllers.split(","):
-            limits += _limits_along(cgroup_root / "memory", path, "memory.limit_in_bytes")
+    for node, version in memory_cgroups(proc_cgroup, cgroup_root):
+        name = "memory.max" if version == 2 else "memory.limit_in_bytes"
+        mount = cgroup_root if version == 2 else cgroup_root / "memory"
+        for directory in (node, *node.parents):
+            limit = _read_limit(directory / name)
+            if limit is not None:
+                limits.append((limit, directory / name))
+            if directory == mount:
+                break
     return min(limits, default=None)
 
 
-def _limits_along(mount: Path, path: str, name: str) -> list[tuple[int, Path]]:
-    """The limits set in ``name`` from the cgroup ``path`` up to the mount's root."""
-    node = mount / path.strip("/")
+def memory_cgroups(proc_cgroup: Path = Path("/proc/self/cgroup"),
+                   cgroup_root: Path = Path("/sys/fs/cgroup")) -> list[tuple[Path, int]]:
+    """The directories of this process's memory cgroups with their versions (1 or 2); [] if unknown.
+
+    A hybrid system lists both a v1 memory controller and the v2 unified line.
+    """
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        return []
     found = []
-    for directory in (node, *node.parents):
-        limit = _read_limit(directory / name)
-        if limit is not None:
-            found.append((limit, directory / name))
-        if directory == mount:
-            break
+    for line in lines:
+        hierarchy, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        if hierarchy == "0" and not controllers:
+            found.append((cgroup_root / path.strip("/"), 2))
+        elif "memory" in controllers.split(","):
+            found.append((cgroup_root / "memory" / path.strip("/"), 1))
     return found
+
+
+def oom_kills(proc_cgroup: Path = Path("/proc/self/cgroup"), cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
+    """How many processes the kernel's out-of-memory killer has stopped in this process's memory cgroups.
+
+    v2 counts them in ``memory.events`` (``oom_kill N``), v1 in ``memory.oom_control`` (kernel 4.13+).
+    A count that grows while a job runs means the job, or a process beside it, hit the limit.
+    """
+    total = 0
+    for node, version in memory_cgroups(proc_cgroup, cgroup_root):
+        name = "memory.events" if version == 2 else "memory.oom_control"
+        try:
+            fields = dict(line.split() for line in (node / name).read_text().splitlines() if len(line.split()) == 2)
+        except (OSError, ValueError):
+            continue
+        total += int(fields.get("oom_kill", 0))
+    return total
 
 
 def _read_limit(file: Path) -> int | None:

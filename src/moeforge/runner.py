@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, TextIO
 
 from moeforge.errors import MoeforgeError
+from moeforge.killed_job import Watcher
 
 #: File-system conditions a user fixes outside moeforge: reported in one line, not a traceback.
 _ENVIRONMENT_ERRNOS = {
@@ -135,9 +136,18 @@ def _report(exc: Exception, smk: Any) -> None:
                   type(exc).__name__, exc, exc_info=exc)
 
 
+def _watch_for_kill(smk: Any) -> contextlib.AbstractContextManager:
+    """While the step runs, a watcher that explains in the log a death the step cannot report (SIGKILL)."""
+    logs = list(getattr(smk, "log", None) or [])
+    if not logs:
+        return contextlib.nullcontext()
+    mem_mb = getattr(getattr(smk, "resources", None), "mem_mb", None)
+    return Watcher(Path(logs[0]), str(getattr(smk, "rule", "job")), mem_mb)
+
+
 def run(smk: Any, step: Callable[[Any], Any]) -> None:
     """Run one workflow step with all its output in the rule's log; exit 1 on any failure."""
-    with _output_to_log(getattr(smk, "log", None)):
+    with _output_to_log(getattr(smk, "log", None)), _watch_for_kill(smk):
         try:
             step(smk)
         except Exception as exc:  # every failure is reported here, so the log shows its cause
