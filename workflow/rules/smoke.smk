@@ -34,6 +34,8 @@ rule smoke_test:
     # Wall time and peak memory of every job: what a cluster profile should ask for.
     benchmark:
         "results/{merge}/benchmarks/smoke_test.tsv"
+    # torch's threads (Snakemake sets OMP_NUM_THREADS); usually the last job, with the cores to itself.
+    threads: 4
     resources:
         mem_mb=smoke_mem_mb,
         runtime=60,
