@@ -191,7 +191,7 @@ def test_a_model_that_fails_its_checks_is_moved_aside(tmp_path, models):
     tensors[name] = torch.full_like(tensors[name], float("nan"))
     shard.unlink()
     save_file(tensors, shard, metadata={"format": "pt"})
-    with pytest.raises(BuildError, match="NaN"):
+    with pytest.raises(ModelError, match=f"1 tensor.s. contain NaN or Inf, e.g. {name}"):
         smoke_stage(result.model_dir, out / "plan.json", out / "gates.json", out / "config" / "translation.json",
                     result.meta[str(models["base"])].parent / "weights.json", device="cpu",
                     max_new_tokens=2, out_json=out / "smoke/report.json", out_md=out / "smoke/report.md",

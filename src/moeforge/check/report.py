@@ -40,7 +40,8 @@ def _md_model(report: dict[str, Any]) -> list[str]:
     lines = ["## Model", "", f"- model: `{report['model_dir']}`", f"- base: `{report['base_dir']}`",
              f"- versions: {versions}",
              f"- loaded strictly: {load['parameters']} parameters, {load['tensors_scanned']} tensors "
-             f"in {len(load['files'])} file(s), all finite", _md_memory(report["memory"]),
+             f"in {len(load['files'])} file(s), all finite (scanned by {load.get('scanned_by', 'this check')})",
+             _md_memory(report["memory"]),
              "", "| config key | value |", "|---|---|"]
     lines += [f"| {k} | `{json.dumps(v, sort_keys=True)}` |" for k, v in sorted(report["config"].items())]
     return lines + [""]

@@ -40,7 +40,7 @@ def smoke_options(plan: Mapping[str, Any], device: str, max_new_tokens: int, dty
                         device=device, identity=is_identity_build(plan), dtype=smoke_dtype(plan, dtype),
                         expert_prompts={k: v for k, v in expert_prompts.items() if v},
                         expert_names=[e["name"] for e in recipe["experts"]],
-                        memory_gb=memory_gb, job_mem_mb=job_mem_mb)
+                        memory_gb=memory_gb, job_mem_mb=job_mem_mb, scanned_when_written=True)
 
 
 def set_aside_failed_model(model_dir: Path, exc: BaseException) -> Path:

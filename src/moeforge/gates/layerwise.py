@@ -184,6 +184,14 @@ def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def all_finite(tensor: torch.Tensor, chunk: int = 1 << 24) -> bool:
+    """Whether a tensor holds no NaN or Inf, checked in chunks so the mask stays small."""
+    if not tensor.is_floating_point():
+        return True
+    flat = tensor.reshape(-1)
+    return all(bool(torch.isfinite(flat[start:start + chunk]).all()) for start in range(0, flat.numel(), chunk))
+
+
 class _Runner:
     """Holds the skeleton and the checkpoint, and materialises one module at a time."""
 
@@ -201,6 +209,7 @@ class _Runner:
         """Give ``module`` its checkpoint weights (cast to the compute dtype) on the device."""
         prefix = self.module_names[id(module)] + "."
         tensors = self.store.read(self.conversion.sources_under(prefix))
+        self._check_finite(tensors)
         for target, source in self.conversion.tied_parameters().items():
             if target.startswith(prefix):  # as transformers ties it: the input embedding, whatever is stored
                 tensors = {n: t for n, t in tensors.items() if self.conversion.targets[n] != target}
@@ -209,6 +218,22 @@ class _Runner:
         outcome = self.conversion.load(tensors, self.device, self.dtype)
         self._check_outcome(module, prefix, outcome)
         return module
+
+    def _check_finite(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Refuse NaN and Inf in the weights just read, by checkpoint name.
+
+        Every weight passes here once, so this is the scan of the whole checkpoint at no extra
+        read. It cannot be left to the outputs: a NaN weight does not always reach the logits
+        (attention over an all-NaN query came out finite, and wrong, in a test).
+        """
+        bad = sorted(name for name, tensor in tensors.items() if not all_finite(tensor))
+        if bad:
+            raise ModelError(
+                f"{len(bad)} tensor(s) contain NaN or Inf, e.g. {bad[0]}",
+                where=str(self.store.base_dir),
+                fix="a source model: re-download it; a moeforge output: rebuild it (its shard jobs refuse "
+                    "non-finite values, so the file changed after it was written)",
+            )
 
     def _source_of(self, key: str) -> str:
         """The checkpoint name of the tensor that loads into model key ``key``."""
