@@ -46,6 +46,7 @@ for how to read the output.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -64,10 +65,11 @@ from typing import Any
 import numpy as np
 import yaml
 
+from moeforge.memory_cap import MemoryCgroup, memory_cgroup, parse_size
+
 REPO = Path(__file__).resolve().parent.parent
 BENCH_DIR = Path(__file__).resolve().parent
-PEER_VENV = BENCH_DIR / ".peer-venv"
-PEER_TORCH = "torch==2.13.0"
+PEER_VENV = REPO / ".venv-mergekit"
 MERGE = "bench"
 GB = 10**9
 CHUNK = 16 << 20
@@ -76,14 +78,14 @@ PROC_DIR_ENV = "BUILD_SPEED_PROC_DIR"
 #: Distinct prompts per expert: mergekit-moe refuses experts whose prompts are all identical, and
 #: gate_mode hidden needs them. random / uniform_random gates ignore them.
 PROMPTS = [
-    ["def fibonacci(n):", "import numpy as np"],
-    ["The derivative of x squared is", "Solve for x: 3x + 5 = 20"],
-    ["Preheat the oven to", "Whisk the eggs with sugar"],
-    ["The history of the Roman empire", "In 1492 Columbus"],
-    ["Dear hiring manager,", "Please find attached"],
-    ["The patient presents with", "Symptoms include"],
-    ["Once upon a time", "The dragon flew over"],
-    ["SELECT * FROM users", "CREATE TABLE orders"],
+    ["def fibonacci(n):", "import numpy as np", "for i in range(10):"],
+    ["The derivative of x squared is", "Solve for x: 3x + 5 = 20", "The sum of the angles of a triangle"],
+    ["Preheat the oven to", "Whisk the eggs with sugar", "Simmer the sauce until it thickens"],
+    ["The history of the Roman empire", "In 1492 Columbus", "The French revolution began"],
+    ["Dear hiring manager,", "Please find attached", "I am writing to apply"],
+    ["The patient presents with", "Symptoms include", "The recommended dose is"],
+    ["Once upon a time", "The dragon flew over", "The princess opened the door"],
+    ["SELECT * FROM users", "CREATE TABLE orders", "INSERT INTO items VALUES"],
 ]
 
 #: Written into a directory put first on PYTHONPATH; Python imports it at start-up in every
@@ -151,6 +153,7 @@ class Dims:
     heads: int = 16
     kv_heads: int = 8
     experts: int = 4
+    tied: bool = False
 
     @property
     def head_dim(self) -> int:
@@ -159,7 +162,7 @@ class Dims:
     @property
     def tag(self) -> str:
         return (f"L{self.layers}-H{self.hidden}-I{self.intermediate}-V{self.vocab}-A{self.heads}"
-                f"-KV{self.kv_heads}")
+                f"-KV{self.kv_heads}{'-tied' if self.tied else ''}")
 
     def dense_tensors(self) -> list[tuple[str, tuple[int, ...]]]:
         """Tensor names and shapes of a Hub Llama checkpoint, in Hub order."""
@@ -173,7 +176,9 @@ class Dims:
                     (f"{p}.post_attention_layernorm.weight", (h,)),
                     (f"{p}.mlp.gate_proj.weight", (i, h)), (f"{p}.mlp.up_proj.weight", (i, h)),
                     (f"{p}.mlp.down_proj.weight", (h, i))]
-        out += [("model.norm.weight", (h,)), ("lm_head.weight", (self.vocab, h))]
+        out.append(("model.norm.weight", (h,)))
+        if not self.tied:  # tied checkpoints (SmolLM2, Llama 3.2) store no lm_head.weight
+            out.append(("lm_head.weight", (self.vocab, h)))
         return out
 
     def dense_params(self) -> int:
@@ -192,7 +197,7 @@ def llama_config(d: Dims, bos: int, eos: int) -> dict[str, Any]:
             "initializer_range": 0.02, "intermediate_size": d.intermediate, "max_position_embeddings": 4096,
             "mlp_bias": False, "model_type": "llama", "num_attention_heads": d.heads,
             "num_hidden_layers": d.layers, "num_key_value_heads": d.kv_heads, "pretraining_tp": 1,
-            "rms_norm_eps": 1e-05, "rope_scaling": None, "rope_theta": 10000.0, "tie_word_embeddings": False,
+            "rms_norm_eps": 1e-05, "rope_scaling": None, "rope_theta": 10000.0, "tie_word_embeddings": d.tied,
             "torch_dtype": "bfloat16", "transformers_version": "4.43.0", "use_cache": True,
             "vocab_size": d.vocab}
 
@@ -422,8 +427,25 @@ def summarize_processes(recs: list[dict[str, Any]], root_parent: int) -> dict[st
 
 
 def run_measured(cmd: list[str], cwd: Path, log_path: Path, env_extra: dict[str, str], scratch: Path,
-                 timeout: float) -> dict[str, Any]:
-    """Run cmd under /usr/bin/time -v with the accounting hook; wall, flush, time -v and per-process data."""
+                 timeout: float, cap_bytes: int | None = None, may_fail: bool = False) -> dict[str, Any]:
+    """Run cmd under /usr/bin/time -v with the accounting hook; wall, flush, time -v and per-process data.
+
+    ``cap_bytes``: run it in a memory cgroup made for it (a limit the kernel enforces); the result
+    then holds the cgroup's peak and out-of-memory kill count. ``may_fail``: a non-zero exit is a
+    result (``returncode``), not the end of the benchmark.
+    """
+    with contextlib.ExitStack() as stack:
+        group = stack.enter_context(memory_cgroup(cap_bytes)) if cap_bytes else None
+        out = _run_measured(cmd, cwd, log_path, env_extra, scratch, timeout, group)
+    if out["returncode"] != 0 and not may_fail:
+        tail = log_path.read_text(errors="replace")[-3000:]
+        raise SystemExit(f"command failed ({out['returncode']}): {' '.join(cmd)}\n--- {log_path} ---\n{tail}")
+    return out
+
+
+def _run_measured(cmd: list[str], cwd: Path, log_path: Path, env_extra: dict[str, str], scratch: Path,
+                  timeout: float, group: MemoryCgroup | None) -> dict[str, Any]:
+    """One measured command, in ``group`` when given (the child joins it before exec)."""
     proc_dir = scratch / "proc"
     shutil.rmtree(proc_dir, ignore_errors=True)
     proc_dir.mkdir(parents=True)
@@ -438,8 +460,9 @@ def run_measured(cmd: list[str], cwd: Path, log_path: Path, env_extra: dict[str,
     t_wall = time.time()
     t0 = time.perf_counter()
     with open(log_path, "w") as log:
+        join = (lambda: group.add(os.getpid())) if group else None
         proc = subprocess.Popen(["/usr/bin/time", "-v", "-o", str(time_file), *cmd], cwd=cwd, env=env,
-                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=join)
         try:
             proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -449,14 +472,14 @@ def run_measured(cmd: list[str], cwd: Path, log_path: Path, env_extra: dict[str,
     t1 = time.perf_counter()
     os.sync()
     flush = time.perf_counter() - t1
-    if proc.returncode != 0:
-        tail = log_path.read_text(errors="replace")[-3000:]
-        raise SystemExit(f"command failed ({proc.returncode}): {' '.join(cmd)}\n--- {log_path} ---\n{tail}")
     recs = read_proc_records(proc_dir, t_wall)
     # The 1-minute load average before and after: other work on a shared machine shows up here.
-    return {"wall_s": wall, "flush_s": flush, "wall_flush_s": wall + flush, "time_v": parse_time_v(time_file),
-            "loadavg_1m": [load_before, os.getloadavg()[0]],
-            "summary": summarize_processes(recs, proc.pid), "processes": recs}
+    out = {"returncode": proc.returncode, "wall_s": wall, "flush_s": flush, "wall_flush_s": wall + flush,
+           "time_v": parse_time_v(time_file), "loadavg_1m": [load_before, os.getloadavg()[0]],
+           "summary": summarize_processes(recs, proc.pid), "processes": recs}
+    if group:
+        out["cap"] = {"limit_bytes": group.limit_bytes, "peak_bytes": group.peak(), "oom_kills": group.oom_kills()}
+    return out
 
 
 # --------------------------------------------------------------------------- the two tools
@@ -488,12 +511,14 @@ def snakemake_bin() -> str:
 
 
 def run_moeforge(case: Case, cores: int, cold: bool, timeout: float, extra: Sequence[str] = (),
-                 workflow: Path = REPO) -> dict[str, Any]:
-    """A full build from dense checkpoints to the assembled model (no smoke test), fresh working directory.
+                 workflow: Path = REPO, smoke: bool = False, cap_bytes: int | None = None) -> dict[str, Any]:
+    """A full build from dense checkpoints to the assembled model, fresh working directory; then,
+    with ``smoke``, the smoke test as a second command in the same directory (its own wall time).
 
     ``workflow`` is the checkout whose Snakefile runs; when it is not this repository, its ``src``
     goes first on PYTHONPATH so scheduler and jobs import that checkout's moeforge (to compare a
-    branch or a candidate change against this one).
+    branch or a candidate change against this one). ``cap_bytes``: both commands run under a
+    kernel-enforced memory cap (see ``moeforge.memory_cap``); a failure is then recorded, not fatal.
     """
     work = case.root / "moeforge"
     for sub in ("results", "resources", "logs", ".snakemake"):
@@ -503,13 +528,24 @@ def run_moeforge(case: Case, cores: int, cold: bool, timeout: float, extra: Sequ
     config.write_text(yaml.safe_dump({"merges": {MERGE: {"recipe": str(case.recipe)}}}))
     if cold:
         evict(case.inputs)
-    target = f"results/{MERGE}/model/moeforge.lock.json"
-    cmd = [snakemake_bin(), "-s", str(workflow / "Snakefile"), "-d", str(work), "--configfile", str(config),
-           "--cores", str(cores), *extra, target]
     env = {"PYTHONPATH": str(workflow / "src")} if workflow.resolve() != REPO and (workflow / "src").is_dir() else {}
-    out = run_measured(cmd, work, case.root / "moeforge.log", env, case.root / "mf-scratch", timeout)
+
+    def build(target: str, log_name: str) -> dict[str, Any]:
+        cmd = [snakemake_bin(), "-s", str(workflow / "Snakefile"), "-d", str(work), "--configfile", str(config),
+               "--cores", str(cores), *extra, target]
+        return run_measured(cmd, work, case.root / log_name, env, case.root / "mf-scratch", timeout, cap_bytes,
+                            may_fail=cap_bytes is not None)
+
+    out = build(f"results/{MERGE}/model/moeforge.lock.json", "moeforge.log")
     out["output_bytes"] = tree_bytes(work / "results" / MERGE / "model")
     out["output_weight_bytes"] = tree_bytes(work / "results" / MERGE / "model", "*.safetensors")
+    if smoke and out["returncode"] == 0:
+        checked = build(f"results/{MERGE}/smoke/report.json", "moeforge-smoke.log")
+        out["smoke"] = {k: checked[k] for k in ("returncode", "wall_s", "summary", "time_v", "cap") if k in checked}
+        report = work / "results" / MERGE / "smoke" / "report.json"
+        if report.is_file():
+            memory = json.loads(report.read_text()).get("memory", {})
+            out["smoke"]["generation_skipped"] = memory.get("generation_skipped")
     return out
 
 
@@ -518,20 +554,16 @@ def peer_python() -> Path:
 
 
 def ensure_peer(log: Callable[[str], None]) -> str:
-    """mergekit in benchmarks/.peer-venv: the pinned CPU torch first, so mergekit does not pull a CUDA build."""
-    exe = PEER_VENV / "bin" / "mergekit-moe"
-    if not exe.exists():
-        log(f"installing mergekit into {PEER_VENV} ({PEER_TORCH} first)")
-        subprocess.run([sys.executable, "-m", "venv", str(PEER_VENV)], check=True)
-        pip = [str(peer_python()), "-m", "pip", "install", "-q"]
-        subprocess.run(pip + [PEER_TORCH], check=True)
-        subprocess.run(pip + ["mergekit"], check=True)
+    """mergekit-moe as the tests pin it (tests/setup_mergekit.sh builds .venv-mergekit)."""
+    if not (PEER_VENV / "bin" / "mergekit-moe").exists():
+        log(f"installing mergekit-moe into {PEER_VENV} (tests/setup_mergekit.sh)")
+        subprocess.run(["bash", str(REPO / "tests" / "setup_mergekit.sh")], check=True)
     version = subprocess.run([str(peer_python()), "-c", "import importlib.metadata as m; print(m.version('mergekit'))"],
                              capture_output=True, text=True, check=True).stdout.strip()
     return version
 
 
-def run_peer(case: Case, cold: bool, timeout: float) -> dict[str, Any]:
+def run_peer(case: Case, cold: bool, timeout: float, cap_bytes: int | None = None) -> dict[str, Any]:
     """mergekit-moe on the same recipe file, CPU, default options (5B-parameter shards, tokenizer copied)."""
     out_dir = case.root / "peer-out"
     shutil.rmtree(out_dir, ignore_errors=True)
@@ -539,7 +571,8 @@ def run_peer(case: Case, cold: bool, timeout: float) -> dict[str, Any]:
         evict(case.inputs)
     cmd = [str(PEER_VENV / "bin" / "mergekit-moe"), str(case.recipe), str(out_dir), "--device", "cpu",
            "--quiet", "--i-understand-this-is-not-useful-without-training"]
-    out = run_measured(cmd, case.root, case.root / "peer.log", {}, case.root / "peer-scratch", timeout)
+    out = run_measured(cmd, case.root, case.root / "peer.log", {}, case.root / "peer-scratch", timeout, cap_bytes,
+                       may_fail=cap_bytes is not None)
     out["output_bytes"] = tree_bytes(out_dir)
     out["output_weight_bytes"] = tree_bytes(out_dir, "*.safetensors")
     shutil.rmtree(out_dir, ignore_errors=True)
@@ -577,7 +610,16 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "output_bytes": runs[-1]["output_bytes"],
         "output_weight_bytes": runs[-1]["output_weight_bytes"],
     }
-    jobs = [x["largest_job"] for x in s if x["largest_job"]]
+    agg["returncodes"] = [r["returncode"] for r in runs]
+    if any("cap" in r for r in runs):
+        agg["cap"] = [r.get("cap") for r in runs]
+    smoked = [r["smoke"] for r in runs if "smoke" in r]
+    if smoked:
+        agg["smoke_wall_s"] = spread([x["wall_s"] for x in smoked])
+        agg["smoke_returncodes"] = [x["returncode"] for x in smoked]
+        agg["smoke_cap"] = [x.get("cap") for x in smoked]
+        agg["smoke_generation_skipped"] = smoked[-1].get("generation_skipped")
+    jobs = [j for j in (largest_job(r) for r in runs) if j]
     if jobs:
         agg["largest_job_rss_mib"] = spread([j["rss_mib"] for j in jobs])
         agg["largest_job"] = max(jobs, key=lambda j: j["rss_mib"])["label"]
@@ -636,16 +678,21 @@ def bench_case(case: Case, args: argparse.Namespace, log: Callable[[str], None])
             log(f"  {tag:<10} I/O floor {floors[-1]['total_s']:7.2f} s "
                 f"(read {floors[-1]['read_gbps']:.2f} GB/s, write+fsync {floors[-1]['write_gbps']:.2f} GB/s)")
         mf = run_moeforge(case, args.cores, cold, args.timeout, shlex.split(args.snakemake_args),
-                          args.workflow.resolve())
-        log(f"  {tag:<10} moeforge  {mf['wall_s']:7.2f} s  largest job "
-            f"{mf['summary']['largest_job']['rss_mib']:7.0f} MiB ({mf['summary']['largest_job']['label']})")
+                          args.workflow.resolve(), args.smoke, args.cap_bytes)
+        largest = largest_job(mf)
+        log(f"  {tag:<10} moeforge  {mf['wall_s']:7.2f} s (exit {mf['returncode']})"
+            + (f" + smoke {mf['smoke']['wall_s']:.2f} s (exit {mf['smoke']['returncode']})" if "smoke" in mf else "")
+            + (f"  largest job {largest['rss_mib']:7.0f} MiB ({largest['label']})" if largest else "")
+            + (f"  cgroup peak {mf['cap']['peak_bytes'] / 2**30:.2f} GiB" if "cap" in mf else ""))
         if counted:
-            mf_runs.append(mf)
+            mf_runs.append(compact(mf))
         if args.peer:
-            pr = run_peer(case, cold, args.timeout)
-            log(f"  {tag:<10} peer      {pr['wall_s']:7.2f} s  peak {pr['time_v'].get('max_rss_kb', 0) / 1024:7.0f} MiB")
+            pr = run_peer(case, cold, args.timeout, args.cap_bytes)
+            log(f"  {tag:<10} peer      {pr['wall_s']:7.2f} s (exit {pr['returncode']})  peak "
+                f"{pr['time_v'].get('max_rss_kb', 0) / 1024:7.0f} MiB"
+                + (f"  out-of-memory kills {pr['cap']['oom_kills']}" if "cap" in pr else ""))
             if counted:
-                peer_runs.append(pr)
+                peer_runs.append(compact(pr))
     result: dict[str, Any] = {
         "dims": asdict(case.dims), "dense_params": case.dims.dense_params(), "moe_params": case.dims.moe_params(),
         "input_files": len(case.inputs), "input_bytes": case.input_bytes, "expected_output_bytes": expected_out,
@@ -657,14 +704,32 @@ def bench_case(case: Case, args: argparse.Namespace, log: Callable[[str], None])
     if peer_runs:
         result["peer"] = aggregate(peer_runs)
         result["peer_runs"] = peer_runs
+    if peer_runs and all(p["returncode"] == 0 for p in peer_runs):  # a killed peer has no time to compare
+        pairs = list(zip(mf_runs, peer_runs))
         result["ratio"] = {
-            "wall": spread([m["wall_s"] / p["wall_s"] for m, p in zip(mf_runs, peer_runs)]),
-            "wall_flush": spread([m["wall_flush_s"] / p["wall_flush_s"] for m, p in zip(mf_runs, peer_runs)]),
+            "wall": spread([m["wall_s"] / p["wall_s"] for m, p in pairs]),
+            "wall_flush": spread([m["wall_flush_s"] / p["wall_flush_s"] for m, p in pairs]),
             "largest_job_rss_vs_peer_peak": spread(
-                [m["summary"]["largest_job"]["rss_mib"] / (p["time_v"]["max_rss_kb"] / 1024)
-                 for m, p in zip(mf_runs, peer_runs)]),
+                [largest_job(m)["rss_mib"] / (p["time_v"]["max_rss_kb"] / 1024) for m, p in pairs]),
         }
+        if all("smoke" in m for m in mf_runs):
+            result["ratio"]["wall_with_smoke"] = spread([(m["wall_s"] + m["smoke"]["wall_s"]) / p["wall_s"]
+                                                         for m, p in pairs])
     return result
+
+
+def largest_job(run: dict[str, Any]) -> dict[str, Any] | None:
+    """The largest Snakemake job of a moeforge run, the smoke test's included."""
+    jobs = [x["largest_job"] for x in (run["summary"], run.get("smoke", {}).get("summary", {})) if x.get("largest_job")]
+    return max(jobs, key=lambda j: j["rss_mib"], default=None)
+
+
+def compact(run: dict[str, Any]) -> dict[str, Any]:
+    """A run without its per-process records (they hold this machine's paths and are only for a look now)."""
+    out = {k: v for k, v in run.items() if k != "processes"}
+    if "smoke" in out:
+        out["smoke"] = {k: v for k, v in out["smoke"].items() if k != "processes"}
+    return out
 
 
 def fit_line(points: Sequence[tuple[float, float]]) -> tuple[float, float]:
@@ -830,6 +895,125 @@ def print_report(report: dict[str, Any]) -> None:
             print(f"  [{'met' if t['met'] else 'MISSED'}] {t['target']}: {t['detail']}")
 
 
+# --------------------------------------------------------------------------- named cases
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named case: the input shape and gate mode, what is timed, and a memory cap if any."""
+
+    dims: Dims
+    what: str
+    gate_mode: str = "hidden"
+    smoke: bool = True
+    floor: bool = False
+    cap_bytes: int | None = None
+    runs: int = 3
+    warmup: int = 1
+
+
+#: SmolLM2-135M's shape (head_dim 64, tied embeddings) and a 1B-class Llama (Llama 3.2 1B's widths,
+#: 16 layers, tied): four of them make a 7.3 GB Mixtral.
+SMOLLM2 = Dims(layers=30, hidden=576, intermediate=1536, vocab=49152, heads=9, kv_heads=3, experts=3, tied=True)
+LLAMA_1B = Dims(layers=16, hidden=2048, intermediate=8192, vocab=128256, heads=32, kv_heads=8, experts=4, tied=True)
+CASES = {
+    "smollm2-135m": Preset(SMOLLM2, "SmolLM2-135M shape, 3 experts, hidden gates (3 prompts each)"),
+    "llama-1b": Preset(LLAMA_1B, "1B-class Llama, 4 experts -> 7.3 GB MoE, hidden gates", floor=True, runs=1,
+                       warmup=0),
+    "llama-1b-cap3g": Preset(LLAMA_1B, "the same under a 3 GiB memory cgroup (kernel-enforced), both tools",
+                             cap_bytes=3 << 30, runs=1, warmup=0),
+}
+
+
+def run_case(name: str, args: argparse.Namespace, data_dir: Path, log: Callable[[str], None]) -> dict[str, Any]:
+    """One named case, measured as ``bench_case`` measures a size; with its targets judged."""
+    preset = CASES[name]
+    experts = ensure_experts(data_dir, preset.dims, log)
+    root = data_dir / "runs" / name
+    root.mkdir(parents=True, exist_ok=True)
+    case = Case(preset.dims, experts, weight_files(experts), root, preset.gate_mode)
+    write_recipe(case.recipe, experts, preset.gate_mode)
+    log(f"case {name}: {preset.what}; {case.input_bytes / GB:.2f} GB in, {2 * preset.dims.moe_params() / GB:.2f} GB out")
+    settings = {"smoke": preset.smoke, "cap_bytes": preset.cap_bytes, "peer": True,
+                "no_floor": args.no_floor or not preset.floor,
+                "runs": args.runs if args.runs is not None else preset.runs,
+                "warmup": args.warmup if args.warmup is not None else preset.warmup}
+    result = bench_case(case, argparse.Namespace(**{**vars(args), **settings}), log)
+    result.update(case=name, what=preset.what, gate_mode=preset.gate_mode, cap_bytes=preset.cap_bytes)
+    result["targets"] = case_targets(name, result)
+    return result
+
+
+def case_targets(name: str, r: dict[str, Any]) -> list[dict[str, Any]]:
+    """The targets each case is judged on, with the numbers behind each verdict."""
+    def target(what: str, value: float, limit: float) -> dict[str, Any]:
+        return {"target": what, "value": value, "limit": limit, "met": value <= limit}
+
+    ratio = r.get("ratio", {})
+    if name == "smollm2-135m":
+        return [target("to the assembled model / mergekit-moe", ratio["wall"]["median"], 1.0),
+                target("including the smoke test / mergekit-moe", ratio["wall_with_smoke"]["median"], 2.0)]
+    if name == "llama-1b":
+        out = [target("to the assembled model / mergekit-moe", ratio["wall"]["median"], 0.7),
+               target("largest job's peak RSS / mergekit-moe's peak", ratio["largest_job_rss_vs_peer_peak"]["median"],
+                      0.1)]
+        if "floor" in r:
+            out.append(target("to the assembled model / I/O floor",
+                              r["moeforge"]["wall_s"]["median"] / r["floor"]["total_s"], 1.3))
+        return out
+    ok = all(c == 0 for c in r["moeforge"]["returncodes"] + r["moeforge"].get("smoke_returncodes", [1]))
+    return [{"target": "moeforge completes under the cap, smoke test included", "value": float(ok), "limit": 1.0,
+             "met": ok}]
+
+
+README_BEGIN, README_END = "<!-- build-speed:begin -->", "<!-- build-speed:end -->"
+
+
+def readme_table(results: dict[str, dict[str, Any]]) -> str:
+    """The medians table of the named cases, and their targets, as markdown."""
+    rows = ["| case | moeforge to model s | + smoke s | mergekit-moe s | ratio to model | ratio incl. smoke "
+            "| I/O floor s | largest job MiB | mergekit-moe peak MiB | under cap |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    notes = []
+    for name, r in results.items():
+        mf, peer, ratio = r["moeforge"], r.get("peer", {}), r.get("ratio", {})
+        smoke = mf.get("smoke_wall_s", {}).get("median")
+        cap = "-"
+        if r.get("cap_bytes"):
+            peaks = [c["peak_bytes"] for c in (mf.get("cap") or []) + (mf.get("smoke_cap") or []) if c]
+            peer_caps = peer.get("cap") or [{}]
+            cap = (f"moeforge exit {max(map(abs, mf['returncodes'] + mf.get('smoke_returncodes', [])))}, cgroup peak "
+                   f"{max(peaks, default=0) / 2**30:.2f} GiB; mergekit-moe exit {peer.get('returncodes', ['-'])[0]}, "
+                   f"{peer_caps[0].get('oom_kills', '-')} OOM kill(s)")
+        rows.append(f"| {name} | {_num(mf['wall_s']['median'])} | {_num(smoke)} | {_num(peer.get('wall_s', {}).get('median'))} "
+                    f"| {_num(ratio.get('wall', {}).get('median'))} | {_num(ratio.get('wall_with_smoke', {}).get('median'))} "
+                    f"| {_num(r.get('floor', {}).get('total_s'))} | {_num(mf.get('largest_job_rss_mib', {}).get('median'), 0)} "
+                    f"| {_num(peer.get('time_v_max_rss_mib', {}).get('median'), 0)} | {cap} |")
+        notes += [f"- {name}: {t['target']} = {t['value']:.2f} (target <= {t['limit']:g}): "
+                  f"{'met' if t['met'] else 'missed'}" for t in r.get("targets", [])]
+    machine = next(iter(results.values()))["machine"]
+    head = (f"Medians of the last run of each case ({machine['cpus']} cores, {machine['mem_bytes'] / 2**30:.0f} GiB, "
+            f"torch {machine['torch']}, mergekit {machine['mergekit']}; inputs evicted from the page cache "
+            f"before each run). Written by `python benchmarks/build_speed.py --case ...`.")
+    return "\n".join([head, "", *rows, "", *notes])
+
+
+def _num(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def write_readme(results_dir: Path, readme: Path) -> None:
+    """Replace the table between the README's markers with the stored results of every named case."""
+    results = {name: json.loads((results_dir / f"{name}.json").read_text())
+               for name in CASES if (results_dir / f"{name}.json").is_file()}
+    if not results:
+        return
+    text = readme.read_text()
+    before, _, rest = text.partition(README_BEGIN)
+    _, _, after = rest.partition(README_END)
+    readme.write_text(f"{before}{README_BEGIN}\n{readme_table(results)}\n{README_END}{after}")
+
+
 def machine_info(peer_version: str | None) -> dict[str, Any]:
     def version(pkg: str) -> str | None:
         from importlib import metadata
@@ -863,8 +1047,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gate-mode", default="random", choices=["random", "uniform_random", "hidden"],
                         help="random/uniform_random need no forward pass (pure data movement); hidden runs the "
                              "base model on the prompts in both tools")
-    parser.add_argument("--runs", type=int, default=3, help="counted runs of each tool per size")
-    parser.add_argument("--warmup", type=int, default=1, help="uncounted runs first (software into the page cache)")
+    parser.add_argument("--case", action="append", choices=sorted(CASES), default=[],
+                        help="a named case (repeatable): its own shape, gate mode, runs and cap; results go to "
+                             "benchmarks/results/CASE.json and the table in benchmarks/README.md")
+    parser.add_argument("--runs", type=int, default=None, help="counted runs of each tool per size (default 3; a "
+                                                                   "case's own number with --case)")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="uncounted runs first, software into the page cache (default 1; a case's own with --case)")
+    parser.add_argument("--smoke", action="store_true", help="also time moeforge's smoke test (a second command)")
+    parser.add_argument("--memory-cap", type=parse_size, default=None, metavar="SIZE",
+                        help="run both tools in a memory cgroup of this size (e.g. 3G; needs root)")
     parser.add_argument("--peer", action="store_true", help="also time mergekit-moe (installed on first use)")
     parser.add_argument("--cores", type=int, default=2, help="snakemake --cores")
     parser.add_argument("--workflow", type=Path, default=REPO,
@@ -881,7 +1073,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="input models (cached) and scratch space")
     parser.add_argument("--keep-data", action="store_true", help="keep the input models and outputs afterwards")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds allowed for one build")
-    parser.add_argument("--out", type=Path, default=None, help="result JSON (default: benchmarks/results/...)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="result JSON of free-form sizes (default: DATA_DIR/results/..., not committed)")
     args = parser.parse_args(argv)
     if not Path("/usr/bin/time").exists():
         raise SystemExit("/usr/bin/time is missing: install it (Debian: apt-get install time)")
@@ -890,11 +1083,16 @@ def main(argv: list[str] | None = None) -> int:
     def log(msg: str) -> None:
         print(msg, flush=True)
 
-    peer_version = ensure_peer(log) if args.peer else None
+    peer_version = ensure_peer(log) if args.peer or args.case else None
     data_dir = args.data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     usage = shutil.disk_usage(data_dir)
     log(f"data dir {data_dir}: {usage.free / GB:.0f} GB free")
+    if args.case:
+        return run_cases(args, data_dir, peer_version, log)
+    args.runs = 3 if args.runs is None else args.runs
+    args.warmup = 1 if args.warmup is None else args.warmup
+    args.cap_bytes = args.memory_cap
     base = Dims(hidden=args.hidden, intermediate=args.intermediate, vocab=args.vocab, heads=args.heads,
                 kv_heads=args.kv_heads, experts=args.experts)
 
@@ -929,7 +1127,7 @@ def main(argv: list[str] | None = None) -> int:
         report["sizes"].append(bench_case(case, args, log))
     report["extrapolation"] = extrapolate(report["sizes"], report.get("startup"))
     report["targets"] = targets(report["sizes"], report.get("startup"), replace(base, layers=layer_list[0]))
-    out = args.out or BENCH_DIR / "results" / (
+    out = args.out or data_dir / "results" / (
         f"build_speed-L{'_'.join(map(str, layer_list))}-H{args.hidden}"
         f"{''.join('+' + spec for spec in args.extra_size)}-E{args.experts}-{args.gate_mode}"
         f"{'-peer' if args.peer else ''}.json")
@@ -940,6 +1138,23 @@ def main(argv: list[str] | None = None) -> int:
     if not args.keep_data:
         shutil.rmtree(data_dir / "runs", ignore_errors=True)
         shutil.rmtree(data_dir / "models", ignore_errors=True)
+    return 0
+
+
+def run_cases(args: argparse.Namespace, data_dir: Path, peer_version: str | None,
+              log: Callable[[str], None]) -> int:
+    """Every named case in turn; each result to benchmarks/results/CASE.json, then the README's table."""
+    results_dir = BENCH_DIR / "results"
+    results_dir.mkdir(parents=True, exist_ok=True)
+    for name in args.case:
+        result = {"machine": machine_info(peer_version), **run_case(name, args, data_dir, log)}
+        (results_dir / f"{name}.json").write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
+        for t in result["targets"]:
+            log(f"  [{'met' if t['met'] else 'MISSED'}] {t['target']}: {t['value']:.2f} (<= {t['limit']:g})")
+        if not args.keep_data:
+            shutil.rmtree(data_dir / "runs" / name, ignore_errors=True)
+    write_readme(results_dir, BENCH_DIR / "README.md")
+    print(readme_table({n: json.loads((results_dir / f"{n}.json").read_text()) for n in args.case}))
     return 0
 
 
