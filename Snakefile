@@ -27,6 +27,7 @@ include: "workflow/rules/assemble.smk"
 include: "workflow/rules/smoke.smk"
 include: "workflow/rules/verify.smk"
 include: "workflow/rules/reproduce.smk"
+include: "workflow/rules/eval.smk"
 
 
 rule all:
@@ -34,3 +35,4 @@ rule all:
     input:
         expand("results/{merge}/smoke/report.json", merge=MERGES),
         expand("results/{merge}/reproduce/report.json", merge=REBUILDS),
+        expand("results/{merge}/eval/report.json", merge=EVAL_BY_DEFAULT),

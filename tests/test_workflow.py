@@ -179,3 +179,36 @@ def test_html_report_holds_the_plots(demo, tmp_path):
         encoded = base64.b64encode((demo / "results/demo/smoke" / png).read_bytes()).decode()
         assert encoded[:2000] in html, f"{png} is not embedded in the report"
     assert "Share of tokens each expert receives" in html
+
+
+@pytest.mark.slow
+def test_eval_target_reports_every_model_and_reruns_identically(demo):
+    """`snakemake eval`: the table, the figure and the JSON; a forced rerun gives the same bytes."""
+    out = demo / "results/demo/eval"
+    proc = snakemake(demo, "--cores", "2", "eval")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert list(report["perplexity"]) == ["base", "expert_code", "expert_math", "expert_cooking", "moe"]
+    assert "| **moe / oracle** |" in (out / "report.md").read_text()
+    assert (out / "perplexity.png").stat().st_size > 1000
+    before = sha256_tree(out)
+    proc = snakemake(demo, "--cores", "2", "eval", "--forcerun", "evaluate")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "evaluate" in proc.stdout + proc.stderr
+    assert sha256_tree(out) == before
+
+
+@pytest.mark.slow
+@pytest.mark.gguf
+def test_gguf_target_converts_and_checks_every_merge(demo, llamacpp_converter):
+    """`snakemake gguf`: after the smoke test, an f16 GGUF that matches transformers; never in the default target."""
+    out = demo / "results/demo/gguf"
+    proc = snakemake(demo, "--cores", "2", "gguf")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["passed"] and report["checks"]["f32"]["next_token_agree"] == report["checks"]["f32"]["prompts"]
+    assert sorted(p.name for p in out.iterdir()) == ["model-f16.gguf", "report.json", "report.md"]
+    md = (out / "report.md").read_text()
+    assert md.startswith("# GGUF (llama.cpp): PASS") and "# Smoke test: PASS" in md
+    dry = snakemake(demo, "--cores", "2", "-n", "--forceall")
+    assert "gguf_check" not in dry.stdout + dry.stderr

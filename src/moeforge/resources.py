@@ -14,6 +14,8 @@ from moeforge.memory_budget import whole_model_mb
 #: Above this float32 footprint the smoke test runs in the model's own dtype ("auto").
 FLOAT32_SMOKE_LIMIT = 8 << 30
 MIB = 2**20
+#: The evaluation streams its windows in chunks whose float32 logits stay under this size.
+EVAL_LOGITS_CHUNK_BYTES = 256 * MIB
 
 
 def smoke_dtype(plan: Mapping[str, Any], requested: str) -> str:
@@ -47,6 +49,11 @@ def layer_mem_mb(plan: Mapping[str, Any] | None) -> int:
     """Layer-streamed jobs (gates) hold about one layer at a time, in float32."""
     largest = max(plan["shard_bytes"].values()) if plan else 0
     return int(2000 + 3 * largest / MIB)
+
+
+def eval_mem_mb(plan: Mapping[str, Any] | None) -> int:
+    """Layer-streamed like the gates, plus one chunk of logits and its float64 log-softmax."""
+    return layer_mem_mb(plan) + 3 * EVAL_LOGITS_CHUNK_BYTES // MIB
 
 
 def reproduce_mem_mb(plan: Mapping[str, Any] | None) -> int:

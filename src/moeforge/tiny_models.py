@@ -21,7 +21,7 @@ import shutil
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -42,6 +42,9 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerFast,
 )
+
+if TYPE_CHECKING:
+    from moeforge.demo_training import TrainingPlan
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 
@@ -612,10 +615,22 @@ def build_dense_model(
 def _build_derived(
     out_dir: Path, parent: Path, seed: int, mlp_noise: float, max_shard_size: str | None, tokenizer_dir: Path | None
 ) -> Path:
+    return derive_checkpoint(out_dir, parent, _derived_tensors(parent, mlp_noise, seed), max_shard_size,
+                             tokenizer_dir)
+
+
+def derive_checkpoint(out_dir: Path, parent: Path, tensors: dict[str, torch.Tensor],
+                      max_shard_size: str | None = None, tokenizer_dir: Path | None = None) -> Path:
+    """A checkpoint of ``parent``'s architecture with new weights: a fine-tune as the Hub holds one.
+
+    Config, generation config and (unless ``tokenizer_dir`` is given) tokenizer are byte copies of
+    the parent's, so a merge sees sources that agree on everything but their weights.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
     for name in ("config.json", "generation_config.json"):
         shutil.copyfile(parent / name, out_dir / name)
     _install_tokenizer(out_dir, tokenizer_dir or parent)
-    write_weights(out_dir, _derived_tensors(parent, mlp_noise, seed), max_shard_size)
+    write_weights(out_dir, tensors, max_shard_size)
     return out_dir
 
 
@@ -639,21 +654,36 @@ def build_preset(out_dir: Path, preset: str, **overrides: Any) -> Path:
     return build_dense_model(out_dir, **{**copy.deepcopy(PRESETS[preset]), **overrides})
 
 
-#: The demo experts (name -> noise seed), named after the topics the demo recipe routes to them.
-DEMO_EXPERTS = {"expert_code": 1, "expert_math": 2, "expert_cooking": 3}
-DEMO_MLP_NOISE = 0.02
+#: The demo experts (name -> the packaged domain each one's MLP is fine-tuned on).
+DEMO_EXPERTS = {"expert_code": "code", "expert_math": "math", "expert_cooking": "cooking"}
 
 
-def build_demo(out_root: Path) -> dict[str, Path]:
-    """Build the offline demo: a tokenizer, a Llama-style base and three experts fine-tuned from it."""
+def build_demo(out_root: Path, plan: TrainingPlan | None = None) -> dict[str, Path]:
+    """Build the offline demo: a tokenizer, a Llama-style base and three experts fine-tuned from it.
+
+    The base is the ``llama`` preset pre-trained on every packaged domain; each expert is the base
+    with its MLP fine-tuned on one domain (see ``moeforge.demo_training``; ``plan`` None: the defaults).
+    """
+    from moeforge.demo_training import TrainingPlan, domain_tokens, finetune_mlp, pretrain, reproducible
+
+    plan = plan or TrainingPlan()
     out_root = Path(out_root)
     tokenizer_dir = out_root / "tokenizer"
     tokenizer_dir.mkdir(parents=True, exist_ok=True)
     train_tokenizer(tokenizer_dir)
-    base = build_preset(out_root / "base", "llama", seed=0, tokenizer_dir=tokenizer_dir)
+    base = build_preset(out_root / "base", "llama", seed=plan.seed, tokenizer_dir=tokenizer_dir)
     paths = {"tokenizer": tokenizer_dir, "base": base}
-    for name, seed in DEMO_EXPERTS.items():
-        paths[name] = build_dense_model(out_root / name, derive_from=base, seed=seed, mlp_noise=DEMO_MLP_NOISE)
+    tokens = domain_tokens(tokenizer_dir)
+    bos_id = _tokenizer_ids(tokenizer_dir)["bos_token_id"]
+    with reproducible(plan.threads):
+        model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+        pretrain(model, tokens, plan, bos_id)
+        trained = {name: tensor.clone() for name, tensor in _disk_tensors(model).items()}
+        write_weights(base, trained)
+        for offset, (name, domain) in enumerate(DEMO_EXPERTS.items(), start=1):
+            model.load_state_dict(trained)
+            finetune_mlp(model, tokens[domain], plan, bos_id, plan.seed + offset)
+            paths[name] = derive_checkpoint(out_root / name, base, _disk_tensors(model))
     return paths
 
 

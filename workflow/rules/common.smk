@@ -129,6 +129,10 @@ def smoke_mem_mb(wildcards, input, attempt):
     return job_resources.smoke_mem_mb(_plan_beside(input.plan), lookup(dpath="smoke/dtype", within=config)) * attempt
 
 
+def eval_mem_mb(wildcards, input, attempt):
+    return job_resources.eval_mem_mb(_plan_beside(input.plan)) * attempt
+
+
 def reproduce_mem_mb(wildcards, input, attempt):
     return job_resources.reproduce_mem_mb(_plan_beside(input.plan)) * attempt
 

@@ -1,4 +1,5 @@
-"""Figures for the smoke-test report: expert load per layer and gate similarity per layer.
+"""Figures for the reports: expert load and gate similarity per layer (smoke test), perplexity and routing
+per domain (evaluation).
 
 Figures are drawn on matplotlib's Agg canvas without pyplot, so importing this module changes no
 global backend, and under matplotlib's default style, so a user's matplotlibrc cannot change
@@ -14,6 +15,7 @@ from typing import Any
 
 from matplotlib import style
 from matplotlib.figure import Figure
+from matplotlib.ticker import ScalarFormatter
 
 from moeforge.errors import BuildError
 from moeforge.io.files import atomic_path
@@ -109,3 +111,42 @@ def _save(fig: Figure, path: Path) -> None:
     """Write the PNG atomically, without the Software tag (so the bytes are stable)."""
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100, metadata={"Software": None})
+
+
+def plot_evaluation(report: dict[str, Any], out_png: Path) -> None:
+    """Perplexity per domain for every model (bars), beside the share of each domain's tokens per expert.
+
+    The bars show at a glance whether the MoE reaches the oracle (the best expert) on each domain;
+    the heatmap shows why: which expert each domain's tokens go to.
+    """
+    domains = list(report["domains"])
+    models = list(report["perplexity"])
+    routed = all(report["routing"].values())
+    with style.context("default"):
+        fig = Figure(figsize=(4 + 1.2 * len(domains) + (3 if routed else 0), 3.4), layout="constrained")
+        axes = fig.subplots(1, 2 if routed else 1, squeeze=False, width_ratios=[2, 1] if routed else None)[0]
+        width = 0.8 / len(models)
+        for m, model in enumerate(models):
+            values = [report["perplexity"][model][d] or math.nan for d in domains]
+            axes[0].bar([i + (m - (len(models) - 1) / 2) * width for i in range(len(domains))], values, width,
+                        label=model)
+        axes[0].set_xticks(range(len(domains)), domains)
+        axes[0].set_yscale("log")
+        axes[0].yaxis.set_major_formatter(ScalarFormatter())
+        axes[0].yaxis.set_minor_formatter(ScalarFormatter())
+        axes[0].tick_params(axis="y", which="both", labelsize=7)
+        axes[0].set_ylabel("perplexity (held-out)")
+        axes[0].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+        if routed:
+            experts = report["experts"]
+            share = [[report["routing"][d]["top1"][e] for e in experts] for d in domains]
+            image = axes[1].imshow(share, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto", interpolation="nearest")
+            axes[1].set_xticks(range(len(experts)), experts, rotation=45, ha="right")
+            axes[1].set_yticks(range(len(domains)), domains)
+            axes[1].set_title("top-1 share of tokens", fontsize=9)
+            for r, row in enumerate(share):
+                for c, value in enumerate(row):
+                    axes[1].text(c, r, f"{value:.2f}", ha="center", va="center", fontsize=7,
+                                 color="white" if value < 0.5 else "black")
+            fig.colorbar(image, ax=axes[1], label="share")
+        _save(fig, Path(out_png))

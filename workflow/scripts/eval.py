@@ -1,0 +1,15 @@
+"""Per-domain perplexity of base, experts, MoE and oracle, routing shares: report and figure."""
+from pathlib import Path
+
+from moeforge.check.evaluate import EvalOptions, eval_stage
+from moeforge.runner import run
+
+
+def main(s):
+    eval_stage(Path(s.input.lock).parent, Path(s.input.plan), [Path(p) for p in s.input.weights],
+               {name: Path(path) for name, path in s.params.domains.items()},
+               EvalOptions(context=s.params.context, max_tokens=s.params.max_tokens, device=s.params.device),
+               Path(s.output.json), Path(s.output.md), Path(s.output.png))
+
+
+run(snakemake, main)  # noqa: F821
