@@ -40,6 +40,18 @@ def mergekit_moe() -> Path:
 
 
 @pytest.fixture(scope="session")
+def llamacpp_converter() -> Path:
+    """llama.cpp's converter directory, when llama-cpp-python is installed beside it (tests/setup_llamacpp.sh)."""
+    import importlib.util
+    import sys
+
+    default = Path(sys.prefix) / "share" / "llama.cpp-convert" / "convert_hf_to_gguf.py"
+    candidates = [default] if importlib.util.find_spec("llama_cpp") else []
+    return required_tool("MOEFORGE_LLAMACPP_CONVERTER", candidates, "tests/setup_llamacpp.sh",
+                         "llama-cpp-python with llama.cpp's converter").parent
+
+
+@pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> Path:
     """The demo tokenizer, trained once per test session."""
     from moeforge.tiny_models import train_tokenizer

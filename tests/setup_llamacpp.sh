@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Install the GGUF tooling into the environment of $PYTHON (default .venv): llama-cpp-python, built
+# from its PyPI sdist for the CPU, and llama.cpp's converter (convert_hf_to_gguf.py, its conversion
+# package and gguf-py) from the llama.cpp sources that same sdist vendors, into
+# <env>/share/llama.cpp-convert, where moeforge looks for it. Idempotent; offline once installed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-.venv/bin/python}
+VERSION=$(sed -n 's/^llama-cpp-python==//p' envs/requirements-llamacpp.txt)
+DEST=$("$PY" -c "import sys; print(sys.prefix)")/share/llama.cpp-convert
+
+# Portable CPU build (no -march=native), library only: about 10 min on 2 cores.
+if ! "$PY" -c "import llama_cpp, sys; sys.exit(llama_cpp.__version__ != '$VERSION')" 2>/dev/null; then
+    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_CUDA=OFF -DGGML_BLAS=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF" \
+    CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
+        "$PY" -m pip install -q --no-binary llama-cpp-python -r envs/requirements-llamacpp.txt
+fi
+
+if [ "$(cat "$DEST/VERSION" 2>/dev/null)" != "llama-cpp-python $VERSION" ]; then
+    tmp=$(mktemp -d)
+    trap 'rm -rf "$tmp"' EXIT
+    "$PY" -m pip download -q --no-deps --no-binary :all: "llama-cpp-python==$VERSION" -d "$tmp"
+    src="llama_cpp_python-$VERSION/vendor/llama.cpp"
+    tar -xzf "$tmp/llama_cpp_python-$VERSION.tar.gz" -C "$tmp" \
+        "$src/convert_hf_to_gguf.py" "$src/conversion" "$src/gguf-py" "$src/LICENSE"
+    echo "llama-cpp-python $VERSION" > "$tmp/$src/VERSION"
+    # copied beside, then renamed: an interrupted install leaves no converter that looks complete
+    rm -rf "$DEST" "$DEST.new"
+    mkdir -p "$(dirname "$DEST")"
+    mv "$tmp/$src" "$DEST.new"
+    mv "$DEST.new" "$DEST"
+fi

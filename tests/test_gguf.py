@@ -1,0 +1,185 @@
+"""Outputs proven in a second engine: llama.cpp's converter, and the GGUF run in llama-cpp-python.
+
+Needs tests/setup_llamacpp.sh (skipped without it, except under CI). Deselect with ``-m "not gguf"``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.torch import load_file, save_file
+
+from moeforge.check.gguf import (
+    CONVERTER_ENV,
+    TOLERANCE,
+    UnsupportedByConverter,
+    check_ggufs,
+    convert,
+    converter_dir,
+    encode_prompts,
+    gguf_stage,
+    reference_logits,
+)
+from moeforge.check.gguf_convert import QWEN2_PATTERN, pre_tokenizer_by_definition
+from moeforge.errors import BuildError
+from moeforge.tiny_models import build_dense_model, build_preset
+from pipeline import build
+
+PROMPTS = ["The quick brown fox", "Once upon a time", "def add(a, b): return a + b", "1234 apples\nand pears"]
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory, tokenizer_dir) -> dict[str, Path]:
+    """Llama bases (untied, tied), experts far apart (so swapping two changes the output), Qwen bases."""
+    root = tmp_path_factory.mktemp("gguf_models")
+    tok = tokenizer_dir
+    base = build_dense_model(root / "base", "llama", seed=0, tokenizer_dir=tok)
+    tied = build_dense_model(root / "tied", "llama", seed=7, tokenizer_dir=tok, tie_word_embeddings=True)
+    out = {"base": base, "tied": tied, "qwen2": build_preset(root / "qwen2", "qwen2.5", tokenizer_dir=tok),
+           "qwen3": build_preset(root / "qwen3", "qwen3", tokenizer_dir=tok)}
+    for i in range(3):
+        out[f"e{i}"] = build_dense_model(root / f"e{i}", derive_from=base, seed=10 + i, mlp_noise=1.0)
+        out[f"t{i}"] = build_dense_model(root / f"t{i}", derive_from=tied, seed=20 + i, mlp_noise=1.0)
+    return out
+
+
+def recipe(base: Path, experts: list[Path], **extra) -> dict:
+    return {"base_model": str(base), "gate_mode": "random", "experts_per_token": 2,
+            "experts": [{"source_model": str(e)} for e in experts], "smoke_prompts": PROMPTS, **extra}
+
+
+def run_stage(result) -> tuple[dict, Path]:
+    """The workflow step on an in-process build; a stand-in smoke report precedes it, as in the workflow."""
+    out = result.model_dir.parent
+    (out / "smoke").mkdir(exist_ok=True)
+    (out / "smoke" / "report.md").write_text("# Smoke test: PASS\n")
+    report = gguf_stage(result.model_dir, out / "plan.json", out / "smoke" / "report.md",
+                        out / "gguf" / "report.json", out / "gguf" / "report.md", threads=2)
+    return report, out / "gguf"
+
+
+@pytest.mark.gguf
+@pytest.mark.parametrize("variant", ["untied", "tied", "untie"])
+def test_mixtral_converts_loads_and_matches(tmp_path, zoo, llamacpp_converter, variant):
+    """Mixtral outputs, tied and untied: f16 kept, f32 checked, both within tolerance, same next token."""
+    base, experts = (zoo["base"], "e") if variant == "untied" else (zoo["tied"], "t")
+    extra = {"tie_word_embeddings": "untie"} if variant == "untie" else {}
+    result = build(tmp_path, recipe(base, [zoo[f"{experts}{i}"] for i in range(3)], **extra))
+    report, out = run_stage(result)
+    assert report["passed"] and report["status"] == "pass"
+    assert report["converter"] == (llamacpp_converter / "VERSION").read_text().strip()
+    for outtype, check in report["checks"].items():
+        assert check["max_abs_dlogit"] <= check["tolerance"] == pytest.approx(TOLERANCE[outtype] * check["max_abs_logit"], rel=1e-5)
+        assert check["next_token_agree"] == check["prompts"] == len(PROMPTS)
+        assert check["tokenization_agree"] == len(PROMPTS), "llama.cpp tokenizes as transformers does"
+    assert sorted(p.name for p in out.glob("*.gguf")) == ["model-f16.gguf"]
+    assert json.loads((out / "report.json").read_text())["gguf"]["file"] == "model-f16.gguf"
+    md = (out / "report.md").read_text()
+    assert md.startswith("# GGUF (llama.cpp): PASS") and "# Smoke test: PASS" in md
+
+
+@pytest.mark.gguf
+def test_qwen3_moe_converts_and_matches(tmp_path, zoo, llamacpp_converter):
+    q = zoo["qwen3"]
+    report, _ = run_stage(build(tmp_path, recipe(q, [q, q])))
+    assert report["passed"], report["checks"]
+
+
+@pytest.mark.gguf
+@pytest.mark.parametrize("shared", [True, False])
+def test_qwen2_moe_differences_are_caught(tmp_path, zoo, llamacpp_converter, shared):
+    """llama.cpp's Qwen2-MoE graph ignores norm_topk_prob (moeforge writes true) and computes the shared
+    gate's sigmoid as silu(x)/x (NaN for the all-zero gate of a build without shared experts): the GGUF
+    converts, the comparison fails it, and it is kept in failed/ with its report."""
+    q = zoo["qwen2"]
+    extra = {"shared_experts": [{"source_model": str(q)}]} if shared else {}
+    result = build(tmp_path, recipe(q, [q] * 3, **extra))
+    assert json.loads((result.model_dir / "config.json").read_text())["norm_topk_prob"] is True
+    with pytest.raises(BuildError, match="never renormalises the top-k routing weights"):
+        run_stage(result)
+    out = result.model_dir.parent / "gguf"
+    report = json.loads((out / "failed" / "report.json").read_text())
+    f32 = report["checks"]["f32"]
+    assert report["status"] == "fail" and not f32["passed"]
+    if shared:
+        assert f32["non_finite_logits"] == 0 and f32["max_abs_dlogit"] > 10 * f32["tolerance"]
+    else:
+        assert f32["non_finite_logits"] > 0 and f32["max_abs_dlogit"] is None
+    assert [p.relative_to(out).as_posix() for p in out.rglob("*.gguf")] == ["failed/model-f16.gguf"]
+    assert not (out / "report.json").exists()
+
+
+def swap_w2(model_dir: Path, a: int, b: int) -> None:
+    """Swap two experts' down projections in every layer, in place."""
+    for path in sorted(model_dir.glob("*.safetensors")):
+        tensors = load_file(path)
+        names = [n for n in tensors if f".experts.{a}.w2." in n]
+        for name in names:
+            other = name.replace(f".experts.{a}.", f".experts.{b}.")
+            tensors[name], tensors[other] = tensors[other], tensors[name]
+        path.chmod(0o644)
+        save_file(tensors, path, metadata={"format": "pt"})
+
+
+@pytest.mark.gguf
+def test_corrupted_output_is_caught(tmp_path, zoo, llamacpp_converter):
+    """A GGUF converted from a copy whose experts 0 and 1 swapped their w2 fails against the intended model."""
+    result = build(tmp_path, recipe(zoo["base"], [zoo[f"e{i}"] for i in range(3)]))
+    corrupted = tmp_path / "corrupted"
+    shutil.copytree(result.model_dir, corrupted)
+    swap_w2(corrupted, 0, 1)
+    ids = encode_prompts(result.model_dir, PROMPTS)
+    changed = max(float(np.abs(a - b).max()) for a, b in
+                  zip(reference_logits(result.model_dir, ids), reference_logits(corrupted, ids)))
+    gguf = tmp_path / "corrupted-f32.gguf"
+    convert(corrupted, gguf, "f32", llamacpp_converter)
+    against_intended = check_ggufs({"f32": gguf}, result.model_dir, PROMPTS)["f32"]
+    against_itself = check_ggufs({"f32": gguf}, corrupted, PROMPTS)["f32"]
+    assert against_itself["passed"], "the conversion of the damaged copy is faithful to it"
+    assert not against_intended["passed"]
+    assert against_intended["max_abs_dlogit"] == pytest.approx(changed, rel=1e-3)
+    assert against_intended["max_abs_dlogit"] > 100 * against_intended["tolerance"]
+
+
+@pytest.mark.gguf
+def test_architecture_the_converter_lacks_is_a_report_entry(tmp_path, zoo, llamacpp_converter):
+    result = build(tmp_path, recipe(zoo["base"], [zoo["e0"], zoo["e1"]]))
+    config_path = result.model_dir / "config.json"
+    config_path.chmod(0o644)
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "architectures": ["NoSuchMoeForCausalLM"]}))
+    with pytest.raises(UnsupportedByConverter, match=r"unsupported by llama.cpp converter llama-cpp-python \S+"):
+        convert(result.model_dir, tmp_path / "x.gguf", "f16", llamacpp_converter)
+    report, out = run_stage(result)
+    assert report["status"] == "unsupported" and report["passed"] is None
+    assert "NoSuchMoeForCausalLM" in (out / "report.md").read_text() and not list(out.glob("*.gguf"))
+
+
+@pytest.mark.gguf
+def test_unknown_pre_tokenizer_is_one_message(tmp_path, zoo, llamacpp_converter):
+    """A byte-level BPE whose pre-tokenizer is neither hashed by the converter nor defined like a llama.cpp one."""
+    result = build(tmp_path, recipe(zoo["base"], [zoo["e0"], zoo["e1"]]))
+    path = result.model_dir / "tokenizer.json"
+    path.chmod(0o644)
+    path.write_text(path.read_text().replace(r"\\p{N}|", r"\\p{N}{1,3}|"))
+    with pytest.raises(BuildError, match="does not know the tokenizer's pre-tokenizer"):
+        convert(result.model_dir, tmp_path / "x.gguf", "f16", llamacpp_converter)
+
+
+def test_pre_tokenizer_named_by_definition(tokenizer_dir, tmp_path):
+    """The test tokenizer is defined as Qwen2's; one step changed, it is no known type."""
+    assert pre_tokenizer_by_definition(tokenizer_dir / "tokenizer.json") == "qwen2"
+    spec = json.loads((tokenizer_dir / "tokenizer.json").read_text())
+    spec["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = QWEN2_PATTERN.replace(r"\p{N}|", r"\p{N}{1,3}|")
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    assert pre_tokenizer_by_definition(tmp_path / "tokenizer.json") is None
+
+
+def test_missing_converter_is_one_message(tmp_path, monkeypatch):
+    monkeypatch.setenv(CONVERTER_ENV, str(tmp_path))
+    with pytest.raises(BuildError, match="setup_llamacpp.sh"):
+        converter_dir()
