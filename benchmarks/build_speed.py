@@ -972,7 +972,7 @@ README_BEGIN, README_END = "<!-- build-speed:begin -->", "<!-- build-speed:end -
 def readme_table(results: dict[str, dict[str, Any]]) -> str:
     """The medians table of the named cases, and their targets, as markdown."""
     rows = ["| case | moeforge to model s | + smoke s | mergekit-moe s | ratio to model | ratio incl. smoke "
-            "| I/O floor s | largest job MiB | mergekit-moe peak MiB | under cap |",
+            "| I/O floor s | largest job MiB (rule) | mergekit-moe peak MiB | under cap |",
             "|---|---|---|---|---|---|---|---|---|---|"]
     notes = []
     for name, r in results.items():
@@ -988,11 +988,12 @@ def readme_table(results: dict[str, dict[str, Any]]) -> str:
         rows.append(f"| {name} | {_num(mf['wall_s']['median'])} | {_num(smoke)} | {_num(peer.get('wall_s', {}).get('median'))} "
                     f"| {_num(ratio.get('wall', {}).get('median'))} | {_num(ratio.get('wall_with_smoke', {}).get('median'))} "
                     f"| {_num(r.get('floor', {}).get('total_s'))} | {_num(mf.get('largest_job_rss_mib', {}).get('median'), 0)} "
+                    f"({mf.get('largest_job', '-')}) "
                     f"| {_num(peer.get('time_v_max_rss_mib', {}).get('median'), 0)} | {cap} |")
         notes += [f"- {name}: {t['target']} = {t['value']:.2f} (target <= {t['limit']:g}): "
                   f"{'met' if t['met'] else 'missed'}" for t in r.get("targets", [])]
     machine = next(iter(results.values()))["machine"]
-    head = (f"Medians of the last run of each case ({machine['cpus']} cores, {machine['mem_bytes'] / 2**30:.0f} GiB, "
+    head = (f"Medians of each case's counted runs ({machine['cpus']} cores, {machine['mem_bytes'] / 2**30:.0f} GiB, "
             f"torch {machine['torch']}, mergekit {machine['mergekit']}; inputs evicted from the page cache "
             f"before each run). Written by `python benchmarks/build_speed.py --case ...`.")
     return "\n".join([head, "", *rows, "", *notes])
