@@ -6,8 +6,8 @@ every dense expert, of the MoE and of the oracle (on each domain, the best dense
 share of each domain's tokens that each expert receives.
 
 Memory stays bounded as in the smoke test: every model runs one module at a time, in float32
-(``gates.layerwise.stream_logits``), and the windows of a domain go through in chunks whose logits
-fit ``moeforge.resources.EVAL_LOGITS_CHUNK_BYTES``.
+(``gates.layerwise.stream_logits``), once for all domains; the windows go through in chunks whose
+logits fit ``moeforge.resources.EVAL_LOGITS_CHUNK_BYTES``, one chunk's logits at a time.
 
 Perplexity is over fixed windows: each domain's text is tokenised once (no special tokens), cut
 into windows of ``context - 1`` tokens, each read after the bos token (as a user's
@@ -84,19 +84,27 @@ def _domain_text(name: str, path: Path) -> str:
     return read_text(path, f"eval domain {name}", RecipeError, _DOMAIN_FIX)
 
 
-def score(model_dir: Path, windows: torch.Tensor, opts: EvalOptions) -> Scores:
-    """Negative log-likelihood of ``windows`` under the model, and its routing, layer-streamed."""
+def score(model_dir: Path, windows: Mapping[str, torch.Tensor], opts: EvalOptions) -> dict[str, Scores]:
+    """Negative log-likelihood and routing of every domain's ``windows`` under the model.
+
+    One layer-streamed pass over all domains' chunks reads the weights once; each chunk's logits
+    are reduced to their likelihood as soon as the head computes them.
+    """
     config = load_config(model_dir)
-    per_chunk = max(1, EVAL_LOGITS_CHUNK_BYTES // (windows.shape[1] * config.vocab_size * 4))
+    width = next(iter(windows.values())).shape[1]
+    per_chunk = max(1, EVAL_LOGITS_CHUNK_BYTES // (width * config.vocab_size * 4))
     top_k = int(getattr(config, "num_experts_per_tok", 1))
-    total = Scores(nll=0.0, predicted=0)
-    for chunk in windows.split(per_chunk):
-        streamed = stream_logits(model_dir, [(chunk, torch.ones_like(chunk))], device=opts.device, progress=False)
-        total.nll += _nll(streamed.logits[0], chunk)
-        total.predicted += chunk[:, 1:].numel()
-        for router in streamed.router_logits[0]:
-            _count_routing(total, router, top_k)
-    return total
+    chunks = [(domain, chunk) for domain, ids in windows.items() for chunk in ids.split(per_chunk)]
+    streamed = stream_logits(model_dir, [(chunk, torch.ones_like(chunk)) for _, chunk in chunks],
+                             device=opts.device, progress=False,
+                             reduce=lambda b, logits: _nll(logits, chunks[b][1]))
+    totals = {domain: Scores(nll=0.0, predicted=0) for domain in windows}
+    for (domain, chunk), nll, routers in zip(chunks, streamed.logits, streamed.router_logits, strict=True):
+        totals[domain].nll += nll
+        totals[domain].predicted += chunk[:, 1:].numel()
+        for router in routers:
+            _count_routing(totals[domain], router, top_k)
+    return totals
 
 
 def _nll(logits: torch.Tensor, ids: torch.Tensor) -> float:
@@ -130,7 +138,7 @@ def evaluate(moe_dir: Path, base_dir: Path, experts: Mapping[str, Path], domains
     models = {"base": Path(base_dir), **{name: Path(path) for name, path in experts.items()}, "moe": Path(moe_dir)}
     by_dir: dict[Path, dict[str, Scores]] = {}
     for directory in dict.fromkeys(models.values()):
-        by_dir[directory] = {d: score(directory, ids, opts) for d, ids in windows.items()}
+        by_dir[directory] = score(directory, windows, opts)
     scores = {name: by_dir[directory] for name, directory in models.items()}
     return _report(scores, list(experts), windows, domains, opts)
 

@@ -27,9 +27,10 @@ from __future__ import annotations
 
 import ctypes
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -425,11 +426,12 @@ def router_of(layer: torch.nn.Module) -> torch.nn.Module | None:
 class StreamedLogits:
     """Whole-prompt outputs of a streamed forward pass, per input batch, float32 on the CPU.
 
-    ``logits[b]`` is [B, T, V]; ``router_logits[b]`` holds one [B*T, E] tensor per sparse layer,
-    in the order of ``sparse_layers`` (decoder layer indices: Qwen2-MoE may keep layers dense).
+    ``logits[b]`` is [B, T, V] (or what ``stream_logits``'s ``reduce`` made of it);
+    ``router_logits[b]`` holds one [B*T, E] tensor per sparse layer, in the order of
+    ``sparse_layers`` (decoder layer indices: Qwen2-MoE may keep layers dense).
     """
 
-    logits: list[torch.Tensor]
+    logits: list[Any]
     router_logits: list[list[torch.Tensor]]
     sparse_layers: list[int]
 
@@ -441,12 +443,15 @@ def stream_logits(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     progress: bool = True,
+    reduce: Callable[[int, torch.Tensor], Any] | None = None,
 ) -> StreamedLogits:
     """Run ``batches`` through the whole model, holding one module's weights at a time.
 
     Embeddings, then each decoder layer, then the final norm and the output head (the input
     embedding when the config ties them): the logits equal the loaded model's, in the memory of
-    the largest of those modules plus the batches' activations.
+    the largest of those modules plus the batches' activations. ``reduce(b, logits)``, when given,
+    replaces batch b's logits as soon as they are computed, so many batches (a whole evaluation)
+    go through one read of the weights while only one batch's logits exist at a time.
     """
     runner = _Runner(Path(model_dir), torch.device(device), dtype)
     sparse = [i for i, layer in enumerate(runner.base.layers) if router_of(layer) is not None]
@@ -459,16 +464,17 @@ def stream_logits(
         captured = _run_layer(runner, index, prepared, capture=("router_logits",))
         for per_batch, router in zip(routers, captured["router_logits"], strict=True):
             per_batch.append(router.float().cpu())
-    return StreamedLogits(_head_logits(runner, prepared), routers, sparse)
+    return StreamedLogits(_head_logits(runner, prepared, reduce or (lambda _, logits: logits)), routers, sparse)
 
 
 @torch.no_grad()
-def _head_logits(runner: _Runner, prepared: list[_Batch]) -> list[torch.Tensor]:
-    """Final norm and output head over every batch's last hidden states; both dropped afterwards."""
+def _head_logits(runner: _Runner, prepared: list[_Batch], reduce: Callable[[int, torch.Tensor], Any]) -> list[Any]:
+    """Final norm and output head over every batch's last hidden states, each batch's logits
+    reduced at once; norm and head dropped afterwards."""
     norm = runner.materialise(runner.base.norm)
     head = runner.materialise(runner.model.get_output_embeddings())
     try:
-        return [head(norm(batch.hidden)).float().cpu() for batch in prepared]
+        return [reduce(b, head(norm(batch.hidden)).float().cpu()) for b, batch in enumerate(prepared)]
     finally:
         norm.to("meta")
         head.to("meta")
