@@ -279,9 +279,7 @@ def scan_tensors(model_dir: Path) -> dict[str, Any]:
     logits, or not at all if the tensor is never used. The shard jobs ran the same scan on what
     they wrote; this one also covers a model checked by ``verify`` that was built elsewhere.
     """
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        raise BuildError("no *.safetensors files", str(model_dir), "rerun the assemble step")
+    files = _weight_files(model_dir)
     bad: list[str] = []
     count = 0
     for path in files:
@@ -295,11 +293,17 @@ def scan_tensors(model_dir: Path) -> dict[str, Any]:
     return {"files": [p.name for p in files], "tensors_scanned": count}
 
 
-def written_scan(model_dir: Path) -> dict[str, Any]:
-    """The scan record of a model whose shards were scanned as they were written: headers only."""
+def _weight_files(model_dir: Path) -> list[Path]:
+    """The model's safetensors files, sorted; none is a build fault."""
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         raise BuildError("no *.safetensors files", str(model_dir), "rerun the assemble step")
+    return files
+
+
+def written_scan(model_dir: Path) -> dict[str, Any]:
+    """The scan record of a model whose shards were scanned as they were written: headers only."""
+    files = _weight_files(model_dir)
     return {"files": [p.name for p in files], "tensors_scanned": sum(len(read_header(p)[1]) for p in files),
             "scanned_by": "the shard jobs as they wrote the files, and the streamed comparison as it read them"}
 
