@@ -99,15 +99,21 @@ def oom_kills(proc_cgroup: Path = Path("/proc/self/cgroup"), cgroup_root: Path =
     v2 counts them in ``memory.events`` (``oom_kill N``), v1 in ``memory.oom_control`` (kernel 4.13+).
     A count that grows while a job runs means the job, or a process beside it, hit the limit.
     """
-    total = 0
-    for node, version in memory_cgroups(proc_cgroup, cgroup_root):
-        name = "memory.events" if version == 2 else "memory.oom_control"
-        try:
-            fields = dict(line.split() for line in (node / name).read_text().splitlines() if len(line.split()) == 2)
-        except (OSError, ValueError):
-            continue
-        total += int(fields.get("oom_kill", 0))
-    return total
+    return sum(oom_kill_count(node, version) for node, version in memory_cgroups(proc_cgroup, cgroup_root))
+
+
+def oom_kill_count(node: Path, version: int) -> int:
+    """The ``oom_kill`` count of one memory cgroup directory (0 when the kernel does not report it)."""
+    name = "memory.events" if version == 2 else "memory.oom_control"
+    try:
+        lines = (node / name).read_text().splitlines()
+    except OSError:
+        return 0
+    for line in lines:
+        key, _, value = line.partition(" ")
+        if key == "oom_kill" and value.strip().isdigit():
+            return int(value)
+    return 0
 
 
 def _read_limit(file: Path) -> int | None:

@@ -24,6 +24,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from moeforge.memory_budget import oom_kill_count
+
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
@@ -75,12 +77,7 @@ class MemoryCgroup:
 
     def oom_kills(self) -> int:
         """Processes the out-of-memory killer stopped in this group."""
-        name = "memory.oom_control" if self.version == 1 else "memory.events"
-        for line in (self.path / name).read_text().splitlines():
-            key, _, value = line.partition(" ")
-            if key == "oom_kill":
-                return int(value)
-        return 0
+        return oom_kill_count(self.path, self.version)
 
     def remove(self) -> None:
         """Remove the group once its processes have exited (the kernel refuses while any remain)."""
