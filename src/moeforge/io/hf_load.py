@@ -29,19 +29,33 @@ def stdin_closed() -> Iterator[None]:
             sys.stdin = saved
 
 
-def load_tokenizer(directory: Path, error: type[MoeforgeError], what: str, fix: str) -> Any:
+def _tokenizer_class(directory: Path, generic: bool) -> Any:
+    """AutoTokenizer, or for a directory with a tokenizer.json, when asked, the generic fast class.
+
+    AutoTokenizer imports the model-specific tokenizer classes and with them torch (about 2 s); the
+    generic class reads the same tokenizer.json, so it counts the same tokens.
+    """
+    if generic and (Path(directory) / "tokenizer.json").is_file():
+        from transformers import PreTrainedTokenizerFast
+
+        return PreTrainedTokenizerFast
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer
+
+
+def load_tokenizer(directory: Path, error: type[MoeforgeError], what: str, fix: str, generic: bool = False) -> Any:
     """The tokenizer of a model directory; a missing or broken one is one clear `error`.
 
     Its JSON files are parsed first: transformers' error for a damaged one does not say which file
-    it is, so the error would only point at the directory.
+    it is, so the error would only point at the directory. `generic`: see _tokenizer_class.
     """
-    from transformers import AutoTokenizer
-
     for name in TOKENIZER_FILES:
         if name.endswith(".json") and (Path(directory) / name).is_file():
             read_json(Path(directory) / name, what, error, fix)
     try:
         with stdin_closed():
-            return AutoTokenizer.from_pretrained(str(directory), trust_remote_code=False, local_files_only=True)
+            return _tokenizer_class(directory, generic).from_pretrained(str(directory), trust_remote_code=False,
+                                                                       local_files_only=True)
     except Exception as exc:  # any failure to load is the files' fault, named with its directory
         raise error(f"cannot load {what}: {type(exc).__name__}: {exc}", str(directory), fix) from exc

@@ -28,7 +28,7 @@ def validate_merge(merge: str, recipe_path: Path, meta_dirs: Mapping[str, Path],
     validate_spec(spec)
     if spec.mode not in PROMPTLESS_MODES:
         tokenizer = load_tokenizer(meta_dirs[recipe.base_model], ModelError, "the base model's tokenizer",
-                                   "the gates read the prompts with it: check the base's tokenizer files")
+                                   "the gates read the prompts with it: check the base's tokenizer files", generic=True)
         check_prompt_tokens(spec, tokenizer, plan["base_params"].get("max_position_embeddings"))
     base_config = json.loads((meta_dirs[recipe.base_model] / "config.json").read_text())
     _, decisions = build_config(plan, base_config)
