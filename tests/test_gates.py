@@ -17,7 +17,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from moeforge.errors import RecipeError
+from moeforge.errors import ModelError, RecipeError
 from moeforge.gates import layerwise
 from moeforge.gates.compute import ExpertPrompts, GateSpec, compute_gates, write_gates
 from moeforge.gates.layerwise import iter_layer_hidden_states, position_ids_for
@@ -199,6 +199,24 @@ def test_streamed_forward_skips_the_last_layer_when_only_its_input_is_needed(mod
     assert len(states) == 2
     assert any(n.startswith("model.layers.0.") for n in read_names)
     assert not any(n.startswith(("model.layers.1.", "model.layers.2.", "lm_head")) for n in read_names)
+
+
+def test_a_token_outside_the_vocabulary_is_named(models):
+    vocab = json.loads((models["llama"] / "config.json").read_text())["vocab_size"]
+    ids, mask = left_padded([[1, vocab + 3]])
+    with pytest.raises(ModelError, match=rf"token id {vocab + 3} is outside the embedding's {vocab} rows") as info:
+        list(iter_layer_hidden_states(models["llama"], [(ids, mask)], progress=False))
+    assert str(models["llama"]) in str(info.value)
+
+
+def test_an_embedding_of_another_shape_is_named(models, tmp_path):
+    model_dir = shutil.copytree(models["llama"], tmp_path / "wider_vocab")
+    config = json.loads((model_dir / "config.json").read_text())
+    config["vocab_size"] += 8
+    (model_dir / "config.json").write_text(json.dumps(config))
+    ids, mask = left_padded([[1, 5, 6]])
+    with pytest.raises(ModelError, match=r"do not fit the model's shapes, e\.g\. model\.embed_tokens\.weight"):
+        list(iter_layer_hidden_states(model_dir, [(ids, mask)], progress=False))
 
 
 # ---- gate vectors against the plain computation ----------------------------------------------

@@ -145,15 +145,23 @@ def test_identity_builds_pass_the_identity_check(builds, family):
 
 def test_streamed_check_holds_one_layer_at_a_time(builds, monkeypatch):
     """Every read is one module's tensors, and a module is loaded only once every other decoder
-    layer, the embedding and the head are back on the meta device (no storage)."""
+    layer, the embedding and the head are back on the meta device (no storage); the prompts are
+    embedded from their tokens' rows, never from the whole embedding matrix."""
     model_dir, base = builds("llama", True)
     reads: list[list[str]] = []
     loads: list[str] = []
+    rows_read: list[tuple[str, int, int]] = []
     original_read, original_materialise = layerwise.CheckpointTensors.read, layerwise._Runner.materialise
+    original_read_rows = layerwise.CheckpointTensors.read_rows
 
     def recording_read(self, names):
         reads.append(list(names))
         return original_read(self, names)
+
+    def recording_read_rows(self, name, rows):
+        got, shape = original_read_rows(self, name, rows)
+        rows_read.append((name, got.shape[0], shape[0]))
+        return got, shape
 
     def checked_materialise(self, module):
         name = self.module_names[id(module)]
@@ -167,12 +175,15 @@ def test_streamed_check_holds_one_layer_at_a_time(builds, monkeypatch):
         raise AssertionError("the whole model was loaded")
 
     monkeypatch.setattr(layerwise.CheckpointTensors, "read", recording_read)
+    monkeypatch.setattr(layerwise.CheckpointTensors, "read_rows", recording_read_rows)
     monkeypatch.setattr(layerwise._Runner, "materialise", checked_materialise)
     monkeypatch.setattr(generation.AutoModelForCausalLM, "from_pretrained", no_whole_model)
     report = run_smoke(model_dir, base, _options())
     assert report["passed"] and report["generations"] is None
     layers = [f"model.layers.{i}" for i in range(4)]
-    assert loads == ["model.embed_tokens", *layers, "model.norm", "lm_head"] * 2  # merged, then base
+    assert loads == [*layers, "model.norm", "lm_head"] * 2  # merged, then base
+    assert [name for name, _, _ in rows_read] == ["model.embed_tokens.weight"] * 2
+    assert all(0 < count < vocab / 4 for _, count, vocab in rows_read), rows_read
     for names in reads:
         assert len({n.split(".")[2] for n in names if n.startswith("model.layers.")}) <= 1, names
         assert all(n.startswith("model.layers.") for n in names) or not any(

@@ -2,8 +2,8 @@
 
 Gate computation needs per-layer hidden states of a handful of prompts, never the model's
 output. Loading the whole model costs its full size in memory; running it one decoder layer at a
-time costs one layer's weights, the embedding matrix (only while the prompts are embedded) and
-the prompts' activations. The computing is done by the model's own transformers modules, built
+time costs one layer's weights, the embedding rows of the prompts' tokens and the prompts'
+activations. The computing is done by the model's own transformers modules, built
 on the meta device from its config and given real weights one layer at a time, so attention
 variants, q/k/v biases, q/k norms, rotary scaling types and sliding windows behave exactly as in
 the full model.
@@ -88,12 +88,12 @@ class CheckpointTensors:
                 found.update(read_header(file)[1])
         return {name: entry for name, entry in found.items() if name in self.files}
 
-    def read(self, names: Sequence[str]) -> dict[str, torch.Tensor]:
-        """Read the named tensors (stored dtype, CPU), grouped by file."""
+    def _files_of(self, names: Sequence[str]) -> dict[Path, list[str]]:
+        """The named tensors grouped by the file that holds them; a file the index names but the model
+        lacks is an error."""
         by_file: dict[Path, list[str]] = {}
         for name in names:
             by_file.setdefault(self.files[name], []).append(name)
-        tensors: dict[str, torch.Tensor] = {}
         for file, file_names in by_file.items():
             if not file.is_file():
                 raise ModelError(
@@ -101,10 +101,28 @@ class CheckpointTensors:
                     where=str(self.base_dir),
                     fix="re-download the model: that shard is missing",
                 )
+        return by_file
+
+    def read(self, names: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Read the named tensors (stored dtype, CPU), grouped by file."""
+        tensors: dict[str, torch.Tensor] = {}
+        for file, file_names in self._files_of(names).items():
             with safe_open(file, framework="pt", device="cpu") as handle:
                 for name in file_names:
                     tensors[name] = handle.get_tensor(name)
         return tensors
+
+    def read_rows(self, name: str, rows: Sequence[int]) -> tuple[torch.Tensor, tuple[int, ...]]:
+        """Rows ``rows`` of a stored matrix (stored dtype, CPU, in the order given) and its full shape.
+
+        Through the file's memory map only those rows are touched: an embedding's rows for a few
+        prompts' tokens instead of its whole matrix.
+        """
+        (file, _), = self._files_of([name]).items()
+        with safe_open(file, framework="pt", device="cpu") as handle:
+            view = handle.get_slice(name)
+            shape = tuple(view.get_shape())
+            return torch.cat([view[row:row + 1] for row in rows]), shape
 
 
 def _warn_missing_shards(index: Path, shards: set[Path]) -> None:
@@ -220,6 +238,29 @@ class _Runner:
         self._check_outcome(module, prefix, outcome)
         return module
 
+    def embedding_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """The input embedding's rows for ``ids`` (1-D), in the compute dtype on the device.
+
+        Only these rows are read: the whole matrix would be the largest tensor a streamed pass holds
+        (a 128k vocabulary at hidden 2048 is 1 GiB in float32, four times a 1B-class layer). An
+        embedding module of another kind (one that scales its output) is loaded whole and applied.
+        """
+        module = self.base.embed_tokens
+        prefix = self.module_names[id(module)] + "."
+        names = self.conversion.sources_under(prefix)
+        if type(module) is not torch.nn.Embedding or [self.conversion.targets[n] for n in names] != [prefix + "weight"]:
+            rows = self.materialise(module)(ids.to(self.device))
+            module.to("meta")
+            return rows
+        rows, shape = self.store.read_rows(names[0], ids.tolist())
+        expected = tuple(module.weight.shape)
+        if shape != expected:
+            raise ModelError(f"1 tensor(s) do not fit the model's shapes, e.g. {names[0]} (file {list(shape)} vs "
+                             f"model {list(expected)})", where=str(self.store.base_dir),
+                             fix="check config.json (sizes, head counts, expert counts) against the weights")
+        self._check_finite({names[0]: rows})
+        return rows.to(self.device, self.dtype)
+
     def _check_finite(self, tensors: dict[str, torch.Tensor]) -> None:
         """Refuse NaN and Inf in the weights just read, by checkpoint name.
 
@@ -325,19 +366,25 @@ class _Batch:
 def _embed_batches(
     runner: _Runner, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]
 ) -> list[_Batch]:
-    """Embed every batch, then drop the embedding matrix before any layer is loaded."""
-    embed = runner.materialise(runner.base.embed_tokens)
+    """Embed every batch from the embedding rows of the tokens they hold (read once, for all batches)."""
+    flat = [input_ids.reshape(-1) for input_ids, _ in batches]
+    unique, inverse = torch.unique(torch.cat(flat), return_inverse=True)
+    vocab = runner.config.vocab_size
+    if len(unique) and int(unique[-1]) >= vocab:
+        raise ModelError(f"token id {int(unique[-1])} is outside the embedding's {vocab} rows",
+                         where=str(runner.store.base_dir),
+                         fix="the tokenizer does not belong to this model: check the tokenizer files and vocab_size")
+    table = runner.embedding_rows(unique)
     rotary = runner.rotary()
     prepared = []
-    for input_ids, attention_mask in batches:
-        ids = input_ids.to(runner.device)
+    for (input_ids, attention_mask), rows in zip(batches, inverse.split([len(f) for f in flat]), strict=True):
         mask = attention_mask.to(runner.device)
         positions = position_ids_for(mask)
-        hidden = embed(ids)
+        hidden = table[rows.to(runner.device)].reshape(*input_ids.shape, -1)
         prepared.append(
             _Batch(hidden, positions, rotary(hidden, positions), runner.masks(hidden, mask, positions))
         )
-    embed.to("meta")
+    del table
     release_freed_memory()
     return prepared
 
