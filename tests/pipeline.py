@@ -23,6 +23,7 @@ from moeforge.gates.compute import gates_for_plan
 from moeforge.io.fetch import fetch_metadata, fetch_weights, hash_weights
 from moeforge.io.refs import parse_ref
 from moeforge.plan.class_check import class_check
+from moeforge.plan.table import ROUTERS_SHARD
 from moeforge.plan.validate import validate_merge
 
 
@@ -86,7 +87,7 @@ def build(root: Path, recipe: dict[str, Any], merge: str = "m") -> Build:
     for shard in plan["shards"]:
         path = out / "shards" / f"{shard}.safetensors"
         digests.append(shard_step(out / "plan.tensors.tsv", shard, weights,
-                                  out / "gates.safetensors" if shard != "globals" else None, path,
+                                  out / "gates.safetensors" if shard == ROUTERS_SHARD else None, path,
                                   path.with_suffix(".sha256")))
         shards.append(path)
     assemble(out / "plan.json", shards, digests, out / "config", meta[recipe["base_model"]], hashes, out / "model")

@@ -36,15 +36,14 @@ TARGET = "results/demo/smoke/report.json"
 # Rules that run on the submit host (`localrule: True` in workflow/rules/); everything else is a
 # SLURM job.
 LOCAL_RULES = {"demo_models", "fetch_metadata", "fetch_weights", "translate_config"}
-REMOTE_RULES = {"validate", "class_check", "gates", "hash_weights", "globals_shard", "layer_shard", "assemble",
-                "smoke_test"}
+REMOTE_RULES = {"validate", "class_check", "gates", "hash_weights", "shard", "assemble", "smoke_test"}
 # Rules with one job per source model (the demo merges a base and three experts).
 PER_SOURCE_RULES = {"hash_weights": 4}
 # The profile's polling suits a shared cluster (first status check 20 s after submission); on this
 # idle private cluster a 2 s check keeps the test short. MinJobAge=600 in cluster.sh's slurm.conf
 # keeps finished jobs visible to squeue, so the plugin's squeue status command stays in use.
 FAST_POLLING = ["--slurm-init-seconds-before-status-checks", "2", "--seconds-between-status-checks", "2"]
-# The private cluster's one node has this machine's CPUs; a job asking for more (gates declares 4
+# The private cluster's one node has this machine's CPUs; a job asking for more (gates declares up to 4
 # threads) would be rejected, as on any site whose nodes are smaller than a rule's threads.
 NODE_CPUS = str(len(os.sched_getaffinity(0)))
 ON_THIS_NODE = ["--max-threads", NODE_CPUS]
@@ -244,7 +243,7 @@ def test_every_compute_job_ran_through_slurm(slurm_build: Run, cluster: Cluster)
     assert set(local.values()) <= LOCAL_RULES, local
     assert set(remote.values()) == REMOTE_RULES, remote
     plan = json.loads((slurm_build.wd / "results/demo/plan.json").read_text())
-    assert sorted(remote.values()).count("layer_shard") == plan["num_layers"]
+    assert sorted(remote.values()).count("shard") == len(plan["shards"])
 
     submitted = submissions(slurm_build.log)
     assert set(submitted) == set(remote), "jobs run outside SLURM or submitted twice"
@@ -276,23 +275,23 @@ def test_slurm_build_is_byte_identical_to_local(slurm_build: Run, local_build: R
     print(f"\nlocal build: {local_build.seconds:.1f} s wall; SLURM build: {slurm_build.seconds:.1f} s wall")
 
 
-def test_grouped_layer_shards_share_one_allocation(cluster: Cluster, local_build: Run,
-                                                   tmp_path_factory: pytest.TempPathFactory) -> None:
-    """The profile's grouping recipe: all layer shards in one SLURM job, same bytes.
+def test_grouped_shards_share_one_allocation(cluster: Cluster, local_build: Run,
+                                             tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The profile's grouping recipe: all shard jobs in one SLURM job, same bytes.
 
     `--cores` caps the group's allocation at this node's CPUs; without it the group asks for the
     sum of its jobs' threads and waits forever for a node that large.
     """
     wd = workdir(tmp_path_factory.mktemp("grouped"))
     run = snakemake(wd, [LOCK], ["--executor", "slurm", "--workflow-profile", str(PROFILE), *ON_THIS_NODE,
-                                 *FAST_POLLING, "--groups", "layer_shard=shards", "--group-components", "shards=8",
+                                 *FAST_POLLING, "--groups", "shard=shards", "--group-components", "shards=8",
                                  "--cores", NODE_CPUS], env=cluster.env)
     assert run.returncode == 0, run.log[-6000:]
     logs = [str(path) for _, path in submissions(run.log).values()]
-    grouped = [p for p in logs if "/group_shards_layer_shard/" in p]
+    grouped = [p for p in logs if "/group_shards_shard/" in p]
     assert len(grouped) == 1, logs
-    assert not [p for p in logs if "/rule_layer_shard/" in p], logs
-    per_merge = REMOTE_RULES - {"layer_shard", "smoke_test"} - set(PER_SOURCE_RULES)
+    assert not [p for p in logs if "/rule_shard/" in p], logs
+    per_merge = REMOTE_RULES - {"shard", "smoke_test"} - set(PER_SOURCE_RULES)
     assert len(logs) == len(per_merge) + sum(PER_SOURCE_RULES.values()) + 1, logs
     assert assert_lock_matches_files(wd / MODEL) == sha256_tree(local_build.wd / MODEL)
     print(f"\ngrouped SLURM build: {run.seconds:.1f} s wall, {len(logs)} SLURM jobs")

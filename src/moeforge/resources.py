@@ -10,6 +10,7 @@ from typing import Any, Mapping
 
 from moeforge.io.safetensors_file import ITEMSIZE, TORCH_NAME
 from moeforge.memory_budget import whole_model_mb
+from moeforge.plan.table import ROUTERS_SHARD
 
 #: Above this float32 footprint the smoke test runs in the model's own dtype ("auto").
 FLOAT32_SMOKE_LIMIT = 8 << 30
@@ -28,10 +29,12 @@ def smoke_dtype(plan: Mapping[str, Any], requested: str) -> str:
 
 
 def shard_mem_mb(plan: Mapping[str, Any] | None, shard: str) -> int:
-    """A shard job holds one transformed tensor at a time plus copy buffers: scale with the shard."""
+    """A shard job holds one transformed tensor at a time plus copy buffers: scale with a layer's (or the
+    globals') bytes over the experts."""
     if not plan:
         return 500
-    return int(500 + 2 * plan["shard_bytes"].get(shard, 0) / MIB / max(1, plan["num_experts"]))
+    per_shard = {"globals": plan["shard_bytes"]["globals"], ROUTERS_SHARD: 0}.get(shard, plan["layer_bytes"])
+    return int(500 + 2 * per_shard / MIB / max(1, plan["num_experts"]))
 
 
 def smoke_mem_mb(plan: Mapping[str, Any] | None, requested_dtype: str) -> int:
@@ -45,9 +48,36 @@ def smoke_mem_mb(plan: Mapping[str, Any] | None, requested_dtype: str) -> int:
     return whole_model_mb(size * (4 if dtype == "float32" else 2) // ITEMSIZE[plan["dtype_out"]])
 
 
+#: Threads of the gate job when its forward pass is large; and the forward-pass work (floating-point
+#: operations) below which one thread does it in a few seconds. The job then takes one core and runs
+#: beside the shard jobs, instead of waiting until every core is free; most of its time is imports
+#: and reading the base's weights, which more threads do not speed up.
+GATE_THREADS = 4
+ONE_THREAD_GATE_FLOPS = 5e11
+#: Modes that run no forward pass: seeded noise, or the embedding table alone.
+NO_FORWARD_GATE_MODES = ("random", "uniform_random", "cheap_embed")
+
+
+def gates_threads(plan: Mapping[str, Any] | None) -> int:
+    """One thread unless the base's forward pass over all prompts is heavy (~2 x params x tokens)."""
+    if not plan:
+        return GATE_THREADS
+    recipe = plan["recipe"]
+    if recipe["gate_mode"] in NO_FORWARD_GATE_MODES:
+        return 1
+    p = plan["base_params"]
+    hidden = p["hidden_size"]
+    layer_params = 4 * hidden * hidden + 3 * hidden * p["intermediate_size"]
+    prompts = [text for e in recipe["experts"] + recipe["shared_experts"]
+               for key in ("positive_prompts", "negative_prompts") for text in e[key]]
+    tokens = sum(len(text) for text in prompts) / 3 + 8 * len(prompts)  # a generous guess, template included
+    flops = 2 * p["num_hidden_layers"] * layer_params * tokens
+    return 1 if flops < ONE_THREAD_GATE_FLOPS else GATE_THREADS
+
+
 def layer_mem_mb(plan: Mapping[str, Any] | None) -> int:
-    """Layer-streamed jobs (gates) hold about one layer at a time, in float32."""
-    largest = max(plan["shard_bytes"].values()) if plan else 0
+    """Layer-streamed jobs (gates) hold about one layer, or the embedding, at a time, in float32."""
+    largest = max(plan["layer_bytes"], plan["shard_bytes"]["globals"]) if plan else 0
     return int(2000 + 3 * largest / MIB)
 
 
@@ -58,9 +88,8 @@ def eval_mem_mb(plan: Mapping[str, Any] | None) -> int:
 
 def reproduce_mem_mb(plan: Mapping[str, Any] | None) -> int:
     """The comparison holds one tensor of each model: the largest is an embedding (in globals) or one expert's
-    matrix (a layer shard over its experts)."""
+    matrix (about a layer over its experts)."""
     if not plan:
         return 1000
-    layers = [v for k, v in plan["shard_bytes"].items() if k != "globals"]
-    largest = max([plan["shard_bytes"].get("globals", 0), *(v / max(1, plan["num_experts"]) for v in layers)])
+    largest = max(plan["shard_bytes"]["globals"], plan["layer_bytes"] / max(1, plan["num_experts"]))
     return int(1000 + 2.5 * largest / MIB)

@@ -11,6 +11,7 @@ from moeforge.plan.lock_merge import merge_from_lock
 from moeforge.plan.merges import merges_to_build
 from moeforge.plan.published_merge import merge_from_published
 from moeforge.plan.recipe import load_recipe
+from moeforge.plan.table import ROUTERS_SHARD
 
 
 def _load_recipes():
@@ -49,7 +50,7 @@ def one_of(names):
 wildcard_constraints:
     merge=one_of(MERGES),
     slug="|".join(re.escape(s) for s in REFS),
-    layer=r"\d+",
+    shard=rf"globals|{ROUTERS_SHARD}|layers-\d+-\d+",
 
 
 def slug(ref):
@@ -101,13 +102,14 @@ def plan_of(merge):
     return json.loads(Path(path).read_text())
 
 
-def layer_shards(wildcards):
-    plan = plan_of(wildcards.merge)
-    return [f"results/{wildcards.merge}/shards/layer-{i}.safetensors" for i in range(plan["num_layers"])]
-
-
 def all_shards(wildcards):
-    return [f"results/{wildcards.merge}/shards/globals.safetensors"] + layer_shards(wildcards)
+    """The merge's shard files, in the order assembly numbers them."""
+    return [f"results/{wildcards.merge}/shards/{shard}.safetensors" for shard in plan_of(wildcards.merge)["shards"]]
+
+
+def shard_gates(wildcards):
+    """gates.safetensors for the routers shard, the one shard that reads it."""
+    return f"results/{wildcards.merge}/gates.safetensors" if wildcards.shard == ROUTERS_SHARD else []
 
 
 def all_shard_digests(wildcards):
@@ -121,8 +123,7 @@ def _plan_beside(path):
 
 
 def shard_mem_mb(wildcards, input, attempt):
-    shard = f"layer-{wildcards.layer}" if hasattr(wildcards, "layer") else "globals"
-    return job_resources.shard_mem_mb(_plan_beside(input.plan), shard) * attempt
+    return job_resources.shard_mem_mb(_plan_beside(input.plan), wildcards.shard) * attempt
 
 
 def smoke_mem_mb(wildcards, input, attempt):
@@ -140,6 +141,10 @@ def reproduce_mem_mb(wildcards, input, attempt):
 def published_compare_mem_mb(wildcards, input, attempt):
     """One tensor pair for the tensor comparison, one layer of each model for the next-token one."""
     return max(reproduce_mem_mb(wildcards, input, attempt), layer_mem_mb(wildcards, input, attempt))
+
+
+def gates_threads(wildcards, input):
+    return job_resources.gates_threads(_plan_beside(input.plan))
 
 
 def layer_mem_mb(wildcards, input, attempt):

@@ -1,46 +1,23 @@
-# Per-layer merge shards (one job per decoder layer) and the globals shard.
+# The merge shards: the globals, runs of consecutive decoder layers, and the routers (plan.json names
+# them). Only the routers shard reads the gates, so the layer shards run while the gates are computed.
 
 
-rule layer_shard:
+rule shard:
     input:
         # plan.json sizes the job's memory request (shard_mem_mb).
         plan="results/{merge}/plan.json",
         tensors="results/{merge}/plan.tensors.tsv",
+        # No weight is written before the plan passed the check against the transformers class.
         checked="results/{merge}/class_check.json",
         weights=weight_records,
-        gates="results/{merge}/gates.safetensors",
+        gates=shard_gates,
     output:
-        shard=temp("results/{merge}/shards/layer-{layer}.safetensors"),
-        digest=temp("results/{merge}/shards/layer-{layer}.sha256"),
-    params:
-        shard=lambda wc: f"layer-{wc.layer}",
+        shard=temp("results/{merge}/shards/{shard}.safetensors"),
+        digest=temp("results/{merge}/shards/{shard}.sha256"),
     log:
-        "logs/{merge}/shards/layer-{layer}.log",
+        "logs/{merge}/shards/{shard}.log",
     benchmark:
-        "results/{merge}/benchmarks/layer-{layer}.tsv"
-    resources:
-        mem_mb=shard_mem_mb,
-        runtime=60,
-    script:
-        "../scripts/shard.py"
-
-
-rule globals_shard:
-    input:
-        # plan.json sizes the job's memory request (shard_mem_mb).
-        plan="results/{merge}/plan.json",
-        tensors="results/{merge}/plan.tensors.tsv",
-        checked="results/{merge}/class_check.json",
-        weights=weight_records,
-    output:
-        shard=temp("results/{merge}/shards/globals.safetensors"),
-        digest=temp("results/{merge}/shards/globals.sha256"),
-    params:
-        shard="globals",
-    log:
-        "logs/{merge}/shards/globals.log",
-    benchmark:
-        "results/{merge}/benchmarks/globals.tsv"
+        "results/{merge}/benchmarks/shard-{shard}.tsv"
     resources:
         mem_mb=shard_mem_mb,
         runtime=60,

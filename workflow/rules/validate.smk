@@ -35,6 +35,8 @@ rule class_check:
         "logs/{merge}/class_check.log",
     benchmark:
         "results/{merge}/benchmarks/class_check.tsv"
+    # The shard jobs wait for it: started before the hash jobs, it does not delay them.
+    priority: 10
     resources:
         mem_mb=2000,
         runtime=10,

@@ -169,7 +169,7 @@ def write_shard(rows: list[dict[str, str]], weight_dirs: Mapping[str, Path], gat
 
 def shard_step(plan_tsv: Path, shard: str, weight_records: list[Path], gates_path: Path | None, out: Path,
                out_digest: Path) -> str:
-    """The layer_shard / globals_shard step: one shard file and its sha256 beside it."""
+    """The shard step: one shard file and its sha256 beside it."""
     digest = write_shard(read_rows(plan_tsv, shard), weight_dirs_from(weight_records), gates_path, out)
     write_text(out_digest, digest + "\n")
     return digest

@@ -6,7 +6,6 @@ tokenizer files, safetensors headers) before any weight is downloaded.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -14,14 +13,16 @@ import pandas as pd
 
 from moeforge.errors import RecipeError
 from moeforge.io.files import write_json, write_text
-from moeforge.io.safetensors_file import (
-    ITEMSIZE,
-    SAFETENSORS_NAME,
-    TORCH_NAME,
-    shape_of,
-)
+from moeforge.io.safetensors_file import SAFETENSORS_NAME, TORCH_NAME
 from moeforge.plan.recipe import Recipe
-from moeforge.plan.rows import ZERO_SHARED_INTERMEDIATE, build_rows, validate_rows
+from moeforge.plan.rows import (
+    ZERO_SHARED_INTERMEDIATE,
+    build_rows,
+    group_shards,
+    layer_bytes,
+    row_bytes,
+    validate_rows,
+)
 from moeforge.plan.sources import (
     PlanContext,
     Source,
@@ -86,6 +87,8 @@ def make_plan(merge: str, recipe: Recipe, meta_dirs: Mapping[str, Path]) -> tupl
     tie_output = _tie_output(recipe, base, ctx)
     num_layers = base.params["num_hidden_layers"]
     frame = validate_rows(build_rows(recipe, base, experts, shared, out, dtype_out, tie_output), num_layers)
+    largest_layer = max(layer_bytes(frame).values())
+    frame, shards = group_shards(frame, num_layers)
     roles: dict[str, list[str]] = {}
     for ref, role in [(recipe.base_model, "base")] + [(e.source_model, f"expert:{e.name}") for e in recipe.experts] \
             + [(e.source_model, f"shared_expert:{e.name}") for e in recipe.shared_experts]:
@@ -107,8 +110,10 @@ def make_plan(merge: str, recipe: Recipe, meta_dirs: Mapping[str, Path]) -> tupl
                            for e, s in zip(recipe.shared_experts, shared)],
         "sources": {s.slug: _source_entry(s, roles[s.ref]) for s in sources.values()},
         "base_params": base.params,
-        "shards": ["globals"] + [f"layer-{i}" for i in range(num_layers)],
+        "shards": shards,
         "shard_bytes": _shard_bytes(frame),
+        # One decoder layer's output bytes: what a layer-streamed job holds at a time.
+        "layer_bytes": largest_layer,
         "decisions": ctx.decisions,
         "warnings": ctx.warnings,
     }
@@ -123,8 +128,7 @@ def _shared_width(shared: list[Source], out: OutputFamily) -> int | None:
 
 def _shard_bytes(frame: pd.DataFrame) -> dict[str, int]:
     """Output bytes per shard: the basis of each shard job's memory and time request."""
-    sizes = frame.apply(lambda r: ITEMSIZE[r["dtype_out"]] * math.prod(shape_of(r["shape"])), axis=1)
-    return {shard: int(total) for shard, total in sizes.groupby(frame["shard"]).sum().items()}
+    return {shard: int(total) for shard, total in row_bytes(frame).groupby(frame["shard"]).sum().items()}
 
 
 

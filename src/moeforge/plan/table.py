@@ -22,6 +22,9 @@ ZEROS_SOURCE = "zeros"
 GATES_SOURCE = "gates"
 
 
+#: The shard of every router (and shared-expert gate) matrix: the only rows that read gates.safetensors,
+#: so the layer shards do not wait for the gate computation.
+ROUTERS_SHARD = "routers"
 
 
 def tensor_shape(parts: list[Mapping[str, Any]]) -> tuple[int, ...]:

@@ -1,0 +1,91 @@
+"""How plan.json splits a merge into shard jobs, and what those jobs ask the scheduler for.
+
+Frames are built at the sizes users merge (a SmolLM2-135M and a 1B-class Llama shape), since the
+grouping exists for exactly those sizes: small layers share a job, large ones keep their own.
+"""
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from moeforge.plan.rows import SHARD_TARGET_BYTES, _layer_groups, group_shards, layer_bytes
+from moeforge.plan.table import GATES_SOURCE, ROUTERS_SHARD
+from moeforge.resources import GATE_THREADS, gates_threads, shard_mem_mb
+
+SMOLLM2 = {"hidden_size": 576, "intermediate_size": 1536, "kv": 192, "num_hidden_layers": 30, "vocab": 49152}
+LLAMA_1B = {"hidden_size": 2048, "intermediate_size": 8192, "kv": 512, "num_hidden_layers": 16, "vocab": 128256}
+
+
+def _row(shard: str, source: str, shape: tuple[int, ...]) -> dict[str, str]:
+    return {"shard": shard, "source": source, "dtype_out": "BF16", "shape": ",".join(map(str, shape))}
+
+
+def plan_frame(shape: dict[str, int], experts: int) -> pd.DataFrame:
+    """The rows of a Mixtral plan with this base shape: embedding, and per layer attention, router, experts."""
+    h, i, kv = shape["hidden_size"], shape["intermediate_size"], shape["kv"]
+    rows = [_row("globals", "base", (shape["vocab"], h)), _row("globals", "base", (h,))]
+    for layer in range(shape["num_hidden_layers"]):
+        shard = f"layer-{layer}"
+        rows += [_row(shard, "base", s) for s in [(h, h), (kv, h), (kv, h), (h, h), (h,), (h,)]]
+        rows.append(_row(shard, GATES_SOURCE, (experts, h)))
+        rows += [_row(shard, f"expert{e}", s) for e in range(experts) for s in [(i, h), (i, h), (h, i)]]
+    return pd.DataFrame(rows)
+
+
+def test_groups_are_consecutive_near_equal_and_cover_every_layer():
+    for layers in (1, 4, 16, 30, 61):
+        for total in (1, SHARD_TARGET_BYTES, 3 * SHARD_TARGET_BYTES + 1, 10**12):
+            groups = _layer_groups(layers, total)
+            assert [i for g in groups for i in g] == list(range(layers))
+            assert max(map(len, groups)) - min(map(len, groups)) <= 1
+            assert len(groups) == min(layers, -(-total // SHARD_TARGET_BYTES))
+
+
+def test_small_layers_share_a_shard_and_routers_have_their_own():
+    frame = plan_frame(SMOLLM2, experts=3)
+    per_layer = layer_bytes(frame)
+    assert len(per_layer) == 30 and sum(per_layer.values()) < 2 * SHARD_TARGET_BYTES
+    grouped, shards = group_shards(frame, 30)
+    assert shards == ["globals", "layers-0-14", "layers-15-29", ROUTERS_SHARD]
+    assert set(grouped["shard"]) == set(shards)
+    assert (grouped["shard"] == ROUTERS_SHARD).equals(grouped["source"] == GATES_SOURCE)
+    # layer 14's attention and experts stay in the first run, layer 15's in the second
+    assert grouped.loc[frame["shard"] == "layer-14", "shard"].isin(["layers-0-14", ROUTERS_SHARD]).all()
+    assert grouped.loc[frame["shard"] == "layer-15", "shard"].isin(["layers-15-29", ROUTERS_SHARD]).all()
+    assert (grouped.loc[frame["shard"] == "globals", "shard"] == "globals").all()
+
+
+def test_large_layers_keep_one_job_each():
+    frame = plan_frame(LLAMA_1B, experts=4)
+    assert min(layer_bytes(frame).values()) > SHARD_TARGET_BYTES
+    _, shards = group_shards(frame, 16)
+    assert shards == ["globals", *(f"layers-{i}-{i}" for i in range(16)), ROUTERS_SHARD]
+
+
+def _plan(shape: dict[str, int], mode: str, prompts: list[str]) -> dict:
+    frame = plan_frame(shape, experts=3)
+    experts = [{"positive_prompts": prompts, "negative_prompts": []}] * 3
+    return {"recipe": {"gate_mode": mode, "experts": experts, "shared_experts": []},
+            "base_params": {k: v for k, v in shape.items() if k != "kv"},
+            "num_experts": 3, "layer_bytes": max(layer_bytes(frame).values()),
+            "shard_bytes": {"globals": 2 * shape["vocab"] * shape["hidden_size"]}}
+
+
+@pytest.mark.parametrize("mode", ["random", "uniform_random", "cheap_embed"])
+def test_gates_without_a_forward_pass_take_one_thread(mode):
+    assert gates_threads(_plan(LLAMA_1B, mode, ["a long prompt " * 500] * 20)) == 1
+
+
+def test_gate_threads_follow_the_forward_pass_work():
+    three_prompts = ["Write a short story about a dragon.", "Solve 12 * 7.", "Explain photosynthesis."]
+    assert gates_threads(_plan(SMOLLM2, "hidden", three_prompts)) == 1
+    assert gates_threads(_plan(LLAMA_1B, "hidden", ["a long prompt " * 500] * 20)) == GATE_THREADS
+    assert gates_threads(None) == GATE_THREADS
+
+
+def test_shard_memory_follows_one_layer_not_the_run_of_layers():
+    plan = _plan(SMOLLM2, "hidden", [])
+    one_layer = shard_mem_mb(plan, "layers-0-14")
+    assert one_layer == shard_mem_mb(plan, "layers-29-29")
+    assert shard_mem_mb(plan, ROUTERS_SHARD) == 500 < one_layer
+    assert shard_mem_mb(plan, "globals") > 500
