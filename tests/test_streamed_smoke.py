@@ -17,8 +17,15 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from moeforge.check import generation
+from moeforge.check.generation import Generation
 from moeforge.check.report import render_markdown
-from moeforge.check.smoke import SmokeOptions, compare_logits, routing_stats, run_smoke
+from moeforge.check.smoke import (
+    SmokeOptions,
+    _base_generation_needed,
+    compare_logits,
+    routing_stats,
+    run_smoke,
+)
 from moeforge.gates import layerwise
 from moeforge.gates.layerwise import stream_logits
 from moeforge.memory_budget import GIB, cgroup_memory_limit, memory_budget
@@ -215,7 +222,18 @@ def test_within_budget_generates(builds):
     report = run_smoke(model_dir, base, _options(memory_gb=64))
     assert report["memory"]["generation_skipped"] is None
     assert [row["prompt"] for row in report["generations"]] == PROMPTS
-    assert all("base_text" in row for row in report["generations"])
+    degenerate = any(row["degenerate"] for row in report["generations"])
+    # the base generates only when its continuations judge the merged ones (one degenerates)
+    assert all(("base_text" in row) == degenerate for row in report["generations"])
+
+
+def test_base_generates_only_to_judge_the_merged_continuations():
+    fine = Generation(list(range(10, 26)), "a varied continuation of sixteen tokens")
+    looping = Generation([7] * 16, "))))))))))))))))")
+    plain, identity = SmokeOptions(prompts=["p"]), SmokeOptions(prompts=["p"], identity=True)
+    assert not _base_generation_needed([fine, fine], [2], plain)
+    assert _base_generation_needed([fine, looping], [2], plain)
+    assert _base_generation_needed([fine], [2], identity)
 
 
 # --------------------------------------------------------------------------- the budget

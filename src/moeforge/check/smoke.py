@@ -192,7 +192,8 @@ def run_smoke(model_dir: Path, base_dir: Path | None, opts: SmokeOptions) -> dic
     if skipped is None:
         args = (prompt_ids, tokenizer, runs.eos_ids, opts.max_new_tokens, opts.device, opts.dtype)
         runs.merged_text = generate_all(model_dir, *args)
-        runs.base_text = None if base_dir is None else generate_all(base_dir, *args)
+        if base_dir is not None and _base_generation_needed(runs.merged_text, runs.eos_ids, opts):
+            runs.base_text = generate_all(base_dir, *args)
     report = _new_report(model_dir, base_dir, opts, load_info, scan)
     report["memory"] = {"budget_gib": None if budget.limit is None else report_number(budget.limit / GIB),
                         "budget_source": budget.source, "whole_model_gib": report_number(need / GIB),
@@ -202,6 +203,14 @@ def run_smoke(model_dir: Path, base_dir: Path | None, opts: SmokeOptions) -> dic
         what, fix = zip(*failures)
         raise SmokeFailure("; ".join(what), str(model_dir), " / ".join(dict.fromkeys(fix)), report)
     return report
+
+
+def _base_generation_needed(merged: list[Generation], eos: list[int], opts: SmokeOptions) -> bool:
+    """Whether the base's continuations add anything: an identity build must match them token for token,
+    and a degenerate merged continuation is judged by whether the base degenerates too. Otherwise the
+    logit comparison already measures the divergence from the base, and a second whole-model load and
+    generation would double this stage's time."""
+    return opts.identity or any(degeneracy_flags(g.new_tokens, g.text, eos) for g in merged)
 
 
 def _log_plan(budget: MemoryBudget, need: int, skipped: str | None) -> None:
