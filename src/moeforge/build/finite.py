@@ -23,41 +23,64 @@ from moeforge.io.safetensors_file import TensorEntry, read_header
 _NONFINITE_BITS = {"F64": (np.uint64, 0x7FF0000000000000), "F32": (np.uint32, 0x7F800000),
                    "F16": (np.uint16, 0x7C00), "BF16": (np.uint16, 0x7F80),
                    "F8_E5M2": (np.uint8, 0x7C), "F8_E4M3": (np.uint8, 0x7F)}
-_CHUNK = 64 << 20  # a multiple of every item size
+_CHUNK = 16 << 20  # a multiple of every item size; buffers of this size are reused
 
 
-def _nonfinite(chunk: bytes, dtype: str) -> int:
-    if dtype not in _NONFINITE_BITS:
-        return 0
-    view, mask = _NONFINITE_BITS[dtype]
-    bits = np.frombuffer(chunk, dtype=view)
-    return int(np.count_nonzero((bits & view(mask)) == view(mask)))
+class _ChunkReader:
+    """Reads a file in chunks into one reused buffer, and counts a chunk's non-finite values with reused
+    scratch arrays: a fresh allocation per chunk costs page faults comparable to the scan itself."""
+
+    def __init__(self) -> None:
+        self.buffer = bytearray(_CHUNK)
+        self.scratch: dict[type, tuple[np.ndarray, np.ndarray]] = {}
+
+    def read(self, fh: BinaryIO, size: int) -> memoryview:
+        """The next ``size`` (<= _CHUNK) bytes of ``fh``; shorter at the end of the file."""
+        view = memoryview(self.buffer)[:size]
+        got = fh.readinto(view)
+        return view[:got]
+
+    def nonfinite(self, chunk: memoryview, dtype: str) -> int:
+        if dtype not in _NONFINITE_BITS:
+            return 0
+        kind, mask = _NONFINITE_BITS[dtype]
+        bits = np.frombuffer(chunk, dtype=kind)
+        if kind not in self.scratch:
+            self.scratch[kind] = (np.empty(_CHUNK // np.dtype(kind).itemsize, kind),
+                                  np.empty(_CHUNK // np.dtype(kind).itemsize, bool))
+        masked, hits = (a[:len(bits)] for a in self.scratch[kind])
+        np.bitwise_and(bits, kind(mask), out=masked)
+        np.equal(masked, kind(mask), out=hits)
+        return int(np.count_nonzero(hits))
 
 
-def _count_tensor(fh: BinaryIO, entry: TensorEntry, path: Path, consume: Callable[[bytes], Any]) -> int:
+def _count_tensor(fh: BinaryIO, entry: TensorEntry, path: Path, consume: Callable[[memoryview], Any],
+                  reader: _ChunkReader) -> int:
     """Non-finite values of the tensor at the file's position, read in bounded chunks, each passed on."""
     left, count = entry.nbytes, 0
     while left:
-        chunk = fh.read(min(_CHUNK, left))
+        chunk = reader.read(fh, min(_CHUNK, left))
         if not chunk:
             raise BuildError(f"file ended inside tensor {entry.name}", str(path), "rebuild or re-download it")
         consume(chunk)
-        count += _nonfinite(chunk, entry.dtype)
+        count += reader.nonfinite(chunk, entry.dtype)
         left -= len(chunk)
     return count
 
 
-def nonfinite_counts(path: Path, consume: Callable[[bytes], Any] = lambda chunk: None) -> dict[str, int]:
+def nonfinite_counts(path: Path, consume: Callable[[memoryview], Any] = lambda chunk: None) -> dict[str, int]:
     """Non-finite values of each tensor of a safetensors file that has any, reading the file once.
 
-    Every byte of the file goes through ``consume`` in order, so a caller can hash in the same pass.
+    Every byte of the file goes through ``consume`` in order, so a caller can hash in the same pass;
+    a chunk is valid only during the call (its buffer is reused).
     """
     start, entries = read_header(path)
     bad: dict[str, int] = {}
+    reader = _ChunkReader()
     with open(path, "rb") as fh:
         consume(fh.read(start))
         for entry in sorted(entries.values(), key=lambda e: e.begin):
-            count = _count_tensor(fh, entry, path, consume)
+            count = _count_tensor(fh, entry, path, consume, reader)
             if count:
                 bad[entry.name] = count
         consume(fh.read())
@@ -76,7 +99,7 @@ def _source_nonfinite(path: Path, name: str) -> int:
     start, entries = read_header(path)
     with open(path, "rb") as fh:
         fh.seek(start + entries[name].begin)
-        return _count_tensor(fh, entries[name], path, lambda chunk: None)
+        return _count_tensor(fh, entries[name], path, lambda chunk: None, _ChunkReader())
 
 
 def blame_nonfinite(bad: Mapping[str, int], rows: list[Mapping[str, Any]], weight_dirs: Mapping[str, Path],
