@@ -954,8 +954,13 @@ def case_targets(name: str, r: dict[str, Any]) -> list[dict[str, Any]]:
         return [target("to the assembled model / mergekit-moe", ratio["wall"]["median"], 1.0),
                 target("including the smoke test / mergekit-moe", ratio["wall_with_smoke"]["median"], 2.0)]
     if name == "llama-1b":
+        peer_peak = r["peer"]["time_v_max_rss_mib"]["median"]
+        build_peak = median([m["summary"]["largest_job"]["rss_mib"] for m in r["moeforge_runs"]])
         out = [target("to the assembled model / mergekit-moe", ratio["wall"]["median"], 0.7),
                target("largest job's peak RSS / mergekit-moe's peak", ratio["largest_job_rss_vs_peer_peak"]["median"],
+                      0.1),
+               # the smoke test's whole-model generation runs when its memory budget allows it; without it:
+               target("largest job's peak RSS to the assembled model / mergekit-moe's peak", build_peak / peer_peak,
                       0.1)]
         if "floor" in r:
             out.append(target("to the assembled model / I/O floor",
