@@ -271,7 +271,16 @@ def test_cgroup_v1_limit_and_unlimited_values(tmp_path):
 def test_without_a_cgroup_limit_the_job_request_is_the_budget(tmp_path):
     proc = tmp_path / "proc_cgroup"
     proc.write_text("0::/\n")
-    budget = memory_budget(None, 5000, proc_cgroup=proc, cgroup_root=tmp_path)
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       33554432 kB\nMemFree:         1000000 kB\nMemAvailable:   20971520 kB\n")
+    budget = memory_budget(None, 5000, proc_cgroup=proc, cgroup_root=tmp_path, meminfo=meminfo)
     assert budget.limit == 5000 << 20 and "mem_mb" in budget.source and "smoke_test:mem_mb" in budget.raise_how
-    nothing = memory_budget(None, None, proc_cgroup=tmp_path / "absent", cgroup_root=tmp_path)
-    assert nothing.limit is None  # never the machine's RAM
+    # a request no cgroup enforces, larger than what the machine has free (a 48 GB model on a 32 GB
+    # workstation): the available memory, never the total, is the budget
+    bigger = memory_budget(None, 74_000, proc_cgroup=proc, cgroup_root=tmp_path, meminfo=meminfo)
+    assert bigger.limit == 20 * GIB and "MemAvailable" in bigger.source
+    unrequested = memory_budget(None, None, proc_cgroup=proc, cgroup_root=tmp_path, meminfo=meminfo)
+    assert unrequested.limit == 20 * GIB
+    nothing = memory_budget(None, None, proc_cgroup=tmp_path / "absent", cgroup_root=tmp_path,
+                            meminfo=tmp_path / "absent")
+    assert nothing.limit is None
