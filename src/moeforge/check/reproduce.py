@@ -1,23 +1,28 @@
-"""Is a rebuild from a lock the recorded merge? File by file, and inside each differing file, tensor by tensor.
+"""Is a rebuild from a lock the recorded merge? File by file, and where the weights differ, tensor by tensor.
 
 The rebuilt model's own lock gives its files' sha256. They are compared with the published
 files when the ``lock:`` reference has them (a model directory, or a Hub repo whose files are
 downloaded into the Hugging Face cache): the published bytes are what users run, even where
-they no longer match their lock. A bare lock file gives only the recorded sha256, so a differing
-file can be named but its tensors cannot be compared. Tensors are read one pair at a time, so
-no job holds a whole model.
+they no longer match their lock. When a weight file differs, or the two models are split into
+files differently (a lock made by a moeforge version that sharded otherwise), every tensor is
+compared by name across the whole model, wherever each side stores it: the verdict is then
+"same tensors" when only the layout differs. A bare lock file gives only the recorded sha256, so
+a differing file can be named but its tensors cannot be compared. Tensors are read one pair at a
+time, so no job holds a whole model.
 """
 
 from __future__ import annotations
 
 import logging
+from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from safetensors import safe_open
 
-from moeforge.io.files import sha256_file, write_json, write_text
+from moeforge.errors import BuildError
+from moeforge.io.files import read_json, sha256_file, write_json, write_text
 from moeforge.io.lockfile import LOCK_NAME, LockRef, load_lock, read_lock
 from moeforge.numbers import fmt, report_number
 
@@ -54,24 +59,68 @@ def _dtype(tensor: torch.Tensor) -> str:
     return str(tensor.dtype).removeprefix("torch.")
 
 
-def compare_tensors(rebuilt: Path, recorded: Path) -> dict[str, Any]:
-    """Every tensor of two safetensors files, one pair in memory at a time; only the differing ones listed."""
+#: The files that hold a model's weights and say where each tensor is.
+_INDEX = "model.safetensors.index.json"
+_SINGLE = "model.safetensors"
+
+
+def tensor_files(file_of: Callable[[str], Path | None]) -> dict[str, Path] | None:
+    """Tensor name -> the file that stores it, from the index (or the single weight file); None without either.
+
+    ``file_of`` gives a model file by name (a path in a directory, or a file fetched from the Hub).
+    """
+    index = file_of(_INDEX)
+    if index is not None:
+        weight_map = read_json(index, "", BuildError, "re-download the model: its index is damaged")["weight_map"]
+        paths = {file: file_of(file) for file in set(weight_map.values())}
+        return {name: paths[file] for name, file in weight_map.items() if paths[file] is not None}
+    single = file_of(_SINGLE)
+    if single is None:
+        return None
+    with safe_open(str(single), framework="pt") as handle:
+        return dict.fromkeys(handle.keys(), single)
+
+
+def compare_tensors(rebuilt: Mapping[str, Path], recorded: Mapping[str, Path]) -> dict[str, Any]:
+    """Every tensor of two models by name, wherever each stores it, one pair in memory at a time; only the
+    differing ones listed."""
     differing = []
-    with safe_open(str(rebuilt), framework="pt") as new, safe_open(str(recorded), framework="pt") as old:
-        new_names, old_names = set(new.keys()), set(old.keys())
-        for name in sorted(new_names | old_names):
-            if name not in old_names:
-                differing.append({"tensor": name, "problem": "not in the recorded file"})
-            elif name not in new_names:
+    with ExitStack() as stack:
+        handles: dict[Path, Any] = {}
+
+        def get(files: Mapping[str, Path], name: str) -> torch.Tensor:
+            path = files[name]
+            if path not in handles:
+                handles[path] = stack.enter_context(safe_open(str(path), framework="pt"))
+            return handles[path].get_tensor(name)
+
+        for name in sorted(set(rebuilt) | set(recorded)):
+            if name not in recorded:
+                differing.append({"tensor": name, "problem": "not in the recorded model"})
+            elif name not in rebuilt:
                 differing.append({"tensor": name, "problem": "missing from the rebuild"})
             else:
-                x, y = new.get_tensor(name), old.get_tensor(name)
+                x, y = get(rebuilt, name), get(recorded, name)
                 if x.dtype != y.dtype or x.shape != y.shape:
                     differing.append({"tensor": name, "problem": f"{_dtype(x)} {list(x.shape)} rebuilt, "
                                                                  f"{_dtype(y)} {list(y.shape)} recorded"})
                 elif diff := differing_elements(x, y):
                     differing.append({"tensor": name, **diff})
-    return {"tensors_compared": len(new_names & old_names), "differing": differing}
+    return {"tensors_compared": len(set(rebuilt) & set(recorded)), "differing": differing}
+
+
+def _is_weights(name: str) -> bool:
+    """A file that only holds weights or says where they are: its bytes may differ with the layout alone."""
+    return name.endswith(".safetensors") or name == _INDEX
+
+
+def _verdict(files: list[Mapping[str, Any]], tensors: Mapping[str, Any] | None) -> str:
+    if all(f["status"] == "identical" for f in files):
+        return "identical"
+    layout_only = all(f["status"] == "identical" or _is_weights(f["name"]) for f in files)
+    if layout_only and tensors is not None and not tensors["differing"]:
+        return "same tensors"
+    return "different"
 
 
 def _library_warnings(recorded: Mapping[str, Any], rebuilt: Mapping[str, Any]) -> list[str]:
@@ -94,8 +143,6 @@ def _compare_file(name: str, new_sha: str, ref: LockRef, rebuilt_dir: Path, reco
                             "published file")
         entry["recorded_sha256"] = published_sha
     entry["status"] = "identical" if new_sha == entry["recorded_sha256"] else "differs"
-    if entry["status"] == "differs" and name.endswith(".safetensors"):
-        entry["tensors"] = compare_tensors(rebuilt_dir / name, published) if published is not None else None
     return entry
 
 
@@ -119,20 +166,28 @@ def reproduce(merge: str, lock_ref: str, rebuilt_dir: Path, out_json: Path, out_
     notes = [] if ref.has_model else [
         "the lock alone holds no tensors: differing files are named by sha256 only; give the model directory or "
         "Hub repo as `lock:` to compare them tensor by tensor"]
-    identical = all(f["status"] == "identical" for f in files)
+    tensors = None
+    if ref.has_model and any(f["status"] != "identical" and _is_weights(f["name"]) for f in files):
+        published = tensor_files(lambda name: ref.model_file(name) if name in recorded["files"] else None)
+        if published is not None:
+            tensors = compare_tensors(tensor_files(lambda name: _existing(rebuilt_dir / name)) or {}, published)
+    verdict = _verdict(files, tensors)
     report = {"merge": merge, "recorded_merge": recorded["merge"], "lock": lock_ref, "lock_file": str(ref.path),
               "compared_with": "published files" if ref.has_model else "lock sha256",
-              "verdict": "identical" if identical else "different", "files": files, "warnings": warnings,
-              "notes": notes}
+              "verdict": verdict, "files": files, "tensors": tensors, "warnings": warnings, "notes": notes}
     write_json(out_json, report)
     write_text(out_md, render_markdown(report))
-    if not identical:
+    if verdict != "identical":
         log.warning("%s: the rebuild differs from %s; see %s", merge, lock_ref, out_md)
     return report
 
 
+def _existing(path: Path) -> Path | None:
+    return path if path.is_file() else None
+
+
 def render_markdown(report: Mapping[str, Any]) -> str:
-    """The verdict first, then each differing file and, inside it, each differing tensor."""
+    """The verdict first, then each differing file, then each differing tensor."""
     same = [f for f in report["files"] if f["status"] == "identical"]
     other = [f for f in report["files"] if f["status"] != "identical"]
     against = ("the published files" if report["compared_with"] == "published files"
@@ -144,9 +199,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     if other:
         lines += ["## Files that differ", "", "| file | status |", "|---|---|"]
         lines += [f"| `{f['name']}` | {f['status']} |" for f in other] + [""]
-    for f in other:
-        if f.get("tensors"):
-            lines += _md_tensors(f["name"], f["tensors"])
+    if report.get("tensors"):
+        lines += _md_tensors(report["tensors"])
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
@@ -154,11 +208,12 @@ def _md_list(title: str, items: list[str]) -> list[str]:
     return [f"## {title}", "", *[f"- {item}" for item in items], ""] if items else []
 
 
-def _md_tensors(name: str, tensors: Mapping[str, Any]) -> list[str]:
+def _md_tensors(tensors: Mapping[str, Any]) -> list[str]:
     differing = tensors["differing"]
-    lines = [f"## Tensors in `{name}`: {len(differing)} of {tensors['tensors_compared']} differ", ""]
+    lines = [f"## Tensors: {len(differing)} of {tensors['tensors_compared']} differ", ""]
     if not differing:
-        return lines + ["Every tensor is identical: the file differs in its header or layout.", ""]
+        return lines + ["Every tensor is identical: the weight files differ in their headers or in how the "
+                        "model is split into files.", ""]
     lines += ["| tensor | max abs diff | differing elements |", "|---|---|---|"]
     for t in differing:
         if "problem" in t:
