@@ -17,7 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from moeforge.check import generation
-from moeforge.check.generation import Generation
+from moeforge.check.generation import Generation, skip_reason
 from moeforge.check.report import render_markdown
 from moeforge.check.smoke import (
     SmokeOptions,
@@ -275,12 +275,19 @@ def test_without_a_cgroup_limit_the_job_request_is_the_budget(tmp_path):
     meminfo.write_text("MemTotal:       33554432 kB\nMemFree:         1000000 kB\nMemAvailable:   20971520 kB\n")
     budget = memory_budget(None, 5000, proc_cgroup=proc, cgroup_root=tmp_path, meminfo=meminfo)
     assert budget.limit == 5000 << 20 and "mem_mb" in budget.source and "smoke_test:mem_mb" in budget.raise_how
+    assert budget.allows(5000 << 20) and not budget.allows((5000 << 20) + 1)
     # a request no cgroup enforces, larger than what the machine has free (a 48 GB model on a 32 GB
-    # workstation): the available memory, never the total, is the budget
+    # workstation): the available memory, never the total, bounds what is loaded
     bigger = memory_budget(None, 74_000, proc_cgroup=proc, cgroup_root=tmp_path, meminfo=meminfo)
-    assert bigger.limit == 20 * GIB and "MemAvailable" in bigger.source
+    assert bigger.limit == 74_000 << 20 and bigger.available == 20 * GIB
+    assert bigger.allows(20 * GIB) and not bigger.allows(20 * GIB + 1)
+    reason = skip_reason(30 * GIB, bigger, "bfloat16")
+    assert "20.00 GiB this machine has available (MemAvailable" in reason and "smoke.memory_gb" in reason
     unrequested = memory_budget(None, None, proc_cgroup=proc, cgroup_root=tmp_path, meminfo=meminfo)
-    assert unrequested.limit == 20 * GIB
+    assert unrequested.limit is None and not unrequested.allows(21 * GIB)
     nothing = memory_budget(None, None, proc_cgroup=tmp_path / "absent", cgroup_root=tmp_path,
                             meminfo=tmp_path / "absent")
-    assert nothing.limit is None
+    assert nothing.limit is None and nothing.allows(1 << 50)
+    limited = memory_budget(None, 5000, proc_cgroup=_cgroup_v2(tmp_path / "v2", {"user.slice/job": str(GIB)}),
+                            cgroup_root=tmp_path / "v2", meminfo=meminfo)
+    assert limited.available is None  # a cgroup limit is enforced: the machine's free memory is not asked

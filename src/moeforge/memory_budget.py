@@ -28,19 +28,29 @@ _SET_RESOURCES = "--set-resources smoke_test:mem_mb=N"
 
 @dataclass(frozen=True)
 class MemoryBudget:
-    """A memory limit in bytes (None: none known), where it was read, and how a user raises it."""
+    """A memory limit in bytes (None: none known), where it was read, and how a user raises it.
+
+    ``available``: the machine's available memory when no cgroup limit or config value applies
+    (nothing then enforces ``limit``); it caps what a job may load, but is kept apart from ``limit``
+    because it changes from moment to moment and the reports built from ``limit`` must not.
+    """
 
     limit: int | None
     source: str
     raise_how: str
+    available: int | None = None
+
+    def allows(self, need: int) -> bool:
+        """Whether ``need`` bytes fit both the limit and, where nothing enforces it, the available memory."""
+        return all(bound is None or need <= bound for bound in (self.limit, self.available))
 
 
 def memory_budget(memory_gb: float | None = None, job_mem_mb: int | None = None, *,
                   proc_cgroup: Path = Path("/proc/self/cgroup"),
                   cgroup_root: Path = Path("/sys/fs/cgroup"),
                   meminfo: Path = Path("/proc/meminfo")) -> MemoryBudget:
-    """The budget of this process: the config's value, else its cgroup limit, else the job's mem_mb or the
-    machine's available memory, whichever is smaller."""
+    """The budget of this process: the config's value, else its cgroup limit, else the job's mem_mb; without a
+    cgroup limit or config value, also the machine's available memory (``MemoryBudget.available``)."""
     if memory_gb is not None:
         return MemoryBudget(int(memory_gb * GIB), "smoke.memory_gb in the workflow config",
                             "raise smoke.memory_gb in the workflow config")
@@ -51,16 +61,12 @@ def memory_budget(memory_gb: float | None = None, job_mem_mb: int | None = None,
                             f"give the job more memory (a cluster profile's {_SET_RESOURCES}), or set "
                             "smoke.memory_gb when the limit is not the job's own")
     available = available_memory(meminfo)
-    if job_mem_mb and (available is None or int(job_mem_mb) << 20 <= available):
+    if job_mem_mb:
         return MemoryBudget(int(job_mem_mb) << 20, "the smoke_test rule's mem_mb",
-                            f"raise the rule's memory ({_SET_RESOURCES}) or set smoke.memory_gb in the workflow config")
-    if available is not None:
-        return MemoryBudget(available, f"the memory available on this machine now (MemAvailable in {meminfo}; "
-                            "no cgroup limit applies)",
-                            "free memory or use a machine with more; smoke.memory_gb in the workflow config "
-                            "overrides this")
+                            f"raise the rule's memory ({_SET_RESOURCES}) or set smoke.memory_gb in the workflow config",
+                            available)
     return MemoryBudget(None, "no cgroup limit, no mem_mb, no smoke.memory_gb",
-                        "set smoke.memory_gb in the workflow config")
+                        "set smoke.memory_gb in the workflow config", available)
 
 
 def available_memory(meminfo: Path = Path("/proc/meminfo")) -> int | None:

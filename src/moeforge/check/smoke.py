@@ -220,11 +220,12 @@ def _log_plan(budget: MemoryBudget, need: int, skipped: str | None) -> None:
     allowed and what it was about to load.
     """
     limit = "unknown" if budget.limit is None else gib(budget.limit)
-    _log.info("memory budget %s (%s); peak memory so far %s; the comparison runs one layer at a time",
-              limit, budget.source, gib(peak_rss()))
+    available = "" if budget.available is None else f", {gib(budget.available)} available on this machine"
+    _log.info("memory budget %s (%s%s); peak memory so far %s; the comparison runs one layer at a time",
+              limit, budget.source, available, gib(peak_rss()))
     if skipped is not None:
         _log.warning("%s", skipped)
-    elif budget.limit is None:
+    elif budget.limit is None and budget.available is None:
         _log.info("greedy generation loads one whole model at a time, about %s, unchecked: if this job is "
                   "killed for memory, set smoke.memory_gb to what it may use and generation is skipped", gib(need))
     else:
