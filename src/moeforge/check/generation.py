@@ -52,15 +52,15 @@ def skip_reason(need: int, budget: MemoryBudget, dtype: str) -> str | None:
         return None
     smaller = " (or set smoke.dtype: bfloat16, which needs about half)" if dtype == "float32" else ""
     if budget.limit is None or (budget.available is not None and budget.available < budget.limit):
-        return (f"greedy generation skipped: it loads the whole model, about {gib(need)} in {dtype}, over the "
-                f"{gib(budget.available)} this machine has available (MemAvailable; no cgroup limit applies, "
-                f"and nothing enforces {budget.source}); the comparison and routing figures were computed layer "
-                f"by layer regardless. To generate, free memory or use a machine with more, or set "
-                f"smoke.memory_gb in the workflow config to what the job may use{smaller}")
-    return (f"greedy generation skipped: it loads the whole model, about {gib(need)} in {dtype}, over the "
-            f"memory budget of {gib(budget.limit)} ({budget.source}); the comparison and routing figures were "
-            f"computed layer by layer regardless. To generate, the budget must be at least {gib(need)}: "
-            f"{budget.raise_how}{smaller}")
+        over = (f"{gib(budget.available)} this machine has available (MemAvailable; no cgroup limit applies, "
+                f"and nothing enforces {budget.source})")
+        how = "free memory or use a machine with more, or set smoke.memory_gb in the workflow config to what the " \
+              "job may use"
+    else:
+        over = f"memory budget of {gib(budget.limit)} ({budget.source})"
+        how = f"the budget must be at least {gib(need)}: {budget.raise_how}"
+    return (f"greedy generation skipped: it loads the whole model, about {gib(need)} in {dtype}, over the {over}; "
+            f"the comparison and routing figures were computed layer by layer regardless. To generate, {how}{smaller}")
 
 
 def eos_ids(model_dir: Path, config: Any, tokenizer: Any) -> list[int]:

@@ -255,9 +255,7 @@ class _Runner:
         rows, shape = self.store.read_rows(names[0], ids.tolist())
         expected = tuple(module.weight.shape)
         if shape != expected:
-            raise ModelError(f"1 tensor(s) do not fit the model's shapes, e.g. {names[0]} (file {list(shape)} vs "
-                             f"model {list(expected)})", where=str(self.store.base_dir),
-                             fix="check config.json (sizes, head counts, expert counts) against the weights")
+            raise self._shapes_error([f"{names[0]} (file {list(shape)} vs model {list(expected)})"])
         self._check_finite({names[0]: rows})
         return rows.to(self.device, self.dtype)
 
@@ -285,6 +283,14 @@ class _Runner:
                              fix="check that the weights match config.json (tie_word_embeddings)")
         return names[0]
 
+    def _shapes_error(self, wrong: list[Any]) -> ModelError:
+        """The error for weights whose shapes config.json does not describe, naming the first."""
+        return ModelError(
+            f"{len(wrong)} tensor(s) do not fit the model's shapes, e.g. {wrong[0]}",
+            where=str(self.store.base_dir),
+            fix="check config.json (sizes, head counts, expert counts) against the weights",
+        )
+
     def _check_outcome(self, module: torch.nn.Module, prefix: str, outcome: LoadOutcome) -> None:
         """Refuse a module whose weights did not load exactly: config.json does not describe them."""
         if outcome.unexpected_keys:
@@ -294,12 +300,7 @@ class _Runner:
                 fix="check config.json (e.g. attention_bias, model_type) against the weights",
             )
         if outcome.mismatched_keys or outcome.error_msgs:
-            wrong = [*outcome.mismatched_keys, *outcome.error_msgs]
-            raise ModelError(
-                f"{len(wrong)} tensor(s) do not fit the model's shapes, e.g. {wrong[0]}",
-                where=str(self.store.base_dir),
-                fix="check config.json (sizes, head counts, expert counts) against the weights",
-            )
+            raise self._shapes_error([*outcome.mismatched_keys, *outcome.error_msgs])
         missing = sorted(prefix + name for name, p in module.named_parameters() if p.is_meta)
         if missing:
             raise ModelError(
