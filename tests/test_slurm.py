@@ -36,7 +36,7 @@ TARGET = "results/demo/smoke/report.json"
 # Rules that run on the submit host (`localrule: True` in workflow/rules/); everything else is a
 # SLURM job.
 LOCAL_RULES = {"demo_models", "fetch_metadata", "fetch_weights", "translate_config"}
-REMOTE_RULES = {"validate", "class_check", "gates", "hash_weights", "shard", "assemble", "smoke_test"}
+REMOTE_RULES = {"validate", "gates", "hash_weights", "shard", "assemble", "smoke_test"}
 # Rules with one job per source model (the demo merges a base and three experts).
 PER_SOURCE_RULES = {"hash_weights": 4}
 # The profile's polling suits a shared cluster (first status check 20 s after submission); on this

@@ -10,6 +10,8 @@ rule assemble:
         translation="results/{merge}/config/translation.json",
         base_meta=lambda wc: f"resources/models/{base_slug(wc)}/meta",
         hashes=weight_hashes,
+        # No model directory unless the plan passed the check against the transformers class.
+        checked="results/{merge}/class_check.json",
     output:
         # The lock file marks a complete model directory: assemble builds the directory under a
         # temporary name and renames it into place whole, lock included (no .snakemake_timestamp

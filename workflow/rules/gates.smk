@@ -1,13 +1,18 @@
-# Router matrices, one [experts, hidden] per layer, computed from the base model.
+# Router matrices, one [experts, hidden] per layer, computed from the base model, after the plan is checked
+# against the installed transformers class (the one job that imports transformers' models before assembly).
 
 
 rule gates:
     input:
         plan="results/{merge}/plan.json",
+        tensors="results/{merge}/plan.tensors.tsv",
+        # The config.json translate_config wrote: the one the output will carry.
+        config="results/{merge}/config/config.json",
         base_weights=lambda wc: f"resources/models/{base_slug(wc)}/weights.json",
     output:
         tensors="results/{merge}/gates.safetensors",
         stats="results/{merge}/gates.json",
+        checked="results/{merge}/class_check.json",
     log:
         "logs/{merge}/gates.log",
     # Wall time and peak memory of every job: what a cluster profile should ask for.

@@ -7,8 +7,6 @@ rule shard:
         # plan.json sizes the job's memory request (shard_mem_mb).
         plan="results/{merge}/plan.json",
         tensors="results/{merge}/plan.tensors.tsv",
-        # No weight is written before the plan passed the check against the transformers class.
-        checked="results/{merge}/class_check.json",
         weights=weight_records,
         gates=shard_gates,
     output:

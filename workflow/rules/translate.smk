@@ -14,6 +14,8 @@ rule translate_config:
     resources:
         mem_mb=1000,
         runtime=5,
+    # Tiny, and the gates job (the longest before assembly) waits for it.
+    priority: 10
     localrule: True
     script:
         "../scripts/translate_config.py"

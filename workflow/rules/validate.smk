@@ -22,23 +22,3 @@ checkpoint validate:
     script:
         "../scripts/validate.py"
 
-
-rule class_check:
-    input:
-        plan="results/{merge}/plan.json",
-        tensors="results/{merge}/plan.tensors.tsv",
-        # The config.json translate_config wrote: the one the output will carry.
-        config="results/{merge}/config/config.json",
-    output:
-        "results/{merge}/class_check.json",
-    log:
-        "logs/{merge}/class_check.log",
-    benchmark:
-        "results/{merge}/benchmarks/class_check.tsv"
-    # The shard jobs wait for it: started before the hash jobs, it does not delay them.
-    priority: 10
-    resources:
-        mem_mb=2000,
-        runtime=10,
-    script:
-        "../scripts/class_check.py"

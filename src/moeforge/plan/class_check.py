@@ -1,4 +1,4 @@
-"""Check the plan against the installed transformers' model class, before any weight is written.
+"""Check the plan against the installed transformers' model class, before a model directory is assembled.
 
 The peer tool once produced Mixtral checkpoints without attention weights: nothing compared
 what it wrote with what the model class expects. Here the output family's class is built on

@@ -1,8 +1,8 @@
 """The validate step: recipe + sources' metadata -> a checked plan, before any weight is read.
 
 The check of the plan against the installed transformers class (which imports torch and
-transformers) is its own step, ``class_check``: the shard jobs wait for it, fetching and gates
-do not, so it costs the build no time on the critical path.
+transformers) is not made here: the gates job, which imports them anyway, makes it first, and
+assembly waits for it; validation stays fast on the critical path.
 """
 
 from __future__ import annotations
