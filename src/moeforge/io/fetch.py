@@ -23,7 +23,6 @@ from moeforge.errors import FetchError, ModelError
 from moeforge.io.files import atomic_dir, read_json, sha256_file, write_json
 from moeforge.io.refs import ModelRef, parse_ref
 from moeforge.io.safetensors_file import read_header
-from moeforge.plan.schema import closest
 
 META_FILES = (
     "config.json",
@@ -43,12 +42,6 @@ TOKENIZER_FILES = tuple(f for f in META_FILES if f not in ("config.json", "gener
                                                            "model.safetensors.index.json"))
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
-
-
-
-
-
-
 
 
 @dataclass(frozen=True)
@@ -108,6 +101,8 @@ def _local_dir(ref: ModelRef) -> Path:
 
 def near_local_model(text: str) -> str | None:
     """An existing local model directory whose path is a likely typo of ``text`` (component by component)."""
+    from moeforge.plan.schema import closest  # jsonschema's import, only on this error path
+
     path = Path(text).expanduser()
     current = Path(path.anchor) if path.is_absolute() else Path(".")
     for part in path.parts[1:] if path.is_absolute() else path.parts:

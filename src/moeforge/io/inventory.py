@@ -6,40 +6,16 @@ so it runs before a single weight byte is downloaded or read.
 
 from __future__ import annotations
 
+import csv
+import io
 from pathlib import Path
 from typing import Any, Mapping
 
-import pandas as pd
-import pandera.pandas as pa
-
 from moeforge.errors import ModelError
 from moeforge.io.files import write_text
-from moeforge.io.safetensors_file import (
-    ITEMSIZE,
-    TensorEntry,
-    check_entries,
-    parse_entries,
-    read_header,
-    shape_of,
-)
+from moeforge.io.safetensors_file import check_entries, parse_entries, read_header
 
 COLUMNS = ["name", "dtype", "shape", "file", "begin", "end"]
-
-INVENTORY_SCHEMA = pa.DataFrameSchema(
-    {
-        "name": pa.Column(str, unique=True, nullable=False),
-        "dtype": pa.Column(str, pa.Check.isin(list(ITEMSIZE))),
-        "shape": pa.Column(str, pa.Check.str_matches(r"^(\d+(,\d+)*)?$")),
-        "file": pa.Column(str, pa.Check.str_length(min_value=1)),
-        "begin": pa.Column(int, pa.Check.ge(0)),
-        "end": pa.Column(int, pa.Check.ge(0)),
-    },
-    checks=[pa.Check(lambda df: df["end"] >= df["begin"], error="end before begin")],
-    strict=True,
-    ordered=True,
-)
-
-
 
 
 def _rows_from_headers(headers: Mapping[str, Mapping[str, Any]], ref: str) -> list[dict[str, Any]]:
@@ -66,26 +42,24 @@ def local_headers(directory: Path, files: list[str]) -> dict[str, dict[str, Any]
     return headers
 
 
-def write_inventory(source: Mapping[str, Any], headers: Mapping[str, Any] | None, out_tsv: Path) -> pd.DataFrame:
-    """Build, validate and write inventory.tsv for a fetched source."""
+def write_inventory(source: Mapping[str, Any], headers: Mapping[str, Any] | None, out_tsv: Path) -> None:
+    """Build and write inventory.tsv for a fetched source.
+
+    The rows are checked here as safetensors headers (``check_entries``) and once more against
+    the table's schema by its reader (``inventory_table``); written with the csv module, so a fetch job does not pay
+    pandas' and pandera's import for a table it only writes.
+    """
     if headers is None:
         headers = local_headers(Path(source["local_path"]), source["weight_files"])
-    frame = pd.DataFrame(_rows_from_headers(headers, source["ref"]), columns=COLUMNS)
-    if frame["name"].duplicated().any():
-        dup = frame.loc[frame["name"].duplicated(), "name"].iloc[0]
-        raise ModelError(f"tensor {dup!r} appears in more than one weight file", source["ref"],
-                         "the checkpoint is inconsistent; re-download it")
-    frame = frame.astype({"begin": int, "end": int})
-    INVENTORY_SCHEMA.validate(frame)
-    write_text(out_tsv, frame.to_csv(sep="\t", index=False))
-    return frame
-
-
-def read_inventory(tsv: Path) -> dict[str, TensorEntry]:
-    """inventory.tsv as name -> entry."""
-    frame = pd.read_csv(tsv, sep="\t", dtype={"shape": str}, keep_default_na=False)
-    INVENTORY_SCHEMA.validate(frame)
-    return {
-        r.name: TensorEntry(r.name, r.dtype, shape_of(r.shape), int(r.begin), int(r.end), r.file)
-        for r in frame.itertuples(index=False)
-    }
+    rows = _rows_from_headers(headers, source["ref"])
+    seen: set[str] = set()
+    for row in rows:
+        if row["name"] in seen:
+            raise ModelError(f"tensor {row['name']!r} appears in more than one weight file", source["ref"],
+                             "the checkpoint is inconsistent; re-download it")
+        seen.add(row["name"])
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=COLUMNS, delimiter="\t", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(out_tsv, text.getvalue())

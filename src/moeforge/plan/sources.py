@@ -14,7 +14,7 @@ from typing import Any, Mapping
 from moeforge.errors import ModelError
 from moeforge.io.fetch import REFETCH_FIX
 from moeforge.io.files import read_json
-from moeforge.io.inventory import read_inventory
+from moeforge.io.inventory_table import read_inventory
 from moeforge.io.refs import parse_ref
 from moeforge.io.safetensors_file import TensorEntry
 from moeforge.plan import templates as arch
