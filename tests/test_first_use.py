@@ -20,10 +20,11 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from moeforge.build.finite import hash_and_scan
+from moeforge.build.finite import NonfiniteTally, nonfinite_counts
 from moeforge.errors import BuildError, FetchError, ModelError, RecipeError
 from moeforge.io.fetch import fetch_metadata
 from moeforge.io.files import sha256_file
+from moeforge.io.safetensors_file import OutTensor, write_safetensors
 from moeforge.plan.merges import merges_to_build
 from moeforge.plan.recipe import parse_recipe
 from pipeline import build, plan_only
@@ -175,9 +176,16 @@ def test_scan_counts_nonfinite_values_and_hashes(tmp_path, dtype):
     bad[0, 1], bad[2, 3], bad[1, 0] = float("nan"), float("inf"), float("-inf")
     good, bad = good.to(dtype), bad.to(dtype)
     expected = 1 if dtype == torch.float8_e4m3fn else 3  # E4M3 has no inf: torch saturates it to +-448
-    save_file({"a": good, "b": bad, "i": torch.arange(5)}, tmp_path / "x.safetensors")
-    digest, found = hash_and_scan(tmp_path / "x.safetensors")
-    assert digest == sha256_file(tmp_path / "x.safetensors") and found == {"b": expected}
+    code = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+            torch.float8_e5m2: "F8_E5M2", torch.float8_e4m3fn: "F8_E4M3"}[dtype]
+    tensors = [OutTensor(name, dtype_code, tuple(t.shape), t.numel() * t.element_size(),
+                         produce=lambda t=t: t.reshape(-1).view(torch.uint8).numpy().tobytes())
+               for name, dtype_code, t in (("a", code, good), ("b", code, bad), ("i", "I64", torch.arange(5)))]
+    tally = NonfiniteTally()
+    digest = write_safetensors(tmp_path / "x.safetensors", tensors, scan=tally.scan)
+    assert digest == sha256_file(tmp_path / "x.safetensors") and tally.bad == {"b": expected}
+    assert nonfinite_counts(tmp_path / "x.safetensors") == {"b": expected}
+    assert torch.equal(load_file(tmp_path / "x.safetensors")["b"].float().nan_to_num(), bad.float().nan_to_num())
 
 
 def test_a_model_that_fails_its_checks_is_moved_aside(tmp_path, models):

@@ -29,6 +29,8 @@ rule fetch_weights:
         "logs/fetch_weights/{slug}.log",
     benchmark:
         "resources/models/{slug}/benchmarks/fetch_weights.tsv"
+    # The gates and every shard wait for it; the hash jobs (needed only by assembly) do not run first.
+    priority: 10
     resources:
         mem_mb=1000,
         runtime=600,
@@ -47,6 +49,10 @@ rule hash_weights:
         "logs/hash_weights/{slug}.log",
     benchmark:
         "resources/models/{slug}/benchmarks/hash_weights.tsv"
+    # Before the shard jobs: reading whole files in order is the fastest way to get the weights off
+    # the disk, and the shards then read them from the page cache (measured on a 1B-class build:
+    # 40 s with this order, 52 s with the hashes last).
+    priority: 5
     resources:
         mem_mb=500,
         runtime=120,

@@ -1,22 +1,22 @@
-"""Find NaN and inf in a written shard, in the same pass that hashes it.
+"""Find NaN and inf in a shard as it is written, in the same pass that hashes it.
 
 A NaN in one source expert otherwise surfaces only at the smoke test, as a model that generates
-garbage, with nothing pointing at the file at fault. Each shard is read back once anyway (for
-its sha256, from the page cache); this pass also looks at every float's exponent bits, which
-needs no float decoding and no more memory than one read chunk. A non-finite value is then
-traced to the plan row, source model and file it came from.
+garbage, with nothing pointing at the file at fault. Every byte of a shard passes the writer's
+buffer once (where it is also hashed); this scan looks at every float's exponent bits there,
+which needs no float decoding and no more memory than one buffer. A non-finite value is then
+traced to the plan row, source model and file it came from. Files already written (the smoke
+test's check of a model directory) are read in chunks and scanned the same way.
 """
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Mapping
 
 import numpy as np
 
 from moeforge.errors import BuildError, ModelError
-from moeforge.io.safetensors_file import TensorEntry, read_header
+from moeforge.io.safetensors_file import OutTensor, TensorEntry, read_header
 
 #: Bits that, all set, make a value inf or NaN (as unsigned-int views): the exponent in every IEEE
 #: binary format; float8 E4M3 has no inf, and its one NaN pattern is exponent and mantissa all set.
@@ -54,6 +54,19 @@ class _ChunkReader:
         return int(np.count_nonzero(hits))
 
 
+class NonfiniteTally:
+    """Non-finite values per tensor, counted from the pieces a writer shows (see write_safetensors' scan)."""
+
+    def __init__(self) -> None:
+        self.reader = _ChunkReader()
+        self.bad: dict[str, int] = {}
+
+    def scan(self, tensor: OutTensor, piece: memoryview) -> None:
+        count = self.reader.nonfinite(piece, tensor.dtype)
+        if count:
+            self.bad[tensor.name] = self.bad.get(tensor.name, 0) + count
+
+
 def _count_tensor(fh: BinaryIO, entry: TensorEntry, path: Path, consume: Callable[[memoryview], Any],
                   reader: _ChunkReader) -> int:
     """Non-finite values of the tensor at the file's position, read in bounded chunks, each passed on."""
@@ -85,13 +98,6 @@ def nonfinite_counts(path: Path, consume: Callable[[memoryview], Any] = lambda c
                 bad[entry.name] = count
         consume(fh.read())
     return bad
-
-
-def hash_and_scan(path: Path) -> tuple[str, dict[str, int]]:
-    """sha256 of a safetensors file, and the count of non-finite values of each tensor that has any."""
-    digest = hashlib.sha256()
-    bad = nonfinite_counts(path, digest.update)
-    return digest.hexdigest(), bad
 
 
 def _source_nonfinite(path: Path, name: str) -> int:

@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from moeforge.build.finite import blame_nonfinite, hash_and_scan
+from moeforge.build.finite import NonfiniteTally, blame_nonfinite
 from moeforge.errors import BuildError
 from moeforge.io.fetch import weight_dirs_from
 from moeforge.io.files import write_text
@@ -115,8 +115,6 @@ def _concat_producer(parts: list[Mapping[str, Any]], headers: _Headers) -> Calla
     return lambda: _tensor_bytes(torch.cat([_part_tensor(p, headers) for p in parts], dim=dim).contiguous())
 
 
-
-
 def _out_tensor(parts: list[Mapping[str, Any]], headers: _Headers) -> OutTensor:
     """One output tensor from its plan rows: streamed, zero-filled, computed, or concatenated."""
     row = parts[0]
@@ -137,15 +135,13 @@ def _out_tensor(parts: list[Mapping[str, Any]], headers: _Headers) -> OutTensor:
                      produce=_producer(path, row["source_name"], row["transform"], dtype))
 
 
-
-
 def write_shard(rows: list[dict[str, str]], weight_dirs: Mapping[str, Path], gates_path: Path | None,
                 out: Path) -> str:
     """Write one shard file from its plan rows; returns its sha256.
 
-    The file is hashed here, right after it is written (from the page cache, in parallel with
-    the other shard jobs), so assembly need not read the whole model again for the lock file;
-    the same pass refuses NaN/inf, naming the source model and file they came from.
+    The file is hashed as it is written (in parallel with the other shard jobs), so assembly need
+    not read the whole model again for the lock file; the same pass refuses NaN/inf, naming the
+    source model and file they came from.
     """
     if not rows:
         raise BuildError("no plan rows for this shard", str(out), "rerun the validate step")
@@ -157,14 +153,12 @@ def write_shard(rows: list[dict[str, str]], weight_dirs: Mapping[str, Path], gat
     for row in rows:
         grouped.setdefault(row["target_name"], []).append(row)
     tensors = [_out_tensor(sorted(parts, key=lambda p: int(p["part"])), headers) for parts in grouped.values()]
-    write_safetensors(out, tensors, {"format": "pt"})
-    digest, nonfinite = hash_and_scan(out)
-    if nonfinite:
+    tally = NonfiniteTally()
+    digest = write_safetensors(out, tensors, {"format": "pt"}, scan=tally.scan)
+    if tally.bad:
         out.unlink()
-        blame_nonfinite(nonfinite, rows, weight_dirs, out)
+        blame_nonfinite(tally.bad, rows, weight_dirs, out)
     return digest
-
-
 
 
 def shard_step(plan_tsv: Path, shard: str, weight_records: list[Path], gates_path: Path | None, out: Path,

@@ -89,8 +89,8 @@ class SmokeOptions:
     tolerance becomes ``LOW_PRECISION_IDENTITY`` times the largest base logit of the prompt.
     ``memory_gb`` (the config's ``smoke.memory_gb``) and ``job_mem_mb`` (the rule's request) set
     the memory budget that decides whether greedy generation may load a whole model (see
-    ``moeforge.memory_budget``). ``scanned_when_written``: the workflow's shard jobs read back every
-    byte they wrote, scanning for NaN and Inf as they hashed it for the lock, so the smoke test of
+    ``moeforge.memory_budget``). ``scanned_when_written``: the workflow's shard jobs scanned every
+    byte they wrote for NaN and Inf as they hashed it for the lock, so the smoke test of
     a fresh build does not read the whole model a second time for that scan (``verify``, which
     checks models built elsewhere, scans).
     """

@@ -9,15 +9,18 @@ buffer, fully covered by the tensors with no holes.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import struct
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterable, Mapping
 
 from moeforge.errors import ModelError
+from moeforge.io.direct_write import DirectWriter
 from moeforge.io.files import atomic_path
 
 ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
@@ -27,7 +30,6 @@ SAFETENSORS_NAME = {v: k for k, v in TORCH_NAME.items()}
 MAX_HEADER = 100_000_000
 _CORRUPT = ("re-download the file; if the download is intact, the file is corrupt or was written by a broken "
             "tool: re-save it with the safetensors library")
-_COPY_CHUNK = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -191,48 +193,47 @@ def _header_bytes(tensors: list[OutTensor], metadata: dict[str, str]) -> bytes:
     return struct.pack("<Q", len(raw)) + raw
 
 
-def _copy_range(src: BinaryIO, dst: BinaryIO, offset: int, count: int) -> None:
-    """Kernel-side copy where the platform has it, a buffered loop otherwise."""
-    dst.flush()
-    copy = getattr(os, "copy_file_range", None)
-    while count > 0 and copy is not None:
-        try:
-            done = copy(src.fileno(), dst.fileno(), min(count, 1 << 30), offset)
-        except OSError:
-            break
-        if done == 0:
-            break
-        offset, count = offset + done, count - done
-    dst.seek(0, os.SEEK_END)
-    src.seek(offset)
-    while count > 0:
-        chunk = src.read(min(count, _COPY_CHUNK))
-        if not chunk:
-            raise ModelError(f"unexpected end of file after offset {offset}", src.name, "re-download the file")
-        dst.write(chunk)
-        count -= len(chunk)
+def write_safetensors(path: Path, tensors: Iterable[OutTensor], metadata: dict[str, str] | None = None,
+                      scan: Callable[[OutTensor, memoryview], object] | None = None) -> str:
+    """Write a safetensors file atomically (see files.atomic_path); returns its sha256.
 
-
-def write_safetensors(path: Path, tensors: Iterable[OutTensor], metadata: dict[str, str] | None = None) -> None:
-    """Write a safetensors file atomically (see fileio.atomic_path), streaming what can be streamed."""
+    Byte ranges of source files are read straight into the writer's buffer, computed tensors are
+    produced one at a time, and the file is hashed as it is written (see direct_write); ``scan``
+    sees every tensor's bytes, in pieces, on the way.
+    """
     ordered = _aligned_order(tensors)
     sources: dict[Path, BinaryIO] = {}
+    digest = hashlib.sha256()
     try:
-        with atomic_path(path) as tmp, open(tmp, "wb") as out:
-            out.write(_header_bytes(ordered, metadata or {"format": "pt"}))
-            for t in ordered:
-                if t.produce is not None:
-                    data = t.produce()
-                    if len(data) != t.nbytes:
-                        raise ValueError(f"{t.name}: produced {len(data)} bytes, expected {t.nbytes}")
-                    out.write(data)
-                else:
-                    assert t.src_path is not None
-                    src = sources.get(t.src_path) or sources.setdefault(t.src_path, open(t.src_path, "rb"))
-                    _copy_range(src, out, t.src_offset, t.nbytes)
+        with atomic_path(path) as tmp:
+            writer = DirectWriter(tmp, digest.update)
+            try:
+                writer.write(_header_bytes(ordered, metadata or {"format": "pt"}))
+                for t in ordered:
+                    _write_tensor(writer, t, sources, None if scan is None else partial(scan, t))
+            except BaseException:
+                writer.abort()
+                raise
+            writer.close()
     finally:
         for fh in sources.values():
             fh.close()
+    return digest.hexdigest()
+
+
+def _write_tensor(writer: DirectWriter, t: OutTensor, sources: dict[Path, BinaryIO],
+                  scan: Callable[[memoryview], object] | None) -> None:
+    if t.produce is not None:
+        data = t.produce()
+        if len(data) != t.nbytes:
+            raise ValueError(f"{t.name}: produced {len(data)} bytes, expected {t.nbytes}")
+        writer.write(data, scan)
+        return
+    assert t.src_path is not None
+    src = sources.get(t.src_path) or sources.setdefault(t.src_path, open(t.src_path, "rb"))
+    writer.copy_from(src, t.src_offset, t.nbytes, scan, on_short=lambda offset: ModelError(
+        f"unexpected end of file at offset {offset}, inside the bytes of tensor {t.name!r}", src.name,
+        "re-download the file"))
 
 
 def shape_of(text: str) -> tuple[int, ...]:
