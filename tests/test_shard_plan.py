@@ -1,6 +1,6 @@
 """How plan.json splits a merge into shard jobs, and what those jobs ask the scheduler for.
 
-Frames are built at the sizes users merge (a SmolLM2-135M and a 1B-class Llama shape), since the
+Frames are built at the sizes users merge (SmolLM2-135M, 1B-class and 7B-class shapes), since the
 grouping exists for exactly those sizes: small layers share a job, large ones keep their own.
 """
 from __future__ import annotations
@@ -14,6 +14,7 @@ from moeforge.resources import GATE_THREADS, gates_threads, shard_mem_mb
 
 SMOLLM2 = {"hidden_size": 576, "intermediate_size": 1536, "kv": 192, "num_hidden_layers": 30, "vocab": 49152}
 LLAMA_1B = {"hidden_size": 2048, "intermediate_size": 8192, "kv": 512, "num_hidden_layers": 16, "vocab": 128256}
+MISTRAL_7B = {"hidden_size": 4096, "intermediate_size": 14336, "kv": 1024, "num_hidden_layers": 32, "vocab": 32000}
 
 
 def _row(shard: str, source: str, shape: tuple[int, ...]) -> dict[str, str]:
@@ -42,9 +43,10 @@ def test_groups_are_consecutive_near_equal_and_cover_every_layer():
 
 
 def test_small_layers_share_a_shard_and_routers_have_their_own():
-    frame = plan_frame(SMOLLM2, experts=3)
+    assert group_shards(plan_frame(SMOLLM2, experts=3), 30)[1] == ["globals", "layers-0-29", ROUTERS_SHARD]
+    frame = plan_frame(SMOLLM2, experts=8)
     per_layer = layer_bytes(frame)
-    assert len(per_layer) == 30 and sum(per_layer.values()) < 2 * SHARD_TARGET_BYTES
+    assert len(per_layer) == 30 and SHARD_TARGET_BYTES < sum(per_layer.values()) < 2 * SHARD_TARGET_BYTES
     grouped, shards = group_shards(frame, 30)
     assert shards == ["globals", "layers-0-14", "layers-15-29", ROUTERS_SHARD]
     assert set(grouped["shard"]) == set(shards)
@@ -56,10 +58,19 @@ def test_small_layers_share_a_shard_and_routers_have_their_own():
 
 
 def test_large_layers_keep_one_job_each():
-    frame = plan_frame(LLAMA_1B, experts=4)
+    frame = plan_frame(MISTRAL_7B, experts=4)
     assert min(layer_bytes(frame).values()) > SHARD_TARGET_BYTES
-    _, shards = group_shards(frame, 16)
-    assert shards == ["globals", *(f"layers-{i}-{i}" for i in range(16)), ROUTERS_SHARD]
+    _, shards = group_shards(frame, 32)
+    assert shards == ["globals", *(f"layers-{i}-{i}" for i in range(32)), ROUTERS_SHARD]
+
+
+def test_mid_sized_layers_share_a_job_by_twos_and_threes():
+    """A 1B-class 4-expert merge (0.42 GB a layer, 6.8 GB in all): 7 runs of 2-3 layers, not 16 jobs."""
+    _, shards = group_shards(plan_frame(LLAMA_1B, experts=4), 16)
+    runs = [tuple(map(int, name.removeprefix("layers-").split("-"))) for name in shards[1:-1]]
+    assert shards[0] == "globals" and shards[-1] == ROUTERS_SHARD and len(runs) == 7
+    assert [first for first, _ in runs] == [0, *(last + 1 for _, last in runs[:-1])] and runs[-1][1] == 15
+    assert {last - first + 1 for first, last in runs} == {2, 3}
 
 
 def _plan(shape: dict[str, int], mode: str, prompts: list[str]) -> dict:
