@@ -24,9 +24,9 @@ def _write_mixed(path: Path, source: Path) -> tuple[bytes, str, list[int]]:
     writer = DirectWriter(path, digest.update)
     writer.write(b"head" * 3)
     with open(source, "rb") as src:
-        writer.copy_from(src, 100, 2 * BUFFER_BYTES + 5, consume=lambda piece: pieces.append(len(piece)))
+        writer.copy_from(src, 100, 2 * BUFFER_BYTES + 5, lambda piece: pieces.append(len(piece)), EOFError)
         writer.write(bytes(range(256)) * 4097)
-        writer.copy_from(src, 7, 12)
+        writer.copy_from(src, 7, 12, None, EOFError)
     writer.close()
     return expected, digest.hexdigest(), pieces
 

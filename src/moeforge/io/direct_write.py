@@ -53,9 +53,10 @@ class DirectWriter:
             self._take(piece, n, consume)
             source = source[n:]
 
-    def copy_from(self, src: BinaryIO, offset: int, count: int, consume: Consume | None = None,
-                  on_short: Callable[[int], Exception] = lambda offset: EOFError(offset)) -> None:
-        """Append ``count`` bytes of ``src`` from ``offset``, read straight into the buffer."""
+    def copy_from(self, src: BinaryIO, offset: int, count: int, consume: Consume | None,
+                  on_short: Callable[[int], Exception]) -> None:
+        """Append ``count`` bytes of ``src`` from ``offset``, read straight into the buffer; a file that
+        ends first raises ``on_short(offset where it ended)``."""
         src.seek(offset)
         while count:
             n = min(count, BUFFER_BYTES - self._filled)

@@ -46,8 +46,8 @@ def write_inventory(source: Mapping[str, Any], headers: Mapping[str, Any] | None
     """Build and write inventory.tsv for a fetched source.
 
     The rows are checked here as safetensors headers (``check_entries``) and once more against
-    the table's schema by its reader (``inventory_table``); written with the csv module, so a fetch job does not pay
-    pandas' and pandera's import for a table it only writes.
+    the table's schema by its reader (``inventory_table``); written with the csv module, so a
+    fetch job does not pay pandas' and pandera's import for a table it only writes.
     """
     if headers is None:
         headers = local_headers(Path(source["local_path"]), source["weight_files"])
