@@ -66,6 +66,45 @@ def test_user_error_is_one_line_without_traceback(tmp_path):
     assert "a library warning" in log
 
 
+#: A job as Snakemake runs a ``script:``: the module-level ``snakemake`` object in ``__main__``.
+JOB = """
+import atexit, sys, types
+from pathlib import Path
+from moeforge.runner import run
+
+class Teardown:
+    def __del__(self):
+        Path("torn-down").write_text("the interpreter freed this object at exit")
+
+kept = Teardown()
+atexit.register(lambda: Path("exit-handler").write_text("ran"))
+
+def step(smk):
+    Path(smk.output[0]).write_text("output")
+    print("job printed this")
+    if sys.argv[1] == "fail":
+        raise RuntimeError("the job failed")
+
+snakemake = types.SimpleNamespace(log=["logs/job.log"], output=["out.txt"], rule="job")
+run(snakemake, step)
+"""
+
+
+@pytest.mark.parametrize(("outcome", "code"), [("succeed", 0), ("fail", 1)])
+def test_a_job_process_ends_without_the_interpreter_teardown(tmp_path, outcome, code):
+    """In a job's own process the runner ends it once the log is written: exit handlers run, the
+    teardown (a second per job after importing torch) does not; the exit code stays the job's."""
+    proc = subprocess.run([sys.executable, "-c", JOB, outcome], capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL, cwd=tmp_path)
+    assert proc.returncode == code, proc.stderr
+    assert (tmp_path / "out.txt").read_text() == "output"
+    log = (tmp_path / "logs" / "job.log").read_text()
+    assert "job printed this" in log and "job printed this" in proc.stdout
+    assert ("RuntimeError: the job failed" in log) == (outcome == "fail")
+    assert (tmp_path / "exit-handler").read_text() == "ran"
+    assert not (tmp_path / "torn-down").exists()
+
+
 def _failing_step(smk: types.SimpleNamespace) -> None:
     print("second step")
     logging.getLogger("moeforge").info("second log")
