@@ -381,6 +381,7 @@ def test_plot_without_routing(identity_report, tmp_path):
         {"layers": [{"layer": 0, "cosine": [[1.0, 0.0]]}]},
         {"layers": [{"layer": "0", "cosine": [[1.0]]}]},
         {"gates": [{"layer": 0, "cosine": [[1.0]]}]},
+        {"layers": [{"layer": 0, "cosine": [[1.0]]}, {"layer": 1, "cosine": [[1.0, 0.0], [0.0, 1.0]]}]},
     ],
 )
 def test_gate_plot_rejects_other_shapes(gates, tmp_path):

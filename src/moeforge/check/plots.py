@@ -13,7 +13,8 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-from matplotlib import style
+import numpy as np
+from matplotlib import colormaps, style
 from matplotlib.figure import Figure
 from matplotlib.ticker import ScalarFormatter
 
@@ -59,33 +60,36 @@ def plot_expert_load(report: dict[str, Any], out_png: Path) -> None:
 
 
 def plot_gate_similarity(gates_json: dict[str, Any], out_png: Path) -> None:
-    """Cosine similarity between expert router rows, one small panel per layer.
+    """Cosine similarity between expert router rows, one small tile per layer.
 
     Rows that are nearly parallel mean the router cannot tell those experts apart, which is the
-    usual cause of one expert taking all the traffic.
+    usual cause of one expert taking all the traffic. The tiles are laid out in one image on one
+    axes: a panel per layer (30-80 of them in real models) cost seconds of layout and drawing.
     """
     layers = _gate_layers(gates_json)
+    experts = len(layers[0]["cosine"])
+    cols = min(_MAX_PANELS_PER_ROW, math.ceil(math.sqrt(len(layers))))
+    rows = math.ceil(len(layers) / cols)
+    step = experts + 1  # one blank cell between tiles
+    mosaic = np.full((rows * step, cols * step), np.nan)
+    for n, layer in enumerate(layers):
+        top, left = (n // cols) * step + 1, (n % cols) * step
+        mosaic[top:top + experts, left:left + experts] = layer["cosine"]
     with style.context("default"):
-        cols = min(_MAX_PANELS_PER_ROW, math.ceil(math.sqrt(len(layers))))
-        rows = math.ceil(len(layers) / cols)
-        fig = Figure(figsize=(2.4 * cols + 1.0, 2.4 * rows + 0.4), layout="constrained")
-        axes = fig.subplots(rows, cols, squeeze=False)
-        image = None
-        for ax, layer in zip(axes.flat, layers):
-            image = ax.imshow(layer["cosine"], cmap="coolwarm", vmin=-1.0, vmax=1.0,
-                              interpolation="nearest")
-            experts = len(layer["cosine"])
-            ax.set_xticks(range(experts))
-            ax.set_yticks(range(experts))
-            ax.tick_params(labelsize=6)
-            ax.set_title(f"layer {layer['layer']}", fontsize=8)
-        for ax in list(axes.flat)[len(layers):]:
-            ax.set_axis_off()
+        tile = min(2.4, max(0.9, 0.3 * experts))
+        fig = Figure(figsize=(tile * cols + 1.6, tile * rows + 0.9), layout="constrained")
+        ax = fig.add_subplot()
+        cmap = colormaps["coolwarm"].with_extremes(bad="white")
+        image = ax.imshow(mosaic, cmap=cmap, vmin=-1.0, vmax=1.0, interpolation="nearest")
+        for n, layer in enumerate(layers):
+            ax.text((n % cols) * step + (experts - 1) / 2, (n // cols) * step + 0.3, f"layer {layer['layer']}",
+                    ha="center", va="center", fontsize=7)
+        ax.set_axis_off()
         names = gates_json.get("experts") or []
         legend = textwrap.fill(", ".join(f"{i}: {name}" for i, name in enumerate(names)), width=28 * cols)
-        fig.suptitle("gate cosine similarity (rows and columns: experts)" + (f"\n{legend}" if legend else ""),
-                     fontsize=8)
-        fig.colorbar(image, ax=axes, shrink=0.8, label="cosine")
+        fig.suptitle("gate cosine similarity (each tile: experts x experts, in router order)"
+                     + (f"\n{legend}" if legend else ""), fontsize=8)
+        fig.colorbar(image, ax=ax, shrink=0.8, label="cosine")
         _save(fig, Path(out_png))
 
 
@@ -104,6 +108,10 @@ def _gate_layers(gates_json: dict[str, Any]) -> list[dict[str, Any]]:
         if not ok:
             raise BuildError(f"layer entry {entry!r:.80} is not {{'layer': int, 'cosine': E x E}}",
                              "gates.json", "rerun the gates step")
+    sizes = sorted({len(entry["cosine"]) for entry in layers})
+    if len(sizes) > 1:
+        raise BuildError(f"the layers' cosine matrices differ in size ({sizes} experts)", "gates.json",
+                         "rerun the gates step")
     return layers
 
 
