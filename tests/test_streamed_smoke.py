@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from moeforge.check import generation
 from moeforge.check.generation import Generation, skip_reason
@@ -75,8 +75,6 @@ def _options(**changes) -> SmokeOptions:
 
 
 def _ids(texts: list[str], model_dir: Path) -> list[torch.Tensor]:
-    from transformers import AutoTokenizer
-
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     return [tokenizer(t, return_tensors="pt").input_ids for t in texts]
 
@@ -184,7 +182,7 @@ def test_streamed_check_holds_one_layer_at_a_time(builds, monkeypatch):
     monkeypatch.setattr(layerwise.CheckpointTensors, "read", recording_read)
     monkeypatch.setattr(layerwise.CheckpointTensors, "read_rows", recording_read_rows)
     monkeypatch.setattr(layerwise._Runner, "materialise", checked_materialise)
-    monkeypatch.setattr(generation.AutoModelForCausalLM, "from_pretrained", no_whole_model)
+    monkeypatch.setattr(layerwise._Runner, "whole_model", no_whole_model)
     report = run_smoke(model_dir, base, _options())
     assert report["passed"] and report["generations"] is None
     layers = [f"model.layers.{i}" for i in range(4)]
@@ -200,7 +198,7 @@ def test_streamed_check_holds_one_layer_at_a_time(builds, monkeypatch):
 
 def test_over_budget_skips_generation_and_says_what_to_raise(builds, monkeypatch, caplog):
     model_dir, base = builds("llama", False)
-    monkeypatch.setattr(generation.AutoModelForCausalLM, "from_pretrained",
+    monkeypatch.setattr(layerwise._Runner, "whole_model",
                         lambda *a, **k: pytest.fail("generation loaded a whole model over the budget"))
     with caplog.at_level(logging.INFO, logger="moeforge"):
         report = run_smoke(model_dir, base, _options(memory_gb=0.5))
@@ -217,14 +215,32 @@ def test_over_budget_skips_generation_and_says_what_to_raise(builds, monkeypatch
     assert first < next(i for i, m in enumerate(messages) if m.startswith("streamed comparison done"))
 
 
-def test_within_budget_generates(builds):
-    model_dir, base = builds("llama", False)
-    report = run_smoke(model_dir, base, _options(memory_gb=64))
+@pytest.mark.parametrize(("family", "tied"), [("llama", False), ("qwen2", True)])
+def test_within_budget_generates_what_the_loaded_model_generates(builds, monkeypatch, family, tied):
+    """Generation runs on the modules the comparison kept: each tensor is read from disk once, and the
+    continuations are those of the model as transformers loads it."""
+    model_dir, base = builds(family, tied)
+    reads: dict[Path, list[str]] = {}
+    original_read = layerwise.CheckpointTensors.read
+
+    def counting_read(self, names):
+        reads.setdefault(self.base_dir, []).extend(names)
+        return original_read(self, names)
+
+    monkeypatch.setattr(layerwise.CheckpointTensors, "read", counting_read)
+    report = run_smoke(model_dir, base, _options(memory_gb=64, max_new_tokens=6, kl_warn=math.inf))
     assert report["memory"]["generation_skipped"] is None
     assert [row["prompt"] for row in report["generations"]] == PROMPTS
+    assert len(reads[model_dir]) == len(set(reads[model_dir]))  # nothing read twice
     degenerate = any(row["degenerate"] for row in report["generations"])
     # the base generates only when its continuations judge the merged ones (one degenerates)
     assert all(("base_text" in row) == degenerate for row in report["generations"])
+    loaded = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    eos = generation.eos_ids(model_dir, loaded.config, tokenizer)
+    expected = generation.generate_all(loaded, _ids(PROMPTS, model_dir), tokenizer, eos, 6, name="loaded")
+    assert [row["text"] for row in report["generations"]] == [g.text for g in expected]
+    assert [row["new_tokens"] for row in report["generations"]] == [len(g.new_tokens) for g in expected]
 
 
 def test_base_generates_only_to_judge_the_merged_continuations():

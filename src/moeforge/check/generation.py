@@ -1,26 +1,24 @@
-"""Greedy generation for the smoke test: the one check that loads a whole model, so only when it fits.
+"""Greedy generation for the smoke test: the one check that holds a whole model, so only when it fits.
 
 Every other smoke figure is computed one decoder layer at a time (``gates.layerwise``), but greedy
 decoding re-reads every weight for every new token; streamed from disk that is the whole
-checkpoint read ``max_new_tokens`` times per prompt. Generation therefore loads the model as a
-user would, one model at a time, and is skipped, with the reason and what to raise, when the
-memory budget is smaller than that load.
+checkpoint read ``max_new_tokens`` times per prompt. Generation therefore runs on a whole model,
+one model at a time, and is skipped, with the reason and what to raise, when the memory budget is
+smaller than that. The model is the one the streamed comparison loaded as it went (it keeps every
+module when generation follows), so the checkpoint is read once.
 """
 
 from __future__ import annotations
 
-import gc
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, GenerationConfig
+from transformers import GenerationConfig
 
-from moeforge.errors import BuildError
-from moeforge.gates.layerwise import CheckpointTensors, release_freed_memory
-from moeforge.io.hf_load import stdin_closed
+from moeforge.gates.layerwise import CheckpointTensors
 from moeforge.io.safetensors_file import ITEMSIZE
 from moeforge.memory_budget import MIB, MemoryBudget, gib, peak_rss, whole_model_mb
 
@@ -80,53 +78,17 @@ def eos_ids(model_dir: Path, config: Any, tokenizer: Any) -> list[int]:
     return sorted(ids)
 
 
-def generate_all(model_dir: Path, prompt_ids: list[torch.Tensor], tokenizer: Any, eos: list[int],
-                 max_new_tokens: int, device: str, dtype: str) -> list[Generation]:
-    """Load ``model_dir`` strictly, continue every prompt greedily, free the model."""
-    model, _ = load_strict(model_dir, device, dtype)
-    try:
-        generated = _generate(model, tokenizer, prompt_ids, eos, max_new_tokens, device)
-    finally:
-        del model
-        gc.collect()
-        release_freed_memory()
-    _log.info("generated with %s; peak memory so far %s", model_dir, gib(peak_rss()))
+def generate_all(model: torch.nn.Module, prompt_ids: list[torch.Tensor], tokenizer: Any, eos: list[int],
+                 max_new_tokens: int, name: str) -> list[Generation]:
+    """Continue every prompt greedily with ``model`` (the whole model, loaded), then log the peak memory."""
+    generated = _generate(model, tokenizer, prompt_ids, eos, max_new_tokens)
+    _log.info("generated with %s; peak memory so far %s", name, gib(peak_rss()))
     return generated
-
-
-def load_strict(model_dir: Path, device: str, dtype: str = "float32") -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Load as users would, and fail on any key that did not load exactly.
-
-    transformers re-initialises missing or mis-shaped weights and only logs it; such a model
-    runs and produces nonsense. Mismatched shapes are let through the loader so they can be
-    reported by name together with the other problems.
-    """
-    try:
-        with stdin_closed():
-            model, info = AutoModelForCausalLM.from_pretrained(
-                str(model_dir), dtype=getattr(torch, dtype), output_loading_info=True,
-                trust_remote_code=False, local_files_only=True, ignore_mismatched_sizes=True,
-            )
-    except Exception as exc:  # any loader failure is a build fault; keep its message
-        raise BuildError(f"transformers cannot load the model: {type(exc).__name__}: {exc}",
-                         str(model_dir), "check config.json and the tensor index") from exc
-    summary = {
-        "missing_keys": sorted(info["missing_keys"]),
-        "unexpected_keys": sorted(info["unexpected_keys"]),
-        "mismatched_keys": sorted(f"{k} (file {list(a)} vs model {list(b)})"
-                                  for k, a, b in info["mismatched_keys"]),
-        "error_msgs": [str(m) for m in info["error_msgs"]],
-    }
-    problems = [f"{len(v)} {k.replace('_', ' ')}" for k, v in summary.items() if v]
-    if problems:
-        raise BuildError("; ".join(problems), str(model_dir),
-                         "the tensor names or shapes do not match the model class that config.json names")
-    return model.to(device), summary
 
 
 @torch.inference_mode()
 def _generate(model: torch.nn.Module, tokenizer: Any, prompt_ids: list[torch.Tensor], eos: list[int],
-              max_new_tokens: int, device: str) -> list[Generation]:
+              max_new_tokens: int) -> list[Generation]:
     """Plain greedy continuation of every prompt, in one left-padded batch.
 
     One batch, not one ``generate`` per prompt: each decoding step then runs every weight once for
@@ -145,6 +107,7 @@ def _generate(model: torch.nn.Module, tokenizer: Any, prompt_ids: list[torch.Ten
     for row, ids in enumerate(prompt_ids):
         batch[row, width - ids.shape[1]:] = ids[0]
         mask[row, width - ids.shape[1]:] = 1
+    device = next(model.parameters()).device
     out = model.generate(input_ids=batch.to(device), attention_mask=mask.to(device), generation_config=config)
     return [_until_eos(row[width:].tolist(), eos, tokenizer) for row in out]
 

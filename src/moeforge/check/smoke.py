@@ -33,6 +33,7 @@ rows, so every statistic here is over real prompt tokens only.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import math
@@ -49,7 +50,7 @@ from moeforge import __version__
 from moeforge.build.finite import nonfinite_counts
 from moeforge.check.generation import Generation, eos_ids, generate_all, skip_reason, whole_model_bytes
 from moeforge.errors import BuildError, ModelError, RecipeError
-from moeforge.gates.layerwise import check_loadable, load_config, stream_logits
+from moeforge.gates.layerwise import check_loadable, load_config, release_freed_memory, stream_logits
 from moeforge.io.hf_load import load_tokenizer
 from moeforge.io.safetensors_file import read_header
 from moeforge.memory_budget import GIB, MemoryBudget, gib, memory_budget, peak_rss
@@ -146,11 +147,11 @@ class _Runs:
     """Everything measured, gathered for the report; no generations when the budget forbade them."""
 
     merged: _Measured
-    base: _Measured | None
+    merged_text: list[Generation] | None
     routing_texts: list[str]
     top_k: int
     eos_ids: list[int]
-    merged_text: list[Generation] | None = None
+    base: _Measured | None = None
     base_text: list[Generation] | None = None
 
 
@@ -168,7 +169,8 @@ def run_smoke(model_dir: Path, base_dir: Path | None, opts: SmokeOptions) -> dic
     """Check the assembled model in ``model_dir`` (against ``base_dir`` when given); return the report.
 
     Everything but generation holds one module of one model at a time; generation holds one
-    whole model at a time, when the memory budget allows it.
+    whole model at a time, when the memory budget allows it, and the comparison then keeps each
+    module it loads, so that model is read from disk once.
     """
     model_dir = Path(model_dir)
     base_dir = None if base_dir is None else Path(base_dir)
@@ -184,16 +186,15 @@ def run_smoke(model_dir: Path, base_dir: Path | None, opts: SmokeOptions) -> dic
     skipped = skip_reason(need, budget, opts.dtype)
     _log_plan(budget, need, skipped)
     texts = _routing_texts(opts)
-    runs = _Runs(merged=_measure(model_dir, [_encode(tokenizer, t) for t in texts], len(prompt_ids), opts),
-                 base=None if base_dir is None else _measure(base_dir, prompt_ids, len(prompt_ids), opts),
-                 routing_texts=texts, top_k=int(getattr(config, "num_experts_per_tok", 1)),
-                 eos_ids=eos_ids(model_dir, config, tokenizer))
+    eos = eos_ids(model_dir, config, tokenizer)
+    generation = None if skipped is not None else (prompt_ids, tokenizer, eos, opts.max_new_tokens)
+    runs = _Runs(*_run_model(model_dir, [_encode(tokenizer, t) for t in texts], len(prompt_ids), opts, generation),
+                 routing_texts=texts, top_k=int(getattr(config, "num_experts_per_tok", 1)), eos_ids=eos)
+    if base_dir is not None:
+        judged = runs.merged_text is not None and _base_generation_needed(runs.merged_text, eos, opts)
+        runs.base, runs.base_text = _run_model(base_dir, prompt_ids, len(prompt_ids), opts,
+                                               generation if judged else None)
     _log.info("streamed comparison done; peak memory so far %s", gib(peak_rss()))
-    if skipped is None:
-        args = (prompt_ids, tokenizer, runs.eos_ids, opts.max_new_tokens, opts.device, opts.dtype)
-        runs.merged_text = generate_all(model_dir, *args)
-        if base_dir is not None and _base_generation_needed(runs.merged_text, runs.eos_ids, opts):
-            runs.base_text = generate_all(base_dir, *args)
     report = _new_report(model_dir, base_dir, opts, load_info, scan)
     report["memory"] = {"budget_gib": None if budget.limit is None else report_number(budget.limit / GIB),
                         "budget_source": budget.source, "whole_model_gib": report_number(need / GIB),
@@ -232,15 +233,27 @@ def _log_plan(budget: MemoryBudget, need: int, skipped: str | None) -> None:
         _log.info("greedy generation loads one whole model at a time, about %s: within the budget", gib(need))
 
 
-def _measure(model_dir: Path, ids: list[torch.Tensor], prompts: int, opts: SmokeOptions) -> _Measured:
-    """Logits of the first ``prompts`` texts and router logits of all, one module in memory at a time.
+def _run_model(model_dir: Path, ids: list[torch.Tensor], prompts: int, opts: SmokeOptions,
+               generation: tuple | None) -> tuple[_Measured, list[Generation] | None]:
+    """Logits of the first ``prompts`` texts and router logits of all, one module in memory at a time;
+    then, when ``generation`` gives the arguments of ``generate_all``, greedy continuations.
 
-    Each text is its own batch, unpadded, as a user's single-prompt forward pass sees it.
+    Each text is its own batch, unpadded, as a user's single-prompt forward pass sees it. To generate,
+    the streamed pass keeps every module it loads, so the whole model is read once; it is freed before
+    the next model is loaded.
     """
     streamed = stream_logits(model_dir, [(i, torch.ones_like(i)) for i in ids], device=opts.device,
-                             dtype=getattr(torch, opts.dtype), progress=False)
+                             dtype=getattr(torch, opts.dtype), progress=False, keep=generation is not None)
     routers = streamed.router_logits if streamed.sparse_layers else None
-    return _Measured([batch[0] for batch in streamed.logits[:prompts]], routers, streamed.sparse_layers)
+    measured = _Measured([batch[0] for batch in streamed.logits[:prompts]], routers, streamed.sparse_layers)
+    if streamed.model is None:
+        return measured, None
+    try:
+        return measured, generate_all(streamed.model, *generation, name=str(model_dir))
+    finally:
+        streamed.model = None
+        gc.collect()
+        release_freed_memory()
 
 
 def _fill_report(report: dict[str, Any], runs: _Runs, opts: SmokeOptions) -> list[tuple[str, str]]:
@@ -562,26 +575,6 @@ def _config_summary(model_dir: Path) -> dict[str, Any]:
     return {k: config[k] for k in _CONFIG_KEYS if k in config}
 
 
-
-
 def _short(text: str, width: int = 40) -> str:
     """A prompt shortened for one-line messages."""
     return repr(text if len(text) <= width else text[: width - 1] + "…")
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-

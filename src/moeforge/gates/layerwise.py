@@ -26,6 +26,7 @@ Two per-layer vectors are available to the gates:
 from __future__ import annotations
 
 import ctypes
+import inspect
 import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -246,7 +247,8 @@ def all_finite(tensor: torch.Tensor, chunk: int = 1 << 24) -> bool:
 class _Runner:
     """Holds the skeleton and the checkpoint, and materialises one module at a time."""
 
-    def __init__(self, base_dir: Path, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(self, base_dir: Path, device: torch.device, dtype: torch.dtype, keep: bool = False) -> None:
+        self.keep = keep
         self.config = load_config(base_dir)
         self.model = build_skeleton(self.config).to(dtype)
         self.base = self.model.base_model
@@ -257,7 +259,12 @@ class _Runner:
         self.module_names = {id(m): n for n, m in self.model.named_modules()}
 
     def materialise(self, module: torch.nn.Module) -> torch.nn.Module:
-        """Give ``module`` its checkpoint weights (cast to the compute dtype) on the device."""
+        """Give ``module`` its checkpoint weights (cast to the compute dtype) on the device.
+
+        A runner that keeps the model loads each module once: a module it already holds is returned as it is.
+        """
+        if self.keep and not any(p.is_meta for p in module.parameters()):
+            return module
         prefix = self.module_names[id(module)] + "."
         tensors = self.store.read(self.conversion.sources_under(prefix))
         self._check_finite(tensors)
@@ -269,6 +276,43 @@ class _Runner:
         outcome = self.conversion.load(tensors, self.device, self.dtype)
         self._check_outcome(module, prefix, outcome)
         return module
+
+    def release(self, *modules: torch.nn.Module) -> None:
+        """Free the modules' weights (back to the meta device), unless this runner keeps the whole model."""
+        if self.keep:
+            return
+        for module in modules:
+            module.to("meta")
+        release_freed_memory()
+
+    def output_head(self) -> torch.nn.Module:
+        """The output head, materialised; shared with the loaded input embedding when the config ties them,
+        as the loaded model shares it (a kept model then holds the matrix once)."""
+        head, embed = self.model.get_output_embeddings(), self.base.embed_tokens
+        if self.keep and self.conversion.tied_parameters() and not embed.weight.is_meta:
+            head.weight = embed.weight
+            return head
+        return self.materialise(head)
+
+    def whole_model(self) -> torch.nn.Module:
+        """The causal LM with every module loaded, ready to ``generate``: what a streamed pass of a keeping
+        runner left resident, completed with whatever that pass did not load.
+
+        The weights went through the same conversion as every streamed module, and the key check of the
+        whole checkpoint (``check_loadable``) stands for ``from_pretrained``'s strictness, so this model is
+        the one a user loads, without reading the checkpoint a second time.
+        """
+        for module in (self.base.embed_tokens, *self.base.layers, self.base.norm):
+            self.materialise(module)
+        self.output_head()
+        self.base.rotary_emb = self.rotary()
+        unloaded = [name for name, tensor in (*self.model.named_parameters(), *self.model.named_buffers())
+                    if tensor.is_meta]
+        if unloaded:
+            raise ModelError(f"{len(unloaded)} tensor(s) of the model were not loaded, e.g. {unloaded[0]}",
+                             where=str(self.store.base_dir),
+                             fix="this architecture cannot be loaded module by module; use a llama-style decoder")
+        return self.model.eval()
 
     def prefetch_layers(self, *indices: int) -> None:
         """Start reading these decoder layers' weights (those that exist) from disk; see CheckpointTensors.prefetch."""
@@ -286,9 +330,10 @@ class _Runner:
         module = self.base.embed_tokens
         prefix = self.module_names[id(module)] + "."
         names = self.conversion.sources_under(prefix)
-        if type(module) is not torch.nn.Embedding or [self.conversion.targets[n] for n in names] != [prefix + "weight"]:
+        whole = self.keep or type(module) is not torch.nn.Embedding
+        if whole or [self.conversion.targets[n] for n in names] != [prefix + "weight"]:
             rows = self.materialise(module)(ids.to(self.device))
-            module.to("meta")
+            self.release(module)
             return rows
         rows, shape = self.store.read_rows(names[0], ids.tolist())
         expected = tuple(module.weight.shape)
@@ -381,13 +426,15 @@ class _Runner:
                 where="config.json layer_types",
                 fix="layer-by-layer runs support full and sliding-window attention",
             )
+        # No cache: the argument's name changed within transformers 5.x (past_key_values, then cache).
+        no_cache = {"cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values": None}
         return {
             kind: builders[kind](
                 config=self.base.config,
                 inputs_embeds=embeds,
                 attention_mask=attention_mask,
-                past_key_values=None,
                 position_ids=positions,
+                **no_cache,
             )
             for kind in sorted(kinds)
         }
@@ -494,8 +541,7 @@ def _run_layer(runner: _Runner, index: int, prepared: list[_Batch],
     finally:
         for hook in hooks:
             hook.remove()
-        layer.to("meta")
-        release_freed_memory()
+        runner.release(layer)
     return captured
 
 
@@ -521,6 +567,7 @@ class StreamedLogits:
     logits: list[Any]
     router_logits: list[list[torch.Tensor]]
     sparse_layers: list[int]
+    model: torch.nn.Module | None = None
 
 
 def stream_logits(
@@ -531,6 +578,7 @@ def stream_logits(
     dtype: torch.dtype = torch.float32,
     progress: bool = True,
     reduce: Callable[[int, torch.Tensor], Any] | None = None,
+    keep: bool = False,
 ) -> StreamedLogits:
     """Run ``batches`` through the whole model, holding one module's weights at a time.
 
@@ -539,8 +587,11 @@ def stream_logits(
     the largest of those modules plus the batches' activations. ``reduce(b, logits)``, when given,
     replaces batch b's logits as soon as they are computed, so many batches (a whole evaluation)
     go through one read of the weights while only one batch's logits exist at a time.
+
+    ``keep`` keeps every module once loaded, for a caller whose memory budget holds the whole model and
+    who goes on to generate: the result's ``model`` is then the whole model, read from disk once.
     """
-    runner = _Runner(Path(model_dir), torch.device(device), dtype)
+    runner = _Runner(Path(model_dir), torch.device(device), dtype, keep=keep)
     sparse = [i for i, layer in enumerate(runner.base.layers) if router_of(layer) is not None]
     prepared = _embed_batches(runner, batches)
     routers: list[list[torch.Tensor]] = [[] for _ in prepared]
@@ -551,7 +602,8 @@ def stream_logits(
         captured = _run_layer(runner, index, prepared, capture=("router_logits",))
         for per_batch, router in zip(routers, captured["router_logits"], strict=True):
             per_batch.append(router.float().cpu())
-    return StreamedLogits(_head_logits(runner, prepared, reduce or (lambda _, logits: logits)), routers, sparse)
+    logits = _head_logits(runner, prepared, reduce or (lambda _, logits: logits))
+    return StreamedLogits(logits, routers, sparse, runner.whole_model() if keep else None)
 
 
 @torch.no_grad()
@@ -559,13 +611,11 @@ def _head_logits(runner: _Runner, prepared: list[_Batch], reduce: Callable[[int,
     """Final norm and output head over every batch's last hidden states, each batch's logits
     reduced at once; norm and head dropped afterwards."""
     norm = runner.materialise(runner.base.norm)
-    head = runner.materialise(runner.model.get_output_embeddings())
+    head = runner.output_head()
     try:
         return [reduce(b, head(norm(batch.hidden)).float().cpu()) for b, batch in enumerate(prepared)]
     finally:
-        norm.to("meta")
-        head.to("meta")
-        release_freed_memory()
+        runner.release(norm, head)
 
 
 def check_loadable(model_dir: Path) -> tuple[LoadOutcome, int]:
