@@ -8,6 +8,7 @@ transformers in float32.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from pathlib import Path
@@ -194,6 +195,25 @@ def test_streamed_check_holds_one_layer_at_a_time(builds, monkeypatch):
         assert all(n.startswith("model.layers.") for n in names) or not any(
             n.startswith("model.layers.") for n in names), names
     assert ["model.embed_tokens.weight"] in reads[-2:]  # tied: the head is the input embedding, read alone
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_a_kept_model_is_whole_and_owns_its_memory(builds, tied):
+    """Kept in the checkpoint's own dtype, a tensor read is the memory-mapped file itself; the kept model
+    must hold copies, or the file's touched pages stay resident beside them (twice the model's size)."""
+    model_dir, _ = builds("llama", tied)
+    stored = json.loads((model_dir / "config.json").read_text())["dtype"]
+    ids = _ids(PROMPTS[:1], model_dir)
+    streamed = stream_logits(model_dir, [(i, torch.ones_like(i)) for i in ids], dtype=getattr(torch, stored),
+                             progress=False, keep=True)
+    model = streamed.model
+    tensors = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers())
+    assert tensors and not [n for n, t in tensors.items() if t.is_meta]
+    assert not [n for n, t in tensors.items() if not t.untyped_storage().resizable()]
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
+    with torch.no_grad():
+        whole = model(input_ids=ids[0]).logits[0]
+    torch.testing.assert_close(whole, streamed.logits[0][0].to(whole.dtype), atol=0, rtol=0)
 
 
 def test_over_budget_skips_generation_and_says_what_to_raise(builds, monkeypatch, caplog):
