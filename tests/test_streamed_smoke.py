@@ -235,7 +235,7 @@ def test_over_budget_skips_generation_and_says_what_to_raise(builds, monkeypatch
     assert first < next(i for i, m in enumerate(messages) if m.startswith("streamed comparison done"))
 
 
-@pytest.mark.parametrize(("family", "tied"), [("llama", False), ("qwen2", True)])
+@pytest.mark.parametrize(("family", "tied"), [("llama", False), ("qwen2", True), ("qwen3", False)])
 def test_within_budget_generates_what_the_loaded_model_generates(builds, monkeypatch, family, tied):
     """Generation runs on the modules the comparison kept: each tensor is read from disk once, and the
     continuations are those of the model as transformers loads it."""
