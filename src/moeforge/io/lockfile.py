@@ -9,17 +9,14 @@ naming the file, never a KeyError in a later job.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from moeforge.errors import FetchError, RecipeError
 from moeforge.io.fetch import hub_errors
 from moeforge.io.files import read_json
 from moeforge.io.refs import parse_ref
-from moeforge.plan.schema import schema_errors
+from moeforge.plan.schema import package_schema, schema_errors
 
 LOCK_NAME = "moeforge.lock.json"
 #: The lock format this code writes and reads; a greater number comes from a newer moeforge.
@@ -100,10 +97,6 @@ def resolve_lock_ref(raw: str) -> LockRef:
     return LockRef(raw, lock, repo_id=ref.repo_id, revision=lock.parent.name)
 
 
-def _schema() -> dict[str, Any]:
-    return yaml.safe_load(resources.files("moeforge").joinpath("schemas/lock.schema.yaml").read_text())
-
-
 def read_lock(path: Path) -> dict[str, Any]:
     """A lock file, checked: JSON, a version this code reads, every field moeforge relies on."""
     data = read_json(path, "", RecipeError, _FIX)
@@ -113,7 +106,7 @@ def read_lock(path: Path) -> dict[str, Any]:
     if isinstance(version, int) and not isinstance(version, bool) and version > LOCK_VERSION:
         raise RecipeError(f"written by a newer moeforge (moeforge_lock_version {version}; this moeforge reads "
                           f"version {LOCK_VERSION})", str(path), "upgrade moeforge and rerun")
-    schema = _schema()
+    schema = package_schema("lock")
     missing = [key for key in schema["required"] if key not in data]
     if missing:
         raise RecipeError(f"not a complete moeforge lock: missing {', '.join(missing)}", str(path), _FIX)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -18,7 +17,7 @@ import yaml
 
 from moeforge.errors import RecipeError
 from moeforge.io.files import read_text, yaml_problem
-from moeforge.plan.schema import schema_errors
+from moeforge.plan.schema import package_schema, schema_errors
 
 MERGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 PROMPTLESS_GATE_MODES = ("random", "uniform_random")
@@ -76,12 +75,8 @@ class Recipe:
         return data
 
 
-def _schema() -> dict[str, Any]:
-    return yaml.safe_load(resources.files("moeforge").joinpath("schemas/recipe.schema.yaml").read_text())
-
-
 #: Every gate mode, in the schema's order: the schema is the one place that lists them.
-GATE_MODES: tuple[str, ...] = tuple(_schema()["properties"]["gate_mode"]["enum"])
+GATE_MODES: tuple[str, ...] = tuple(package_schema("recipe")["properties"]["gate_mode"]["enum"])
 
 
 def _expert_name(ref: str) -> str:
@@ -116,7 +111,7 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
     if not isinstance(data, dict):
         raise RecipeError("a recipe must be a YAML mapping with base_model and experts", source,
                           "see config/recipes/ for examples")
-    problems = schema_errors(data, _schema())
+    problems = schema_errors(data, package_schema("recipe"))
     if problems:
         more = f"\n  ({len(problems) - 1} more problem(s) below)\n  " + "\n  ".join(problems[1:]) if len(problems) > 1 else ""
         raise RecipeError(problems[0] + more, source, "fix the recipe (keys and types are listed in the README)")

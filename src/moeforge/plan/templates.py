@@ -24,7 +24,7 @@ from typing import Any, Mapping
 import yaml
 
 from moeforge.errors import ModelError, TemplateError
-from moeforge.plan.schema import closest, schema_errors
+from moeforge.plan.schema import YAML_LOADER, closest, package_schema, schema_errors
 
 INTEGER_PARAMS = (
     "hidden_size",
@@ -182,7 +182,7 @@ def _deep_merge(parent: dict[str, Any], child: Mapping[str, Any]) -> dict[str, A
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=YAML_LOADER)
     except yaml.YAMLError as exc:
         raise TemplateError(f"not valid YAML: {exc}", str(path), "fix the template's syntax") from None
     if not isinstance(data, dict):
@@ -205,15 +205,10 @@ def _resolve(path: Path, directory: Path, seen: tuple[str, ...] = ()) -> dict[st
     return merged
 
 
-def _schema() -> dict[str, Any]:
-    text = resources.files("moeforge").joinpath("schemas/architecture.schema.yaml").read_text()
-    return yaml.safe_load(text)
-
-
 def load_template(path: Path) -> InputFamily | OutputFamily:
     """Load, resolve ``extends``, validate and type one template file."""
     data = _resolve(path, path.parent)
-    problems = schema_errors(data, _schema())
+    problems = schema_errors(data, package_schema("architecture"))
     if problems:
         raise TemplateError(problems[0], str(path), "see schemas/architecture.schema.yaml")
     source = str(path)
