@@ -341,7 +341,8 @@ class _Runner:
 
         Only these rows are read: the whole matrix would be the largest tensor a streamed pass holds
         (a 128k vocabulary at hidden 2048 is 1 GiB in float32, four times a 1B-class layer). An
-        embedding module of another kind (one that scales its output) is loaded whole and applied.
+        embedding module of another kind (one that scales its output) is loaded whole and applied, and
+        so is every embedding of a runner that keeps the model (generation needs all of it).
         """
         module = self.base.embed_tokens
         prefix = self.module_names[id(module)] + "."
