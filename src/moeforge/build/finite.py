@@ -4,8 +4,8 @@ A NaN in one source expert otherwise surfaces only at the smoke test, as a model
 garbage, with nothing pointing at the file at fault. Every byte of a shard passes the writer's
 buffer once (where it is also hashed); this scan looks at every float's exponent bits there,
 which needs no float decoding and no more memory than one buffer. A non-finite value is then
-traced to the plan row, source model and file it came from. Files already written (the smoke
-test's check of a model directory) are read in chunks and scanned the same way.
+traced to the plan row, source model and file it came from. Files already written (``verify``'s
+check of a model built elsewhere) are read in chunks and scanned the same way.
 """
 
 from __future__ import annotations

@@ -188,8 +188,10 @@ def run_smoke(model_dir: Path, base_dir: Path | None, opts: SmokeOptions) -> dic
     texts = _routing_texts(opts)
     eos = eos_ids(model_dir, config, tokenizer)
     generation = None if skipped is not None else (prompt_ids, tokenizer, eos, opts.max_new_tokens)
-    runs = _Runs(*_run_model(model_dir, [_encode(tokenizer, t) for t in texts], len(prompt_ids), opts, generation),
-                 routing_texts=texts, top_k=int(getattr(config, "num_experts_per_tok", 1)), eos_ids=eos)
+    merged, merged_text = _run_model(model_dir, [_encode(tokenizer, t) for t in texts], len(prompt_ids), opts,
+                                     generation)
+    runs = _Runs(merged=merged, merged_text=merged_text, routing_texts=texts,
+                 top_k=int(getattr(config, "num_experts_per_tok", 1)), eos_ids=eos)
     if base_dir is not None:
         judged = runs.merged_text is not None and _base_generation_needed(runs.merged_text, eos, opts)
         runs.base, runs.base_text = _run_model(base_dir, prompt_ids, len(prompt_ids), opts,
