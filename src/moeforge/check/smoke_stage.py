@@ -26,10 +26,6 @@ def is_identity_build(plan: Mapping[str, Any]) -> bool:
     return unmodified and not rope_changed and not recipe["shared_experts"]
 
 
-
-
-
-
 def smoke_options(plan: Mapping[str, Any], device: str, max_new_tokens: int, dtype: str = "auto",
                   memory_gb: float | None = None, job_mem_mb: int | None = None) -> Any:
     from moeforge.check.smoke import SmokeOptions, smoke_prompts
