@@ -8,9 +8,10 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
+from moeforge.memory_budget import whole_model_mb
 from moeforge.plan.rows import SHARD_TARGET_BYTES, _layer_groups, group_shards, layer_bytes
 from moeforge.plan.table import GATES_SOURCE, ROUTERS_SHARD
-from moeforge.resources import GATE_THREADS, gates_threads, shard_mem_mb
+from moeforge.resources import GATE_THREADS, gates_threads, shard_mem_mb, smoke_dtype, smoke_mem_mb
 
 SMOLLM2 = {"hidden_size": 576, "intermediate_size": 1536, "kv": 192, "num_hidden_layers": 30, "vocab": 49152}
 LLAMA_1B = {"hidden_size": 2048, "intermediate_size": 8192, "kv": 512, "num_hidden_layers": 16, "vocab": 128256}
@@ -100,3 +101,22 @@ def test_shard_memory_follows_one_layer_not_the_run_of_layers():
     assert one_layer == shard_mem_mb(plan, "layers-29-29")
     assert shard_mem_mb(plan, ROUTERS_SHARD) == 500 < one_layer
     assert shard_mem_mb(plan, "globals") > 500
+
+
+def _smoke_plan(expert_sources: list[str], gib_out: float) -> dict:
+    """A bf16 plan whose experts come from these sources (``base``: the base model), unmodified."""
+    experts = [{"source_model": s, "noise_scale": None, "residual_scale": None} for s in expert_sources]
+    return {"recipe": {"base_model": "base", "experts": experts, "shared_experts": [], "rope_scaling": "preserve"},
+            "base_params": {"rope": {"scaling": None}}, "dtype_out": "BF16",
+            "shard_bytes": {"globals": int(gib_out * 2**30)}}
+
+
+def test_the_smoke_test_runs_a_merge_in_its_own_dtype_and_an_identity_build_in_float32():
+    merge, identity = _smoke_plan(["base", "code", "math"], 0.5), _smoke_plan(["base", "base"], 0.5)
+    assert smoke_dtype(merge, "auto") == "bfloat16"
+    assert smoke_dtype(identity, "auto") == "float32"
+    assert smoke_dtype(_smoke_plan(["base", "base"], 5), "auto") == "bfloat16"  # 10 GiB in float32
+    assert smoke_dtype(merge, "float32") == "float32"
+    # the memory request covers the whole model in that dtype: twice the bytes in float32
+    assert smoke_mem_mb(merge, "auto") == whole_model_mb(2**29)
+    assert smoke_mem_mb(identity, "auto") == whole_model_mb(2**30)

@@ -14,16 +14,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from moeforge.io.fetch import weights_dir_of
+from moeforge.plan.identity import is_identity_build
 from moeforge.resources import smoke_dtype
-
-
-def is_identity_build(plan: Mapping[str, Any]) -> bool:
-    """Every expert is the base, unmodified: the MoE must then compute exactly the base model."""
-    recipe = plan["recipe"]
-    rope_changed = plan["base_params"]["rope"]["scaling"] is not None and recipe["rope_scaling"] != "preserve"
-    unmodified = all(e["source_model"] == recipe["base_model"] and not e["noise_scale"]
-                     and e["residual_scale"] in (None, 1.0) for e in recipe["experts"])
-    return unmodified and not rope_changed and not recipe["shared_experts"]
 
 
 def smoke_options(plan: Mapping[str, Any], device: str, max_new_tokens: int, dtype: str = "auto",
