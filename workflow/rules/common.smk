@@ -89,6 +89,12 @@ def base_slug(wildcards):
     return slug(RECIPES[wildcards.merge].base_model)
 
 
+def fetch_weights_priority(wildcards):
+    """A merge's base before its experts: the gates job waits for the base's weights alone."""
+    bases = {slug(recipe.base_model) for recipe in RECIPES.values()}
+    return 11 if wildcards.slug in bases else 10
+
+
 def local_model_input(wildcards):
     """A local model's files (an edit in place reruns what used them); the demo's directory (built here)."""
     ref = REFS[wildcards.slug]

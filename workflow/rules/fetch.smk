@@ -30,8 +30,8 @@ rule fetch_weights:
     benchmark:
         "resources/models/{slug}/benchmarks/fetch_weights.tsv"
     # The gates and every shard wait for every fetch; one model's hash job (needed only by assembly)
-    # does not run before another model's fetch.
-    priority: 10
+    # does not run before another model's fetch. The base first: the gates need only its weights.
+    priority: fetch_weights_priority
     resources:
         mem_mb=1000,
         runtime=600,
@@ -50,10 +50,11 @@ rule hash_weights:
         "logs/hash_weights/{slug}.log",
     benchmark:
         "resources/models/{slug}/benchmarks/hash_weights.tsv"
-    # Before the shard jobs: reading whole files in order is the fastest way to get the weights off
-    # the disk, and the shards then read them from the page cache (a 1B-class build, one cold run
-    # each: 40 s with this order, 52 s with the hashes last).
-    priority: 5
+    # After the shard jobs (priority 1), which write the output, on most disks the slowest part of a
+    # build: the writes start at once, and the hashes then read the weights the shards left in the
+    # page cache. A 1B-class build (four experts, 7.3 GB written at 0.36 GB/s, read at 2 GB/s):
+    # 29 s in this order, 37-40 s with the hashes first.
+    priority: 0
     resources:
         mem_mb=500,
         runtime=120,
