@@ -27,7 +27,7 @@ from moeforge.io.files import sha256_file
 from moeforge.io.safetensors_file import OutTensor, write_safetensors
 from moeforge.plan.merges import merges_to_build
 from moeforge.plan.recipe import parse_recipe
-from pipeline import build, plan_only
+from pipeline import build, fetch_all, plan_only, write_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile")]
@@ -237,6 +237,25 @@ def test_a_prompt_longer_than_the_base_context_is_refused_at_validation(tmp_path
                                           rf"the base model's max_position_embeddings \({limit}\)"):
         plan_only(tmp_path, hidden_recipe(models, ["short"], [long_prompt]))
     assert not (tmp_path / "results" / "m" / "plan.json").exists()
+
+
+def test_the_prompt_check_beside_the_plan_raises_its_error_in_the_validate_job(tmp_path, models):
+    """The token check runs in a helper process (moeforge.plan.prompt_check); its error keeps its class,
+    place and fix when it crosses back, and a helper that dies without a verdict is a clear error."""
+    from moeforge.plan.prompt_check import PromptCheck
+
+    limit = json.loads((models["base"] / "config.json").read_text())["max_position_embeddings"]
+    recipe = write_recipe(tmp_path / "r.yaml", hidden_recipe(models, ["short"], [" ".join(["hi"] * 2 * limit)]))
+    base_meta = fetch_all(tmp_path, [str(models["base"])])[str(models["base"])]
+    with PromptCheck(recipe, base_meta) as check, pytest.raises(RecipeError) as info:
+        check.result()
+    assert info.value.where.startswith("experts[1]") and info.value.fix == f"shorten it to at most {limit} tokens"
+    with PromptCheck(recipe, tmp_path / "no-such-model") as check, pytest.raises(ModelError) as info:
+        check.result()
+    assert info.value.where == str(tmp_path / "no-such-model") and "tokenizer" in info.value.what
+    with PromptCheck(recipe, base_meta) as check, pytest.raises(BuildError, match="exit code -9 and no verdict"):
+        check._process.kill()  # as the out-of-memory killer would
+        check.result()
 
 
 def test_ill_conditioned_router_warns_like_mergekit(tmp_path, models):

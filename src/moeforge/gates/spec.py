@@ -148,7 +148,11 @@ def named_groups(spec: GateSpec) -> list[tuple[str, ExpertPrompts]]:
 
 def gate_spec(plan: Mapping[str, Any]) -> Any:
     """The GateSpec a plan's recipe asks for."""
-    recipe = plan["recipe"]
+    return recipe_gate_spec(plan["recipe"])
+
+
+def recipe_gate_spec(recipe: Mapping[str, Any]) -> Any:
+    """The GateSpec of a recipe in its plan form (``Recipe.to_dict()``)."""
 
     def prompts(items: list[Mapping[str, Any]]) -> tuple[Any, ...]:
         return tuple(ExpertPrompts(e["name"], tuple(e["positive_prompts"]), tuple(e["negative_prompts"]))

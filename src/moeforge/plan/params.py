@@ -8,12 +8,27 @@ implied. Validation and translation compare and emit these normalised values onl
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Mapping
 
 from moeforge.errors import ModelError
+from moeforge.io.fetch import REFETCH_FIX
+from moeforge.io.files import read_json
+from moeforge.plan import templates as arch
 from moeforge.plan.templates import INTEGER_PARAMS, InputFamily
 
 REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+
+
+def read_params(ref: str, meta_dir: Path) -> tuple[dict[str, Any], InputFamily, dict[str, Any]]:
+    """A fetched source's config.json, its architecture family (by model_type) and normalised parameters."""
+    config = read_json(meta_dir / "config.json", f"model {ref}", ModelError, REFETCH_FIX)
+    where = f"model {ref} (config.json)"
+    model_type = config.get("model_type")
+    if not model_type:
+        raise ModelError("config.json has no model_type", where, "is this a transformers causal LM?")
+    family = arch.input_family_for(model_type, where)
+    return config, family, normalise(config, family, where)
 
 
 def rope_of(config: Mapping[str, Any], default_theta: float) -> dict[str, Any]:

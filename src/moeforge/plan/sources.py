@@ -18,7 +18,7 @@ from moeforge.io.inventory_table import read_inventory
 from moeforge.io.refs import parse_ref
 from moeforge.io.safetensors_file import TensorEntry
 from moeforge.plan import templates as arch
-from moeforge.plan.params import normalise
+from moeforge.plan.params import read_params
 from moeforge.plan.recipe import Recipe
 from moeforge.plan.templates import InputFamily, OutputFamily, TensorSpec
 
@@ -52,13 +52,7 @@ class PlanContext:
 
 def load_source(ref: str, meta_dir: Path) -> Source:
     """Read a fetched source's metadata and classify it by model_type."""
-    config = read_json(meta_dir / "config.json", f"model {ref}", ModelError, REFETCH_FIX)
-    where = f"model {ref} (config.json)"
-    model_type = config.get("model_type")
-    if not model_type:
-        raise ModelError("config.json has no model_type", where, "is this a transformers causal LM?")
-    family = arch.input_family_for(model_type, where)
-    params = normalise(config, family, where)
+    config, family, params = read_params(ref, meta_dir)
     return Source(ref=ref, slug=parse_ref(ref).slug, meta_dir=meta_dir, config=config, family=family,
                   params=params, inventory=read_inventory(meta_dir / "inventory.tsv"),
                   source_json=json.loads((meta_dir / "source.json").read_text()))
