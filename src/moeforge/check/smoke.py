@@ -37,6 +37,7 @@ import gc
 import json
 import logging
 import math
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -250,11 +251,13 @@ def _run_model(model_dir: Path, ids: list[torch.Tensor], prompts: int, opts: Smo
     measured = _Measured([batch[0] for batch in streamed.logits[:prompts]], routers, streamed.sparse_layers)
     if streamed.model is None:
         return measured, None
+    alive = weakref.ref(streamed.model)
     try:
         return measured, generate_all(streamed.model, *generation, name=str(model_dir))
     finally:
         streamed.model = None
-        gc.collect()
+        if alive() is not None:  # held by a reference cycle: a full collection (0.2 s or more) frees it
+            gc.collect()
         release_freed_memory()
 
 
