@@ -6,6 +6,7 @@ import logging
 import shutil
 import subprocess
 import sys
+import threading
 import types
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from moeforge.io.hf_load import load_tokenizer
 from moeforge.plan.recipe import load_recipe
 from moeforge.plan.sources import load_source
 from moeforge.runner import run
+from moeforge.scheduler_exit import cancel_rescheduling_timers
 from moeforge.tiny_models import build_dense_model
 
 #: A step that does what library code does (print, warn, log through transformers' own handler,
@@ -109,6 +111,17 @@ def _failing_step(smk: types.SimpleNamespace) -> None:
     print("second step")
     logging.getLogger("moeforge").info("second log")
     raise ZeroDivisionError("a bug")
+
+
+def test_the_workflow_hook_cancels_the_schedulers_pending_timers():
+    """As Snakemake's rate limiter leaves one behind each scheduling pass: a pending Timer is cancelled,
+    its thread ends (so the interpreter does not wait for it at exit) and its action never runs."""
+    fired = []
+    timer = threading.Timer(60, lambda: fired.append(True))
+    timer.start()
+    assert cancel_rescheduling_timers() >= 1
+    timer.join(5)
+    assert not timer.is_alive() and not fired
 
 
 def test_in_process_runs_restore_the_streams(tmp_path):
