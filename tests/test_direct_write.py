@@ -3,6 +3,7 @@ refuses O_DIRECT before Linux 6.6, so the writer goes on buffered there)."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 from pathlib import Path
@@ -61,3 +62,13 @@ def test_a_source_that_ends_early_is_one_model_error(tmp_path):
     with pytest.raises(ModelError, match=r"unexpected end of file at offset 100, inside the bytes of tensor 'w'"):
         write_safetensors(tmp_path / "out.safetensors", tensors)
     assert not list(tmp_path.glob("*out.safetensors*"))
+
+
+def test_a_failed_background_write_is_raised_in_the_job(tmp_path):
+    """The disk refusing a write (here /dev/full: no space) surfaces as the OSError itself, not lost in a thread."""
+    writer = DirectWriter("/dev/full")
+    with pytest.raises(OSError) as failed:
+        writer.write(bytes(3 * BUFFER_BYTES))
+        writer.close()
+    writer.abort()
+    assert failed.value.errno == errno.ENOSPC

@@ -8,6 +8,11 @@ shard jobs read, instead of output nobody reads soon, which also matters when th
 than memory. Every byte passes this buffer in file order, so the caller hashes and scans the
 bytes it writes in the same pass instead of reading the file back.
 
+Two buffers take turns: while one is hashed and written on a background thread (``hashlib`` and
+``os.write`` release the GIL), the job reads and scans the next bytes into the other. A shard job
+spends about as long reading as hashing and as writing; one after the other they took the sum,
+side by side they take nearer the longest.
+
 File systems without direct I/O (tmpfs before Linux 6.6, some network file systems) refuse the
 flag at open or at the first write; the writer then goes on buffered, with the same result. Where
 direct writes are allowed but slow (an NFS mount that makes each one a synchronous round trip),
@@ -21,6 +26,7 @@ import errno
 import fcntl
 import mmap
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import BinaryIO, Callable
 
 #: Buffer size: a multiple of every block size direct I/O requires, large enough that one system
@@ -34,17 +40,26 @@ Consume = Callable[[memoryview], object]
 
 
 class DirectWriter:
-    """Writes a new file sequentially; each piece of data is shown to ``consume`` as it is buffered."""
+    """Writes a new file sequentially. ``consume`` (the file's hash) sees every byte in file order, one
+    buffer at a time, on the writing thread; a call's own ``consume`` sees that call's bytes in the job's
+    thread, in pieces of at most one buffer, as they are buffered."""
 
     def __init__(self, path: os.PathLike[str] | str, consume: Consume = lambda piece: None) -> None:
         self._fd, self._direct = _open(path)
-        self._buffer = mmap.mmap(-1, BUFFER_BYTES)
-        self._view = memoryview(self._buffer)
+        self._buffers = [mmap.mmap(-1, BUFFER_BYTES) for _ in range(2)]
+        self._views = [memoryview(buffer) for buffer in self._buffers]
+        # The write in flight from each buffer. The job fills one while the other's write runs, and
+        # waits for a buffer's write before filling it again: at most one write is in flight.
+        self._writes: list[Future[None] | None] = [None, None]
+        self._current = 0
+        self._view = self._views[0]
         self._filled = 0
         self._consume = consume
+        # One worker: writes reach the file in the order they were handed over.
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="direct-write")
 
     def write(self, data: bytes | memoryview, consume: Consume | None = None) -> None:
-        """Append ``data``; the writer's ``consume``, then this call's, see it in pieces of at most one buffer."""
+        """Append ``data``; this call's ``consume`` sees it in pieces as it is buffered."""
         source = memoryview(data).cast("B")
         while source:
             n = min(len(source), BUFFER_BYTES - self._filled)
@@ -57,6 +72,7 @@ class DirectWriter:
                   on_short: Callable[[int], Exception]) -> None:
         """Append ``count`` bytes of ``src`` from ``offset``, read straight into the buffer; a file that
         ends first raises ``on_short(offset where it ended)``."""
+        os.posix_fadvise(src.fileno(), offset, count, os.POSIX_FADV_WILLNEED)
         src.seek(offset)
         while count:
             n = min(count, BUFFER_BYTES - self._filled)
@@ -70,6 +86,8 @@ class DirectWriter:
     def close(self) -> None:
         """Write what is buffered (the unaligned tail through the page cache) and close the file."""
         try:
+            self._wait_for(self._current ^ 1)
+            self._consume(self._view[:self._filled])
             aligned = self._filled - self._filled % _BLOCK
             self._write_out(self._view[:aligned])
             if self._direct and aligned != self._filled:
@@ -79,23 +97,37 @@ class DirectWriter:
             self.abort()
 
     def abort(self) -> None:
-        """Close the file and free the buffer without writing what is buffered."""
+        """Close the file and free the buffers without writing what is buffered."""
         if self._fd >= 0:
+            self._pool.shutdown(wait=True, cancel_futures=True)
             os.close(self._fd)
             self._fd = -1
-            # A piece still referenced (by a caller's traceback) keeps the mapping until it is freed.
-            with contextlib.suppress(BufferError):
-                self._view.release()
-                self._buffer.close()
+            # A piece still referenced (by a caller's traceback) keeps its mapping until it is freed.
+            for view, buffer in zip(self._views, self._buffers):
+                with contextlib.suppress(BufferError):
+                    view.release()
+                    buffer.close()
 
     def _take(self, piece: memoryview, n: int, consume: Consume | None) -> None:
-        self._consume(piece)
         if consume is not None:
             consume(piece)
         self._filled += n
         if self._filled == BUFFER_BYTES:
-            self._write_out(self._view)
+            self._writes[self._current] = self._pool.submit(self._consume_and_write, self._view)
+            self._current ^= 1
+            self._view = self._views[self._current]
             self._filled = 0
+            self._wait_for(self._current)
+
+    def _wait_for(self, index: int) -> None:
+        """The write from buffer ``index`` is done; its failure is raised here, in the job's thread."""
+        write, self._writes[index] = self._writes[index], None
+        if write is not None:
+            write.result()
+
+    def _consume_and_write(self, data: memoryview) -> None:
+        self._consume(data)
+        self._write_out(data)
 
     def _write_out(self, data: memoryview) -> None:
         while data:
