@@ -64,7 +64,7 @@ def test_a_source_that_ends_early_is_one_model_error(tmp_path):
     assert not list(tmp_path.glob("*out.safetensors*"))
 
 
-def test_a_failed_background_write_is_raised_in_the_job(tmp_path):
+def test_a_failed_background_write_is_raised_in_the_job():
     """The disk refusing a write (here /dev/full: no space) surfaces as the OSError itself, not lost in a thread."""
     writer = DirectWriter("/dev/full")
     with pytest.raises(OSError) as failed:

@@ -1,11 +1,11 @@
-"""Sequential file output through one page-aligned buffer, with O_DIRECT where the file system allows it.
+"""Sequential file output through page-aligned buffers, with O_DIRECT where the file system allows it.
 
 Why: a shard is written once and not read again until the smoke test, yet buffered writes cost
 the kernel about 3 s of CPU per GB on the machines measured (page allocation and reclaim of the
 page cache): more than all of moeforge's own work on the bytes. Written directly, aligned blocks
-go from this buffer to the disk (0.2-0.3 s/GB); the page cache keeps the source weights that the other
+go from these buffers to the disk (0.2-0.3 s/GB); the page cache keeps the source weights that the other
 shard jobs read, instead of output nobody reads soon, which also matters when the model is larger
-than memory. Every byte passes this buffer in file order, so the caller hashes and scans the
+than memory. Every byte passes these buffers in file order, so the caller hashes and scans the
 bytes it writes in the same pass instead of reading the file back.
 
 Two buffers take turns: while one is hashed and written on a background thread (``hashlib`` and
@@ -72,7 +72,6 @@ class DirectWriter:
                   on_short: Callable[[int], Exception]) -> None:
         """Append ``count`` bytes of ``src`` from ``offset``, read straight into the buffer; a file that
         ends first raises ``on_short(offset where it ended)``."""
-        os.posix_fadvise(src.fileno(), offset, count, os.POSIX_FADV_WILLNEED)
         src.seek(offset)
         while count:
             n = min(count, BUFFER_BYTES - self._filled)
