@@ -47,12 +47,10 @@ class DirectWriter:
     def __init__(self, path: os.PathLike[str] | str, consume: Consume = lambda piece: None) -> None:
         self._fd, self._direct = _open(path)
         self._buffers = [mmap.mmap(-1, BUFFER_BYTES) for _ in range(2)]
-        self._views = [memoryview(buffer) for buffer in self._buffers]
-        # The write in flight from each buffer. The job fills one while the other's write runs, and
-        # waits for a buffer's write before filling it again: at most one write is in flight.
-        self._writes: list[Future[None] | None] = [None, None]
-        self._current = 0
-        self._view = self._views[0]
+        # The job fills ``_view`` while the other buffer (``_spare``) is written, if it is.
+        self._view, self._spare = (memoryview(buffer) for buffer in self._buffers)
+        # At most one write is in flight: the spare's, waited for before the spare is filled again.
+        self._in_flight: Future[None] | None = None
         self._filled = 0
         self._consume = consume
         # One worker: writes reach the file in the order they were handed over.
@@ -85,7 +83,7 @@ class DirectWriter:
     def close(self) -> None:
         """Write what is buffered (the unaligned tail through the page cache) and close the file."""
         try:
-            self._wait_for(self._current ^ 1)
+            self._finish_write()
             self._consume(self._view[:self._filled])
             aligned = self._filled - self._filled % _BLOCK
             self._write_out(self._view[:aligned])
@@ -102,9 +100,11 @@ class DirectWriter:
             os.close(self._fd)
             self._fd = -1
             # A piece still referenced (by a caller's traceback) keeps its mapping until it is freed.
-            for view, buffer in zip(self._views, self._buffers):
+            for view in (self._view, self._spare):
                 with contextlib.suppress(BufferError):
                     view.release()
+            for buffer in self._buffers:
+                with contextlib.suppress(BufferError):
                     buffer.close()
 
     def _take(self, piece: memoryview, n: int, consume: Consume | None) -> None:
@@ -112,15 +112,14 @@ class DirectWriter:
             consume(piece)
         self._filled += n
         if self._filled == BUFFER_BYTES:
-            self._writes[self._current] = self._pool.submit(self._consume_and_write, self._view)
-            self._current ^= 1
-            self._view = self._views[self._current]
+            self._finish_write()
+            self._in_flight = self._pool.submit(self._consume_and_write, self._view)
+            self._view, self._spare = self._spare, self._view
             self._filled = 0
-            self._wait_for(self._current)
 
-    def _wait_for(self, index: int) -> None:
-        """The write from buffer ``index`` is done; its failure is raised here, in the job's thread."""
-        write, self._writes[index] = self._writes[index], None
+    def _finish_write(self) -> None:
+        """Wait for the write in flight; its failure is raised here, in the job's thread."""
+        write, self._in_flight = self._in_flight, None
         if write is not None:
             write.result()
 
