@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from moeforge.errors import ModelError, RecipeError
 from moeforge.gates import layerwise
 from moeforge.gates.compute import ExpertPrompts, GateSpec, compute_gates, write_gates
-from moeforge.gates.layerwise import iter_layer_hidden_states, position_ids_for
+from moeforge.gates.layerwise import PackedSequences, iter_layer_hidden_states, position_ids_for, stream_sequences
 from moeforge.plan.recipe import GATE_MODES
 from moeforge.tiny_models import build_dense_model
 
@@ -183,6 +183,26 @@ def test_streamed_forward_matches_full_model(models, family):
         router_input = torch.cat(state.mlp_in)
         torch.testing.assert_close(residual[real], reference[state.index][real], atol=1e-5, rtol=0)
         torch.testing.assert_close(router_input[real], recorder.captured[state.index][real], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
+def test_packed_prompts_each_give_the_logits_of_a_run_alone(models, family):
+    """Prompts packed into one row attend to themselves alone: each one's logits equal the whole model's on
+    that prompt by itself, with sliding windows shorter than the prompts (mistral, qwen2's later layers)."""
+    model_dir = models[family]
+    model = load_full(model_dir)
+    prompts = ["a list keeps items in order and allows duplicates", "bread", "def mean(values):", "the oven is hot"]
+    ids = [torch.tensor([tokens_of(model_dir, p)]) for p in prompts]
+    streamed = stream_sequences(model_dir, ids, progress=False)
+    assert [logits.shape[1] for logits in streamed.logits] == [i.shape[1] for i in ids]
+    with torch.no_grad():
+        for got, one in zip(streamed.logits, ids, strict=True):
+            torch.testing.assert_close(got, model(input_ids=one).logits, atol=1e-5, rtol=0)
+
+
+def test_packing_refuses_an_empty_sequence():
+    with pytest.raises(ValueError, match="at least one token"):
+        PackedSequences((torch.tensor([[1, 2]]), torch.zeros((1, 0), dtype=torch.long)))
 
 
 def test_streamed_forward_skips_the_last_layer_when_only_its_input_is_needed(models, monkeypatch):

@@ -20,20 +20,24 @@ MIB = 2**20
 EVAL_LOGITS_CHUNK_BYTES = 256 * MIB
 
 
-def smoke_dtype(plan: Mapping[str, Any], requested: str) -> str:
-    """The model's own dtype, as users run it; float32 for an identity build when it fits comfortably.
+def smoke_dtype(plan: Mapping[str, Any], requested: str, native_16bit: bool = False) -> str:
+    """The dtype the smoke test runs both models in: ``requested``, or for ``auto`` the model's own dtype,
+    as users run it, where the device computes that dtype natively; else float32 while the float32 copy
+    stays under FLOAT32_SMOKE_LIMIT.
 
-    An identity build must reproduce the base, which only float32 checks exactly (1e-4); any other
-    build is compared with its base within a dtype's noise, and in a 16-bit dtype its forward passes
-    and generation take half the memory and, on CPUs with bf16 instructions, half the time.
+    Without native 16-bit arithmetic (CPUs without AVX512-BF16 or AMX: most workstations) a bfloat16
+    matrix product is 7 times slower than a float32 one, so float32 runs the smoke test faster while it
+    fits. An identity build must reproduce the base, which only float32 checks exactly (1e-4), so it
+    runs in float32 whenever it fits. Called without ``native_16bit`` (at parse time, where the job's
+    device is unknown), the answer is the dtype the job's memory is requested for: float32 while small.
     """
     if requested != "auto":
         return requested
-    if not is_identity_build(plan):
-        return TORCH_NAME[plan["dtype_out"]]
+    stored = TORCH_NAME[plan["dtype_out"]]
+    if native_16bit and not is_identity_build(plan):
+        return stored
     size = sum(plan["shard_bytes"].values())
-    itemsize = ITEMSIZE[plan["dtype_out"]]
-    return "float32" if size * 4 // itemsize <= FLOAT32_SMOKE_LIMIT else TORCH_NAME[plan["dtype_out"]]
+    return "float32" if size * 4 // ITEMSIZE[plan["dtype_out"]] <= FLOAT32_SMOKE_LIMIT else stored
 
 
 def shard_mem_mb(plan: Mapping[str, Any] | None, shard: str) -> int:
@@ -46,9 +50,9 @@ def shard_mem_mb(plan: Mapping[str, Any] | None, shard: str) -> int:
 
 
 def smoke_mem_mb(plan: Mapping[str, Any] | None, requested_dtype: str) -> int:
-    """Enough for greedy generation, which loads one whole model at a time in float32 or its own dtype
-    (see smoke_dtype); the rest of the smoke test runs one layer at a time, and generation is skipped
-    when a smaller request is granted (see moeforge.memory_budget)."""
+    """Enough for greedy generation, which loads one whole model at a time in the dtype of smoke_dtype
+    (float32 while small, whatever the job's device); the rest of the smoke test runs one layer at a
+    time, and generation is skipped when a smaller request is granted (see moeforge.memory_budget)."""
     if not plan:
         return 2000
     size = sum(plan["shard_bytes"].values())

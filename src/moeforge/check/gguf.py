@@ -138,10 +138,10 @@ def reference_logits(model_dir: Path, ids: Sequence[Sequence[int]]) -> list[Any]
     """transformers' float32 logits [T, V] per prompt, one layer of the model in memory at a time."""
     import torch
 
-    from moeforge.gates.layerwise import stream_logits
+    from moeforge.gates.layerwise import stream_sequences
 
-    batches = [(torch.tensor([seq]), torch.ones(1, len(seq), dtype=torch.long)) for seq in ids]
-    return [batch[0].numpy() for batch in stream_logits(model_dir, batches, progress=False).logits]
+    streamed = stream_sequences(model_dir, [torch.tensor(seq) for seq in ids], progress=False)
+    return [logits[0].numpy() for logits in streamed.logits]
 
 
 def gguf_outputs(gguf: Path, ids: Sequence[Sequence[int]], prompts: Sequence[str],

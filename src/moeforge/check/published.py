@@ -172,19 +172,21 @@ def next_token_comparison(rebuilt_dir: Path, published_dir: Path, prompts: list[
     memory, not two models'. A published model that cannot be run is a note, not a crash.
     """
     from moeforge.check.smoke import compare_logits
-    from moeforge.gates.layerwise import stream_logits
+    from moeforge.gates.layerwise import stream_sequences
     from moeforge.io.hf_load import load_tokenizer
 
     tokenizer = load_tokenizer(rebuilt_dir, ModelError, "the rebuilt model's tokenizer", "rerun assemble")
-    ids = [tokenizer(p, return_tensors="pt").input_ids for p in prompts]
-    batches = [(i, torch.ones_like(i)) for i in ids if i.shape[1]]
+    ids = [i for i in (tokenizer(p, return_tensors="pt").input_ids for p in prompts) if i.shape[1]]
+    if not ids:
+        notes.append("next-token comparison skipped: no prompt has a token")
+        return None
     try:
-        published = stream_logits(published_dir, batches, progress=False).logits
+        published = stream_sequences(published_dir, ids, progress=False).logits
     except Exception as exc:  # whatever the published files hold, the report still stands
         notes.append(f"next-token comparison skipped: the published model cannot be run ({type(exc).__name__}: "
                      f"{exc})")
         return None
-    rebuilt = stream_logits(rebuilt_dir, batches, progress=False).logits
+    rebuilt = stream_sequences(rebuilt_dir, ids, progress=False).logits
     return compare_logits([b[0] for b in published], [b[0] for b in rebuilt])
 
 

@@ -27,8 +27,8 @@ Thresholds, and why:
   of its fair share (``1/E``) of the top-k routing slots. With few prompt tokens this threshold
   falls below one slot, so it then flags exactly the experts that receive none.
 
-Prompts run one at a time, unpadded: batching would add padding that shifts positions and masks
-rows, so every statistic here is over real prompt tokens only.
+Prompts run unpadded, packed into one batch in which each attends to itself alone: padding would
+shift positions and add masked rows, so every statistic here is over real prompt tokens only.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ from moeforge import __version__
 from moeforge.build.finite import nonfinite_counts
 from moeforge.check.generation import Generation, eos_ids, generate_all, skip_reason, whole_model_bytes
 from moeforge.errors import BuildError, ModelError, RecipeError
-from moeforge.gates.layerwise import check_loadable, load_config, release_freed_memory, stream_logits
+from moeforge.gates.layerwise import check_loadable, load_config, release_freed_memory, stream_sequences
 from moeforge.io.hf_load import load_tokenizer
 from moeforge.io.safetensors_file import read_header
 from moeforge.memory_budget import GIB, MemoryBudget, gib, memory_budget, peak_rss
@@ -241,12 +241,13 @@ def _run_model(model_dir: Path, ids: list[torch.Tensor], prompts: int, opts: Smo
     """Logits of the first ``prompts`` texts and router logits of all, one module in memory at a time;
     then, when ``generation`` gives the arguments of ``generate_all``, greedy continuations.
 
-    Each text is its own batch, unpadded, as a user's single-prompt forward pass sees it. To generate,
-    the streamed pass keeps every module it loads, so the whole model is read once; it is freed before
+    The texts are packed, unpadded, into one batch in which each attends to itself alone (see
+    ``PackedSequences``): each sees what a user's single-prompt forward pass sees. To generate, the
+    streamed pass keeps every module it loads, so the whole model is read once; it is freed before
     the next model is loaded.
     """
-    streamed = stream_logits(model_dir, [(i, torch.ones_like(i)) for i in ids], device=opts.device,
-                             dtype=getattr(torch, opts.dtype), progress=False, keep=generation is not None)
+    streamed = stream_sequences(model_dir, ids, device=opts.device, dtype=getattr(torch, opts.dtype),
+                                progress=False, keep=generation is not None)
     routers = streamed.router_logits if streamed.sparse_layers else None
     measured = _Measured([batch[0] for batch in streamed.logits[:prompts]], routers, streamed.sparse_layers)
     if streamed.model is None:

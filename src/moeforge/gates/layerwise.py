@@ -177,6 +177,42 @@ def release_freed_memory() -> None:
 
 
 @dataclass(frozen=True)
+class PackedSequences:
+    """Unpadded token sequences in one row, in transformers' padding-free format.
+
+    Positions restart at 0 with each sequence and no attention mask is given, so transformers' mask
+    builders make attention block-diagonal: each sequence attends to itself alone, exactly as when it
+    runs by itself, with no padding to mask or to leave out of statistics. One forward call per layer
+    then serves every sequence: with a few tokens per prompt a layer's cost is reading its weights, so
+    a dozen prompts packed cost about what one costs (a 135M-shape MoE's smoke pass: 3.9 s -> 1.8 s).
+    """
+
+    sequences: tuple[torch.Tensor, ...]
+
+    def __post_init__(self) -> None:
+        if not self.sequences or any(s.numel() == 0 for s in self.sequences):
+            raise ValueError("packed sequences must be non-empty, each with at least one token")
+
+    @property
+    def lengths(self) -> list[int]:
+        return [s.numel() for s in self.sequences]
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        """[1, N]: the sequences one after another."""
+        return torch.cat([s.reshape(-1) for s in self.sequences])[None]
+
+    @property
+    def positions(self) -> torch.Tensor:
+        """[1, N]: each sequence's positions from 0."""
+        return torch.cat([torch.arange(n) for n in self.lengths])[None]
+
+    def split(self, tensor: torch.Tensor, dim: int) -> list[torch.Tensor]:
+        """A packed result cut back into one tensor per sequence along ``dim`` (the token axis)."""
+        return list(tensor.split(self.lengths, dim=dim))
+
+
+@dataclass(frozen=True)
 class LayerStates:
     """Per-batch activations of one layer; each list has one [B, T, H] tensor per input batch."""
 
@@ -427,8 +463,9 @@ class _Runner:
             return layer_types[index]
         return "sliding_attention" if getattr(self.config, "sliding_window", None) else "full_attention"
 
-    def masks(self, embeds: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor) -> dict:
-        """The 4D masks of one batch for every attention kind the model uses."""
+    def masks(self, embeds: torch.Tensor, attention_mask: torch.Tensor | None, positions: torch.Tensor) -> dict:
+        """The 4D masks of one batch for every attention kind the model uses; without an attention mask,
+        positions that restart at 0 mark packed sequences and the masks keep them apart."""
         from transformers.masking_utils import (
             create_causal_mask,
             create_sliding_window_causal_mask,
@@ -465,12 +502,23 @@ class _Batch:
     masks: dict
 
 
+#: One forward batch: left-padded ``(input_ids, attention_mask)`` [B, T] each, or packed sequences.
+Batch = tuple[torch.Tensor, torch.Tensor] | PackedSequences
+
+
+def _ids_mask_positions(batch: Batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    if isinstance(batch, PackedSequences):
+        return batch.input_ids, None, batch.positions.to(device)
+    input_ids, attention_mask = batch
+    mask = attention_mask.to(device)
+    return input_ids, mask, position_ids_for(mask)
+
+
 @torch.no_grad()
-def _embed_batches(
-    runner: _Runner, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]
-) -> list[_Batch]:
+def _embed_batches(runner: _Runner, batches: Sequence[Batch]) -> list[_Batch]:
     """Embed every batch from the embedding rows of the tokens they hold (read once, for all batches)."""
-    flat = [input_ids.reshape(-1) for input_ids, _ in batches]
+    inputs = [_ids_mask_positions(batch, runner.device) for batch in batches]
+    flat = [input_ids.reshape(-1) for input_ids, _, _ in inputs]
     unique, inverse = torch.unique(torch.cat(flat), return_inverse=True)
     vocab = runner.config.vocab_size
     if len(unique) and int(unique[-1]) >= vocab:
@@ -480,13 +528,17 @@ def _embed_batches(
     table = runner.embedding_rows(unique)
     rotary = runner.rotary()
     prepared = []
-    for (input_ids, attention_mask), rows in zip(batches, inverse.split([len(f) for f in flat]), strict=True):
-        mask = attention_mask.to(runner.device)
-        positions = position_ids_for(mask)
+    for batch, (input_ids, mask, positions), rows in zip(batches, inputs, inverse.split([len(f) for f in flat]),
+                                                          strict=True):
         hidden = table[rows.to(runner.device)].reshape(*input_ids.shape, -1)
-        prepared.append(
-            _Batch(hidden, positions, rotary(hidden, positions), runner.masks(hidden, mask, positions))
-        )
+        masks = runner.masks(hidden, mask, positions)
+        if isinstance(batch, PackedSequences) and len(batch.sequences) > 1 and None in masks.values():
+            import transformers  # a guard: without the block-diagonal mask, sequences would see each other
+
+            raise ModelError("the installed transformers does not separate packed sequences (no attention mask "
+                             "came back for them)", where=f"transformers {transformers.__version__}",
+                             fix="install the transformers version in envs/requirements.txt")
+        prepared.append(_Batch(hidden, positions, rotary(hidden, positions), masks))
     del table
     release_freed_memory()
     return prepared
@@ -494,7 +546,7 @@ def _embed_batches(
 
 def iter_layer_hidden_states(
     base_dir: Path,
-    batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    batches: Sequence[Batch],
     *,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
@@ -589,7 +641,7 @@ class StreamedLogits:
 
 def stream_logits(
     model_dir: Path,
-    batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    batches: Sequence[Batch],
     *,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
@@ -621,6 +673,25 @@ def stream_logits(
             per_batch.append(router.float().cpu())
     logits = _head_logits(runner, prepared, reduce or (lambda _, logits: logits))
     return StreamedLogits(logits, routers, sparse, runner.whole_model() if keep else None)
+
+
+def stream_sequences(
+    model_dir: Path,
+    sequences: Sequence[torch.Tensor],
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    progress: bool = True,
+    keep: bool = False,
+) -> StreamedLogits:
+    """``stream_logits`` of unpadded token sequences ([1, T] or [T] each), packed into one forward batch
+    (see ``PackedSequences``) and cut back apart: ``logits[i]`` is sequence i's [1, T_i, V] and
+    ``router_logits[i]`` its [T_i, E] per sparse layer, as if each had run alone."""
+    packed = PackedSequences(tuple(sequences))
+    streamed = stream_logits(model_dir, [packed], device=device, dtype=dtype, progress=progress, keep=keep)
+    per_layer = [packed.split(router, dim=0) for router in streamed.router_logits[0]]
+    routers = [[layer[i] for layer in per_layer] for i in range(len(packed.sequences))]
+    return StreamedLogits(packed.split(streamed.logits[0], dim=1), routers, streamed.sparse_layers, streamed.model)
 
 
 @torch.no_grad()
