@@ -101,8 +101,7 @@ def test_shard_memory_follows_one_layer_not_the_run_of_layers():
     plan = _plan(SMOLLM2, "hidden", [])
     one_layer = shard_mem_mb(plan, "layers-0-14")
     assert one_layer == shard_mem_mb(plan, "layers-29-29")
-    assert shard_mem_mb(plan, ROUTERS_SHARD) == 500 < one_layer
-    assert shard_mem_mb(plan, "globals") > 500
+    assert 500 < one_layer and shard_mem_mb(plan, "globals") > 500
 
 
 def _smoke_plan(expert_sources: list[str], gib_out: float) -> dict:

@@ -11,7 +11,6 @@ from typing import Any, Mapping
 from moeforge.io.safetensors_file import ITEMSIZE, TORCH_NAME
 from moeforge.memory_budget import whole_model_mb
 from moeforge.plan.identity import is_identity_build
-from moeforge.plan.table import ROUTERS_SHARD
 
 #: Above this float32 footprint even an identity build's smoke test runs in the model's own dtype.
 FLOAT32_SMOKE_LIMIT = 8 << 30
@@ -45,7 +44,7 @@ def shard_mem_mb(plan: Mapping[str, Any] | None, shard: str) -> int:
     globals') bytes over the experts."""
     if not plan:
         return 500
-    per_shard = {"globals": plan["shard_bytes"]["globals"], ROUTERS_SHARD: 0}.get(shard, plan["layer_bytes"])
+    per_shard = plan["shard_bytes"]["globals"] if shard == "globals" else plan["layer_bytes"]
     return int(500 + 2 * per_shard / MIB / max(1, plan["num_experts"]))
 
 

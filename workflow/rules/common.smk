@@ -67,7 +67,8 @@ def one_of(names):
 wildcard_constraints:
     merge=one_of(MERGES),
     slug="|".join(re.escape(s) for s in REFS),
-    shard=rf"globals|{ROUTERS_SHARD}|layers-\d+-\d+",
+    # The shard rule's; the gates rule writes the routers shard.
+    shard=r"globals|layers-\d+-\d+",
 
 
 def slug(ref):
@@ -128,11 +129,6 @@ def plan_of(merge):
 def all_shards(wildcards):
     """The merge's shard files, in the order assembly numbers them."""
     return [f"results/{wildcards.merge}/shards/{shard}.safetensors" for shard in plan_of(wildcards.merge)["shards"]]
-
-
-def shard_gates(wildcards):
-    """gates.safetensors for the routers shard, the one shard that reads it."""
-    return f"results/{wildcards.merge}/gates.safetensors" if wildcards.shard == ROUTERS_SHARD else []
 
 
 def all_shard_digests(wildcards):

@@ -1,5 +1,5 @@
-# The merge shards: the globals, runs of consecutive decoder layers, and the routers (plan.json names
-# them). Only the routers shard reads the gates, so the layer shards run while the gates are computed.
+# The merge shards that read the source models: the globals and runs of consecutive decoder layers
+# (plan.json names them). They run while the gates are computed; the gates job writes the routers shard.
 
 
 rule shard:
@@ -8,7 +8,6 @@ rule shard:
         plan="results/{merge}/plan.json",
         tensors="results/{merge}/plan.tensors.tsv",
         weights=weight_records,
-        gates=shard_gates,
     output:
         shard=temp("results/{merge}/shards/{shard}.safetensors"),
         digest=temp("results/{merge}/shards/{shard}.sha256"),
