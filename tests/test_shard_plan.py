@@ -112,22 +112,19 @@ def _smoke_plan(expert_sources: list[str], gib_out: float) -> dict:
             "shard_bytes": {"globals": int(gib_out * 2**30)}}
 
 
-def test_the_smoke_test_runs_a_merge_in_its_own_dtype_where_the_device_computes_it_else_float32_while_small():
+def test_the_smoke_test_generates_in_the_models_dtype_where_the_device_computes_it_else_float32_while_small():
     merge, identity = _smoke_plan(["base", "code", "math"], 0.5), _smoke_plan(["base", "base"], 0.5)
-    large_merge, large_identity = _smoke_plan(["base", "code"], 5), _smoke_plan(["base", "base"], 5)  # 10 GiB in f32
-    assert smoke_dtype(merge, "auto", native_16bit=True) == "bfloat16"
+    large = _smoke_plan(["base", "code"], 5)  # 10 GiB in float32
+    assert smoke_dtype(merge, "auto", native_16bit=True) == smoke_dtype(identity, "auto", native_16bit=True) == "bfloat16"
     assert smoke_dtype(merge, "auto", native_16bit=False) == "float32"
-    assert smoke_dtype(large_merge, "auto", native_16bit=False) == "bfloat16"
-    # an identity build is checked exactly, in float32, whenever that fits
-    assert smoke_dtype(identity, "auto", native_16bit=True) == "float32"
-    assert smoke_dtype(large_identity, "auto", native_16bit=True) == "bfloat16"
+    assert smoke_dtype(large, "auto", native_16bit=False) == "bfloat16"
     assert smoke_dtype(merge, "float32", native_16bit=True) == "float32"
     assert smoke_dtype(merge, "bfloat16", native_16bit=False) == "bfloat16"
     # the memory request covers the whole model in the dtype the job may choose on any device: float32 while
     # small (twice the bytes), the model's own dtype above the limit
     assert smoke_mem_mb(merge, "auto") == smoke_mem_mb(identity, "auto") == whole_model_mb(2**30)
     assert smoke_mem_mb(merge, "bfloat16") == whole_model_mb(2**29)
-    assert smoke_mem_mb(large_merge, "auto") == whole_model_mb(5 * 2**30)
+    assert smoke_mem_mb(large, "auto") == whole_model_mb(5 * 2**30)
 
 
 def test_a_cpu_without_16bit_arithmetic_is_told_apart_from_an_accelerator():

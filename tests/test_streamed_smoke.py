@@ -17,7 +17,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from moeforge.check import generation
+from moeforge.check import generation, smoke
 from moeforge.check.generation import Generation, skip_reason
 from moeforge.check.report import render_markdown
 from moeforge.check.smoke import (
@@ -147,6 +147,31 @@ def test_identity_builds_pass_the_identity_check(builds, family):
     report = run_smoke(model_dir, base, _options(identity=True))
     assert report["passed"] and report["errors"] == []
     assert report["comparison"]["max_abs_logit_diff"] < 1e-5 and report["comparison"]["top1_agreement"] == 1.0
+
+
+def test_generating_in_16_bits_keeps_the_comparison_exact(builds, monkeypatch):
+    """The comparison runs in float32 whatever dtype generation loads the model in: an identity build passes
+    the exact check while both models generate in bfloat16, each loaded whole for that."""
+    model_dir, base = builds("llama", True, identity=True)
+    streamed, generated = [], []
+    original_stream, original_generate = smoke.stream_sequences, smoke.generate_all
+
+    def recording_stream(directory, ids, **kwargs):
+        streamed.append(kwargs["dtype"])
+        return original_stream(directory, ids, **kwargs)
+
+    def recording_generate(model, *args, **kwargs):
+        generated.append({p.dtype for p in model.parameters()})
+        return original_generate(model, *args, **kwargs)
+
+    monkeypatch.setattr(smoke, "stream_sequences", recording_stream)
+    monkeypatch.setattr(smoke, "generate_all", recording_generate)
+    report = run_smoke(model_dir, base, _options(identity=True, dtype="bfloat16", memory_gb=64, max_new_tokens=4))
+    assert report["passed"] and report["errors"] == []
+    assert report["comparison"]["max_abs_logit_diff"] < 1e-5 and report["comparison"]["top1_agreement"] == 1.0
+    # the merged model, then the base (an identity build judges the base's continuations too)
+    assert streamed == [torch.float32, torch.float32]
+    assert generated == [{torch.bfloat16}, {torch.bfloat16}]
 
 
 def test_streamed_check_holds_one_layer_at_a_time(builds, monkeypatch):

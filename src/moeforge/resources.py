@@ -10,9 +10,8 @@ from typing import Any, Mapping
 
 from moeforge.io.safetensors_file import ITEMSIZE, TORCH_NAME
 from moeforge.memory_budget import whole_model_mb
-from moeforge.plan.identity import is_identity_build
 
-#: Above this float32 footprint even an identity build's smoke test runs in the model's own dtype.
+#: Above this float32 footprint the smoke test generates in the model's own dtype.
 FLOAT32_SMOKE_LIMIT = 8 << 30
 MIB = 2**20
 #: The evaluation streams its windows in chunks whose float32 logits stay under this size.
@@ -20,20 +19,20 @@ EVAL_LOGITS_CHUNK_BYTES = 256 * MIB
 
 
 def smoke_dtype(plan: Mapping[str, Any], requested: str, native_16bit: bool = False) -> str:
-    """The dtype the smoke test runs both models in: ``requested``, or for ``auto`` the model's own dtype,
-    as users run it, where the device computes that dtype natively; else float32 while the float32 copy
+    """The dtype greedy generation loads a whole model in (the smoke test's comparison runs in float32,
+    one layer at a time, whatever this is): ``requested``, or for ``auto`` the model's own dtype, as
+    users run it, where the device computes that dtype natively; else float32 while the float32 copy
     stays under FLOAT32_SMOKE_LIMIT.
 
     Without native 16-bit arithmetic (CPUs without AVX512-BF16 or AMX: most workstations) a bfloat16
-    matrix product is 7 times slower than a float32 one, so float32 runs the smoke test faster while it
-    fits. An identity build must reproduce the base, which only float32 checks exactly (1e-4), so it
-    runs in float32 whenever it fits. Called without ``native_16bit`` (at parse time, where the job's
+    matrix product over a few dozen tokens is 5 to 7 times slower than a float32 one, so float32
+    generates faster while it fits. Called without ``native_16bit`` (at parse time, where the job's
     device is unknown), the answer is the dtype the job's memory is requested for: float32 while small.
     """
     if requested != "auto":
         return requested
     stored = TORCH_NAME[plan["dtype_out"]]
-    if native_16bit and not is_identity_build(plan):
+    if native_16bit:
         return stored
     size = sum(plan["shard_bytes"].values())
     return "float32" if size * 4 // ITEMSIZE[plan["dtype_out"]] <= FLOAT32_SMOKE_LIMIT else stored

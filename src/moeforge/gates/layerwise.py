@@ -706,6 +706,12 @@ def _head_logits(runner: _Runner, prepared: list[_Batch], reduce: Callable[[int,
         runner.release(norm, head)
 
 
+def whole_model(model_dir: Path, device: str | torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """The causal LM loaded whole in ``dtype``, ready to ``generate``: every module read once, through the
+    conversion the streamed passes use (see ``_Runner.whole_model``)."""
+    return _Runner(Path(model_dir), torch.device(device), dtype, keep=True).whole_model()
+
+
 def check_loadable(model_dir: Path) -> tuple[LoadOutcome, int]:
     """Every name and shape problem ``from_pretrained`` would meet, and the parameter count.
 
