@@ -210,7 +210,7 @@ def run_smoke(model_dir: Path, base_dir: Path | None, opts: SmokeOptions) -> dic
     runs = _Runs(merged=merged, merged_text=merged_text, routing_texts=texts,
                  top_k=int(getattr(config, "num_experts_per_tok", 1)), eos_ids=eos)
     if base_dir is not None:
-        runs.narrowed = _narrowed(model_dir, base_dir)
+        runs.narrowed = _narrowed(model_dir, base_dir) if opts.identity else None  # only the identity check uses it
         judged = runs.merged_text is not None and _base_generation_needed(runs.merged_text, eos, opts)
         runs.base, runs.base_text = _run_model(base_dir, prompt_ids, len(prompt_ids), opts,
                                                generation if judged else None)
