@@ -26,7 +26,10 @@ from moeforge.check.smoke import (
     compare_logits,
     routing_stats,
     run_smoke,
+    stored_dtype,
 )
+from moeforge.check.smoke_stage import computes_natively
+from moeforge.check.verify import verify_model
 from moeforge.gates import layerwise
 from moeforge.gates.layerwise import stream_logits
 from moeforge.memory_budget import GIB, cgroup_memory_limit, memory_budget
@@ -352,3 +355,29 @@ def test_without_a_cgroup_limit_the_job_request_is_the_budget(tmp_path):
     limited = memory_budget(None, 5000, proc_cgroup=_cgroup_v2(tmp_path / "v2", {"user.slice/job": str(GIB)}),
                             cgroup_root=tmp_path / "v2", meminfo=meminfo)
     assert limited.available is None  # a cgroup limit is enforced: the machine's free memory is not asked
+
+
+def test_verify_takes_the_smoke_tests_dtype_policy_from_the_models_headers(tmp_path, tokenizer_dir):
+    """A downloaded merge has no plan: `verify` reads dtype and size from the headers, honours smoke.dtype,
+    and for auto generates a bfloat16 model in float32 unless the CPU computes bfloat16 natively."""
+    base = build_dense_model(tmp_path / "base", "llama", seed=1, tokenizer_dir=tokenizer_dir)
+    expert = build_dense_model(tmp_path / "e1", derive_from=base, seed=21, mlp_noise=0.2)
+    recipe = _recipe(base, [base, expert], shared=False) | {"dtype": "bfloat16"}
+    model_dir = build(tmp_path / "build", recipe).model_dir
+    assert stored_dtype(model_dir) == "BF16"
+    generated: list[set[torch.dtype]] = []
+    original = smoke.generate_all
+
+    def recording(model, *args, **kwargs):
+        generated.append({p.dtype for p in model.parameters()})
+        return original(model, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(smoke, "generate_all", recording)
+        asked = verify_model(model_dir, tmp_path / "asked", device="cpu", max_new_tokens=2, dtype="float16",
+                             memory_gb=8)
+        auto = verify_model(model_dir, tmp_path / "auto", device="cpu", max_new_tokens=2, memory_gb=8)
+    assert asked["passed"] and asked["options"]["dtype"] == "float16"
+    native = computes_natively("bfloat16", "cpu")
+    assert auto["passed"] and auto["options"]["dtype"] == ("bfloat16" if native else "float32")
+    assert generated == [{torch.float16}, {torch.bfloat16 if native else torch.float32}]

@@ -19,10 +19,15 @@ EVAL_LOGITS_CHUNK_BYTES = 256 * MIB
 
 
 def smoke_dtype(plan: Mapping[str, Any], requested: str, native_16bit: bool = False) -> str:
-    """The dtype greedy generation loads a whole model in (the smoke test's comparison runs in float32,
-    one layer at a time, whatever this is): ``requested``, or for ``auto`` the model's own dtype, as
-    users run it, where the device computes that dtype natively; else float32 while the float32 copy
-    stays under FLOAT32_SMOKE_LIMIT.
+    """The dtype the smoke test of the merge ``plan`` describes generates in (see ``generation_dtype``)."""
+    return generation_dtype(plan["dtype_out"], sum(plan["shard_bytes"].values()), requested, native_16bit)
+
+
+def generation_dtype(stored: str, stored_bytes: int, requested: str, native_16bit: bool = False) -> str:
+    """The dtype greedy generation loads a whole model in, for weights of ``stored_bytes`` in the
+    safetensors dtype ``stored`` (the comparison runs in float32, one layer at a time, whatever this is):
+    ``requested``, or for ``auto`` the model's own dtype, as users run it, where the device computes that
+    dtype natively; else float32 while the float32 copy stays under FLOAT32_SMOKE_LIMIT.
 
     Without native 16-bit arithmetic (CPUs without AVX512-BF16 or AMX: most workstations) a bfloat16
     matrix product over a few dozen tokens is 5 to 7 times slower than a float32 one, so float32
@@ -31,11 +36,9 @@ def smoke_dtype(plan: Mapping[str, Any], requested: str, native_16bit: bool = Fa
     """
     if requested != "auto":
         return requested
-    stored = TORCH_NAME[plan["dtype_out"]]
     if native_16bit:
-        return stored
-    size = sum(plan["shard_bytes"].values())
-    return "float32" if size * 4 // ITEMSIZE[plan["dtype_out"]] <= FLOAT32_SMOKE_LIMIT else stored
+        return TORCH_NAME[stored]
+    return "float32" if stored_bytes * 4 // ITEMSIZE[stored] <= FLOAT32_SMOKE_LIMIT else TORCH_NAME[stored]
 
 
 def shard_mem_mb(plan: Mapping[str, Any] | None, shard: str) -> int:

@@ -9,6 +9,7 @@ rule verify:
         models=lambda wc: VERIFY,
         device=lookup(dpath="smoke/device", within=config),
         max_new_tokens=lookup(dpath="smoke/max_new_tokens", within=config),
+        dtype=lookup(dpath="smoke/dtype", within=config),
         memory_gb=lookup(dpath="smoke/memory_gb", within=config, default=None),
     log:
         "logs/verify.log",

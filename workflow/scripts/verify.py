@@ -8,7 +8,7 @@ from moeforge.runner import run
 def main(s):
     for name, model in s.params.models.items():
         verify_model(Path(model), Path("results/verify") / name, device=s.params.device,
-                     max_new_tokens=s.params.max_new_tokens, memory_gb=s.params.memory_gb)
+                     max_new_tokens=s.params.max_new_tokens, dtype=s.params.dtype, memory_gb=s.params.memory_gb)
 
 
 run(snakemake, main)  # noqa: F821

@@ -226,7 +226,7 @@ def run_smoke(model_dir: Path, base_dir: Path | None, opts: SmokeOptions) -> dic
     return report
 
 
-def _stored_dtype(model_dir: Path) -> str:
+def stored_dtype(model_dir: Path) -> str:
     """The widest floating-point dtype the checkpoint stores (its safetensors name, from the headers)."""
     floats = [e.dtype for e in CheckpointTensors(model_dir).entries().values() if e.dtype in TORCH_NAME]
     return max(floats, key=ITEMSIZE.__getitem__)
@@ -234,7 +234,7 @@ def _stored_dtype(model_dir: Path) -> str:
 
 def _narrowed(model_dir: Path, base_dir: Path) -> tuple[str, str] | None:
     """(merged, base) dtypes when the merged model stores its weights narrower than the base does."""
-    merged, base = _stored_dtype(model_dir), _stored_dtype(base_dir)
+    merged, base = stored_dtype(model_dir), stored_dtype(base_dir)
     return (TORCH_NAME[merged], TORCH_NAME[base]) if ITEMSIZE[merged] < ITEMSIZE[base] else None
 
 

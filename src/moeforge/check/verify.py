@@ -13,6 +13,8 @@ from typing import Any
 from moeforge.errors import BuildError
 from moeforge.io.files import sha256_file, write_json
 from moeforge.io.lockfile import LOCK_NAME, read_lock
+from moeforge.io.safetensors_file import TORCH_NAME
+from moeforge.resources import generation_dtype
 
 
 def check_lock(model_dir: Path) -> dict[str, Any]:
@@ -38,18 +40,27 @@ def check_lock(model_dir: Path) -> dict[str, Any]:
     return {"files_verified": len(lock["files"]), "merge": lock["merge"], "output_family": lock["output_family"]}
 
 
-def verify_model(model_dir: Path, out_dir: Path, *, device: str, max_new_tokens: int,
+def verify_model(model_dir: Path, out_dir: Path, *, device: str, max_new_tokens: int, dtype: str = "auto",
                  memory_gb: float | None = None) -> dict[str, Any]:
-    """Hash check, then the smoke test (no base comparison: the base may not be at hand)."""
+    """Hash check, then the smoke test (no base comparison: the base may not be at hand).
+
+    Generation follows the smoke test's dtype policy (``dtype``, the config's ``smoke.dtype``), read from
+    the model's own headers: a downloaded merge has no plan.
+    """
     from moeforge.check.report import write_report
-    from moeforge.check.smoke import SmokeOptions, run_smoke, smoke_prompts
+    from moeforge.check.smoke import SmokeOptions, run_smoke, smoke_prompts, stored_dtype
+    from moeforge.check.smoke_stage import computes_natively
+    from moeforge.gates.layerwise import CheckpointTensors
 
     files = check_lock(model_dir)
     recipe = read_lock(model_dir / LOCK_NAME)["recipe"]
     expert_prompts = {e["name"]: list(e["positive_prompts"]) for e in recipe["experts"] if e["positive_prompts"]}
+    stored = stored_dtype(model_dir)
+    size = sum(e.nbytes for e in CheckpointTensors(model_dir).entries().values())
     opts = SmokeOptions(prompts=smoke_prompts(recipe), max_new_tokens=max_new_tokens, device=device,
                         expert_prompts=expert_prompts, expert_names=[e["name"] for e in recipe["experts"]],
-                        memory_gb=memory_gb)
+                        memory_gb=memory_gb,
+                        dtype=generation_dtype(stored, size, dtype, computes_natively(TORCH_NAME[stored], device)))
     report = run_smoke(model_dir, None, opts)
     report["lock"] = files
     write_report(report, out_dir / "report.json", out_dir / "report.md")
