@@ -547,7 +547,8 @@ def run_moeforge(case: Case, cores: int, cold: bool, timeout: float, extra: Sequ
         report = work / "results" / MERGE / "smoke" / "report.json"
         if report.is_file():
             memory = json.loads(report.read_text()).get("memory", {})
-            out["smoke"]["generation_skipped"] = memory.get("generation_skipped")
+            out["smoke"]["generation"] = memory.get("generation")
+            out["smoke"]["generation_note"] = memory.get("generation_note")
     return out
 
 
@@ -620,7 +621,8 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
         agg["smoke_wall_s"] = spread([x["wall_s"] for x in smoked])
         agg["smoke_returncodes"] = [x["returncode"] for x in smoked]
         agg["smoke_cap"] = [x.get("cap") for x in smoked]
-        agg["smoke_generation_skipped"] = smoked[-1].get("generation_skipped")
+        agg["smoke_generation"] = smoked[-1].get("generation")
+        agg["smoke_generation_note"] = smoked[-1].get("generation_note")
     jobs = [j for j in (largest_job(r) for r in runs) if j]
     if jobs:
         agg["largest_job_rss_mib"] = spread([j["rss_mib"] for j in jobs])
@@ -989,7 +991,8 @@ def readme_table(results: dict[str, dict[str, Any]]) -> str:
             peaks = [c["peak_bytes"] for c in (mf.get("cap") or []) + (mf.get("smoke_cap") or []) if c]
             peer_caps = peer.get("cap") or [{}]
             cap = (f"moeforge exit {max(map(abs, mf['returncodes'] + mf.get('smoke_returncodes', [])))}, cgroup peak "
-                   f"{max(peaks, default=0) / 2**30:.2f} GiB; mergekit-moe exit {peer.get('returncodes', ['-'])[0]}, "
+                   f"{max(peaks, default=0) / 2**30:.2f} GiB, generation {mf.get('smoke_generation') or 'skipped'}; "
+                   f"mergekit-moe exit {peer.get('returncodes', ['-'])[0]}, "
                    f"{peer_caps[0].get('oom_kills', '-')} OOM kill(s)")
         rows.append(f"| {name} | {_num(mf['wall_s']['median'])} | {_num(smoke)} | {_num(peer.get('wall_s', {}).get('median'))} "
                     f"| {_num(ratio.get('wall', {}).get('median'))} | {_num(ratio.get('wall_with_smoke', {}).get('median'))} "

@@ -18,7 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from moeforge.check import generation, smoke
-from moeforge.check.generation import Generation, skip_reason
+from moeforge.check.generation import Generation, over_budget
 from moeforge.check.report import render_markdown
 from moeforge.check.smoke import (
     SmokeOptions,
@@ -251,10 +251,14 @@ def test_over_budget_skips_generation_and_says_what_to_raise(builds, monkeypatch
     with caplog.at_level(logging.INFO, logger="moeforge"):
         report = run_smoke(model_dir, base, _options(memory_gb=0.5))
     assert report["passed"] and report["generations"] is None and report["comparison"] is not None
-    reason = report["memory"]["generation_skipped"]
+    reason = report["memory"]["generation_note"]
+    assert report["memory"]["generation"] is None
     assert reason.startswith("greedy generation skipped") and reason in report["warnings"]
     assert "memory budget of 0.50 GiB (smoke.memory_gb in the workflow config)" in reason
-    assert f"at least {report['memory']['whole_model_gib']:.2f} GiB: raise smoke.memory_gb in the workflow" in reason
+    # the least that generates: one layer at a time
+    streamed = report["memory"]["streamed_generation_gib"]
+    assert report["memory"]["whole_model_gib"] > streamed > 0.5
+    assert f"at least {streamed:.2f} GiB: raise smoke.memory_gb in the workflow" in reason
     assert report["memory"]["budget_gib"] == 0.5
     assert reason in render_markdown(report).split("## Generations (greedy)")[1]
     messages = [r.getMessage() for r in caplog.records]
@@ -277,7 +281,7 @@ def test_within_budget_generates_what_the_loaded_model_generates(builds, monkeyp
 
     monkeypatch.setattr(layerwise.CheckpointTensors, "read", counting_read)
     report = run_smoke(model_dir, base, _options(memory_gb=64, max_new_tokens=6, kl_warn=math.inf))
-    assert report["memory"]["generation_skipped"] is None
+    assert report["memory"]["generation"] == "whole" and report["memory"]["generation_note"] is None
     assert [row["prompt"] for row in report["generations"]] == PROMPTS
     assert len(reads[model_dir]) == len(set(reads[model_dir]))  # nothing read twice
     degenerate = any(row["degenerate"] for row in report["generations"])
@@ -345,8 +349,8 @@ def test_without_a_cgroup_limit_the_job_request_is_the_budget(tmp_path):
     bigger = memory_budget(None, 74_000, proc_cgroup=proc, cgroup_root=tmp_path, meminfo=meminfo)
     assert bigger.limit == 74_000 << 20 and bigger.available == 20 * GIB
     assert bigger.allows(20 * GIB) and not bigger.allows(20 * GIB + 1)
-    reason = skip_reason(30 * GIB, bigger, "bfloat16")
-    assert "20.00 GiB this machine has available (MemAvailable" in reason and "smoke.memory_gb" in reason
+    over, how = over_budget(bigger, 30 * GIB)
+    assert "20.00 GiB this machine has available (MemAvailable" in over and "smoke.memory_gb" in how
     unrequested = memory_budget(None, None, proc_cgroup=proc, cgroup_root=tmp_path, meminfo=meminfo)
     assert unrequested.limit is None and not unrequested.allows(21 * GIB)
     nothing = memory_budget(None, None, proc_cgroup=tmp_path / "absent", cgroup_root=tmp_path,
@@ -381,3 +385,47 @@ def test_verify_takes_the_smoke_tests_dtype_policy_from_the_models_headers(tmp_p
     native = computes_natively("bfloat16", "cpu")
     assert auto["passed"] and auto["options"]["dtype"] == ("bfloat16" if native else "float32")
     assert generated == [{torch.float16}, {torch.bfloat16 if native else torch.float32}]
+
+
+# --------------------------------------------------------------------------- generation one layer at a time
+
+
+@pytest.mark.parametrize(("family", "tied"), [("llama", True), ("qwen2", False), ("qwen3", True)])
+def test_generation_one_layer_at_a_time_continues_as_the_whole_model(builds, family, tied):
+    """The same greedy tokens as the loaded model, while no two decoder layers ever hold weights at once."""
+    model_dir, _ = builds(family, tied)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    ids, eos = _ids(PROMPTS, model_dir), [tokenizer.eos_token_id]
+    model = layerwise.streamed_model(model_dir, "cpu", torch.float32)
+    layers = list(model.model.layers)
+    alive_in_call: list[int] = []
+
+    def count_loaded(_module, _args):
+        alive_in_call.append(sum(not next(layer.parameters()).is_meta for layer in layers))
+
+    for layer in layers:  # registered after the loading hooks: runs once the layer has its weights
+        layer.register_forward_pre_hook(count_loaded)
+    streamed = generation.generate_all(model, ids, tokenizer, eos, 6, name="streamed")
+    assert alive_in_call and set(alive_in_call) == {1}
+    assert all(next(layer.parameters()).is_meta for layer in layers)  # all freed after the last token
+    loaded = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    expected = generation.generate_all(loaded, ids, tokenizer, eos, 6, name="loaded")
+    assert [g.new_tokens for g in streamed] == [g.new_tokens for g in expected]
+
+
+def test_a_budget_under_the_whole_model_generates_one_layer_at_a_time(builds, monkeypatch):
+    """Between what one layer at a time needs and what the whole model needs: generation runs streamed, the
+    report says so and why, and the continuations are those of the whole model."""
+    model_dir, base = builds("llama", False)
+    whole = run_smoke(model_dir, base, _options(memory_gb=64, max_new_tokens=6, kl_warn=math.inf))
+    monkeypatch.setattr(layerwise._Runner, "whole_model",
+                        lambda *a, **k: pytest.fail("generation loaded a whole model over the budget"))
+    report = run_smoke(model_dir, base, _options(memory_gb=1.5, max_new_tokens=6, kl_warn=math.inf))
+    memory = report["memory"]
+    assert memory["streamed_generation_gib"] <= 1.5 < memory["whole_model_gib"]
+    assert memory["generation"] == "streamed" and memory["generation_note"].startswith(
+        "greedy generation ran one decoder layer at a time")
+    assert "memory budget of 1.50 GiB" in memory["generation_note"]
+    assert report["generations"] == whole["generations"] and report["comparison"] == whole["comparison"]
+    markdown = render_markdown(report)
+    assert "ran one decoder layer at a time" in markdown.split("## Generations (greedy)")[1]

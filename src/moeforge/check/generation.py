@@ -1,16 +1,18 @@
-"""Greedy generation for the smoke test: the one check that holds a whole model, so only when it fits.
+"""Greedy generation for the smoke test: on the whole model when it fits, else one layer at a time.
 
 Every other smoke figure is computed one decoder layer at a time (``gates.layerwise``), but greedy
-decoding re-reads every weight for every new token; streamed from disk that is the whole
-checkpoint read ``max_new_tokens`` times per prompt. Generation therefore runs on a whole model,
-one model at a time, and is skipped, with the reason and what to raise, when the memory budget is
-smaller than that. The model is the one the streamed comparison loaded as it went (it keeps every
-module when generation follows), so the checkpoint is read once.
+decoding re-reads every weight for every new token. Generation therefore runs on a whole model, one
+model at a time, when the memory budget holds it; the model is then the one the streamed comparison
+loaded as it went (it keeps every module when generation follows), so the checkpoint is read once.
+Over the budget it runs one decoder layer at a time (``layerwise.streamed_model``), reading the
+checkpoint again for every new token: slower, but a 48 GB merge on a 32 GB machine still shows what
+it generates. Only a budget under even that skips it, with the reason and what to raise.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,21 +46,71 @@ def whole_model_bytes(model_dirs: list[Path], dtype: str) -> int:
     return whole_model_mb(max(weight_bytes(d, dtype) for d in model_dirs)) * MIB
 
 
-def skip_reason(need: int, budget: MemoryBudget, dtype: str) -> str | None:
-    """Why generation cannot load the whole model within ``budget``; None when it can (or nothing is known)."""
-    if budget.allows(need):
-        return None
+#: Beside the weights, a job generating one layer at a time holds torch, the tokenizer, the cache and
+#: the activations: 0.6 GiB peak for a 135M-shape MoE, weights included.
+STREAMED_OVERHEAD = 1000 * MIB
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def streamed_bytes(model_dir: Path, dtype: str) -> int:
+    """Memory to generate one decoder layer at a time (``layerwise.streamed_model``), in ``dtype``: all that
+    lies outside the decoder layers (the embedding and norm, kept; an untied head, while it runs), the
+    largest layer twice (its weights, and the copy made while its experts are fused), and the overhead."""
+    itemsize = torch.empty(0, dtype=getattr(torch, dtype)).element_size()
+    layers: dict[str, int] = {}
+    outside = 0
+    for name, entry in CheckpointTensors(model_dir).entries().items():
+        size = entry.nbytes // ITEMSIZE[entry.dtype] * itemsize
+        match = _LAYER.search(name)
+        if match:
+            layers[match.group(1)] = layers.get(match.group(1), 0) + size
+        else:
+            outside += size
+    return STREAMED_OVERHEAD + outside + 2 * max(layers.values(), default=0)
+
+
+@dataclass(frozen=True)
+class GenerationPlan:
+    """How greedy generation runs within the memory budget: ``mode`` "whole" (the model loaded), "streamed"
+    (one decoder layer at a time, see ``layerwise.streamed_model``) or None (skipped); ``note`` says why it
+    is not "whole", with the memory each way needs and what to raise."""
+
+    mode: str | None
+    note: str | None
+    whole: int
+    streamed: int | None = None
+
+
+def plan_generation(model_dirs: list[Path], budget: MemoryBudget, dtype: str) -> GenerationPlan:
+    """The whole model when it fits ``budget``; else one layer at a time when that fits; else no generation."""
+    whole = whole_model_bytes(model_dirs, dtype)
+    if budget.allows(whole):
+        return GenerationPlan("whole", None, whole)
+    streamed = max(streamed_bytes(d, dtype) for d in model_dirs)
+    over, how = over_budget(budget, whole)
+    if budget.allows(streamed):
+        return GenerationPlan("streamed", (
+            f"greedy generation ran one decoder layer at a time, reading the weights again for every new token, "
+            f"because the whole model, about {gib(whole)} in {dtype}, is over the {over}; to load it whole "
+            f"(faster), {how}"), whole, streamed)
     smaller = " (or set smoke.dtype: bfloat16, which needs about half)" if dtype == "float32" else ""
+    _, how = over_budget(budget, streamed)
+    return GenerationPlan(None, (
+        f"greedy generation skipped: even one decoder layer at a time it needs about {gib(streamed)} in {dtype} "
+        f"(the whole model about {gib(whole)}), over the {over}; the comparison and routing figures were computed "
+        f"layer by layer regardless. To generate, {how}{smaller}"), whole, streamed)
+
+
+def over_budget(budget: MemoryBudget, need: int) -> tuple[str, str]:
+    """What ``need`` bytes are over (the budget, or the memory available where nothing enforces the
+    budget), and how a user gives the job at least ``need``."""
     if budget.limit is None or (budget.available is not None and budget.available < budget.limit):
-        over = (f"{gib(budget.available)} this machine has available (MemAvailable; no cgroup limit applies, "
-                f"and nothing enforces {budget.source})")
-        how = "free memory or use a machine with more, or set smoke.memory_gb in the workflow config to what the " \
-              "job may use"
-    else:
-        over = f"memory budget of {gib(budget.limit)} ({budget.source})"
-        how = f"the budget must be at least {gib(need)}: {budget.raise_how}"
-    return (f"greedy generation skipped: it loads the whole model, about {gib(need)} in {dtype}, over the {over}; "
-            f"the comparison and routing figures were computed layer by layer regardless. To generate, {how}{smaller}")
+        return (f"{gib(budget.available)} this machine has available (MemAvailable; no cgroup limit applies, "
+                f"and nothing enforces {budget.source})",
+                "free memory or use a machine with more, or set smoke.memory_gb in the workflow config to what "
+                "the job may use")
+    return f"memory budget of {gib(budget.limit)} ({budget.source})", \
+        f"the budget must be at least {gib(need)}: {budget.raise_how}"
 
 
 def eos_ids(model_dir: Path, config: Any, tokenizer: Any) -> list[int]:

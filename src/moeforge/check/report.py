@@ -50,10 +50,13 @@ def _md_model(report: dict[str, Any]) -> list[str]:
 def _md_memory(memory: dict[str, Any]) -> str:
     """The memory budget the check ran under, and whether generation fitted it."""
     budget = "unknown" if memory["budget_gib"] is None else f"{fmt(memory['budget_gib'], '.2f')} GiB"
-    generation = "was skipped" if memory["generation_skipped"] else "ran"
+    generation = {"whole": "ran on the whole model",
+                  "streamed": f"ran one decoder layer at a time (about {fmt(memory['streamed_generation_gib'], '.2f')}"
+                              " GiB)",
+                  None: "was skipped"}[memory["generation"]]
     return (f"- memory: budget {budget} ({memory['budget_source']}); comparison and routing ran one layer at a "
-            f"time; greedy generation, which loads one whole model (about {fmt(memory['whole_model_gib'], '.2f')} "
-            f"GiB), {generation}")
+            f"time; greedy generation (the whole model: about {fmt(memory['whole_model_gib'], '.2f')} GiB) "
+            f"{generation}")
 
 
 def _fence(text: str) -> list[str]:
@@ -79,7 +82,9 @@ def _longest_backtick_run(text: str) -> int:
 def _md_generations(rows: list[dict[str, Any]] | None, memory: dict[str, Any]) -> list[str]:
     lines = ["## Generations (greedy)", ""]
     if rows is None:
-        return lines + [memory["generation_skipped"], ""]
+        return lines + [memory["generation_note"], ""]
+    if memory["generation"] == "streamed":
+        lines += [memory["generation_note"], ""]
     for i, row in enumerate(rows):
         flags = ", ".join(row["flags"]) or "none"
         lines += [f"### Prompt {i}", "", *_fence(row["prompt"]), "",

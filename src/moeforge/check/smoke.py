@@ -9,8 +9,9 @@ few prompts and compares it with the base model, so such builds fail here instea
 Memory stays bounded at any model size: the strict load check reads only the safetensors headers,
 and the logits and router logits behind every comparison and routing figure are computed one
 module at a time (``gates.layerwise.stream_logits``). Only greedy generation loads a whole model,
-and only when it fits the job's memory budget (see ``check.generation``); otherwise the report
-says why it was skipped.
+and only when it fits the job's memory budget (see ``check.generation``); otherwise it runs one
+decoder layer at a time, or, under a budget too small even for that, is skipped, and the report
+says which and why.
 
 Hard faults raise :class:`~moeforge.errors.BuildError`; soft signals (degenerate generations, a
 large divergence from the base, dead experts) become warnings in the report.
@@ -49,7 +50,7 @@ import transformers
 
 from moeforge import __version__
 from moeforge.build.finite import nonfinite_counts
-from moeforge.check.generation import Generation, eos_ids, generate_all, skip_reason, whole_model_bytes
+from moeforge.check.generation import Generation, GenerationPlan, eos_ids, generate_all, plan_generation
 from moeforge.errors import BuildError, ModelError, RecipeError
 from moeforge.gates.layerwise import (
     CheckpointTensors,
@@ -57,6 +58,7 @@ from moeforge.gates.layerwise import (
     load_config,
     release_freed_memory,
     stream_sequences,
+    streamed_model,
     whole_model,
 )
 from moeforge.io.hf_load import load_tokenizer
@@ -199,26 +201,26 @@ def run_smoke(model_dir: Path, base_dir: Path | None, opts: SmokeOptions) -> dic
     config = load_config(model_dir)
     prompt_ids = [_encode(tokenizer, p) for p in opts.prompts]
     budget = memory_budget(opts.memory_gb, opts.job_mem_mb)
-    need = whole_model_bytes([model_dir] if base_dir is None else [model_dir, base_dir], opts.dtype)
-    skipped = skip_reason(need, budget, opts.dtype)
-    _log_plan(budget, need, skipped)
+    plan = plan_generation([model_dir] if base_dir is None else [model_dir, base_dir], budget, opts.dtype)
+    _log_plan(budget, plan)
     texts = _routing_texts(opts)
     eos = eos_ids(model_dir, config, tokenizer)
-    generation = None if skipped is not None else (prompt_ids, tokenizer, eos, opts.max_new_tokens)
+    generation = None if plan.mode is None else (prompt_ids, tokenizer, eos, opts.max_new_tokens)
     merged, merged_text = _run_model(model_dir, [_encode(tokenizer, t) for t in texts], len(prompt_ids), opts,
-                                     generation)
+                                     generation, plan.mode)
     runs = _Runs(merged=merged, merged_text=merged_text, routing_texts=texts,
                  top_k=int(getattr(config, "num_experts_per_tok", 1)), eos_ids=eos)
     if base_dir is not None:
         runs.narrowed = _narrowed(model_dir, base_dir) if opts.identity else None  # only the identity check uses it
         judged = runs.merged_text is not None and _base_generation_needed(runs.merged_text, eos, opts)
         runs.base, runs.base_text = _run_model(base_dir, prompt_ids, len(prompt_ids), opts,
-                                               generation if judged else None)
+                                               generation if judged else None, plan.mode)
     _log.info("streamed comparison done; peak memory so far %s", gib(peak_rss()))
     report = _new_report(model_dir, base_dir, opts, load_info, scan)
     report["memory"] = {"budget_gib": None if budget.limit is None else report_number(budget.limit / GIB),
-                        "budget_source": budget.source, "whole_model_gib": report_number(need / GIB),
-                        "generation_skipped": skipped}
+                        "budget_source": budget.source, "whole_model_gib": report_number(plan.whole / GIB),
+                        "streamed_generation_gib": None if plan.streamed is None else report_number(plan.streamed / GIB),
+                        "generation": plan.mode, "generation_note": plan.note}
     failures = _fill_report(report, runs, opts)
     if failures:
         what, fix = zip(*failures)
@@ -246,7 +248,7 @@ def _base_generation_needed(merged: list[Generation], eos: list[int], opts: Smok
     return opts.identity or any(degeneracy_flags(g.new_tokens, g.text, eos) for g in merged)
 
 
-def _log_plan(budget: MemoryBudget, need: int, skipped: str | None) -> None:
+def _log_plan(budget: MemoryBudget, plan: GenerationPlan) -> None:
     """Put the memory budget and the plan in the log before any weight is read.
 
     A job killed for memory (SIGKILL) cannot report anything itself; these lines say what it was
@@ -256,33 +258,35 @@ def _log_plan(budget: MemoryBudget, need: int, skipped: str | None) -> None:
     available = "" if budget.available is None else f", {gib(budget.available)} available on this machine"
     _log.info("memory budget %s (%s%s); peak memory so far %s; the comparison runs one layer at a time",
               limit, budget.source, available, gib(peak_rss()))
-    if skipped is not None:
-        _log.warning("%s", skipped)
+    if plan.note is not None:
+        _log.warning("%s", plan.note)
     elif budget.limit is None and budget.available is None:
         _log.info("greedy generation loads one whole model at a time, about %s, unchecked: if this job is "
-                  "killed for memory, set smoke.memory_gb to what it may use and generation is skipped", gib(need))
+                  "killed for memory, set smoke.memory_gb to what it may use", gib(plan.whole))
     else:
-        _log.info("greedy generation loads one whole model at a time, about %s: within the budget", gib(need))
+        _log.info("greedy generation loads one whole model at a time, about %s: within the budget", gib(plan.whole))
 
 
 def _run_model(model_dir: Path, ids: list[torch.Tensor], prompts: int, opts: SmokeOptions,
-               generation: tuple | None) -> tuple[_Measured, list[Generation] | None]:
+               generation: tuple | None, mode: str | None) -> tuple[_Measured, list[Generation] | None]:
     """Logits of the first ``prompts`` texts and router logits of all, one module in memory at a time;
-    then, when ``generation`` gives the arguments of ``generate_all``, greedy continuations.
+    then, when ``generation`` gives the arguments of ``generate_all``, greedy continuations, with the model
+    loaded whole or, for ``mode`` "streamed", one decoder layer at a time.
 
     The texts are packed, unpadded, into one batch in which each attends to itself alone (see
-    ``PackedSequences``): each sees what a user's single-prompt forward pass sees. To generate in the
-    comparison's dtype, the streamed pass keeps every module it loads, so the whole model is read
+    ``PackedSequences``): each sees what a user's single-prompt forward pass sees. To generate whole in
+    the comparison's dtype, the streamed pass keeps every module it loads, so the whole model is read
     once; in another dtype, the model is read again, whole. It is freed before the next model is loaded.
     """
-    keep = generation is not None and opts.dtype == COMPARISON_DTYPE
+    keep = generation is not None and mode == "whole" and opts.dtype == COMPARISON_DTYPE
     streamed = stream_sequences(model_dir, ids, device=opts.device, dtype=getattr(torch, COMPARISON_DTYPE),
                                 progress=False, keep=keep)
     routers = streamed.router_logits if streamed.sparse_layers else None
     measured = _Measured([batch[0] for batch in streamed.logits[:prompts]], routers, streamed.sparse_layers)
     if generation is None:
         return measured, None
-    model = streamed.model if keep else whole_model(model_dir, opts.device, getattr(torch, opts.dtype))
+    load = streamed_model if mode == "streamed" else whole_model
+    model = streamed.model if keep else load(model_dir, opts.device, getattr(torch, opts.dtype))
     streamed.model = None
     alive = weakref.ref(model)
     try:
@@ -298,7 +302,7 @@ def _fill_report(report: dict[str, Any], runs: _Runs, opts: SmokeOptions) -> lis
     """Add generations, comparison and routing to ``report``; return hard faults as (what, fix)."""
     warnings: list[str] = report["warnings"]
     if runs.merged_text is None:
-        warnings.append(report["memory"]["generation_skipped"])
+        warnings.append(report["memory"]["generation_note"])
         report["generations"] = None
     else:
         report["generations"] = _generations(runs.merged_text, runs.base_text, opts.prompts, runs.eos_ids, warnings)

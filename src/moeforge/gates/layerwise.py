@@ -712,6 +712,43 @@ def whole_model(model_dir: Path, device: str | torch.device, dtype: torch.dtype)
     return _Runner(Path(model_dir), torch.device(device), dtype, keep=True).whole_model()
 
 
+def streamed_model(model_dir: Path, device: str | torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """The causal LM ready to ``generate`` in the memory of its input embedding and one decoder layer.
+
+    Each decoder layer (and an untied output head) loads its weights when it is called and frees them
+    when it returns, through hooks, so ``generate`` runs as on a loaded model (cache, masks, positions,
+    left padding) while a model of any size fits. Every new token reads the checkpoint again (from the
+    page cache where it fits there), the price of a model whose whole weights are over the memory budget.
+    The input embedding and the final norm stay loaded: ``generate`` takes the model's device from its
+    first parameter, the embedding, and a tied output head is that same matrix.
+    """
+    runner = _Runner(Path(model_dir), torch.device(device), dtype)
+    base = runner.base
+    for name, child in base.named_children():
+        if name not in ("layers", "rotary_emb"):
+            runner.materialise(child)
+    base.rotary_emb = runner.rotary()
+    head = runner.model.get_output_embeddings()
+    if runner.conversion.tied_parameters():
+        head.weight = base.embed_tokens.weight
+    else:
+        _load_when_called(runner, head, lambda: None)
+    for index, layer in enumerate(base.layers):
+        _load_when_called(runner, layer, lambda after=index + 1: runner.prefetch_layers(after))
+    return runner.model.eval()
+
+
+def _load_when_called(runner: _Runner, module: torch.nn.Module, then: Callable[[], None]) -> None:
+    """Hooks that give ``module`` its weights before each call (then run ``then``) and free them after."""
+
+    def load(loaded: torch.nn.Module, _args: Any) -> None:
+        runner.materialise(loaded)
+        then()
+
+    module.register_forward_pre_hook(load)
+    module.register_forward_hook(lambda loaded, _args, _out: runner.release(loaded))
+
+
 def check_loadable(model_dir: Path) -> tuple[LoadOutcome, int]:
     """Every name and shape problem ``from_pretrained`` would meet, and the parameter count.
 
