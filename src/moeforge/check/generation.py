@@ -55,7 +55,8 @@ _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 def streamed_bytes(model_dir: Path, dtype: str) -> int:
     """Memory to generate one decoder layer at a time (``layerwise.streamed_model``), in ``dtype``: all that
     lies outside the decoder layers (the embedding and norm, kept; an untied head, while it runs), the
-    largest layer twice (its weights, and the copy made while its experts are fused), and the overhead."""
+    largest layer three times over (the file pages it is read from, the copies made while its experts are
+    fused, its weights: a 1B-class MoE measured 2.6 layers in bfloat16, 1.8 in float32), and the overhead."""
     itemsize = torch.empty(0, dtype=getattr(torch, dtype)).element_size()
     layers: dict[str, int] = {}
     outside = 0
@@ -66,7 +67,7 @@ def streamed_bytes(model_dir: Path, dtype: str) -> int:
             layers[match.group(1)] = layers.get(match.group(1), 0) + size
         else:
             outside += size
-    return STREAMED_OVERHEAD + outside + 2 * max(layers.values(), default=0)
+    return STREAMED_OVERHEAD + outside + 3 * max(layers.values(), default=0)
 
 
 @dataclass(frozen=True)
