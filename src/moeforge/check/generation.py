@@ -35,10 +35,15 @@ class Generation:
     text: str
 
 
+def tensor_bytes(model_dir: Path, dtype: str) -> dict[str, int]:
+    """Each tensor's size in ``dtype``, by checkpoint name, from the safetensors headers (no tensor read)."""
+    itemsize = torch.empty(0, dtype=getattr(torch, dtype)).element_size()
+    return {name: e.nbytes // ITEMSIZE[e.dtype] * itemsize for name, e in CheckpointTensors(model_dir).entries().items()}
+
+
 def weight_bytes(model_dir: Path, dtype: str) -> int:
     """The model's weights in ``dtype``, from the safetensors headers (no tensor read)."""
-    itemsize = torch.empty(0, dtype=getattr(torch, dtype)).element_size()
-    return sum(e.nbytes // ITEMSIZE[e.dtype] * itemsize for e in CheckpointTensors(model_dir).entries().values())
+    return sum(tensor_bytes(model_dir, dtype).values())
 
 
 def whole_model_bytes(model_dirs: list[Path], dtype: str) -> int:
@@ -57,11 +62,9 @@ def streamed_bytes(model_dir: Path, dtype: str) -> int:
     lies outside the decoder layers (the embedding and norm, kept; an untied head, while it runs), the
     largest layer three times over (the file pages it is read from, the copies made while its experts are
     fused, its weights: a 1B-class MoE measured 2.6 layers in bfloat16, 1.8 in float32), and the overhead."""
-    itemsize = torch.empty(0, dtype=getattr(torch, dtype)).element_size()
     layers: dict[str, int] = {}
     outside = 0
-    for name, entry in CheckpointTensors(model_dir).entries().items():
-        size = entry.nbytes // ITEMSIZE[entry.dtype] * itemsize
+    for name, size in tensor_bytes(model_dir, dtype).items():
         match = _LAYER.search(name)
         if match:
             layers[match.group(1)] = layers.get(match.group(1), 0) + size
