@@ -390,42 +390,59 @@ def test_verify_takes_the_smoke_tests_dtype_policy_from_the_models_headers(tmp_p
 # --------------------------------------------------------------------------- generation one layer at a time
 
 
-@pytest.mark.parametrize(("family", "tied"), [("llama", True), ("qwen2", False), ("qwen3", True)])
-def test_generation_one_layer_at_a_time_continues_as_the_whole_model(builds, family, tied):
-    """The same greedy tokens as the loaded model, while no two decoder layers ever hold weights at once."""
+@pytest.mark.parametrize(("family", "tied", "resident"),
+                         [("llama", True, 0), ("qwen2", False, 0), ("qwen3", True, 0), ("qwen2", False, 2)])
+def test_generation_one_layer_at_a_time_continues_as_the_whole_model(builds, family, tied, resident):
+    """The same greedy tokens as the loaded model, while no decoder layer but the resident ones and the one
+    running ever holds weights."""
     model_dir, _ = builds(family, tied)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     ids, eos = _ids(PROMPTS, model_dir), [tokenizer.eos_token_id]
-    model = layerwise.streamed_model(model_dir, "cpu", torch.float32)
+    model = layerwise.streamed_model(model_dir, "cpu", torch.float32, resident_layers=resident)
     layers = list(model.model.layers)
-    alive_in_call: list[int] = []
+    loaded_in_call: list[tuple[int, ...]] = []
 
-    def count_loaded(_module, _args):
-        alive_in_call.append(sum(not next(layer.parameters()).is_meta for layer in layers))
+    def loaded() -> tuple[int, ...]:
+        return tuple(i for i, layer in enumerate(layers) if not next(layer.parameters()).is_meta)
 
-    for layer in layers:  # registered after the loading hooks: runs once the layer has its weights
-        layer.register_forward_pre_hook(count_loaded)
+    for index, layer in enumerate(layers):  # registered after the loading hooks: runs once the layer has its weights
+        layer.register_forward_pre_hook(lambda _module, _args, index=index: loaded_in_call.append(
+            tuple(sorted({*range(resident), index})) == loaded()))
     streamed = generation.generate_all(model, ids, tokenizer, eos, 6, name="streamed")
-    assert alive_in_call and set(alive_in_call) == {1}
-    assert all(next(layer.parameters()).is_meta for layer in layers)  # all freed after the last token
-    loaded = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    expected = generation.generate_all(loaded, ids, tokenizer, eos, 6, name="loaded")
+    assert len(loaded_in_call) > len(layers) and all(loaded_in_call)
+    assert loaded() == tuple(range(resident))  # the streamed ones all freed after the last token
+    loaded_model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    expected = generation.generate_all(loaded_model, ids, tokenizer, eos, 6, name="loaded")
     assert [g.new_tokens for g in streamed] == [g.new_tokens for g in expected]
 
 
-def test_a_budget_under_the_whole_model_generates_one_layer_at_a_time(builds, monkeypatch):
-    """Between what one layer at a time needs and what the whole model needs: generation runs streamed, the
-    report says so and why, and the continuations are those of the whole model."""
+@pytest.mark.parametrize("room_layers", [0.5, 1.5])
+def test_a_budget_under_the_whole_model_generates_one_layer_at_a_time(builds, monkeypatch, room_layers):
+    """Between what one layer at a time needs and what the whole model needs: generation runs streamed, keeping
+    loaded the layers the rest of the budget holds; the report says so and why, and the continuations are
+    those of the whole model."""
     model_dir, base = builds("llama", False)
+    sizes = generation.LayerSizes.of(model_dir, "float32")
+    budget_gib = (sizes.streamed() + room_layers * max(sizes.layers)) / GIB
     whole = run_smoke(model_dir, base, _options(memory_gb=64, max_new_tokens=6, kl_warn=math.inf))
     monkeypatch.setattr(layerwise._Runner, "whole_model",
                         lambda *a, **k: pytest.fail("generation loaded a whole model over the budget"))
-    report = run_smoke(model_dir, base, _options(memory_gb=1.5, max_new_tokens=6, kl_warn=math.inf))
+    report = run_smoke(model_dir, base, _options(memory_gb=budget_gib, max_new_tokens=6, kl_warn=math.inf))
     memory = report["memory"]
-    assert memory["streamed_generation_gib"] <= 1.5 < memory["whole_model_gib"]
-    assert memory["generation"] == "streamed" and memory["generation_note"].startswith(
-        "greedy generation ran one decoder layer at a time")
-    assert "memory budget of 1.50 GiB" in memory["generation_note"]
+    assert memory["streamed_generation_gib"] <= budget_gib < memory["whole_model_gib"]
+    kept = int(room_layers)
+    assert memory["generation"] == "streamed" and memory["resident_layers"] == kept
+    ran = (f"kept the first {kept} of {len(sizes.layers)} decoder layers loaded and ran the others" if kept
+           else "ran one decoder layer at a time")
+    assert memory["generation_note"].startswith(f"greedy generation {ran}")
+    assert f"memory budget of {budget_gib:.2f} GiB" in memory["generation_note"]
     assert report["generations"] == whole["generations"] and report["comparison"] == whole["comparison"]
     markdown = render_markdown(report)
-    assert "ran one decoder layer at a time" in markdown.split("## Generations (greedy)")[1]
+    assert ran in markdown.split("## Generations (greedy)")[1]
+
+
+def test_resident_layers_are_those_the_room_holds_and_leave_one_to_stream():
+    """Layers are kept from the first while their running total fits the room; the last always streams."""
+    sizes = generation.LayerSizes(outside=100, layers=[10, 10, 20, 10])
+    assert [sizes.resident(room) for room in (0, 9, 10, 39, 40, 10**9)] == [0, 0, 1, 2, 3, 3]
+    assert sizes.streamed() == generation.STREAMED_OVERHEAD + 100 + 3 * 20

@@ -40,9 +40,15 @@ class MemoryBudget:
     raise_how: str
     available: int | None = None
 
+    @property
+    def bound(self) -> int | None:
+        """The most a job may hold: the tighter of the limit and, where nothing enforces it, the available
+        memory (None when neither is known)."""
+        return min((b for b in (self.limit, self.available) if b is not None), default=None)
+
     def allows(self, need: int) -> bool:
         """Whether ``need`` bytes fit both the limit and, where nothing enforces it, the available memory."""
-        return all(bound is None or need <= bound for bound in (self.limit, self.available))
+        return self.bound is None or need <= self.bound
 
 
 def memory_budget(memory_gb: float | None = None, job_mem_mb: int | None = None, *,

@@ -6,14 +6,17 @@ model at a time, when the memory budget holds it; the model is then the one the 
 loaded as it went (it keeps every module when generation follows), so the checkpoint is read once.
 Over the budget it runs one decoder layer at a time (``layerwise.streamed_model``), reading the
 checkpoint again for every new token: slower, but a 48 GB merge on a 32 GB machine still shows what
-it generates. Only a budget under even that skips it, with the reason and what to raise.
+it generates. The layers that the rest of the budget holds stay loaded, so only the others are read
+again. Only a budget under even one layer at a time skips it, with the reason and what to raise.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
@@ -57,46 +60,73 @@ STREAMED_OVERHEAD = 1000 * MIB
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
-def streamed_bytes(model_dir: Path, dtype: str) -> int:
-    """Memory to generate one decoder layer at a time (``layerwise.streamed_model``), in ``dtype``: all that
-    lies outside the decoder layers (the embedding and norm, kept; an untied head, while it runs), the
-    largest layer three times over (the file pages it is read from, the copies made while its experts are
-    fused, its weights: a 1B-class MoE measured 2.6 layers in bfloat16, 1.8 in float32), and the overhead."""
-    layers: dict[str, int] = {}
-    outside = 0
-    for name, size in tensor_bytes(model_dir, dtype).items():
-        match = _LAYER.search(name)
-        if match:
-            layers[match.group(1)] = layers.get(match.group(1), 0) + size
-        else:
-            outside += size
-    return STREAMED_OVERHEAD + outside + 3 * max(layers.values(), default=0)
+@dataclass(frozen=True)
+class LayerSizes:
+    """A checkpoint's weights in some dtype, split as streamed generation holds them: ``outside`` the decoder
+    layers (embedding, norm, head) and each decoder layer's bytes, by layer index."""
+
+    outside: int
+    layers: list[int]
+
+    @classmethod
+    def of(cls, model_dir: Path, dtype: str) -> LayerSizes:
+        """From the safetensors headers alone (no tensor read)."""
+        layers: dict[int, int] = {}
+        outside = 0
+        for name, size in tensor_bytes(model_dir, dtype).items():
+            match = _LAYER.search(name)
+            if match:
+                layers[int(match.group(1))] = layers.get(int(match.group(1)), 0) + size
+            else:
+                outside += size
+        return cls(outside, [layers[i] for i in sorted(layers)])
+
+    def streamed(self) -> int:
+        """Memory to generate one decoder layer at a time (``layerwise.streamed_model``): all that lies outside
+        the decoder layers (the embedding and norm, kept; an untied head, while it runs), the largest layer
+        three times over (the file pages it is read from, the copies made while its experts are fused, its
+        weights: a 1B-class MoE measured 2.6 layers in bfloat16, 1.8 in float32), and the overhead."""
+        return STREAMED_OVERHEAD + self.outside + 3 * max(self.layers, default=0)
+
+    def resident(self, room: int) -> int:
+        """How many decoder layers, from the first, stay loaded in ``room`` bytes beside streamed generation;
+        at least one is left to stream (when every layer fits, the whole model is the plan to make)."""
+        return sum(1 for total in accumulate(self.layers[:-1]) if total <= room)
 
 
 @dataclass(frozen=True)
 class GenerationPlan:
     """How greedy generation runs within the memory budget: ``mode`` "whole" (the model loaded), "streamed"
-    (one decoder layer at a time, see ``layerwise.streamed_model``) or None (skipped); ``note`` says why it
-    is not "whole", with the memory each way needs and what to raise."""
+    (decoder layers read one at a time for every token, see ``layerwise.streamed_model``) or None (skipped);
+    ``note`` says why it is not "whole", with the memory each way needs and what to raise. ``resident`` gives,
+    for streamed generation, how many decoder layers of each model stay loaded in the room the budget leaves
+    beside it: each one kept is one layer fewer to read per token."""
 
     mode: str | None
     note: str | None
     whole: int
     streamed: int | None = None
+    resident: Mapping[Path, int] = field(default_factory=dict)
 
 
 def plan_generation(model_dirs: list[Path], budget: MemoryBudget, dtype: str) -> GenerationPlan:
-    """The whole model when it fits ``budget``; else one layer at a time when that fits; else no generation."""
+    """The whole model when it fits ``budget``; else one layer at a time, with as many layers kept loaded as
+    the rest of the budget holds, when that fits; else no generation."""
     whole = whole_model_bytes(model_dirs, dtype)
     if budget.allows(whole):
         return GenerationPlan("whole", None, whole)
-    streamed = max(streamed_bytes(d, dtype) for d in model_dirs)
+    sizes = {d: LayerSizes.of(d, dtype) for d in model_dirs}
+    streamed = max(s.streamed() for s in sizes.values())
     over, how = over_budget(budget, whole)
     if budget.allows(streamed):
+        resident = {d: s.resident(budget.bound - s.streamed()) for d, s in sizes.items()}
+        kept, total = resident[model_dirs[0]], len(sizes[model_dirs[0]].layers)
+        ran = ("greedy generation ran one decoder layer at a time" if not kept else
+               f"greedy generation kept the first {kept} of {total} decoder layers loaded and ran the others one "
+               "at a time")
         return GenerationPlan("streamed", (
-            f"greedy generation ran one decoder layer at a time, reading the weights again for every new token, "
-            f"because the whole model, about {gib(whole)} in {dtype}, is over the {over}; to load it whole "
-            f"(faster), {how}"), whole, streamed)
+            f"{ran}, reading the weights again for every new token, because the whole model, about {gib(whole)} "
+            f"in {dtype}, is over the {over}; to load it whole (faster), {how}"), whole, streamed, resident)
     smaller = " (or set smoke.dtype: bfloat16, which needs about half)" if dtype == "float32" else ""
     _, how = over_budget(budget, streamed)
     return GenerationPlan(None, (

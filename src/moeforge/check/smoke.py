@@ -207,20 +207,21 @@ def run_smoke(model_dir: Path, base_dir: Path | None, opts: SmokeOptions) -> dic
     eos = eos_ids(model_dir, config, tokenizer)
     generation = None if plan.mode is None else (prompt_ids, tokenizer, eos, opts.max_new_tokens)
     merged, merged_text = _run_model(model_dir, [_encode(tokenizer, t) for t in texts], len(prompt_ids), opts,
-                                     generation, plan.mode)
+                                     generation, plan)
     runs = _Runs(merged=merged, merged_text=merged_text, routing_texts=texts,
                  top_k=int(getattr(config, "num_experts_per_tok", 1)), eos_ids=eos)
     if base_dir is not None:
         runs.narrowed = _narrowed(model_dir, base_dir) if opts.identity else None  # only the identity check uses it
         judged = runs.merged_text is not None and _base_generation_needed(runs.merged_text, eos, opts)
         runs.base, runs.base_text = _run_model(base_dir, prompt_ids, len(prompt_ids), opts,
-                                               generation if judged else None, plan.mode)
+                                               generation if judged else None, plan)
     _log.info("streamed comparison done; peak memory so far %s", gib(peak_rss()))
     report = _new_report(model_dir, base_dir, opts, load_info, scan)
     report["memory"] = {"budget_gib": None if budget.limit is None else report_number(budget.limit / GIB),
                         "budget_source": budget.source, "whole_model_gib": report_number(plan.whole / GIB),
                         "streamed_generation_gib": None if plan.streamed is None else report_number(plan.streamed / GIB),
-                        "generation": plan.mode, "generation_note": plan.note}
+                        "generation": plan.mode, "generation_note": plan.note,
+                        "resident_layers": plan.resident.get(model_dir, 0) if plan.mode == "streamed" else None}
     failures = _fill_report(report, runs, opts)
     if failures:
         what, fix = zip(*failures)
@@ -268,25 +269,24 @@ def _log_plan(budget: MemoryBudget, plan: GenerationPlan) -> None:
 
 
 def _run_model(model_dir: Path, ids: list[torch.Tensor], prompts: int, opts: SmokeOptions,
-               generation: tuple | None, mode: str | None) -> tuple[_Measured, list[Generation] | None]:
+               generation: tuple | None, plan: GenerationPlan) -> tuple[_Measured, list[Generation] | None]:
     """Logits of the first ``prompts`` texts and router logits of all, one module in memory at a time;
     then, when ``generation`` gives the arguments of ``generate_all``, greedy continuations, with the model
-    loaded whole or, for ``mode`` "streamed", one decoder layer at a time.
+    loaded whole or, for a "streamed" plan, with the layers the plan keeps loaded and the others one at a time.
 
     The texts are packed, unpadded, into one batch in which each attends to itself alone (see
     ``PackedSequences``): each sees what a user's single-prompt forward pass sees. To generate whole in
     the comparison's dtype, the streamed pass keeps every module it loads, so the whole model is read
     once; in another dtype, the model is read again, whole. It is freed before the next model is loaded.
     """
-    keep = generation is not None and mode == "whole" and opts.dtype == COMPARISON_DTYPE
+    keep = generation is not None and plan.mode == "whole" and opts.dtype == COMPARISON_DTYPE
     streamed = stream_sequences(model_dir, ids, device=opts.device, dtype=getattr(torch, COMPARISON_DTYPE),
                                 progress=False, keep=keep)
     routers = streamed.router_logits if streamed.sparse_layers else None
     measured = _Measured([batch[0] for batch in streamed.logits[:prompts]], routers, streamed.sparse_layers)
     if generation is None:
         return measured, None
-    load = streamed_model if mode == "streamed" else whole_model
-    model = streamed.model if keep else load(model_dir, opts.device, getattr(torch, opts.dtype))
+    model = streamed.model if keep else _generation_model(model_dir, opts, plan)
     streamed.model = None
     alive = weakref.ref(model)
     try:
@@ -296,6 +296,15 @@ def _run_model(model_dir: Path, ids: list[torch.Tensor], prompts: int, opts: Smo
         if alive() is not None:  # held by a reference cycle: a full collection (0.2 s or more) frees it
             gc.collect()
         release_freed_memory()
+
+
+def _generation_model(model_dir: Path, opts: SmokeOptions, plan: GenerationPlan) -> torch.nn.Module:
+    """The model to generate with, read in the generation dtype: whole, or with the layers the plan keeps
+    loaded and the others read one at a time."""
+    dtype = getattr(torch, opts.dtype)
+    if plan.mode == "whole":
+        return whole_model(model_dir, opts.device, dtype)
+    return streamed_model(model_dir, opts.device, dtype, plan.resident.get(model_dir, 0))
 
 
 def _fill_report(report: dict[str, Any], runs: _Runs, opts: SmokeOptions) -> list[tuple[str, str]]:

@@ -712,13 +712,16 @@ def whole_model(model_dir: Path, device: str | torch.device, dtype: torch.dtype)
     return _Runner(Path(model_dir), torch.device(device), dtype, keep=True).whole_model()
 
 
-def streamed_model(model_dir: Path, device: str | torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    """The causal LM ready to ``generate`` in the memory of its input embedding and one decoder layer.
+def streamed_model(model_dir: Path, device: str | torch.device, dtype: torch.dtype,
+                   resident_layers: int = 0) -> torch.nn.Module:
+    """The causal LM ready to ``generate`` in the memory of its input embedding, its first ``resident_layers``
+    decoder layers and one more.
 
-    Each decoder layer (and an untied output head) loads its weights when it is called and frees them
+    Each other decoder layer (and an untied output head) loads its weights when it is called and frees them
     when it returns, through hooks, so ``generate`` runs as on a loaded model (cache, masks, positions,
-    left padding) while a model of any size fits. Every new token reads the checkpoint again (from the
-    page cache where it fits there), the price of a model whose whole weights are over the memory budget.
+    left padding) while a model of any size fits. Every new token reads those layers again (from the
+    page cache where it fits there), the price of a model whose whole weights are over the memory budget;
+    the resident layers, loaded once, are what the rest of the budget saves of it.
     The input embedding and the final norm stay loaded: ``generate`` takes the model's device from its
     first parameter, the embedding, and a tied output head is that same matrix.
     """
@@ -733,8 +736,14 @@ def streamed_model(model_dir: Path, device: str | torch.device, dtype: torch.dty
         head.weight = base.embed_tokens.weight
     else:
         _load_when_called(runner, head, lambda: None)
+    count = len(base.layers)
     for index, layer in enumerate(base.layers):
-        _load_when_called(runner, layer, lambda after=index + 1: runner.prefetch_layers(after))
+        if index < resident_layers:
+            _own_storage(runner.materialise(layer))
+            release_freed_memory()
+            continue
+        after = index + 1 if index + 1 < count else resident_layers  # the next token's first streamed layer
+        _load_when_called(runner, layer, lambda after=after: runner.prefetch_layers(after))
     return runner.model.eval()
 
 
