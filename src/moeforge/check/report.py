@@ -50,7 +50,7 @@ def _md_model(report: dict[str, Any]) -> list[str]:
 def _md_memory(memory: dict[str, Any]) -> str:
     """The memory budget the check ran under, and whether generation fitted it."""
     budget = "unknown" if memory["budget_gib"] is None else f"{fmt(memory['budget_gib'], '.2f')} GiB"
-    kept = memory.get("resident_layers") or 0
+    kept = memory["resident_layers"]
     streamed = (f"ran with {kept} decoder layer(s) kept loaded and the others one at a time" if kept else
                 f"ran one decoder layer at a time (about {fmt(memory['streamed_generation_gib'], '.2f')} GiB)")
     generation = {"whole": "ran on the whole model", "streamed": streamed, None: "was skipped"}[memory["generation"]]
