@@ -38,22 +38,6 @@ class Generation:
     text: str
 
 
-def tensor_bytes(model_dir: Path, dtype: str) -> dict[str, int]:
-    """Each tensor's size in ``dtype``, by checkpoint name, from the safetensors headers (no tensor read)."""
-    itemsize = torch.empty(0, dtype=getattr(torch, dtype)).element_size()
-    return {name: e.nbytes // ITEMSIZE[e.dtype] * itemsize for name, e in CheckpointTensors(model_dir).entries().items()}
-
-
-def weight_bytes(model_dir: Path, dtype: str) -> int:
-    """The model's weights in ``dtype``, from the safetensors headers (no tensor read)."""
-    return sum(tensor_bytes(model_dir, dtype).values())
-
-
-def whole_model_bytes(model_dirs: list[Path], dtype: str) -> int:
-    """Memory to generate with each model in turn (never two at once), in ``dtype``."""
-    return whole_model_mb(max(weight_bytes(d, dtype) for d in model_dirs)) * MIB
-
-
 #: Beside the weights, a job generating one layer at a time holds torch, the tokenizer, the cache and
 #: the activations: 0.6 GiB peak for a 135M-shape MoE, weights included.
 STREAMED_OVERHEAD = 1000 * MIB
@@ -71,15 +55,21 @@ class LayerSizes:
     @classmethod
     def of(cls, model_dir: Path, dtype: str) -> LayerSizes:
         """From the safetensors headers alone (no tensor read)."""
+        itemsize = torch.empty(0, dtype=getattr(torch, dtype)).element_size()
         layers: dict[int, int] = {}
         outside = 0
-        for name, size in tensor_bytes(model_dir, dtype).items():
+        for name, entry in CheckpointTensors(model_dir).entries().items():
+            size = entry.nbytes // ITEMSIZE[entry.dtype] * itemsize
             match = _LAYER.search(name)
             if match:
                 layers[int(match.group(1))] = layers.get(int(match.group(1)), 0) + size
             else:
                 outside += size
         return cls(outside, [layers[i] for i in sorted(layers)])
+
+    def whole(self) -> int:
+        """Memory to load the whole model and generate with it (``memory_budget.whole_model_mb``)."""
+        return whole_model_mb(self.outside + sum(self.layers)) * MIB
 
     def streamed(self) -> int:
         """Memory to generate one decoder layer at a time (``layerwise.streamed_model``): all that lies outside
@@ -112,10 +102,10 @@ class GenerationPlan:
 def plan_generation(model_dirs: list[Path], budget: MemoryBudget, dtype: str) -> GenerationPlan:
     """The whole model when it fits ``budget``; else one layer at a time, with as many layers kept loaded as
     the rest of the budget holds, when that fits; else no generation."""
-    whole = whole_model_bytes(model_dirs, dtype)
+    sizes = {d: LayerSizes.of(d, dtype) for d in model_dirs}
+    whole = max(s.whole() for s in sizes.values())  # one model at a time, never two at once
     if budget.allows(whole):
         return GenerationPlan("whole", None, whole)
-    sizes = {d: LayerSizes.of(d, dtype) for d in model_dirs}
     streamed = max(s.streamed() for s in sizes.values())
     over, how = over_budget(budget, whole)
     if budget.allows(streamed):
