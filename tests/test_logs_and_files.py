@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import subprocess
@@ -105,6 +106,34 @@ def test_a_job_process_ends_without_the_interpreter_teardown(tmp_path, outcome, 
     assert ("RuntimeError: the job failed" in log) == (outcome == "fail")
     assert (tmp_path / "exit-handler").read_text() == "ran"
     assert not (tmp_path / "torn-down").exists()
+
+
+IMPORTS = """
+import gc, json, sys
+from moeforge.runner import job_imports
+seen = []
+gc.callbacks.append(lambda phase, info: phase == "start" and seen.append(info["generation"]))
+frozen = gc.get_freeze_count()
+try:
+    with job_imports():
+        import email.mime.multipart, xml.dom.minidom  # stdlib packages this interpreter has not loaded yet
+        assert not gc.isenabled()
+        raise KeyError("an import failed")
+except KeyError:
+    pass
+print(json.dumps({"collections": seen, "enabled": gc.isenabled(), "newly_frozen": gc.get_freeze_count() - frozen,
+                  "modules": [m in sys.modules for m in ("email.mime.multipart", "xml.dom.minidom")]}))
+"""
+
+
+def test_job_imports_run_without_the_collector_and_are_exempt_from_it_afterwards():
+    """A job's imports start no collection; what they made is frozen, and the collector is back on
+    afterwards, even when an import fails."""
+    proc = subprocess.run([sys.executable, "-c", IMPORTS], capture_output=True, text=True, check=True)
+    result = json.loads(proc.stdout)
+    assert result["modules"] == [True, True]
+    assert result["collections"] == [] and result["enabled"]
+    assert result["newly_frozen"] > 1000
 
 
 def _failing_step(smk: types.SimpleNamespace) -> None:

@@ -1,8 +1,10 @@
 """The Hub-ready model directory."""
 from pathlib import Path
 
-from moeforge.build.assemble import assemble
-from moeforge.runner import run
+from moeforge.runner import job_imports, run
+
+with job_imports():
+    from moeforge.build.assemble import assemble
 
 run(snakemake, lambda s: assemble(Path(s.input.plan), [Path(p) for p in s.input.shards],  # noqa: F821
                                   [Path(p).read_text().strip() for p in s.input.digests],

@@ -1,8 +1,10 @@
 """Per-domain perplexity of base, experts, MoE and oracle, routing shares: report and figure."""
 from pathlib import Path
 
-from moeforge.check.evaluate import EvalOptions, eval_stage
-from moeforge.runner import run
+from moeforge.runner import job_imports, run
+
+with job_imports():
+    from moeforge.check.evaluate import EvalOptions, eval_stage
 
 
 def main(s):

@@ -7,11 +7,13 @@ between the gates and itself.
 """
 from pathlib import Path
 
-from moeforge.build.shards import shard_step
-from moeforge.gates.compute import gates_for_plan
-from moeforge.plan.class_check import class_check
-from moeforge.plan.table import ROUTERS_SHARD
-from moeforge.runner import run
+from moeforge.runner import job_imports, run
+
+with job_imports():
+    from moeforge.build.shards import shard_step
+    from moeforge.gates.compute import gates_for_plan
+    from moeforge.plan.class_check import class_check
+    from moeforge.plan.table import ROUTERS_SHARD
 
 
 def _step(s) -> None:

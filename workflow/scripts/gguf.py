@@ -1,8 +1,10 @@
 """Convert the checked model to GGUF with llama.cpp's converter and compare it with transformers."""
 from pathlib import Path
 
-from moeforge.check.gguf import gguf_stage
-from moeforge.runner import run
+from moeforge.runner import job_imports, run
+
+with job_imports():
+    from moeforge.check.gguf import gguf_stage
 
 
 def main(s):

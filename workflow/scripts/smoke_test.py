@@ -1,8 +1,10 @@
 """Strict load, generation, comparison with the base, routing statistics, plots."""
 from pathlib import Path
 
-from moeforge.check.smoke_stage import smoke_stage
-from moeforge.runner import run
+from moeforge.runner import job_imports, run
+
+with job_imports():
+    from moeforge.check.smoke_stage import smoke_stage
 
 
 def main(s):

@@ -1,8 +1,10 @@
 """config.json, generation_config.json and translation.json for the output family."""
 from pathlib import Path
 
-from moeforge.build.translate import translate
-from moeforge.runner import run
+from moeforge.runner import job_imports, run
+
+with job_imports():
+    from moeforge.build.translate import translate
 
 run(snakemake, lambda s: translate(Path(s.input.plan), Path(s.input.base_meta),  # noqa: F821
                                    Path(s.output.config).parent))

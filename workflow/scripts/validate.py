@@ -1,8 +1,10 @@
 """Pre-flight validation: plan.json and plan.tensors.tsv, from metadata only."""
 from pathlib import Path
 
-from moeforge.plan.validate import validate_merge
-from moeforge.runner import run
+from moeforge.runner import job_imports, run
+
+with job_imports():
+    from moeforge.plan.validate import validate_merge
 
 
 def main(s):

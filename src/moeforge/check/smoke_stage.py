@@ -13,6 +13,11 @@ import shutil
 from pathlib import Path
 from typing import Any, Mapping
 
+import torch
+
+from moeforge.check.plots import plot_expert_load, plot_gate_similarity
+from moeforge.check.report import write_report
+from moeforge.check.smoke import SmokeFailure, SmokeOptions, run_smoke, smoke_prompts
 from moeforge.io.fetch import weights_dir_of
 from moeforge.io.safetensors_file import TORCH_NAME
 from moeforge.plan.identity import is_identity_build
@@ -29,15 +34,11 @@ def computes_natively(dtype: str, device: str) -> bool:
     with the instructions above (a torch without the probe counts as without them)."""
     if dtype not in _NATIVE_CPU_FEATURES or device != "cpu":
         return True
-    import torch
-
     return any(getattr(torch.cpu, probe, lambda: False)() for probe in _NATIVE_CPU_FEATURES[dtype])
 
 
 def smoke_options(plan: Mapping[str, Any], device: str, max_new_tokens: int, dtype: str = "auto",
-                  memory_gb: float | None = None, job_mem_mb: int | None = None) -> Any:
-    from moeforge.check.smoke import SmokeOptions, smoke_prompts
-
+                  memory_gb: float | None = None, job_mem_mb: int | None = None) -> SmokeOptions:
     recipe = plan["recipe"]
     expert_prompts = {e["name"]: list(e["positive_prompts"]) for e in recipe["experts"]}
     native = computes_natively(TORCH_NAME[plan["dtype_out"]], device)
@@ -55,9 +56,6 @@ def set_aside_failed_model(model_dir: Path, exc: BaseException) -> Path:
     ``results/<merge>/failed/model/`` (with the smoke report, when there is one), so neither a user
     nor a rerun mistakes it for a good one; a rerun reassembles from the kept shards.
     """
-    from moeforge.check.report import write_report
-    from moeforge.check.smoke import SmokeFailure
-
     failed = model_dir.parent / "failed"
     if failed.exists():
         shutil.rmtree(failed)
@@ -73,10 +71,6 @@ def set_aside_failed_model(model_dir: Path, exc: BaseException) -> Path:
 def smoke_stage(model_dir: Path, plan_json: Path, gates_json: Path, translation_json: Path, base_weights: Path, *,
                 device: str, dtype: str = "auto", memory_gb: float | None = None, job_mem_mb: int | None = None,
                 max_new_tokens: int, out_json: Path, out_md: Path, load_png: Path, similarity_png: Path) -> dict:
-    from moeforge.check.plots import plot_expert_load, plot_gate_similarity
-    from moeforge.check.report import write_report
-    from moeforge.check.smoke import run_smoke
-
     plan = json.loads(plan_json.read_text())
     try:
         opts = smoke_options(plan, device, max_new_tokens, dtype, memory_gb, job_mem_mb)
