@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import BinaryIO, Callable, Iterable, Mapping
 
 from moeforge.errors import ModelError
-from moeforge.io.direct_write import DirectWriter
 from moeforge.io.files import atomic_path
+from moeforge.io.stream_write import StreamWriter
 
 ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
             "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
@@ -198,7 +198,7 @@ def write_safetensors(path: Path, tensors: Iterable[OutTensor], metadata: dict[s
     """Write a safetensors file atomically (see files.atomic_path); returns its sha256.
 
     Byte ranges of source files are read straight into the writer's buffer, computed tensors are
-    produced one at a time, and the file is hashed as it is written (see direct_write); ``scan``
+    produced one at a time, and the file is hashed as it is written (see stream_write); ``scan``
     sees every tensor's bytes, in pieces, on the way.
     """
     ordered = _aligned_order(tensors)
@@ -206,7 +206,7 @@ def write_safetensors(path: Path, tensors: Iterable[OutTensor], metadata: dict[s
     digest = hashlib.sha256()
     try:
         with atomic_path(path) as tmp:
-            writer = DirectWriter(tmp, digest.update)
+            writer = StreamWriter(tmp, digest.update)
             try:
                 writer.write(_header_bytes(ordered, metadata or {"format": "pt"}))
                 for t in ordered:
@@ -221,7 +221,7 @@ def write_safetensors(path: Path, tensors: Iterable[OutTensor], metadata: dict[s
     return digest.hexdigest()
 
 
-def _write_tensor(writer: DirectWriter, t: OutTensor, sources: dict[Path, BinaryIO],
+def _write_tensor(writer: StreamWriter, t: OutTensor, sources: dict[Path, BinaryIO],
                   scan: Callable[[memoryview], object] | None) -> None:
     if t.produce is not None:
         data = t.produce()

@@ -1,5 +1,5 @@
-"""The shard writer's output path: aligned direct writes, the unaligned tail, on disk and on tmpfs (which
-refuses O_DIRECT before Linux 6.6, so the writer goes on buffered there)."""
+"""The shard writer's output path: bytes and hash across buffer boundaries and an odd-sized tail, on disk
+and on tmpfs (where the page cache is the file itself, so the writeback advice does nothing)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from moeforge.errors import ModelError
-from moeforge.io.direct_write import BUFFER_BYTES, DirectWriter
 from moeforge.io.safetensors_file import OutTensor, write_safetensors
+from moeforge.io.stream_write import BUFFER_BYTES, StreamWriter
 
 TMPFS = Path("/dev/shm")
 
@@ -22,7 +22,7 @@ def _write_mixed(path: Path, source: Path) -> tuple[bytes, str, list[int]]:
     data = source.read_bytes()
     expected = b"head" * 3 + data[100:100 + 2 * BUFFER_BYTES + 5] + bytes(range(256)) * 4097 + data[7:19]
     digest, pieces = hashlib.sha256(), []
-    writer = DirectWriter(path, digest.update)
+    writer = StreamWriter(path, digest.update)
     writer.write(b"head" * 3)
     with open(source, "rb") as src:
         writer.copy_from(src, 100, 2 * BUFFER_BYTES + 5, lambda piece: pieces.append(len(piece)), EOFError)
@@ -39,10 +39,8 @@ def source(tmp_path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("where", ["disk", "tmpfs", "buffered"])
-def test_bytes_and_hash_are_what_was_written(tmp_path, source, where, monkeypatch):
-    if where == "buffered":
-        monkeypatch.setenv("MOEFORGE_DIRECT_WRITE", "0")
+@pytest.mark.parametrize("where", ["disk", "tmpfs"])
+def test_bytes_and_hash_are_what_was_written(tmp_path, source, where):
     if where == "tmpfs" and not TMPFS.is_dir():
         pytest.skip("no tmpfs at /dev/shm")
     out = (TMPFS if where == "tmpfs" else tmp_path) / f"out-{os.getpid()}.bin"
@@ -66,7 +64,7 @@ def test_a_source_that_ends_early_is_one_model_error(tmp_path):
 
 def test_a_failed_background_write_is_raised_in_the_job():
     """The disk refusing a write (here /dev/full: no space) surfaces as the OSError itself, not lost in a thread."""
-    writer = DirectWriter("/dev/full")
+    writer = StreamWriter("/dev/full")
     with pytest.raises(OSError) as failed:
         writer.write(bytes(3 * BUFFER_BYTES))
         writer.close()
