@@ -120,6 +120,21 @@ def test_bad_merge_name_fails(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_mistyped_path_under_the_demo_directory_is_named_by_moeforge(demo, tmp_path):
+    """Only the demo's own models are the demo rule's outputs; another path beside them is a local path
+    like any other, so a typo gets fetch_metadata's message instead of Snakemake's missing-input error."""
+    recipe = yaml.safe_load((REPO / "config/recipes/demo.yaml").read_text())
+    recipe["experts"][-1]["source_model"] = "resources/demo/expert_cookin"
+    wd = workdir(tmp_path, recipe)
+    shutil.copytree(demo / "resources/demo", wd / "resources/demo")
+    proc = snakemake(wd, "--cores", "2")
+    assert proc.returncode != 0
+    assert "resources/demo/expert_cookin: no such local directory" in proc.stderr
+    assert "MissingInputException" not in proc.stdout + proc.stderr
+    assert not (wd / MODEL).exists()
+
+
+@pytest.mark.slow
 def test_model_problem_stops_at_validate_with_message(demo, tmp_path):
     """A missing expert tensor is reported by validate; no weights are fetched, no model appears."""
     wd = workdir(tmp_path)

@@ -108,9 +108,13 @@ def fetch_weights_priority(wildcards):
 
 
 def local_model_input(wildcards):
-    """A local model's files (an edit in place reruns what used them); the demo's directory (built here)."""
+    """A local model's files (an edit in place reruns what used them); a demo model's directory (built here).
+
+    Any other path under the demo's directory is an ordinary local path: one that does not exist gets
+    fetch_metadata's message (naming it, and the nearest model directory), not a missing-input error.
+    """
     ref = REFS[wildcards.slug]
-    if ref.startswith(f"{DEMO_ROOT}/"):
+    if os.path.normpath(ref) in map(str, rules.demo_models.output):
         return [ref]
     return local_source_files(ref)
 
