@@ -109,9 +109,9 @@ class StreamWriter:
     def _consume_and_write(self, data: memoryview) -> None:
         self._consume(data)
         start = self._written
+        self._written += len(data)
         while data:
             data = data[os.write(self._fd, data):]
-        self._written = os.lseek(self._fd, 0, os.SEEK_CUR)
         if _ADVISE is not None and self._written > start:
             _ADVISE(self._fd, start, self._written - start, os.POSIX_FADV_DONTNEED)  # starts the writeback
             if start >= _DROP_BEHIND:
