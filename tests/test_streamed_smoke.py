@@ -18,7 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from moeforge.check import generation, smoke
-from moeforge.check.generation import Generation, over_budget
+from moeforge.check.generation import Generation, computes_natively, over_budget
 from moeforge.check.report import render_markdown
 from moeforge.check.smoke import (
     SmokeOptions,
@@ -28,7 +28,6 @@ from moeforge.check.smoke import (
     run_smoke,
     stored_dtype,
 )
-from moeforge.check.smoke_stage import computes_natively
 from moeforge.check.verify import verify_model
 from moeforge.gates import layerwise
 from moeforge.gates.layerwise import stream_logits

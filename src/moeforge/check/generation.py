@@ -30,6 +30,20 @@ from moeforge.memory_budget import MIB, MemoryBudget, gib, peak_rss, whole_model
 _log = logging.getLogger("moeforge")
 
 
+#: CPU features (torch.cpu probes) that give a 16-bit dtype native arithmetic; without them torch
+#: converts on the fly, and a bfloat16 matrix product measured 7 times slower than a float32 one.
+_NATIVE_CPU_FEATURES = {"bfloat16": ("_is_avx512_bf16_supported", "_is_amx_tile_supported"),
+                        "float16": ("_is_amx_fp16_supported",)}
+
+
+def computes_natively(dtype: str, device: str) -> bool:
+    """Whether ``device`` has arithmetic of its own for ``dtype``: always on accelerators; on a CPU, only
+    with the instructions above (a torch without the probe counts as without them)."""
+    if dtype not in _NATIVE_CPU_FEATURES or device != "cpu":
+        return True
+    return any(getattr(torch.cpu, probe, lambda: False)() for probe in _NATIVE_CPU_FEATURES[dtype])
+
+
 @dataclass(frozen=True)
 class Generation:
     """A greedy continuation: its new token ids and their text."""

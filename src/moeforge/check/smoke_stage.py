@@ -13,8 +13,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Mapping
 
-import torch
-
+from moeforge.check.generation import computes_natively
 from moeforge.check.plots import plot_expert_load, plot_gate_similarity
 from moeforge.check.report import write_report
 from moeforge.check.smoke import SmokeFailure, SmokeOptions, run_smoke, smoke_prompts
@@ -22,19 +21,6 @@ from moeforge.io.fetch import weights_dir_of
 from moeforge.io.safetensors_file import TORCH_NAME
 from moeforge.plan.identity import is_identity_build
 from moeforge.resources import smoke_dtype
-
-#: CPU features (torch.cpu probes) that give a 16-bit dtype native arithmetic; without them torch
-#: converts on the fly, and a bfloat16 matrix product measured 7 times slower than a float32 one.
-_NATIVE_CPU_FEATURES = {"bfloat16": ("_is_avx512_bf16_supported", "_is_amx_tile_supported"),
-                        "float16": ("_is_amx_fp16_supported",)}
-
-
-def computes_natively(dtype: str, device: str) -> bool:
-    """Whether ``device`` has arithmetic of its own for ``dtype``: always on accelerators; on a CPU, only
-    with the instructions above (a torch without the probe counts as without them)."""
-    if dtype not in _NATIVE_CPU_FEATURES or device != "cpu":
-        return True
-    return any(getattr(torch.cpu, probe, lambda: False)() for probe in _NATIVE_CPU_FEATURES[dtype])
 
 
 def smoke_options(plan: Mapping[str, Any], device: str, max_new_tokens: int, dtype: str = "auto",

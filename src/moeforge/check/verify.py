@@ -10,7 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from moeforge.check.generation import computes_natively
+from moeforge.check.report import write_report
+from moeforge.check.smoke import SmokeOptions, run_smoke, smoke_prompts, stored_dtype
 from moeforge.errors import BuildError
+from moeforge.gates.layerwise import CheckpointTensors
 from moeforge.io.files import sha256_file, write_json
 from moeforge.io.lockfile import LOCK_NAME, read_lock
 from moeforge.io.safetensors_file import TORCH_NAME
@@ -47,11 +51,6 @@ def verify_model(model_dir: Path, out_dir: Path, *, device: str, max_new_tokens:
     Generation follows the smoke test's dtype policy (``dtype``, the config's ``smoke.dtype``), read from
     the model's own headers: a downloaded merge has no plan.
     """
-    from moeforge.check.report import write_report
-    from moeforge.check.smoke import SmokeOptions, run_smoke, smoke_prompts, stored_dtype
-    from moeforge.check.smoke_stage import computes_natively
-    from moeforge.gates.layerwise import CheckpointTensors
-
     files = check_lock(model_dir)
     recipe = read_lock(model_dir / LOCK_NAME)["recipe"]
     expert_prompts = {e["name"]: list(e["positive_prompts"]) for e in recipe["experts"] if e["positive_prompts"]}
