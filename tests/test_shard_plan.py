@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from moeforge.check.generation import computes_natively
+from moeforge.cpu_matmul import computes_natively
 from moeforge.memory_budget import whole_model_mb
 from moeforge.plan.rows import SHARD_TARGET_BYTES, _layer_groups, group_shards, layer_bytes
 from moeforge.plan.table import GATES_SOURCE, ROUTERS_SHARD

@@ -18,7 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from moeforge.check import generation, smoke
-from moeforge.check.generation import Generation, computes_natively, over_budget
+from moeforge.check.generation import Generation, over_budget
 from moeforge.check.report import render_markdown
 from moeforge.check.smoke import (
     SmokeOptions,
@@ -29,6 +29,7 @@ from moeforge.check.smoke import (
     stored_dtype,
 )
 from moeforge.check.verify import verify_model
+from moeforge.cpu_matmul import computes_natively, cpu_matmul
 from moeforge.gates import layerwise
 from moeforge.gates.layerwise import stream_logits
 from moeforge.memory_budget import GIB, cgroup_memory_limit, memory_budget
@@ -84,13 +85,16 @@ def _ids(texts: list[str], model_dir: Path) -> list[torch.Tensor]:
 
 @torch.no_grad()
 def _whole_model(model_dir: Path, ids: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[list[torch.Tensor]]]:
-    """Logits [T, V] and router logits per text from the model loaded whole, as a user loads it."""
+    """Logits [T, V] and router logits per text from the model loaded whole, as a user loads it, computed
+    with the matrix products the streamed passes use (``cpu_matmul``; test_cpu_matmul compares those with
+    torch's own), so that what differs here is only one layer at a time against the whole model."""
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     moe = hasattr(model.config, "num_experts_per_tok")
     logits, routers = [], []
     for i in ids:
-        out = model(input_ids=i, attention_mask=torch.ones_like(i), use_cache=False,
-                    **({"output_router_logits": True} if moe else {}))
+        with cpu_matmul():
+            out = model(input_ids=i, attention_mask=torch.ones_like(i), use_cache=False,
+                        **({"output_router_logits": True} if moe else {}))
         logits.append(out.logits[0].float())
         routers.append([r.float() for r in out.router_logits] if moe else [])
     return logits, routers
@@ -238,7 +242,7 @@ def test_a_kept_model_is_whole_and_owns_its_memory(builds, tied):
     assert tensors and not [n for n, t in tensors.items() if t.is_meta]
     assert not [n for n, t in tensors.items() if not t.untyped_storage().resizable()]
     assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
-    with torch.no_grad():
+    with torch.no_grad(), cpu_matmul():  # the streamed pass's products
         whole = model(input_ids=ids[0]).logits[0]
     torch.testing.assert_close(whole, streamed.logits[0][0].to(whole.dtype), atol=0, rtol=0)
 

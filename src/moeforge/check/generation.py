@@ -23,25 +23,12 @@ from typing import Any
 import torch
 from transformers import GenerationConfig
 
+from moeforge.cpu_matmul import with_cpu_matmul
 from moeforge.gates.layerwise import CheckpointTensors
 from moeforge.io.safetensors_file import ITEMSIZE
 from moeforge.memory_budget import MIB, MemoryBudget, gib, peak_rss, whole_model_mb
 
 _log = logging.getLogger("moeforge")
-
-
-#: CPU features (torch.cpu probes) that give a 16-bit dtype native arithmetic; without them torch
-#: converts on the fly, and a bfloat16 matrix product measured 7 times slower than a float32 one.
-_NATIVE_CPU_FEATURES = {"bfloat16": ("_is_avx512_bf16_supported", "_is_amx_tile_supported"),
-                        "float16": ("_is_amx_fp16_supported",)}
-
-
-def computes_natively(dtype: str, device: str) -> bool:
-    """Whether ``device`` has arithmetic of its own for ``dtype``: always on accelerators; on a CPU, only
-    with the instructions above (a torch without the probe counts as without them)."""
-    if dtype not in _NATIVE_CPU_FEATURES or device != "cpu":
-        return True
-    return any(getattr(torch.cpu, probe, lambda: False)() for probe in _NATIVE_CPU_FEATURES[dtype])
 
 
 @dataclass(frozen=True)
@@ -177,6 +164,7 @@ def generate_all(model: torch.nn.Module, prompt_ids: list[torch.Tensor], tokeniz
 
 
 @torch.inference_mode()
+@with_cpu_matmul
 def _generate(model: torch.nn.Module, tokenizer: Any, prompt_ids: list[torch.Tensor], eos: list[int],
               max_new_tokens: int) -> list[Generation]:
     """Plain greedy continuation of every prompt, in one left-padded batch.
