@@ -104,3 +104,18 @@ def test_a_transformers_moe_runs_through_them(calls):
         tokens = model.generate(input_ids=ids, max_new_tokens=5, do_sample=False)
         with cpu_matmul():
             assert torch.equal(model.generate(input_ids=ids, max_new_tokens=5, do_sample=False), tokens)
+
+
+def test_the_same_weights_give_the_same_numbers_wherever_they_lie(calls):
+    """A weight mapped from a safetensors file starts at any 4-byte offset; MKL's small products depend on
+    the start modulo 16 bytes, so a bit-identical model in another file layout would compute other logits."""
+    torch.manual_seed(3)
+    weight, x = torch.randn(256, 64), torch.randn(9, 64)
+    results = []
+    for offset in range(4):
+        buffer = torch.empty(weight.numel() + 4)
+        placed = buffer[offset:offset + weight.numel()].view(256, 64)
+        placed.copy_(weight)
+        with torch.no_grad(), cpu_matmul():
+            results.append(F.linear(x, placed))
+    assert len(calls) == 4 and all(torch.equal(results[0], r) for r in results[1:])

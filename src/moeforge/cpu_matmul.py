@@ -51,6 +51,7 @@ R = TypeVar("R")
 MIN_ROWS = 4
 #: Bytes of float32 weight rows upcast at a time: small enough to stay in cache while multiplied.
 UPCAST_BYTES = 2 << 20
+_MKL_ALIGNMENT = 16
 _SIXTEEN_BIT = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
@@ -73,8 +74,16 @@ def _applies(rows: torch.Tensor, weight: torch.Tensor) -> bool:
 
 def rows_times_weight(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``rows @ weight.T`` for 2-D ``rows`` [M, K] and ``weight`` [N, K], computed as ``(weight @ rows.T).T``;
-    16-bit weights are multiplied in float32, a few rows of them at a time, and the result rounded back."""
+    16-bit weights are multiplied in float32, a few rows of them at a time, and the result rounded back.
+
+    MKL's result for a small float32 ``weight @ rows.T`` depends on where ``weight`` starts modulo 16 bytes,
+    and a tensor mapped straight from a safetensors file starts anywhere; such a weight is copied first
+    (torch aligns what it allocates), so the same weights give the same numbers wherever they lie: a
+    rebuilt merge and the published one it matches bit for bit then agree exactly.
+    """
     if weight.dtype == torch.float32:
+        if weight.data_ptr() % _MKL_ALIGNMENT:
+            weight = weight.clone()
         return torch.mm(weight, rows.t()).t().contiguous()
     columns = rows.float().t()
     out = torch.empty(weight.shape[0], rows.shape[0], dtype=torch.float32, device=rows.device)
