@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from itertools import accumulate
@@ -157,9 +158,12 @@ def eos_ids(model_dir: Path, config: Any, tokenizer: Any) -> list[int]:
 
 def generate_all(model: torch.nn.Module, prompt_ids: list[torch.Tensor], tokenizer: Any, eos: list[int],
                  max_new_tokens: int, name: str) -> list[Generation]:
-    """Continue every prompt greedily with ``model`` (the whole model, loaded), then log the peak memory."""
+    """Continue every prompt greedily with ``model`` (the whole model, loaded), then log how long it took
+    and the peak memory, so a slow or large smoke test's log shows where its time and memory went."""
+    started = time.perf_counter()
     generated = _generate(model, tokenizer, prompt_ids, eos, max_new_tokens)
-    _log.info("generated with %s; peak memory so far %s", name, gib(peak_rss()))
+    _log.info("generated up to %d new tokens for %d prompts with %s in %.1f s; peak memory so far %s", max_new_tokens,
+              len(prompt_ids), name, time.perf_counter() - started, gib(peak_rss()))
     return generated
 
 

@@ -38,6 +38,7 @@ import gc
 import json
 import logging
 import math
+import time
 import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -280,8 +281,11 @@ def _run_model(model_dir: Path, ids: list[torch.Tensor], prompts: int, opts: Smo
     once; in another dtype, the model is read again, whole. It is freed before the next model is loaded.
     """
     keep = generation is not None and plan.mode == "whole" and opts.dtype == COMPARISON_DTYPE
+    started = time.perf_counter()
     streamed = stream_sequences(model_dir, ids, device=opts.device, dtype=getattr(torch, COMPARISON_DTYPE),
                                 progress=False, keep=keep)
+    _log.info("ran %d texts through %s one layer at a time in %.1f s%s", len(ids), model_dir,
+              time.perf_counter() - started, ", keeping the layers to generate with" if keep else "")
     routers = streamed.router_logits if streamed.sparse_layers else None
     measured = _Measured([batch[0] for batch in streamed.logits[:prompts]], routers, streamed.sparse_layers)
     if generation is None:
