@@ -55,8 +55,10 @@ _MKL_ALIGNMENT = 16
 _SIXTEEN_BIT = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
+@functools.cache
 def _upcast(dtype: torch.dtype) -> bool:
-    """Whether products of ``dtype`` weights are computed from float32 copies of a few rows at a time."""
+    """Whether products of ``dtype`` weights are computed from float32 copies of a few rows at a time (the
+    CPU's features do not change, so each dtype is asked once, not on every product)."""
     return dtype in _SIXTEEN_BIT and not computes_natively(_SIXTEEN_BIT[dtype], "cpu")
 
 
@@ -124,7 +126,7 @@ class _CpuMatmul(TorchFunctionMode):
             return _linear(*args, **kwargs)
         if (func is torch._grouped_mm and len(args) == 2 and args[0].dim() == 2 and args[1].dim() == 3
                 and kwargs.get("offs") is not None and kwargs.get("bias") is None and kwargs.get("out_dtype") is None
-                and args[0].dtype == args[1].dtype and _applies(args[0], args[1])):
+                and _applies(args[0], args[1])):
             return _grouped(args[0], args[1], kwargs["offs"])
         return func(*args, **kwargs)
 
