@@ -7,12 +7,20 @@
 # Targets go before --configfile/--config, which take several values.
 from snakemake.utils import min_version, validate
 
+from moeforge.errors import MoeforgeError
+from moeforge.plan.workflow_config import checked_config
+
 min_version("9")
 
 
 configfile: "config/config.yaml"
 
 
+try:
+    config.update(checked_config(config))
+except MoeforgeError as exc:
+    raise WorkflowError(f"moeforge: {exc}") from None
+# Fills in the schema's defaults.
 validate(config, "schemas/config.schema.yaml")
 
 

@@ -101,15 +101,30 @@ def test_mistyped_local_path_is_not_a_hub_lookup(tmp_path, models, monkeypatch):
     assert not (tmp_path / "meta").exists()
 
 
+def offline_fetch(tmp_path: Path, ref: str) -> subprocess.CompletedProcess:
+    """``fetch_metadata(ref)`` in a process of its own, offline, with an empty Hugging Face cache."""
+    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    code = f"from pathlib import Path; from moeforge.io.fetch import fetch_metadata; fetch_metadata({ref!r}, Path('meta'))"
+    return subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL, timeout=120)
+
+
 def test_missing_hub_ref_names_both_places(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
-    code = ("from pathlib import Path; from moeforge.io.fetch import fetch_metadata; "
-            "fetch_metadata('nobody/nothing', Path('meta'))")
-    proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True,
-                          stdin=subprocess.DEVNULL, timeout=120)
+    proc = offline_fetch(tmp_path, "nobody/nothing")
     assert proc.returncode != 0
     assert "not in the Hugging Face cache" in proc.stderr and "no local directory ./nobody/nothing" in proc.stderr
+    assert "for a local model, fix the path" in proc.stderr
+
+
+def test_a_revision_on_a_local_directory_and_an_empty_revision_are_named(tmp_path, models, monkeypatch):
+    shutil.copytree(models["e0"], tmp_path / "models" / "expert")
+    monkeypatch.chdir(tmp_path)
+    proc = offline_fetch(tmp_path, "models/expert@main")
+    assert proc.returncode != 0
+    assert "./models/expert is a local directory, but a local model takes no @revision (drop '@main')" in proc.stderr
+    with pytest.raises(FetchError, match=r"no such local directory: .*nobody/nothing@ -> write a revision after '@'"):
+        fetch_metadata("nobody/nothing@", tmp_path / "meta")
 
 
 def test_local_source_edited_in_place_reruns(wd, models):
@@ -290,3 +305,102 @@ def test_expert_without_tokenizer_files_warns(tmp_path, models):
     recipe["experts"][1]["source_model"] = str(bare)
     plan = plan_only(tmp_path / "run", recipe)
     assert any(str(bare) in w and "vocabulary was skipped" in w for w in plan["warnings"])
+
+
+# ---- faults found by outside testing: late errors of early faults ---------------------------
+
+def test_an_empty_prompt_reaches_the_smoke_test_as_the_bos_token(tmp_path, models):
+    """mergekit-moe reads "" as the bos token alone, and so do the gates; the smoke test, which tokenizes
+    as a user's ``tokenizer(text)`` (here: no bos added), failed after the whole build."""
+    from transformers import AutoTokenizer
+
+    from moeforge.check.prompts import prompt_ids
+    from moeforge.check.smoke_stage import smoke_stage
+
+    tokenizer = AutoTokenizer.from_pretrained(models["base"])
+    assert tokenizer("")["input_ids"] == [] and prompt_ids(tokenizer, "") == [tokenizer.bos_token_id]
+    result = build(tmp_path, hidden_recipe(models, [""], ["def f(x):"]))
+    out = tmp_path / "results" / "m"
+    report = smoke_stage(result.model_dir, out / "plan.json", out / "gates.json", out / "config" / "translation.json",
+                         result.meta[str(models["base"])].parent / "weights.json", device="cpu", max_new_tokens=2,
+                         out_json=out / "smoke/report.json", out_md=out / "smoke/report.md",
+                         load_png=out / "smoke/load.png", similarity_png=out / "smoke/sim.png")
+    assert report["passed"] and [g["prompt"] for g in report["generations"]][0] == ""
+
+
+def test_a_prompt_without_tokens_is_refused_at_validation_in_every_gate_mode(tmp_path, models):
+    """A tokenizer without a bos token reads "" as nothing: refused by validation, by recipe key, even where
+    the gates read no prompt (random), since the smoke test runs every expert prompt."""
+    base = tmp_path / "base-without-bos"
+    shutil.copytree(models["base"], base)
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        if (base / name).is_file():
+            data = json.loads((base / name).read_text())
+            data.pop("bos_token", None)
+            (base / name).write_text(json.dumps(data))
+    data = {**recipe_for(models), "base_model": str(base)}
+    data["experts"][1]["positive_prompts"] = ["", "text"]
+    with pytest.raises(RecipeError) as info:
+        plan_only(tmp_path, data)
+    assert info.value.where == "experts[1].positive_prompts[0]" and "gives no tokens" in info.value.what
+    assert not (tmp_path / "results" / "m" / "plan.json").exists()
+
+
+def test_a_whole_number_written_as_a_float_is_an_integer(tmp_path, models):
+    """JSON Schema (and mergekit-moe) take ``experts_per_token: 2.0``; transformers' config classes refuse a
+    float, which failed the gates job after the weights were read."""
+    plan = plan_only(tmp_path, recipe_for(models, experts_per_token=2.0, seed=7.0))
+    assert plan["recipe"]["experts_per_token"] == 2 and type(plan["recipe"]["experts_per_token"]) is int
+    assert '"experts_per_token": 2,' in (tmp_path / "results" / "m" / "plan.json").read_text()
+    with pytest.raises(RecipeError, match=r"experts_per_token: 2.5 is not of type 'integer'"):
+        parse_recipe(recipe_for(models, experts_per_token=2.5))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_device_this_torch_lacks_is_named_before_any_weight_is_read(tmp_path, models):
+    from moeforge.devices import require_device
+    from moeforge.gates.compute import gates_for_plan
+
+    with pytest.raises(RecipeError, match=r"smoke.device: the device 'cuda' is not usable here: this job's .*-> set smoke.device: cpu"):
+        require_device("cuda", "smoke.device")
+    require_device("cpu", "smoke.device")
+    plan_only(tmp_path, hidden_recipe(models, ["a"], ["b"]) | {"gate_device": "cuda"})
+    out = tmp_path / "results" / "m"
+    with pytest.raises(RecipeError, match=r"gate_device: the device 'cuda' is not usable here"):  # the weights record does not even exist
+        gates_for_plan(out / "plan.json", tmp_path / "missing" / "weights.json", out / "g.safetensors", out / "g.json")
+
+
+@pytest.mark.parametrize("config,message", [
+    ({"merges": {}}, "merges: lists no merge"),
+    ({"merges": None}, "merges: lists no merge"),
+    ({"merges": {"m": {"recipe": "a.yaml", "lock": "b"}}}, "merges.m: give exactly one of recipe, lock, published "
+                                                           "(given: recipe, lock)"),
+    ({"merges": {"m": {}}}, "merges.m: give exactly one of recipe, lock, published (given: none)"),
+    ({"merges": {"m": {"recipie": "a.yaml"}}}, "merges.m.recipie: unknown key 'recipie'; did you mean 'recipe'?"),
+    ({"merges": {"m": "a.yaml"}}, "merges.m: 'a.yaml' is not of type 'object'"),
+])
+def test_a_bad_workflow_config_is_one_line_naming_the_key(config, message):
+    from moeforge.plan.workflow_config import checked_config
+
+    with pytest.raises(RecipeError) as info:
+        checked_config(config)
+    assert str(info.value).startswith(f"workflow config (config/config.yaml, then each --configfile, then --config): "
+                                      f"{message}"), str(info.value)
+
+
+def test_a_whole_number_in_the_workflow_config_is_an_integer():
+    from moeforge.plan.workflow_config import checked_config
+
+    checked = checked_config({"smoke": {"max_new_tokens": 8.0}, "eval": {"context": 64.0}})
+    assert checked["smoke"]["max_new_tokens"] == 8 and type(checked["smoke"]["max_new_tokens"]) is int
+    assert type(checked["eval"]["context"]) is int
+
+
+def test_an_empty_merges_list_is_refused_not_the_demo(wd):
+    (wd / "mine.yaml").write_text("merges: {}\n")
+    proc = subprocess.run([*SNAKEMAKE, "-d", str(wd), "-n", "--cores", "1", "--configfile", str(wd / "mine.yaml")],
+                          cwd=REPO, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=300)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "moeforge: workflow config" in output and "merges: lists no merge" in output, output
+    assert "ValidationError" not in output and "demo_models" not in output

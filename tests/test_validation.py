@@ -187,7 +187,7 @@ def expect(tmp_path, data, error, *fragments):
 def test_unknown_model_type(tmp_path, zoo):
     bad = variant(zoo["expert"], tmp_path / "gemma", lambda c: c.update(model_type="gemma"))
     expect(tmp_path, recipe(zoo["base"], bad, zoo["expert"]), ModelError,
-           "model_type 'gemma' is not supported", str(bad), "supported model types: llama, mistral, qwen2, qwen3")
+           "model_type 'gemma' is not supported", str(bad), "use a model of a supported type: llama, mistral, qwen2, qwen3")
 
 
 def test_layer_count_mismatch(tmp_path, zoo):

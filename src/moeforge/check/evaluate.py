@@ -27,6 +27,7 @@ import torch
 
 from moeforge import __version__
 from moeforge.check.plots import plot_evaluation
+from moeforge.devices import require_device
 from moeforge.errors import BuildError, RecipeError
 from moeforge.gates.layerwise import load_config, stream_logits
 from moeforge.io.fetch import weight_dirs_from
@@ -128,6 +129,7 @@ def evaluate(moe_dir: Path, base_dir: Path, experts: Mapping[str, Path], domains
 
     A model directory named several times (an expert that is the base) is run once.
     """
+    require_device(opts.device, "eval.device")
     tokenizer = load_tokenizer(moe_dir, BuildError, "the tokenizer", "rerun the assemble step")
     positions = load_config(moe_dir).max_position_embeddings
     if opts.context > positions:

@@ -223,7 +223,7 @@ def gguf_stage(model_dir: Path, plan_json: Path, smoke_md: Path, out_json: Path,
     beside (Snakemake removes the outputs of a failed job), so nothing unchecked stands where a
     checked GGUF would.
     """
-    from moeforge.check.smoke import smoke_prompts
+    from moeforge.check.prompts import smoke_prompts
 
     plan = json.loads(plan_json.read_text())
     converter = converter_dir()

@@ -20,8 +20,8 @@ from typing import Any, Mapping
 import torch
 
 from moeforge.check.layouts import ROLES, Reader, classic_view, natural_order, place_of, place_patterns
+from moeforge.check.prompts import smoke_prompts
 from moeforge.check.reproduce import differing_elements
-from moeforge.check.smoke import smoke_prompts
 from moeforge.errors import ModelError
 from moeforge.io.files import read_json, write_json, write_text
 from moeforge.io.published import PublishedRef

@@ -40,7 +40,7 @@ import logging
 import math
 import time
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,6 +52,8 @@ import transformers
 from moeforge import __version__
 from moeforge.build.finite import nonfinite_counts
 from moeforge.check.generation import Generation, GenerationPlan, eos_ids, generate_all, plan_generation
+from moeforge.check.prompts import prompt_ids
+from moeforge.devices import require_device
 from moeforge.errors import BuildError, ModelError, RecipeError
 from moeforge.gates.layerwise import (
     CheckpointTensors,
@@ -127,16 +129,6 @@ class SmokeOptions:
     scanned_when_written: bool = False
 
 
-#: Prompts for a recipe that names no smoke_prompts and no expert prompts (random/cheap_embed gates).
-FALLBACK_PROMPTS = ("The quick brown fox", "Once upon a time")
-
-
-def smoke_prompts(recipe: Mapping[str, Any]) -> list[str]:
-    """What the smoke test generates from: the recipe's smoke_prompts, else every expert prompt."""
-    expert = [p for e in recipe["experts"] for p in e.get("positive_prompts") or []]
-    return list(recipe.get("smoke_prompts") or []) or expert or list(FALLBACK_PROMPTS)
-
-
 class SmokeFailure(BuildError):
     """A hard fault found after the model loaded; carries the report so it can still be read."""
 
@@ -195,6 +187,7 @@ def run_smoke(model_dir: Path, base_dir: Path | None, opts: SmokeOptions) -> dic
     model_dir = Path(model_dir)
     base_dir = None if base_dir is None else Path(base_dir)
     _check_options(base_dir, opts)
+    require_device(opts.device, "smoke.device")
     scan = written_scan(model_dir) if opts.scanned_when_written else scan_tensors(model_dir)
     load_info = check_keys(model_dir)
     tokenizer = load_tokenizer(model_dir, BuildError, "the tokenizer",
@@ -417,11 +410,12 @@ def _first(names: Sequence[str]) -> str:
 
 
 def _encode(tokenizer: Any, text: str) -> torch.Tensor:
-    """Token ids [1, T] as a user's ``tokenizer(text)`` gives them (special tokens included)."""
-    ids = tokenizer(text, return_tensors="pt").input_ids
-    if ids.shape[1] == 0:
-        raise RecipeError(f"prompt {text!r} has no tokens", "smoke.prompts", "use non-empty prompts")
-    return ids
+    """Token ids [1, T] as a user's ``tokenizer(text)`` gives them (special tokens included; see ``prompt_ids``)."""
+    ids = prompt_ids(tokenizer, text)
+    if not ids:
+        raise RecipeError(f"prompt {text!r} gives no tokens with the model's tokenizer", "smoke_prompts / positive_prompts",
+                          "write some text in the prompt, or remove it")
+    return torch.tensor([ids])
 
 
 def _routing_texts(opts: SmokeOptions) -> list[str]:

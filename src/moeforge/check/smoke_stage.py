@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from moeforge.check.plots import plot_expert_load, plot_gate_similarity
+from moeforge.check.prompts import smoke_prompts
 from moeforge.check.report import write_report
-from moeforge.check.smoke import SmokeFailure, SmokeOptions, run_smoke, smoke_prompts
+from moeforge.check.smoke import SmokeFailure, SmokeOptions, run_smoke
 from moeforge.cpu_matmul import computes_natively
 from moeforge.io.fetch import weights_dir_of
 from moeforge.io.safetensors_file import TORCH_NAME

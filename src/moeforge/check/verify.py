@@ -10,8 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from moeforge.check.prompts import smoke_prompts
 from moeforge.check.report import write_report
-from moeforge.check.smoke import SmokeOptions, run_smoke, smoke_prompts, stored_dtype
+from moeforge.check.smoke import SmokeOptions, run_smoke, stored_dtype
 from moeforge.cpu_matmul import computes_natively
 from moeforge.errors import BuildError
 from moeforge.gates.layerwise import CheckpointTensors

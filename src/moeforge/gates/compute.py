@@ -64,6 +64,7 @@ from pathlib import Path
 
 import torch
 
+from moeforge.devices import require_device
 from moeforge.errors import ModelError, RecipeError
 from moeforge.gates.layerwise import (
     input_embeddings,
@@ -482,7 +483,9 @@ def gates_for_plan(plan_json: Path, base_weights: Path, out_tensors: Path, out_s
     """The gates step: the routers a plan's recipe asks for, from the base model's weights."""
     torch.set_num_threads(max(1, threads))
     plan = json.loads(plan_json.read_text())
-    tensors, stats = compute_gates(weights_dir_of(base_weights), gate_spec(plan), progress=False)
+    spec = gate_spec(plan)
+    require_device(spec.device, "gate_device")
+    tensors, stats = compute_gates(weights_dir_of(base_weights), spec, progress=False)
     # Stored in the output dtype, so shard jobs copy router bytes as they are (no torch there);
     # gates.json's statistics are computed in float32 before this cast.
     dtype = getattr(torch, TORCH_NAME[plan["dtype_out"]])

@@ -90,9 +90,10 @@ def _local_dir(ref: ModelRef) -> Path:
     path = Path(ref.path or "").expanduser()
     if not path.is_dir():
         near = near_local_model(ref.path or "")
-        raise FetchError(f"no such local directory: {path.absolute()}", ref.raw,
-                         f"did you mean {near}?" if near else
-                         "check the path in the recipe (relative paths are relative to the working directory)")
+        fix = (f"did you mean {near}?" if near else
+               "write a revision after '@' (org/name@main), or drop the '@'" if ref.raw.endswith("@") else
+               "check the path in the recipe (relative paths are relative to the working directory)")
+        raise FetchError(f"no such local directory: {path.absolute()}", ref.raw, fix)
     if not (path / "config.json").is_file():
         raise ModelError("no config.json in the model directory", ref.raw,
                          "point the recipe at a Hugging Face model directory (config.json + weights)")
@@ -142,8 +143,13 @@ def _check_not_a_mistyped_path(ref: ModelRef) -> None:
 
 
 def _also_not_local(ref: ModelRef) -> str:
-    """For a Hub ref that could also be a path: say that the local directory was looked for too."""
-    return "" if ref.revision else f"; there is no local directory ./{ref.raw} either"
+    """For a Hub ref that could also be a path: say that the local directory was looked for too, or that the
+    local directory it names takes no revision."""
+    if ref.revision is None:
+        return f"; there is no local directory ./{ref.raw} either"
+    if Path(ref.repo_id or "").expanduser().is_dir():
+        return f"; ./{ref.repo_id} is a local directory, but a local model takes no @revision (drop '@{ref.revision}')"
+    return ""
 
 
 def _hub_offline() -> bool:
@@ -174,7 +180,8 @@ def hub_errors(raw: str, subject: str = "", not_local: str = "") -> Iterator[Non
     except LocalEntryNotFoundError:
         raise FetchError(f"{subject + ' is ' if subject else ''}not in the Hugging Face cache and the Hub cannot be "
                          f"reached (HF_HUB_OFFLINE is set or there is no network){not_local}", raw,
-                         "download it once with network access, or unset HF_HUB_OFFLINE") from None
+                         ("for a local model, fix the path (./ in front makes it one); " if not_local else "")
+                         + "for the Hub repo, download it once with network access, or unset HF_HUB_OFFLINE") from None
     except EntryNotFoundError:
         raise
     except RepositoryNotFoundError:

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from moeforge import errors
+from moeforge.check.prompts import check_smoke_prompts
 from moeforge.errors import BuildError, ModelError, MoeforgeError
 from moeforge.gates.spec import PROMPTLESS_MODES, check_prompt_tokens, recipe_gate_spec
 from moeforge.io.hf_load import load_tokenizer
@@ -23,15 +24,17 @@ from moeforge.plan.recipe import load_recipe
 
 
 def check_prompts(recipe_path: Path, base_meta: Path) -> None:
-    """Every prompt, rendered as the gates will read it, has a token and fits the base's context."""
-    recipe = load_recipe(recipe_path)
-    spec = recipe_gate_spec(recipe.to_dict())
-    if spec.mode in PROMPTLESS_MODES:
-        return
+    """Every prompt, rendered as the gates will read it, has a token and fits the base's context; and every
+    prompt the smoke test runs has a token as a user's tokenizer call reads it."""
+    recipe = load_recipe(recipe_path).to_dict()
     tokenizer = load_tokenizer(base_meta, ModelError, "the base model's tokenizer",
-                               "the gates read the prompts with it: check the base's tokenizer files", generic=True)
-    max_positions = read_params(recipe.base_model, base_meta)[2].get("max_position_embeddings")
-    check_prompt_tokens(spec, tokenizer, max_positions)
+                               "the gates and the smoke test read the prompts with it: check the base's tokenizer "
+                               "files", generic=True)
+    spec = recipe_gate_spec(recipe)
+    if spec.mode not in PROMPTLESS_MODES:
+        max_positions = read_params(recipe["base_model"], base_meta)[2].get("max_position_embeddings")
+        check_prompt_tokens(spec, tokenizer, max_positions)
+    check_smoke_prompts(recipe, tokenizer)
 
 
 class PromptCheck:

@@ -17,7 +17,7 @@ import yaml
 
 from moeforge.errors import RecipeError
 from moeforge.io.files import read_text, yaml_problem
-from moeforge.plan.schema import package_schema, schema_errors
+from moeforge.plan.schema import first_and_more, integral_floats_as_int, package_schema, schema_errors
 
 MERGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 PROMPTLESS_GATE_MODES = ("random", "uniform_random")
@@ -113,8 +113,8 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
                           "see config/recipes/ for examples")
     problems = schema_errors(data, package_schema("recipe"))
     if problems:
-        more = f"\n  ({len(problems) - 1} more problem(s) below)\n  " + "\n  ".join(problems[1:]) if len(problems) > 1 else ""
-        raise RecipeError(problems[0] + more, source, "fix the recipe (keys and types are listed in the README)")
+        raise RecipeError(first_and_more(problems), source, "fix the recipe (keys and types are listed in the README)")
+    data = integral_floats_as_int(data, package_schema("recipe"))
     kwargs = {k: v for k, v in data.items() if k not in ("experts", "shared_experts")}
     for key in ("smoke_prompts",):
         if key in kwargs:
@@ -168,7 +168,9 @@ def load_recipe(path: str | Path) -> Recipe:
     """Read and validate a recipe file."""
     path = Path(path)
     if not path.is_file():
-        raise RecipeError("recipe file not found", str(path), "check the `recipe:` path in config/config.yaml")
+        what = "is a directory, not a recipe file" if path.is_dir() else "recipe file not found"
+        raise RecipeError(what, str(path), "check the recipe path: --config recipe=PATH, or recipe: under merges: in "
+                          "your config file")
     text = read_text(path, "", RecipeError, "save the recipe as UTF-8 (editors offer it under 'Save with encoding')")
     try:
         data = yaml.safe_load(text)

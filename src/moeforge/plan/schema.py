@@ -69,11 +69,21 @@ def _describe(error: jsonschema.ValidationError) -> str:
         return f"{where}: {error.message}"
     if error.validator == "pattern" and error.absolute_path == error.relative_path and error.path:
         return f"{where}: {error.instance!r} does not match {error.validator_value!r}"
+    if error.validator == "oneOf" and all(set(branch) == {"required"} for branch in error.validator_value):
+        names = [name for branch in error.validator_value for name in branch["required"]]
+        given = [name for name in names if isinstance(error.instance, dict) and name in error.instance]
+        return f"{where}: give exactly one of {', '.join(names)} (given: {', '.join(given) or 'none'})"
     if error.validator == "oneOf" and error.context:
         from jsonschema.exceptions import best_match
 
         return _describe(best_match(error.context))
     return f"{where}: {error.message}"
+
+
+def first_and_more(problems: list[str]) -> str:
+    """The first problem, then how many more and each of them: the message of a document with ``problems``."""
+    more = "".join(f"\n  {p}" for p in problems[1:])
+    return problems[0] + (f"\n  ({len(problems) - 1} more problem(s) below){more}" if more else "")
 
 
 def schema_errors(document: Any, schema: Mapping[str, Any]) -> list[str]:
@@ -87,3 +97,25 @@ def schema_errors(document: Any, schema: Mapping[str, Any]) -> list[str]:
     validator = Draft202012Validator(schema)
     errors = sorted(validator.iter_errors(document), key=lambda e: [str(p) for p in e.absolute_path])
     return [_describe(e) for e in errors]
+
+
+def integral_floats_as_int(document: Any, schema: Mapping[str, Any], root: Mapping[str, Any] | None = None) -> Any:
+    """``document`` with every integral float (``2.0``) that the schema types as an integer made an int.
+
+    JSON Schema counts 2.0 as an integer, and mergekit-moe's recipe parser takes it, so a recipe may
+    say ``experts_per_token: 2.0``; but the code behind the schema (transformers' config classes among
+    it) refuses a float, and would do so only in a job after the weights are read.
+    """
+    root = schema if root is None else root
+    if "$ref" in schema:
+        schema = root["$defs"][schema["$ref"].rsplit("/", 1)[-1]]
+    types = schema.get("type", [])
+    if isinstance(document, float) and document.is_integer() and "integer" in (types if isinstance(types, list) else [types]):
+        return int(document)
+    if isinstance(document, dict):
+        extra = schema.get("additionalProperties")
+        return {key: integral_floats_as_int(value, schema.get("properties", {}).get(key, extra if isinstance(extra, dict) else {}), root)
+                for key, value in document.items()}
+    if isinstance(document, list) and isinstance(schema.get("items"), dict):
+        return [integral_floats_as_int(value, schema["items"], root) for value in document]
+    return document

@@ -282,7 +282,7 @@ def input_family_for(model_type: str, where: str) -> InputFamily:
     known = sorted(t for f in inputs.values() for t in f.model_types)
     raise ModelError(
         f"model_type {model_type!r} is not supported", where,
-        f"supported model types: {', '.join(known)}; {_suggest(model_type, known)}",
+        f"use a model of a supported type: {', '.join(known)}" + (f"; did you mean {match!r}?" if (match := closest(model_type, known)) else ""),
     )
 
 

@@ -7,13 +7,12 @@ assembly waits for it; validation stays fast on the critical path.
 
 from __future__ import annotations
 
-import contextlib
 import json
 from pathlib import Path
 from typing import Any, Mapping
 
 from moeforge.build.translate import build_config
-from moeforge.gates.spec import PROMPTLESS_MODES, recipe_gate_spec, validate_spec
+from moeforge.gates.spec import recipe_gate_spec, validate_spec
 from moeforge.plan.prompt_check import PromptCheck
 from moeforge.plan.recipe import load_recipe
 
@@ -22,22 +21,21 @@ def validate_merge(merge: str, recipe_path: Path, meta_dirs: Mapping[str, Path],
                    plan_tsv: Path) -> dict[str, Any]:
     """Validate and plan; the config translation runs too, so its refusals come now.
 
-    The prompts' token check (it needs the base's tokenizer) runs in a helper process meanwhile
-    (see moeforge.plan.prompt_check); nothing is written unless it passes too.
+    The prompts' token check (it needs the base's tokenizer; the smoke test's prompts are checked in every
+    gate mode) runs in a helper process meanwhile (see moeforge.plan.prompt_check); nothing is written
+    unless it passes too.
     """
     recipe = load_recipe(recipe_path)
     spec = recipe_gate_spec(recipe.to_dict())
     validate_spec(spec)
-    needs_tokens = spec.mode not in PROMPTLESS_MODES
-    with PromptCheck(recipe_path, meta_dirs[recipe.base_model]) if needs_tokens else contextlib.nullcontext() as check:
+    with PromptCheck(recipe_path, meta_dirs[recipe.base_model]) as check:
         # Imported once the check runs: pandas and pandera take 0.7 s, which its process overlaps.
         from moeforge.plan.make import make_plan, write_plan
 
         plan, frame = make_plan(merge, recipe, meta_dirs)
         base_config = json.loads((meta_dirs[recipe.base_model] / "config.json").read_text())
         _, decisions = build_config(plan, base_config)
-        if check is not None:
-            check.result()
+        check.result()
     plan["warnings"] += [d["warning"] for d in decisions if "warning" in d]
     write_plan(plan, frame, plan_json, plan_tsv)
     return plan

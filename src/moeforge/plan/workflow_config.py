@@ -1,0 +1,30 @@
+"""The workflow config, checked as the user gave it, before Snakemake fills in the schema's defaults.
+
+Snakemake's own validation prints the whole JSON schema after its first error and names neither
+the config file nor the key to fix; an empty ``merges:`` would pass it and build the demo. Here
+each problem is one line with its key path (and the key meant, for a typo), and a ``merges:`` that
+lists nothing is refused: the demo is built only where the user asked for no merge at all.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from moeforge.errors import RecipeError
+from moeforge.plan.schema import first_and_more, integral_floats_as_int, package_schema, schema_errors
+
+WHERE = "workflow config (config/config.yaml, then each --configfile, then --config)"
+
+
+def checked_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """``config`` checked against the workflow schema, integral floats where it asks for integers made ints."""
+    if "merges" in config and not config["merges"]:
+        raise RecipeError("merges: lists no merge", WHERE,
+                          "list each merge as name: {recipe: path/to/recipe.yaml} (or lock: / published:), or "
+                          "leave merges: out to build the offline demo")
+    problems = schema_errors(dict(config), package_schema("config"))
+    if problems:
+        raise RecipeError(first_and_more(problems), WHERE,
+                          "fix that key: each merge is name: {recipe: PATH}, {lock: ...} or {published: ...}; every "
+                          "key is described in schemas/config.schema.yaml")
+    return integral_floats_as_int(dict(config), package_schema("config"))
