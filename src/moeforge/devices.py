@@ -15,15 +15,15 @@ from moeforge.errors import RecipeError
 
 def require_device(device: str, key: str) -> None:
     """Raise unless torch can compute on ``device`` here; ``key`` is the recipe or config key that set it."""
-    kind = torch.device(device).type
-    if kind == "cuda":
+    parsed = torch.device(device)
+    if parsed.type == "cuda":
         if not torch.backends.cuda.is_built():
             why = f"this job's torch ({torch.__version__}) was built without CUDA"
-        elif torch.cuda.device_count() <= (torch.device(device).index or 0):
+        elif torch.cuda.device_count() <= (parsed.index or 0):
             why = f"this job sees {torch.cuda.device_count()} CUDA device(s)"
         else:
             return
-    elif kind == "mps" and not torch.backends.mps.is_available():
+    elif parsed.type == "mps" and not torch.backends.mps.is_available():
         why = "this job's machine has no Apple MPS device"
     else:
         return

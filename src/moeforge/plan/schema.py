@@ -46,7 +46,8 @@ def closest(word: str, choices: Iterable[str], cutoff: float = 0.6) -> str | Non
     return close[0] if close else None
 
 
-def _closest(word: str, choices: Iterable[str]) -> str:
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """"; did you mean 'x'?" for the closest valid choice, or nothing when none is close."""
     match = closest(word, choices)
     return f"; did you mean {match!r}?" if match else ""
 
@@ -59,12 +60,12 @@ def _describe(error: jsonschema.ValidationError) -> str:
         lines = []
         for key in extra:
             path = key_path([*error.absolute_path, key])
-            hint = _closest(key, allowed)
+            hint = did_you_mean(key, allowed)
             lines.append(f"{path}: unknown key {key!r}{hint or '; valid keys: ' + ', '.join(allowed)}")
         return "\n".join(lines)
     if error.validator == "enum":
         return (f"{where}: {error.instance!r} is not one of {list(error.validator_value)}"
-                f"{_closest(str(error.instance), map(str, error.validator_value))}")
+                f"{did_you_mean(str(error.instance), map(str, error.validator_value))}")
     if error.validator == "required":
         return f"{where}: {error.message}"
     if error.validator == "pattern" and error.absolute_path == error.relative_path and error.path:
@@ -114,8 +115,9 @@ def integral_floats_as_int(document: Any, schema: Mapping[str, Any], root: Mappi
         return int(document)
     if isinstance(document, dict):
         extra = schema.get("additionalProperties")
-        return {key: integral_floats_as_int(value, schema.get("properties", {}).get(key, extra if isinstance(extra, dict) else {}), root)
-                for key, value in document.items()}
+        properties = schema.get("properties", {})
+        other = extra if isinstance(extra, dict) else {}
+        return {key: integral_floats_as_int(value, properties.get(key, other), root) for key, value in document.items()}
     if isinstance(document, list) and isinstance(schema.get("items"), dict):
         return [integral_floats_as_int(value, schema["items"], root) for value in document]
     return document

@@ -24,7 +24,7 @@ from typing import Any, Mapping
 import yaml
 
 from moeforge.errors import ModelError, TemplateError
-from moeforge.plan.schema import YAML_LOADER, closest, package_schema, schema_errors
+from moeforge.plan.schema import YAML_LOADER, closest, did_you_mean, package_schema, schema_errors
 
 INTEGER_PARAMS = (
     "hidden_size",
@@ -282,7 +282,7 @@ def input_family_for(model_type: str, where: str) -> InputFamily:
     known = sorted(t for f in inputs.values() for t in f.model_types)
     raise ModelError(
         f"model_type {model_type!r} is not supported", where,
-        f"use a model of a supported type: {', '.join(known)}" + (f"; did you mean {match!r}?" if (match := closest(model_type, known)) else ""),
+        f"use a model of a supported type: {', '.join(known)}{did_you_mean(model_type, known)}",
     )
 
 
