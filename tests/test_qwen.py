@@ -211,3 +211,53 @@ def test_smoke_stage_passes_on_qwen_outputs(tmp_path, zoo, key):
     layers = report["routing"]["layers"]
     assert len(layers) == result.plan["num_layers"]
     assert all(abs(sum(layer["load_share"]) - 1) < 1e-4 for layer in layers)
+
+
+@pytest.fixture(scope="module")
+def windowed(tmp_path_factory, tokenizer_dir):
+    """Bases with a sliding window shorter than IDS: in every layer, and from layer 1 on (Qwen's max_window_layers)."""
+    root = tmp_path_factory.mktemp("windowed")
+    return {
+        "qwen2_all": build_dense_model(root / "qwen2_all", "qwen2", seed=4, sliding_window=4, tokenizer_dir=tokenizer_dir),
+        "qwen2_late": build_dense_model(root / "qwen2_late", "qwen2", seed=5, sliding_window=4,
+                                        config_overrides={"max_window_layers": 1}, tokenizer_dir=tokenizer_dir),
+        "mistral": build_dense_model(root / "mistral", "mistral", seed=6, sliding_window=4, tokenizer_dir=tokenizer_dir),
+    }
+
+
+def test_qwen2_moe_keeps_the_bases_window_in_every_layer(tmp_path, windowed, tf4_python):
+    """The window in every layer, in transformers 5.x (layer_types) and 4.x (max_window_layers 0):
+    5.x's Qwen2-MoE would otherwise derive an alternating pattern from max_window_layers."""
+    q = windowed["qwen2_all"]
+    result = build(tmp_path, recipe(q, [(q, {})] * 2, sliding_window=4))
+    config = json.loads((result.model_dir / "config.json").read_text())
+    assert config["max_window_layers"] == 0 and config["use_sliding_window"] is True
+    assert config["layer_types"] == ["sliding_attention"] * config["num_hidden_layers"]
+    assert not result.plan["warnings"]
+    assert max_diff(result.model_dir, q) < 1e-5  # IDS is 12 tokens, the window 4: every layer's mask matters
+    assert (tf4_logits(tf4_python, result.model_dir, IDS) - dense_logits(q)).abs().max().item() < 1e-5
+
+
+def test_window_from_a_later_layer_is_refused(tmp_path, windowed):
+    """transformers 4.x masks every layer of an MoE with the window, so no output reproduces a base whose
+    window starts at layer 1; full attention (the default) builds, with a warning."""
+    q = windowed["qwen2_late"]
+    with pytest.raises(RecipeError, match=r"layers 1-\d \(of 0-\d\) only.*qwen2_moe.*every layer") as info:
+        plan_only(tmp_path, recipe(q, [(q, {})] * 2, sliding_window=4))
+    assert info.value.where == "recipe: sliding_window"
+    plan = plan_only(tmp_path / "full", recipe(q, [(q, {})] * 2))
+    assert any("set sliding_window: 4" in w for w in plan["warnings"])
+
+
+def test_a_dropped_window_is_warned_at_validation_and_not_an_identity_build(tmp_path, windowed):
+    """The default sliding_window: null gives full attention; the merge then differs from its windowed base on
+    long inputs, so validation says so and the smoke test does not demand identity."""
+    from moeforge.plan.identity import is_identity_build
+
+    m = windowed["mistral"]
+    plan = plan_only(tmp_path / "null", recipe(m, [(m, {})] * 2))
+    assert any("sliding window of 4 tokens" in w and "set sliding_window: 4" in w for w in plan["warnings"])
+    assert not is_identity_build(plan) and plan["window_layers"] == []
+    kept = plan_only(tmp_path / "kept", recipe(m, [(m, {})] * 2, sliding_window=4))
+    assert not kept["warnings"] and is_identity_build(kept)
+    assert kept["window_layers"] == list(range(kept["num_layers"]))

@@ -19,6 +19,7 @@ from moeforge.io.fetch import REFETCH_FIX
 from moeforge.io.files import read_json, write_json
 from moeforge.io.safetensors_file import TORCH_NAME
 from moeforge.plan import templates as arch
+from moeforge.plan.window import window_config
 
 #: Mean wrapped angle error (radians) above which a theta translation is reported as a warning;
 #: random phases average pi/2, and any linear-scaling translation lands near 1 rad.
@@ -134,6 +135,7 @@ def build_config(plan: Mapping[str, Any], base_config: Mapping[str, Any]) -> tup
     config["sliding_window"] = recipe["sliding_window"]
     if "use_sliding_window" in config:
         config["use_sliding_window"] = recipe["sliding_window"] is not None
+    config.update(window_config(out.window_layers, plan["window_layers"], p["num_hidden_layers"]))
     decisions.append({"field": "sliding_window", "value": recipe["sliding_window"],
                       "why": "the recipe's sliding_window" if recipe["sliding_window"] else
                       f"null: full attention (the base's window was {p['sliding_window']})"})

@@ -33,6 +33,7 @@ from moeforge.plan.sources import (
     output_family,
 )
 from moeforge.plan.templates import OutputFamily
+from moeforge.plan.window import output_window_layers, window_differs, window_warning
 
 
 def _dtype_out(recipe: Recipe, base: Source, ctx: PlanContext) -> str:
@@ -83,6 +84,9 @@ def make_plan(merge: str, recipe: Recipe, meta_dirs: Mapping[str, Path]) -> tupl
         raise RecipeError(f"{out.name} has no shared experts, but the recipe lists {len(shared)}",
                           "recipe: shared_experts", "remove shared_experts or use architecture: qwen (Qwen2-MoE)")
     check_representable(base, experts + shared, out)
+    window_layers = output_window_layers(recipe.sliding_window, base.params, out.name)
+    if window_differs(base.params, recipe.sliding_window, window_layers):
+        ctx.warnings.append(window_warning(base.ref, base.params, recipe.sliding_window))
     dtype_out = _dtype_out(recipe, base, ctx)
     tie_output = _tie_output(recipe, base, ctx)
     num_layers = base.params["num_hidden_layers"]
@@ -110,6 +114,8 @@ def make_plan(merge: str, recipe: Recipe, meta_dirs: Mapping[str, Path]) -> tupl
                            for e, s in zip(recipe.shared_experts, shared)],
         "sources": {s.slug: _source_entry(s, roles[s.ref]) for s in sources.values()},
         "base_params": base.params,
+        # The decoder layers that attend within the recipe's sliding_window (config translation writes them).
+        "window_layers": window_layers,
         "shards": shards,
         "shard_bytes": _shard_bytes(frame),
         # One decoder layer's output bytes: what a layer-streamed job holds at a time.

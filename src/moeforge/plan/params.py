@@ -16,6 +16,7 @@ from moeforge.io.fetch import REFETCH_FIX
 from moeforge.io.files import read_json
 from moeforge.plan import templates as arch
 from moeforge.plan.templates import INTEGER_PARAMS, InputFamily
+from moeforge.plan.window import window_layers_of
 
 REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
 
@@ -91,6 +92,7 @@ def normalise(config: Mapping[str, Any], family: InputFamily, where: str) -> dic
     p["rope"] = rope_of(config, float(family.defaults.get("rope_theta", 10000.0)))
     p["max_position_embeddings"] = config.get("max_position_embeddings")
     p["sliding_window"] = sliding_window_of(config)
+    p["window_layers"] = window_layers_of(config, family.window_layers, p["num_hidden_layers"], p["sliding_window"])
     p["dtype"] = dtype_of(config)
     p["model_type"] = config.get("model_type")
     return p

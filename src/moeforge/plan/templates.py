@@ -72,6 +72,8 @@ class InputFamily:
     globals: Mapping[str, TensorSpec]
     attention: Mapping[str, TensorSpec]
     mlp: Mapping[str, TensorSpec]
+    #: Where its window applies (``moeforge.plan.window.STYLES``).
+    window_layers: str = "all"
 
     def layer_name(self, layer: int, spec: TensorSpec) -> str:
         return self.layer_prefix.format(layer=layer) + spec.name
@@ -106,6 +108,8 @@ class OutputFamily:
     required_attention: tuple[str, ...]
     config: Mapping[str, Any]
     in_memory_5x: tuple[FusedLayout, ...]
+    #: Where its window applies (``moeforge.plan.window.STYLES``).
+    window_layers: str = "all"
 
     def layer_name(self, layer: int, name: str, expert: int | None = None) -> str:
         full = self.layer_prefix.format(layer=layer) + name
@@ -225,6 +229,7 @@ def load_template(path: Path) -> InputFamily | OutputFamily:
             globals=_tensor_map(data["globals"], source, "globals"),
             attention=_tensor_map(data["attention"], source, "attention"),
             mlp=_tensor_map(data["mlp"], source, "mlp"),
+            window_layers=data.get("window_layers", "all"),
         )
     return _output_family(data, source)
 
@@ -254,7 +259,7 @@ def _output_family(data: Mapping[str, Any], source: str) -> OutputFamily:
         experts=dict(data["experts"]), shared_expert=dict(data.get("shared_expert") or {}),
         shared_expert_gate=data.get("shared_expert_gate"), zero_fill=zero_fill, required_attention=required,
         config=dict(data["config"]),
-        in_memory_5x=fused,
+        in_memory_5x=fused, window_layers=data.get("window_layers", "all"),
     )
 
 
