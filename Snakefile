@@ -5,6 +5,8 @@
 #                                                         (recipe: a YAML recipe, lock: a build to rerun,
 #                                                          or published: a published merge to rebuild)
 # Targets go before --configfile/--config, which take several values.
+import os
+
 from snakemake.utils import min_version, validate
 
 from moeforge.errors import MoeforgeError
@@ -13,7 +15,8 @@ from moeforge.plan.workflow_config import checked_config
 min_version("9")
 
 
-configfile: "config/config.yaml"
+# The defaults ship with the workflow, so any working directory (-d) can run it.
+configfile: os.path.join(workflow.basedir, "config", "config.yaml")
 
 
 try:

@@ -227,3 +227,28 @@ def test_gguf_target_converts_and_checks_every_merge(demo, llamacpp_converter):
     assert md.startswith("# GGUF (llama.cpp): PASS") and "# Smoke test: PASS" in md
     dry = snakemake(demo, "--cores", "2", "-n", "--forceall")
     assert "gguf_check" not in dry.stdout + dry.stderr
+
+
+@pytest.mark.slow
+def test_building_another_merge_of_the_same_models_leaves_the_first_finished(demo, tmp_path):
+    """Building a second merge of the same models fetches nothing again and leaves the first finished: only the
+    download markers (a touched file each) follow the change of the merge list, not the fetched weights."""
+    wd = tmp_path / "wd"
+    shutil.copytree(demo, wd, symlinks=True)
+    other = yaml.safe_load((wd / "demo.yaml").read_text()) | {"seed": 7}
+    (wd / "other.yaml").write_text(yaml.safe_dump(other, sort_keys=False))
+    (wd / "other-config.yaml").write_text(yaml.safe_dump({"merges": {"other": {"recipe": "other.yaml"}}}))
+    cmd = [*SNAKEMAKE, "-s", str(REPO / "Snakefile"), "-d", str(wd), "--cores", "2"]
+    proc = subprocess.run([*cmd, "--configfile", str(wd / "other-config.yaml")], capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "rule fetch_weights" not in proc.stdout + proc.stderr
+    dry = snakemake(wd, "-n", "--cores", "2")
+    assert dry.returncode == 0, dry.stderr[-3000:]
+    assert _planned_rules(dry.stdout) <= {"clear_download"}, dry.stdout[-3000:]
+
+
+def _planned_rules(dry_run: str) -> set[str]:
+    """The rules of a dry run's job table."""
+    table = dry_run.split("Job stats:", 1)[1].split("\n\n", 1)[0] if "Job stats:" in dry_run else ""
+    return {line.split()[0] for line in table.splitlines()[3:] if line.split() and line.split()[0] != "total"}

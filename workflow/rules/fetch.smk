@@ -18,11 +18,22 @@ rule fetch_metadata:
         "../scripts/fetch_metadata.py"
 
 
+# Weights are downloaded only once every merge of this run that uses the model has validated. The
+# plans reach fetch_weights through this marker, which fetch_weights takes as ancient(): its path does
+# not change with the set of merges, and a rerun of the marker (a merge added, or a recipe edited) does
+# not fetch the weights again, nor rebuild every merge that shares the model.
+rule clear_download:
+    input:
+        plans=plans_using,
+    output:
+        touch("resources/models/{slug}/download-cleared"),
+    localrule: True
+
+
 rule fetch_weights:
     input:
         meta="resources/models/{slug}/meta",
-        # Weights are downloaded only once every merge that uses the model has validated.
-        plans=plans_using,
+        cleared=ancient("resources/models/{slug}/download-cleared"),
     output:
         "resources/models/{slug}/weights.json",
     log:
