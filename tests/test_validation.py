@@ -73,6 +73,17 @@ def test_bad_recipe_messages(case, data, message):
     assert str(info.value).startswith("r.yaml")
 
 
+def test_null_keys_read_as_unset_as_mergekit_moe_reads_them():
+    """Recipes written for mergekit-moe carry ``key: null`` for unset keys; they mean the defaults."""
+    plain = {"base_model": "m/base", "gate_mode": "cheap_embed",
+             "experts": [{"source_model": "m/a", "positive_prompts": ["x"]},
+                         {"source_model": "m/b", "positive_prompts": ["y"]}]}
+    nulls = plain | {"dtype": None, "architecture": None, "shared_experts": None, "sliding_window": None,
+                     "experts": [e | {"negative_prompts": None, "noise_scale": None, "residual_scale": None}
+                                 for e in plain["experts"]]}
+    assert parse_recipe(nulls) == parse_recipe(plain)
+
+
 def test_random_modes_need_no_prompts():
     recipe = parse_recipe({"base_model": "a/b", "gate_mode": "uniform_random",
                            "experts": [{"source_model": "x/y"}, {"source_model": "x/z"}]})

@@ -20,7 +20,7 @@ from moeforge.errors import FetchError, ModelError
 from moeforge.io.files import sha256_file, write_json, write_text
 from moeforge.io.lockfile import LockRef, load_lock, read_lock
 from moeforge.io.refs import parse_ref
-from moeforge.plan.recipe import Recipe, parse_recipe
+from moeforge.plan.recipe import Recipe, parse_recipe, without_nulls
 
 _CHANGED_FIX = ("restore the source model the merge was built from (the lock records each weight file's size and "
                 "sha256), or build a new merge from a recipe instead of the lock")
@@ -57,16 +57,11 @@ def pinned_recipe(lock: Mapping[str, Any]) -> dict[str, Any]:
     """The recorded recipe as a recipe document: Hub sources pinned, unset (null) keys left out as a recipe does."""
     pinned = pins(lock)
 
-    def expert(item: Mapping[str, Any]) -> dict[str, Any]:
-        out = {k: v for k, v in item.items() if v is not None}
-        out["source_model"] = pinned.get(out["source_model"], out["source_model"])
-        return out
-
-    recipe = {k: v for k, v in lock["recipe"].items() if v is not None}
+    recipe = without_nulls(lock["recipe"])
     recipe["base_model"] = pinned.get(recipe["base_model"], recipe["base_model"])
     for key in ("experts", "shared_experts"):
-        if key in recipe:
-            recipe[key] = [expert(item) for item in recipe[key]]
+        for item in recipe.get(key, []):
+            item["source_model"] = pinned.get(item["source_model"], item["source_model"])
     return recipe
 
 

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 
 from moeforge.io.files import write_json, write_text
 from moeforge.io.published import FoundRecipe, PublishedRef, find_recipe, resolve_published
 from moeforge.io.refs import parse_ref
-from moeforge.plan.recipe import Recipe, parse_recipe
+from moeforge.plan.recipe import Recipe, parse_recipe, without_nulls
 
 
 @dataclass(frozen=True)
@@ -31,23 +31,11 @@ class PublishedMerge:
     recipe: Recipe
 
 
-def recipe_document(document: Mapping[str, Any]) -> dict[str, Any]:
-    """The published recipe with mergekit-moe's null (unset) keys left out, as in a recipe file."""
-    def expert(item: Any) -> Any:
-        return {k: v for k, v in item.items() if v is not None} if isinstance(item, dict) else item
-
-    out = {k: v for k, v in document.items() if v is not None}
-    for key in ("experts", "shared_experts"):
-        if isinstance(out.get(key), list):
-            out[key] = [expert(item) for item in out[key]]
-    return out
-
-
 def merge_from_published(raw: str) -> PublishedMerge:
     """Parse time: find the published merge and its recipe, and validate the recipe."""
     ref, directory = resolve_published(raw)
     found = find_recipe(directory, raw)
-    recipe = parse_recipe(recipe_document(found.document), f"{raw}: {found.source}")
+    recipe = parse_recipe(found.document, f"{raw}: {found.source}")
     return PublishedMerge(ref, found, recipe)
 
 
@@ -58,7 +46,7 @@ def write_published_recipe(raw: str, recipe_out: Path, record_out: Path) -> dict
                 if parse_ref(ref).kind == "hub" and parse_ref(ref).revision is None]
     record = {"published": raw, "repo_id": merge.ref.repo_id, "revision": merge.ref.revision,
               "recipe_from": merge.found.source, "unpinned_hub_sources": unpinned}
-    write_text(recipe_out, yaml.safe_dump(recipe_document(merge.found.document), sort_keys=False,
+    write_text(recipe_out, yaml.safe_dump(without_nulls(merge.found.document), sort_keys=False,
                                           allow_unicode=True))
     write_json(record_out, record)
     return record

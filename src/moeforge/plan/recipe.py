@@ -106,11 +106,29 @@ def _normalise_tie(value: Any) -> str:
     return {True: "keep", False: "untie"}.get(value, value) if isinstance(value, bool) else value
 
 
+def without_nulls(document: Mapping[str, Any]) -> dict[str, Any]:
+    """The recipe with its null keys (and its experts' null keys) left out.
+
+    mergekit-moe reads ``key: null`` as an unset key, and recipes written for it (or dumped from its
+    config class) carry them (``negative_prompts: null``, ``shared_experts: null``); every moeforge key
+    that may be null defaults to None, so leaving them out changes nothing else.
+    """
+    def item(value: Any) -> Any:
+        return {k: v for k, v in value.items() if v is not None} if isinstance(value, dict) else value
+
+    out = {k: v for k, v in document.items() if v is not None}
+    for key in ("experts", "shared_experts"):
+        if isinstance(out.get(key), list):
+            out[key] = [item(value) for value in out[key]]
+    return out
+
+
 def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
     """Validate a recipe document (already parsed YAML) and return it typed."""
     if not isinstance(data, dict):
         raise RecipeError("a recipe must be a YAML mapping with base_model and experts", source,
                           "see config/recipes/ for examples")
+    data = without_nulls(data)
     problems = schema_errors(data, package_schema("recipe"))
     if problems:
         raise RecipeError(first_and_more(problems), source, "fix the recipe (keys and types are listed in the README)")
