@@ -37,6 +37,8 @@ def step(smk):
     hf_logging.get_logger("transformers.modeling_utils").warning("a transformers warning")
     if sys.argv[2] == "user":
         raise RecipeError("gate_mode is wrong", "recipe.yaml", "fix it")
+    if sys.argv[2] == "immutable":  # what writing into a chattr +i directory raises
+        raise PermissionError(1, "Operation not permitted", "results/m/.class_check.json.tmp-1")
     raise RuntimeError("an unexpected failure")
 
 run(types.SimpleNamespace(log=[sys.argv[1]]), step)
@@ -67,6 +69,15 @@ def test_user_error_is_one_line_without_traceback(tmp_path):
     assert errors == ["ERROR moeforge: recipe.yaml: gate_mode is wrong -> fix it"]
     assert "Traceback" not in log and "Traceback" not in proc.stderr
     assert "a library warning" in log
+
+
+def test_a_directory_that_may_not_be_changed_is_one_line(tmp_path):
+    proc, log = _run_step(tmp_path, "immutable")
+    assert proc.returncode == 1
+    errors = [line for line in log.splitlines() if line.startswith("ERROR")]
+    assert len(errors) == 1 and errors[0].startswith("ERROR moeforge: results/m/.class_check.json.tmp-1: "
+                                                     "Operation not permitted -> ")
+    assert "Traceback" not in log
 
 
 #: A job as Snakemake runs a ``script:``: the module-level ``snakemake`` object in ``__main__``.

@@ -29,6 +29,8 @@ _ENVIRONMENT_ERRNOS = {
     errno.EDQUOT: "free space within your quota and rerun; finished outputs are kept",
     errno.EROFS: "the file system is read-only: run from a writable working directory",
     errno.EACCES: "check the permissions of the working directory and of the Hugging Face cache",
+    errno.EPERM: "the file or directory may not be changed (immutable, or owned by another user): check it with "
+                 "lsattr and ls -l, or run from a working directory of your own",
 }
 _FORMAT = "%(levelname)s moeforge: %(message)s"
 
