@@ -84,6 +84,17 @@ def test_null_keys_read_as_unset_as_mergekit_moe_reads_them():
     assert parse_recipe(nulls) == parse_recipe(plain)
 
 
+@pytest.mark.parametrize("key, value", [("tokenizer_source", "union"), ("tokenizer", {"source": "base"}),
+                                        ("chat_template", "chatml")])
+def test_tokenizer_keys_of_other_mergekit_configs_say_what_the_output_gets(key, value):
+    data = {"base_model": "m/base", "gate_mode": "random", key: value,
+            "experts": [{"source_model": "m/a"}, {"source_model": "m/b"}]}
+    with pytest.raises(RecipeError, match=rf"{key}: moeforge, like mergekit-moe, always gives .* base model's "
+                                          "tokenizer and chat template") as info:
+        parse_recipe(data)
+    assert f"remove {key}" in info.value.fix
+
+
 def test_random_modes_need_no_prompts():
     recipe = parse_recipe({"base_model": "a/b", "gate_mode": "uniform_random",
                            "experts": [{"source_model": "x/y"}, {"source_model": "x/z"}]})
@@ -353,3 +364,14 @@ def test_offline_without_cache_is_a_clear_error(tmp_path):
                           capture_output=True, text=True, stdin=subprocess.DEVNULL)
     assert proc.returncode == 1
     assert "acme/absent: not in the Hugging Face cache" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_an_expert_of_another_family_is_a_warning(tmp_path, tokenizer_dir):
+    """Shapes that fit are not enough: a Qwen2 MLP beside a Llama base's attention computes poorly unless both
+    come from one pretrained model, so the plan says so (mergekit-moe refuses it for Mixtral)."""
+    llama = build_dense_model(tmp_path / "llama", "llama", seed=1, tokenizer_dir=tokenizer_dir)
+    qwen = build_dense_model(tmp_path / "qwen", "qwen2", seed=2, tokenizer_dir=tokenizer_dir)
+    recipe = {"base_model": str(llama), "gate_mode": "random",
+              "experts": [{"source_model": str(llama)}, {"source_model": str(qwen)}]}
+    plan = plan_only(tmp_path / "run", recipe)
+    assert [w for w in plan["warnings"] if f"expert {qwen} is a qwen2 model and the base {llama} a llama" in w]

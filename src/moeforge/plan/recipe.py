@@ -106,6 +106,21 @@ def _normalise_tie(value: Any) -> str:
     return {True: "keep", False: "untie"}.get(value, value) if isinstance(value, bool) else value
 
 
+#: Keys of mergekit's other merge configs that recipes for mergekit-moe sometimes carry, which mergekit-moe
+#: ignores: the output always has the base's tokenizer and chat template.
+TOKENIZER_KEYS = ("tokenizer_source", "tokenizer", "chat_template")
+
+
+def _refuse_tokenizer_keys(data: Mapping[str, Any], source: str) -> None:
+    """Say what such a key would mean here, instead of a did-you-mean to an unrelated key."""
+    given = [k for k in TOKENIZER_KEYS if k in data]
+    if given:
+        raise RecipeError(f"{given[0]}: moeforge, like mergekit-moe, always gives the merged model the base model's "
+                          "tokenizer and chat template (every expert must share the base's vocabulary)", source,
+                          f"remove {' and '.join(given)} from the recipe; to use another tokenizer, use a base model "
+                          "that has it")
+
+
 def without_nulls(document: Mapping[str, Any]) -> dict[str, Any]:
     """The recipe with its null keys (and its experts' null keys) left out.
 
@@ -129,9 +144,10 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
         raise RecipeError("a recipe must be a YAML mapping with base_model and experts", source,
                           "see config/recipes/ for examples")
     data = without_nulls(data)
+    _refuse_tokenizer_keys(data, source)
     problems = schema_errors(data, package_schema("recipe"))
     if problems:
-        raise RecipeError(first_and_more(problems), source, "fix the recipe (keys and types are listed in the README)")
+        raise RecipeError(first_and_more(problems), source, "fix the recipe (docs/recipe.md lists every key and its type)")
     data = integral_floats_as_int(data, package_schema("recipe"))
     kwargs = {k: v for k, v in data.items() if k not in ("experts", "shared_experts")}
     for key in ("smoke_prompts",):

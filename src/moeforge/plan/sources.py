@@ -136,6 +136,10 @@ def check_against_base(base: Source, other: Source, role: str, recipe: Recipe, c
     if base.family.name != other.family.name:
         ctx.decide(f"{role} {other.ref} is {other.family.name}, the base is {base.family.name}",
                    "their tensor shapes and MLP semantics agree, so they can be mixed")
+        ctx.warnings.append(f"{role} {other.ref} is a {other.family.name} model and the base {base.ref} a "
+                            f"{base.family.name} one: the shapes fit, but its MLP learned beside other attention "
+                            "weights than the base's, so unless both come from the same pretrained model it will "
+                            "compute poorly in the merge (mergekit-moe refuses such a Mixtral)")
     base_vocab, other_vocab = _tokenizer_vocab(base), _tokenizer_vocab(other)
     if base_vocab is None or other_vocab is None:
         missing = " and ".join(f"{who} {src.ref}" for who, src, vocab in
