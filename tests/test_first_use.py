@@ -248,8 +248,8 @@ def test_identical_prompts_for_every_expert_are_refused(prompts):
 def test_a_prompt_longer_than_the_base_context_is_refused_at_validation(tmp_path, models):
     limit = json.loads((models["base"] / "config.json").read_text())["max_position_embeddings"]
     long_prompt = " ".join(["hello world"] * limit)
-    with pytest.raises(RecipeError, match=rf"experts\[1\].*positive_prompts\[0\] is \d+ tokens long, more than "
-                                          rf"the base model's max_position_embeddings \({limit}\)"):
+    with pytest.raises(RecipeError, match=rf"experts\[1\].*positive_prompts\[0\] is \d+ tokens long as the gates "
+                                          rf"read it .*, more than the base model's max_position_embeddings \({limit}\)"):
         plan_only(tmp_path, hidden_recipe(models, ["short"], [long_prompt]))
     assert not (tmp_path / "results" / "m" / "plan.json").exists()
 

@@ -258,6 +258,7 @@ def test_a_dropped_window_is_warned_at_validation_and_not_an_identity_build(tmp_
     plan = plan_only(tmp_path / "null", recipe(m, [(m, {})] * 2))
     assert any("sliding window of 4 tokens" in w and "set sliding_window: 4" in w for w in plan["warnings"])
     assert not is_identity_build(plan) and plan["window_layers"] == []
+    assert any("every expert is the base model, but the output's sliding window differs" in w for w in plan["warnings"])
     kept = plan_only(tmp_path / "kept", recipe(m, [(m, {})] * 2, sliding_window=4))
     assert not kept["warnings"] and is_identity_build(kept)
     assert kept["window_layers"] == list(range(kept["num_layers"]))

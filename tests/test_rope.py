@@ -122,3 +122,6 @@ def test_drop_removes_scaling(tmp_path, models):
     config = json.loads((result.model_dir / "config.json").read_text())
     assert config["rope_scaling"] is None and config["rope_theta"] == 10000.0
     assert any(d["field"] == "rope_scaling" and "drop" in d["why"] for d in translation_of(result)["decisions"])
+    # every expert is the base, yet no identity check can apply: validation says so
+    assert any("every expert is the base model, but rope_scaling: drop changes the base's rope" in w
+               for w in result.plan["warnings"])

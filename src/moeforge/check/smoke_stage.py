@@ -41,7 +41,7 @@ def set_aside_failed_model(model_dir: Path, exc: BaseException) -> Path:
 
     ``results/<merge>/model/`` with its lock means "built and checked". A failed model goes to
     ``results/<merge>/failed/model/`` (with the smoke report, when there is one), so neither a user
-    nor a rerun mistakes it for a good one; a rerun reassembles from the kept shards.
+    nor a rerun mistakes it for a good one; a rerun reassembles it (rebuilding any shard already removed).
     """
     failed = model_dir.parent / "failed"
     if failed.exists():
@@ -51,7 +51,7 @@ def set_aside_failed_model(model_dir: Path, exc: BaseException) -> Path:
     if isinstance(exc, SmokeFailure):
         write_report(exc.report, failed / "smoke-report.json", failed / "smoke-report.md")
     logging.getLogger("moeforge").error("the model failed its checks; it was moved to %s for inspection, "
-                                        "and a rerun reassembles it from the kept shards", failed / "model")
+                                        "and a rerun reassembles it (rebuilding any shard already removed)", failed / "model")
     return failed / "model"
 
 
@@ -71,7 +71,9 @@ def smoke_stage(model_dir: Path, plan_json: Path, gates_json: Path, translation_
                        "translation": translation["decisions"],
                        "trust_remote_code": plan["recipe"]["trust_remote_code"]}
     gates = json.loads(gates_json.read_text())
-    report["warnings"] = [*plan["warnings"], *gates.get("warnings", []), *translation["warnings"], *report["warnings"]]
+    # Each once: a stage may repeat what validation already said (a rope translation warns in both).
+    report["warnings"] = list(dict.fromkeys([*plan["warnings"], *gates.get("warnings", []), *translation["warnings"],
+                                             *report["warnings"]]))
     write_report(report, out_json, out_md)
     plot_expert_load(report, load_png)
     plot_gate_similarity(gates, similarity_png)

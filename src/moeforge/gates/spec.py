@@ -134,9 +134,10 @@ def check_prompt_tokens(spec: GateSpec, tokenizer: Any, max_positions: int | Non
                                       "token to stand for an empty prompt)", where=where,
                                       fix="write some text in the prompt, or remove it")
                 if max_positions and count > max_positions:
-                    raise RecipeError(f"{kind}[{i}] is {count} tokens long, more than the base model's "
-                                      f"max_position_embeddings ({max_positions})", where=where,
-                                      fix=f"shorten it to at most {max_positions} tokens")
+                    raise RecipeError(f"{kind}[{i}] is {count} tokens long as the gates read it (special tokens "
+                                      "such as bos included), more than the base model's max_position_embeddings "
+                                      f"({max_positions})", where=where,
+                                      fix=f"shorten it by at least {count - max_positions} token(s)")
 
 
 def named_groups(spec: GateSpec) -> list[tuple[str, ExpertPrompts]]:

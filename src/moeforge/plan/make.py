@@ -14,6 +14,7 @@ import pandas as pd
 from moeforge.errors import RecipeError
 from moeforge.io.files import write_json, write_text
 from moeforge.io.safetensors_file import SAFETENSORS_NAME, TORCH_NAME
+from moeforge.plan.identity import identity_skipped_warning
 from moeforge.plan.recipe import Recipe
 from moeforge.plan.rows import (
     ZERO_SHARED_INTERMEDIATE,
@@ -123,6 +124,9 @@ def make_plan(merge: str, recipe: Recipe, meta_dirs: Mapping[str, Path]) -> tupl
         "decisions": ctx.decisions,
         "warnings": ctx.warnings,
     }
+    skipped = identity_skipped_warning(plan)
+    if skipped:
+        ctx.warnings.append(skipped)
     return plan, frame
 
 
