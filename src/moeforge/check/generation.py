@@ -117,14 +117,24 @@ def plan_generation(model_dirs: list[Path], budget: MemoryBudget, dtype: str) ->
                f"greedy generation kept the first {kept} of {total} decoder layers loaded and ran the others one "
                "at a time")
         return GenerationPlan("streamed", (
-            f"{ran}, reading the weights again for every new token, because the whole model, about {gib(whole)} "
-            f"in {dtype}, is over the {over}; to load it whole (faster), {how}"), whole, streamed, resident)
-    smaller = " (or set smoke.dtype: bfloat16, which needs about half)" if dtype == "float32" else ""
+            f"{ran}, reading the weights again for every new token, because generating with the whole model loaded "
+            f"needs about {gib(whole)} in {dtype}, over the {over}; to load it whole (faster), {how}"), whole, streamed,
+            resident)
+    smaller = _smaller_dtype_hint(model_dirs, budget, dtype)
     _, how = over_budget(budget, streamed)
     return GenerationPlan(None, (
         f"greedy generation skipped: even one decoder layer at a time it needs about {gib(streamed)} in {dtype} "
-        f"(the whole model about {gib(whole)}), over the {over}; the comparison and routing figures were computed "
+        f"(with the whole model loaded, about {gib(whole)}), over the {over}; the comparison and routing figures were computed "
         f"layer by layer regardless. To generate, {how}{smaller}"), whole, streamed)
+
+
+def _smaller_dtype_hint(model_dirs: list[Path], budget: MemoryBudget, dtype: str) -> str:
+    """Suggest bfloat16 only where it would let generation run: for a small model the fixed overhead of streamed
+    generation, not the weights, is what exceeds the budget."""
+    if dtype != "float32":
+        return ""
+    half = max(LayerSizes.of(d, "bfloat16").streamed() for d in model_dirs)
+    return f" (or set smoke.dtype: bfloat16, which needs about {gib(half)})" if budget.allows(half) else ""
 
 
 def over_budget(budget: MemoryBudget, need: int) -> tuple[str, str]:

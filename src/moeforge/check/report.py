@@ -55,7 +55,7 @@ def _md_memory(memory: dict[str, Any]) -> str:
                 f"ran one decoder layer at a time (about {fmt(memory['streamed_generation_gib'], '.2f')} GiB)")
     generation = {"whole": "ran on the whole model", "streamed": streamed, None: "was skipped"}[memory["generation"]]
     return (f"- memory: budget {budget} ({memory['budget_source']}); comparison and routing ran one layer at a "
-            f"time; greedy generation (the whole model: about {fmt(memory['whole_model_gib'], '.2f')} GiB) "
+            f"time; greedy generation (about {fmt(memory['whole_model_gib'], '.2f')} GiB with the whole model loaded) "
             f"{generation}")
 
 
