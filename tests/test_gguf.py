@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from moeforge.check.gguf import (
     CONVERTER_ENV,
+    KNOWN_DIFFERENCES,
     TOLERANCE,
     UnsupportedByConverter,
     check_ggufs,
@@ -22,6 +23,7 @@ from moeforge.check.gguf import (
     converter_dir,
     encode_prompts,
     gguf_stage,
+    known_differences,
     reference_logits,
 )
 from moeforge.check.gguf_convert import QWEN2_PATTERN, pre_tokenizer_by_definition
@@ -113,6 +115,19 @@ def test_qwen2_moe_differences_are_caught(tmp_path, zoo, llamacpp_converter, sha
     assert not (out / "report.json").exists()
 
 
+@pytest.mark.gguf
+def test_a_gguf_llama_cpp_cannot_load_says_why_and_is_set_aside(tmp_path, tokenizer_dir, llamacpp_converter):
+    """llama.cpp's Qwen2-MoE graph needs an explicit output head, which a tied Qwen2-0.5B-style build lacks:
+    the message gives llama.cpp's own reason and what to change, and the GGUF leaves the place of a checked one."""
+    base = build_preset(tmp_path / "tied", "qwen2-0.5b", tokenizer_dir=tokenizer_dir)
+    result = build(tmp_path / "run", recipe(base, [base] * 2))
+    with pytest.raises(BuildError, match="output.weight") as info:
+        run_stage(result)
+    assert "tie_word_embeddings: untie" in info.value.fix
+    out = result.model_dir.parent / "gguf"
+    assert [p.relative_to(out).as_posix() for p in out.rglob("*.gguf")] == ["failed/model-f16.gguf"]
+
+
 def swap_w2(model_dir: Path, a: int, b: int) -> None:
     """Swap two experts' down projections in every layer, in place."""
     for path in sorted(model_dir.glob("*.safetensors")):
@@ -168,6 +183,18 @@ def test_unknown_pre_tokenizer_is_one_message(tmp_path, zoo, llamacpp_converter)
     path.write_text(path.read_text().replace(r"\\p{N}|", r"\\p{N}{1,3}|"))
     with pytest.raises(BuildError, match="does not know the tokenizer's pre-tokenizer"):
         convert(result.model_dir, tmp_path / "x.gguf", "f16", llamacpp_converter)
+
+
+def test_config_settings_llama_cpp_leaves_out_are_named():
+    """The check's prompts are short, so a GGUF that drops dynamic rope or a sliding window passes; the report
+    says where it stops matching."""
+    dynamic = known_differences("mixtral", {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0},
+                                            "max_position_embeddings": 256, "sliding_window": None})
+    assert "no dynamic NTK rope scaling" in dynamic and "256 tokens" in dynamic
+    assert "no sliding window" in known_differences("mixtral", {"sliding_window": 8, "rope_scaling": None})
+    assert known_differences("qwen2_moe", {"sliding_window": 8, "use_sliding_window": False}) == \
+        KNOWN_DIFFERENCES["qwen2_moe"]
+    assert known_differences("mixtral", {"sliding_window": None, "rope_scaling": {"rope_type": "linear"}}) is None
 
 
 def test_pre_tokenizer_named_by_definition(tokenizer_dir, tmp_path):

@@ -12,15 +12,17 @@ over every position is within the tolerance of its type (``TOLERANCE``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import IO, Any, Iterator, Mapping, Sequence
 
 from moeforge.check.gguf_convert import UNKNOWN_TOKENIZER, UNSUPPORTED
 from moeforge.errors import BuildError
@@ -52,6 +54,25 @@ KNOWN_DIFFERENCES = {
                  "norm_topk_prob: true), and computes the shared-expert gate as silu(x)/x, which is NaN "
                  "wherever an all-zero shared_expert_gate (a build without shared experts) gives x = 0",
 }
+
+
+#: Config settings llama.cpp's graphs leave out, with what that changes: the check's prompts are short, so
+#: it passes such a GGUF, and the report says where it stops matching.
+CONFIG_DIFFERENCES = (
+    (lambda c: (c.get("rope_scaling") or {}).get("rope_type", (c.get("rope_scaling") or {}).get("type")) == "dynamic",
+     "llama.cpp has no dynamic NTK rope scaling: the GGUF computes unscaled rope, which matches only within the "
+     "original context ({max_position_embeddings} tokens)"),
+    (lambda c: c.get("sliding_window") is not None and c.get("use_sliding_window", True),
+     "llama.cpp applies no sliding window to this architecture: inputs longer than the window ({sliding_window} "
+     "tokens) compute differently"),
+)
+
+
+def known_differences(family: str, config: Mapping[str, Any]) -> str | None:
+    """What llama.cpp computes differently for this family and config, or None."""
+    found = [KNOWN_DIFFERENCES[family]] if family in KNOWN_DIFFERENCES else []
+    found += [text.format(**config) for applies, text in CONFIG_DIFFERENCES if applies(config)]
+    return "; ".join(found) or None
 
 
 class UnsupportedByConverter(BuildError):
@@ -155,13 +176,13 @@ def gguf_outputs(gguf: Path, ids: Sequence[Sequence[int]], prompts: Sequence[str
     from llama_cpp import GGML_TYPE_F32, Llama
 
     n_ctx = max(len(seq) for seq in ids)
-    try:
-        llm = Llama(model_path=str(gguf), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,
-                    type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32, n_threads=threads, verbose=False)
-    except ValueError as exc:
-        raise BuildError(f"llama.cpp cannot load the GGUF: {exc}", str(gguf),
-                         "see the log; the converter and llama-cpp-python must come from the same release "
-                         "(tests/setup_llamacpp.sh)") from exc
+    with _native_stderr() as log:
+        try:
+            llm = Llama(model_path=str(gguf), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,
+                        type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32, n_threads=threads, verbose=True)
+        except ValueError as exc:
+            raise BuildError(f"llama.cpp cannot load the GGUF: {_load_error(log) or exc}", str(gguf),
+                             _LOAD_FIX) from exc
     try:
         logits = []
         for seq in ids:
@@ -191,6 +212,34 @@ def compare_logits(reference: Sequence[Any], got: Sequence[Any], outtype: str) -
             "top1_positions_agree": positions, "positions": sum(len(r) for r in reference),
             "per_prompt_max_abs_dlogit": [report_number(d) for d in deltas],
             "passed": bool(worst <= tolerance) and all(next_token)}
+
+
+#: What to do when llama.cpp refuses a GGUF its own converter wrote. A missing ``output.weight``: the
+#: architecture's llama.cpp graph needs an explicit output head (Qwen2-MoE), which a tied model lacks.
+_LOAD_FIX = ("if llama.cpp names a missing 'output.weight', its graph for this architecture needs an untied output "
+             "head: rebuild with tie_word_embeddings: untie in the recipe; otherwise the converter and "
+             "llama-cpp-python must come from the same release (tests/setup_llamacpp.sh)")
+
+
+@contextlib.contextmanager
+def _native_stderr() -> Iterator[IO[bytes]]:
+    """Catch what native code writes to the process's stderr (llama.cpp's loading log) in a temporary file."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as log:
+        os.dup2(log.fileno(), 2)
+        try:
+            yield log
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def _load_error(log: IO[bytes]) -> str | None:
+    """llama.cpp's own reason for refusing a model: the first line of its loading log that reports an error."""
+    log.seek(0)
+    lines = log.read().decode("utf-8", "replace").splitlines()
+    return next((line.strip() for line in lines if "error" in line.lower() or "not found" in line), None)
 
 
 def check_ggufs(files: Mapping[str, Path], model_dir: Path, prompts: Sequence[str],
@@ -226,12 +275,13 @@ def gguf_stage(model_dir: Path, plan_json: Path, smoke_md: Path, out_json: Path,
     from moeforge.check.prompts import smoke_prompts
 
     plan = json.loads(plan_json.read_text())
+    config = json.loads((model_dir / "config.json").read_text())
     converter = converter_dir()
     out_dir = out_json.parent
     shutil.rmtree(out_dir / "failed", ignore_errors=True)
     report: dict[str, Any] = {"merge": plan["merge"], "output_family": plan["output_family"],
                               "converter": converter_version(converter), "tolerance": TOLERANCE,
-                              "known_differences": KNOWN_DIFFERENCES.get(plan["output_family"]),
+                              "known_differences": known_differences(plan["output_family"], config),
                               "prompts": smoke_prompts(plan["recipe"])}
     files = {outtype: out_dir / f"model-{outtype}.gguf" for outtype in TOLERANCE}
     try:
@@ -242,6 +292,9 @@ def gguf_stage(model_dir: Path, plan_json: Path, smoke_md: Path, out_json: Path,
         return _write(report, smoke_md, out_json, out_md)
     try:
         report["checks"] = check_ggufs(files, model_dir, report["prompts"], threads)
+    except BuildError:  # llama.cpp could not load it: no unchecked GGUF stays where a checked one would
+        _set_aside(files[DELIVERED])
+        raise
     finally:
         files["f32"].unlink(missing_ok=True)
     report["passed"] = all(check["passed"] for check in report["checks"].values())
@@ -252,8 +305,8 @@ def gguf_stage(model_dir: Path, plan_json: Path, smoke_md: Path, out_json: Path,
     report["gguf"] = {"file": delivered.name, "bytes": delivered.stat().st_size, "sha256": sha256_file(delivered)}
     _write(report, smoke_md, out_json, out_md)
     if not report["passed"]:
-        cause = KNOWN_DIFFERENCES.get(plan["output_family"],
-                                      f"the converter ({report['converter']}) may read these tensors differently")
+        cause = (report["known_differences"]
+                 or f"the converter ({report['converter']}) may read these tensors differently")
         raise BuildError(f"the GGUF does not compute what the model computes: {_summary(report)}", str(delivered),
                          f"see {out_md}; {cause}")
     return report
