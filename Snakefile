@@ -45,6 +45,8 @@ include: "workflow/rules/eval.smk"
 rule all:
     default_target: True
     input:
+        # The model itself, and its smoke test: a deleted model is rebuilt even when its report is still there.
+        expand("results/{merge}/model/moeforge.lock.json", merge=MERGES),
         expand("results/{merge}/smoke/report.json", merge=MERGES),
         expand("results/{merge}/reproduce/report.json", merge=REBUILDS),
         expand("results/{merge}/eval/report.json", merge=EVAL_BY_DEFAULT),

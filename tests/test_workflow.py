@@ -232,7 +232,8 @@ def test_gguf_target_converts_and_checks_every_merge(demo, llamacpp_converter):
 @pytest.mark.slow
 def test_building_another_merge_of_the_same_models_leaves_the_first_finished(demo, tmp_path):
     """Building a second merge of the same models fetches nothing again and leaves the first finished: only the
-    download markers (a touched file each) follow the change of the merge list, not the fetched weights."""
+    download markers (a touched file each) follow the change of the merge list, not the fetched weights. A
+    deleted model is then rebuilt, though its smoke report is still there."""
     wd = tmp_path / "wd"
     shutil.copytree(demo, wd, symlinks=True)
     other = yaml.safe_load((wd / "demo.yaml").read_text()) | {"seed": 7}
@@ -246,6 +247,12 @@ def test_building_another_merge_of_the_same_models_leaves_the_first_finished(dem
     dry = snakemake(wd, "-n", "--cores", "2")
     assert dry.returncode == 0, dry.stderr[-3000:]
     assert _planned_rules(dry.stdout) <= {"clear_download"}, dry.stdout[-3000:]
+    assert snakemake(wd, "--cores", "2").returncode == 0
+    assert "Nothing to be done" in snakemake(wd, "-n", "--cores", "2").stdout
+    shutil.rmtree(wd / MODEL)
+    dry = snakemake(wd, "-n", "--cores", "2")
+    assert {"assemble", "smoke_test"} <= _planned_rules(dry.stdout) <= {"gates", "shard", "assemble", "smoke_test",
+                                                                        "all"}, dry.stdout[-3000:]
 
 
 def _planned_rules(dry_run: str) -> set[str]:
