@@ -142,12 +142,15 @@ def test_config_names_the_domains(tmp_path):
     shutil.copytree(REPO / "config", tmp_path / "config")
     text = tmp_path / "legal.txt"
     text.write_text(domain_text("math", "heldout"))
-    for domains, ok in [({"legal": str(text)}, True), ({"../up": str(text)}, False)]:
+    for domains, ok in [({"legal": str(text)}, True), ({"../up": str(text)}, False),
+                        ({"legal": str(tmp_path / "missing.txt")}, False)]:
         (tmp_path / "eval.yaml").write_text(yaml.safe_dump({"eval": {"domains": domains}}))
         proc = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path),
                                "-n", "--cores", "1", "--configfile", str(tmp_path / "eval.yaml")],
                               capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=300)
         assert (proc.returncode == 0) is ok, proc.stderr[-2000:]
+        if "missing" in str(domains):  # named when the workflow is read, whether or not eval reports exist
+            assert "moeforge: config: eval.domains: no such text file: legal: " in proc.stdout + proc.stderr
         if ok:
             evaluate_job = proc.stdout.split("rule evaluate:")[1].split("rule ")[0]
             assert str(text) in evaluate_job and "heldout.txt" not in evaluate_job

@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
 
+from moeforge.errors import RecipeError
+
 #: The packaged domains, in the order of the demo's experts.
 DOMAINS = ("code", "math", "cooking")
 SPLITS = ("train", "heldout")
@@ -38,5 +40,10 @@ def heldout_paths() -> dict[str, Path]:
 def eval_domains(configured: Mapping[str, str] | None) -> dict[str, str]:
     """The evaluation's domains: the config's ``eval.domains`` (name -> text file), else the packaged ones."""
     if configured:
+        missing = [f"{name}: {path}" for name, path in configured.items() if not Path(path).is_file()]
+        if missing:
+            raise RecipeError(f"no such text file: {', '.join(missing)}", "config: eval.domains",
+                              "give each domain a UTF-8 text file (relative paths are read from the working "
+                              "directory)")
         return dict(configured)
     return {name: str(path) for name, path in heldout_paths().items()}

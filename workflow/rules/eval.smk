@@ -1,7 +1,10 @@
 # `snakemake eval`: how close each MoE comes to its best dense expert on each domain, and where tokens go.
 from moeforge.domains import eval_domains
 
-EVAL_DOMAINS = eval_domains(lookup(dpath="eval/domains", within=config, default=None))
+try:
+    EVAL_DOMAINS = eval_domains(lookup(dpath="eval/domains", within=config, default=None))
+except MoeforgeError as exc:
+    raise WorkflowError(f"moeforge: {exc}") from None
 # The demo's evaluation is part of the default target, so a first run shows what its routing achieves;
 # a user's merges are evaluated on request (`snakemake eval`).
 EVAL_BY_DEFAULT = [] if config.get("merges") or config.get("recipe") else MERGES
