@@ -153,6 +153,17 @@ def test_model_problem_stops_at_validate_with_message(demo, tmp_path):
     assert not list((wd / "resources/models").glob("*/weights.json"))
 
 
+@pytest.mark.slow
+def test_a_config_that_only_verifies_builds_nothing(demo, tmp_path):
+    """Checking a downloaded model needs no merge: a config with only verify: plans the verify job alone."""
+    (tmp_path / "only.yaml").write_text(yaml.safe_dump({"verify": {"downloaded": str(demo / MODEL)}}))
+    proc = subprocess.run([*SNAKEMAKE, "-s", str(REPO / "Snakefile"), "-d", str(tmp_path), "verify", "-n",
+                           "--cores", "1", "--configfile", str(tmp_path / "only.yaml")],
+                          capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert _planned_rules(proc.stdout) == {"verify"}, proc.stdout[-3000:]
+
+
 def _flip_byte(path: Path, offset: int) -> None:
     path.chmod(0o644)
     data = bytearray(path.read_bytes())
@@ -174,6 +185,7 @@ def test_verify_detects_a_flipped_byte(demo, tmp_path, victim):
     assert ok.returncode == 0, ok.stderr[-3000:]
     report = json.loads((demo / "results/verify/downloaded/report.json").read_text())
     assert report["passed"] and report["lock"]["files_verified"] == 10
+    assert "all 10 files match the lock; smoke test passed" in ok.stdout + ok.stderr
     size = (copy / victim).stat().st_size
     _flip_byte(copy / victim, size // 2)
     bad = snakemake(demo, *args)

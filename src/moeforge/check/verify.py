@@ -7,6 +7,7 @@ does not list may pretend to be part of the model, and the model must load stric
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -65,4 +66,7 @@ def verify_model(model_dir: Path, out_dir: Path, *, device: str, max_new_tokens:
     report["lock"] = files
     write_report(report, out_dir / "report.json", out_dir / "report.md")
     write_json(out_dir / "lock_check.json", files)
+    warnings = f" with {len(report['warnings'])} warning(s)" if report["warnings"] else ""
+    logging.getLogger("moeforge").info("%s: all %d files match the lock; smoke test passed%s; see %s", model_dir,
+                                       files["files_verified"], warnings, out_dir / "report.md")
     return report

@@ -27,7 +27,7 @@ def merge_from_recipe_path(path: str) -> tuple[str, dict[str, str]]:
 
 def merges_to_build(config: Mapping[str, Any]) -> dict[str, dict[str, str]]:
     """The user's merges (``merges:``, each a ``recipe:``, a ``lock:`` or a ``published:``, plus ``recipe=``), or
-    the demo when the user names none."""
+    the demo when the user names none and no model to ``verify:`` either."""
     merges = dict(config.get("merges") or {})
     if config.get("recipe"):
         name, spec = merge_from_recipe_path(config["recipe"])
@@ -35,6 +35,8 @@ def merges_to_build(config: Mapping[str, Any]) -> dict[str, dict[str, str]]:
             raise RecipeError(f"merge {name!r} is named twice: by recipe={config['recipe']} and under merges:",
                               "config", "rename the recipe file or the entry under merges:")
         merges[name] = spec
+    if not merges and config.get("verify"):  # a config that only checks models built elsewhere builds nothing
+        return {}
     if not merges and not config.get("demo"):
         raise RecipeError("no merges to build", "config",
                           "give one recipe with --config recipe=path/to/name.yaml, or merges: in a config file")
