@@ -48,8 +48,9 @@ def set_aside_failed_model(model_dir: Path, exc: BaseException) -> Path:
         shutil.rmtree(failed)
     failed.mkdir(parents=True)
     os.replace(model_dir, failed / "model")
-    if isinstance(exc, SmokeFailure):
-        write_report(exc.report, failed / "smoke-report.json", failed / "smoke-report.md")
+    if isinstance(exc, SmokeFailure):  # the report names the model where it now lies
+        write_report(exc.report | {"model_dir": str(failed / "model")}, failed / "smoke-report.json",
+                     failed / "smoke-report.md")
     logging.getLogger("moeforge").error("the model failed its checks; it was moved to %s for inspection, "
                                         "and a rerun reassembles it (rebuilding any shard already removed)", failed / "model")
     return failed / "model"
