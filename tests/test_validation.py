@@ -355,6 +355,11 @@ def test_offline_hub_cache_resolves_commit(tmp_path, zoo):
         source = json.loads(proc.stdout)
         assert source["resolved_revision"] == commit and source["kind"] == "hub"
         assert (out / "inventory.tsv").is_file() and (out / "tokenizer.json").is_file()
+    absent = "f" * 40
+    proc = subprocess.run([sys.executable, "-c", code, f"acme/tiny-llama@{absent}", str(tmp_path / "absent")],
+                          env=offline_env(cache), capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    assert proc.returncode != 0
+    assert f"(it holds acme/tiny-llama, but not its revision '{absent}')" in proc.stderr, proc.stderr[-2000:]
 
 
 def test_offline_without_cache_is_a_clear_error(tmp_path):

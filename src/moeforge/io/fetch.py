@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from moeforge.errors import FetchError, ModelError
+from moeforge.errors import FetchError, ModelError, MoeforgeError
 from moeforge.io.files import atomic_dir, read_json, sha256_file, write_json
 from moeforge.io.refs import ModelRef, parse_ref
 from moeforge.io.safetensors_file import read_header
@@ -152,6 +152,21 @@ def _also_not_local(ref: ModelRef) -> str:
     return ""
 
 
+def _other_revisions(raw: str) -> str:
+    """When the cache holds the repo but not the asked revision, say so: the repo name is right."""
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    try:
+        ref = parse_ref(raw)
+    except MoeforgeError:
+        return ""
+    if ref.kind != "hub" or not ref.revision:
+        return ""
+    folder = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=ref.repo_id, repo_type="model")
+    return f" (it holds {ref.repo_id}, but not its revision {ref.revision!r})" if folder.is_dir() else ""
+
+
 def _hub_offline() -> bool:
     from huggingface_hub import constants
 
@@ -178,8 +193,8 @@ def hub_errors(raw: str, subject: str = "", not_local: str = "") -> Iterator[Non
     try:
         yield
     except LocalEntryNotFoundError:
-        raise FetchError(f"{subject + ' is ' if subject else ''}not in the Hugging Face cache and the Hub cannot be "
-                         f"reached (HF_HUB_OFFLINE is set or there is no network){not_local}", raw,
+        raise FetchError(f"{subject + ' is ' if subject else ''}not in the Hugging Face cache{_other_revisions(raw)} "
+                         f"and the Hub cannot be reached (HF_HUB_OFFLINE is set or there is no network){not_local}", raw,
                          ("for a local model, fix the path (./ in front makes it one); " if not_local else "")
                          + "for the Hub repo, download it once with network access, or unset HF_HUB_OFFLINE") from None
     except EntryNotFoundError:
