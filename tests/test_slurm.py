@@ -35,7 +35,7 @@ LOCK = f"{MODEL}/moeforge.lock.json"
 TARGET = "results/demo/smoke/report.json"
 # Rules that run on the submit host (`localrule: True` in workflow/rules/); everything else is a
 # SLURM job.
-LOCAL_RULES = {"demo_models", "fetch_metadata", "clear_download", "fetch_weights", "translate_config"}
+LOCAL_RULES = {"demo_models", "fetch_metadata", "fetch_weights", "translate_config"}
 REMOTE_RULES = {"validate", "gates", "hash_weights", "shard", "assemble", "smoke_test"}
 # Rules with one job per source model (the demo merges a base and three experts).
 PER_SOURCE_RULES = {"hash_weights": 4}

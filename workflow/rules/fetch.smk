@@ -18,22 +18,13 @@ rule fetch_metadata:
         "../scripts/fetch_metadata.py"
 
 
-# Weights are downloaded only once every merge of this run that uses the model has validated. The
-# plans reach fetch_weights through this marker, which fetch_weights takes as ancient(): its path does
-# not change with the set of merges, and a rerun of the marker (a merge added, or a recipe edited) does
-# not fetch the weights again, nor rebuild every merge that shares the model.
-rule clear_download:
-    input:
-        plans=plans_using,
-    output:
-        touch("resources/models/{slug}/download-cleared"),
-    localrule: True
-
-
 rule fetch_weights:
     input:
         meta="resources/models/{slug}/meta",
-        cleared=ancient("resources/models/{slug}/download-cleared"),
+        # Weights are downloaded only once every merge of this run that uses the model has validated. A
+        # change of that set of merges alone reruns nothing (the profile's rerun-triggers leave out
+        # "input"), so building one merge leaves the others that share the model finished.
+        plans=plans_using,
     output:
         "resources/models/{slug}/weights.json",
     log:
