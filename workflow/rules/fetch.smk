@@ -22,8 +22,9 @@ rule fetch_weights:
     input:
         meta="resources/models/{slug}/meta",
         # Weights are downloaded only once every merge of this run that uses the model has validated. A
-        # change of that set of merges alone reruns nothing (the profile's rerun-triggers leave out
-        # "input"), so building one merge leaves the others that share the model finished.
+        # change of that set of merges alone reruns nothing (the profiles' rerun-triggers leave out
+        # "input"); a new merge's plan reruns it, but its record comes out the same, so the merges
+        # already built from the model stay finished.
         plans=plans_using,
     output:
         "resources/models/{slug}/weights.json",
