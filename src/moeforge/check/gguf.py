@@ -28,6 +28,7 @@ from moeforge.check.gguf_convert import UNKNOWN_TOKENIZER, UNSUPPORTED
 from moeforge.errors import BuildError
 from moeforge.io.files import atomic_path, sha256_file, write_json, write_text
 from moeforge.numbers import fmt, report_number
+from moeforge.plan.params import rope_of, sliding_window_of
 
 _log = logging.getLogger("moeforge.gguf")
 
@@ -59,10 +60,10 @@ KNOWN_DIFFERENCES = {
 #: Config settings llama.cpp's graphs leave out, with what that changes: the check's prompts are short, so
 #: it passes such a GGUF, and the report says where it stops matching.
 CONFIG_DIFFERENCES = (
-    (lambda c: (c.get("rope_scaling") or {}).get("rope_type", (c.get("rope_scaling") or {}).get("type")) == "dynamic",
+    (lambda c: (rope_of(c, 0.0)["scaling"] or {}).get("rope_type") == "dynamic",
      "llama.cpp has no dynamic NTK rope scaling: the GGUF computes unscaled rope, which matches only within the "
      "original context ({max_position_embeddings} tokens)"),
-    (lambda c: c.get("sliding_window") is not None and c.get("use_sliding_window", True),
+    (lambda c: sliding_window_of(c) is not None,
      "llama.cpp applies no sliding window to this architecture: inputs longer than the window ({sliding_window} "
      "tokens) compute differently"),
 )

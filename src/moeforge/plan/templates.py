@@ -72,7 +72,7 @@ class InputFamily:
     globals: Mapping[str, TensorSpec]
     attention: Mapping[str, TensorSpec]
     mlp: Mapping[str, TensorSpec]
-    #: Where its window applies (``moeforge.plan.window.STYLES``).
+    #: Where its window applies (``window_layers`` in schemas/architecture.schema.yaml).
     window_layers: str = "all"
 
     def layer_name(self, layer: int, spec: TensorSpec) -> str:
@@ -108,7 +108,7 @@ class OutputFamily:
     required_attention: tuple[str, ...]
     config: Mapping[str, Any]
     in_memory_5x: tuple[FusedLayout, ...]
-    #: Where its window applies (``moeforge.plan.window.STYLES``).
+    #: Where its window applies (``window_layers`` in schemas/architecture.schema.yaml).
     window_layers: str = "all"
 
     def layer_name(self, layer: int, name: str, expert: int | None = None) -> str:

@@ -18,8 +18,6 @@ from moeforge.errors import RecipeError
 
 #: transformers' Qwen2/Qwen3 class default, which applies when a config omits ``max_window_layers``.
 MAX_WINDOW_LAYERS_DEFAULT = 28
-#: Where a family's window applies: every layer, or the layers from ``max_window_layers`` on.
-STYLES = ("all", "from_max_window_layers")
 
 
 def window_layers_of(config: Mapping[str, Any], style: str, num_layers: int, window: int | None) -> list[int]:
