@@ -65,7 +65,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from moeforge.memory_cap import MemoryCgroup, memory_cgroup, parse_size
+from moeforge.runtime.memory_cap import MemoryCgroup, memory_cgroup, parse_size
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH_DIR = Path(__file__).resolve().parent
@@ -248,7 +248,7 @@ def ensure_tokenizer(data_dir: Path, vocab: int) -> Path:
     out = data_dir / f"tokenizer-{vocab}"
     if not (out / "tokenizer.json").is_file():
         # imports transformers: only when the tokenizer is not cached yet
-        from moeforge.tiny_models import train_tokenizer
+        from moeforge.demo.tiny_models import train_tokenizer
 
         tmp = out.with_name(out.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -519,7 +519,7 @@ def run_moeforge(case: Case, cores: int, cold: bool, timeout: float, extra: Sequ
     ``workflow`` is the checkout whose Snakefile runs; when it is not this repository, its ``src``
     goes first on PYTHONPATH so scheduler and jobs import that checkout's moeforge (to compare a
     branch or a candidate change against this one). ``cap_bytes``: both commands run under a
-    kernel-enforced memory cap (see ``moeforge.memory_cap``); a failure is then recorded, not fatal.
+    kernel-enforced memory cap (see ``moeforge.runtime.memory_cap``); a failure is then recorded, not fatal.
     """
     work = case.root / "moeforge"
     config = work / "config.yaml"

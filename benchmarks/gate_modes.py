@@ -72,8 +72,8 @@ def build_all(work: Path, cores: int) -> None:
 def evaluate_dir(work: Path, model_dir: Path) -> dict[str, Any]:
     """The evaluation report of a model directory built outside the workflow, against the demo's models."""
     from moeforge.check.evaluate import EvalOptions, evaluate
-    from moeforge.domains import heldout_paths
-    from moeforge.tiny_models import DEMO_EXPERTS
+    from moeforge.demo.tiny_models import DEMO_EXPERTS
+    from moeforge.io.domains import heldout_paths
 
     demo = work / "resources" / "demo"
     return evaluate(model_dir, demo / "base", {name: demo / name for name in DEMO_EXPERTS}, heldout_paths(),
@@ -97,9 +97,9 @@ def train_routers(work: Path, source: Path, steps: int) -> Path:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from moeforge.demo_training import TrainingPlan, domain_tokens, reproducible, train
-    from moeforge.domains import DOMAINS
-    from moeforge.tiny_models import TOKENIZER_FILES
+    from moeforge.demo.tiny_models import TOKENIZER_FILES
+    from moeforge.demo.training import TrainingPlan, domain_tokens, reproducible, train
+    from moeforge.io.domains import DOMAINS
 
     plan = TrainingPlan()
     tokens = domain_tokens(source)

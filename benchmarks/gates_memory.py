@@ -79,7 +79,7 @@ def build_checkpoint(out_dir: Path, layers: int, hidden: int) -> Path:
             family="llama", seed=0, hidden_size=hidden, intermediate_size=hidden * 11 // 4, num_layers=layers,
             num_heads=hidden // 64, num_kv_heads=hidden // 64, dtype="bfloat16", max_shard_size="200MB",
         )
-        code = f"from moeforge.tiny_models import build_dense_model\nbuild_dense_model({str(out_dir)!r}, **{arguments!r})"
+        code = f"from moeforge.demo.tiny_models import build_dense_model\nbuild_dense_model({str(out_dir)!r}, **{arguments!r})"
         subprocess.run([sys.executable, "-c", code], check=True, stdin=subprocess.DEVNULL)
     return out_dir
 

@@ -54,7 +54,7 @@ def llamacpp_converter() -> Path:
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> Path:
     """The demo tokenizer, trained once per test session."""
-    from moeforge.tiny_models import train_tokenizer
+    from moeforge.demo.tiny_models import train_tokenizer
 
     out = tmp_path_factory.mktemp("tokenizer")
     train_tokenizer(out)
@@ -64,7 +64,7 @@ def tokenizer_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def base_and_experts(tmp_path_factory, tokenizer_dir) -> dict[str, Path]:
     """A tiny seeded Llama base and two experts derived from it (MLP noise), shared read-only by tests."""
-    from moeforge.tiny_models import build_dense_model
+    from moeforge.demo.tiny_models import build_dense_model
 
     root = tmp_path_factory.mktemp("base_and_experts")
     base = build_dense_model(root / "base", "llama", seed=0, tokenizer_dir=tokenizer_dir)

@@ -18,12 +18,12 @@ from safetensors import safe_open
 
 from moeforge.build.assemble import assemble
 from moeforge.build.shards import shard_step
-from moeforge.build.translate import translate
 from moeforge.gates.compute import gates_for_plan
 from moeforge.io.fetch import fetch_metadata, fetch_weights, hash_weights
 from moeforge.io.refs import parse_ref
 from moeforge.plan.class_check import class_check
 from moeforge.plan.table import ROUTERS_SHARD
+from moeforge.plan.translate import translate
 from moeforge.plan.validate import validate_merge
 
 

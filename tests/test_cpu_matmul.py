@@ -1,4 +1,4 @@
-"""The faster CPU products (moeforge.cpu_matmul) compute what torch's own compute, and are the ones used."""
+"""The faster CPU products (moeforge.runtime.cpu_matmul) compute what torch's own compute, and are the ones used."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import MixtralConfig, MixtralForCausalLM
 
-from moeforge import cpu_matmul as cm
-from moeforge.cpu_matmul import MIN_ROWS, computes_natively, cpu_matmul
+from moeforge.runtime import cpu_matmul as cm
+from moeforge.runtime.cpu_matmul import MIN_ROWS, computes_natively, cpu_matmul
 
 F = torch.nn.functional
 #: float32 products differ from torch's in the order of summation only; 16-bit ones in one rounding.

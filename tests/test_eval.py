@@ -14,10 +14,10 @@ import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from moeforge.check.evaluate import EvalOptions, evaluate, render_markdown
-from moeforge.domains import DOMAINS, domain_text, heldout_paths
+from moeforge.demo.tiny_models import DEMO_EXPERTS, build_demo
 from moeforge.errors import RecipeError
+from moeforge.io.domains import DOMAINS, domain_text, heldout_paths
 from moeforge.io.files import dumps_json
-from moeforge.tiny_models import DEMO_EXPERTS, build_demo
 from pipeline import build
 
 REPO = Path(__file__).resolve().parents[1]

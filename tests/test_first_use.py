@@ -314,8 +314,8 @@ def test_an_empty_prompt_reaches_the_smoke_test_as_the_bos_token(tmp_path, model
     as a user's ``tokenizer(text)`` (here: no bos added), failed after the whole build."""
     from transformers import AutoTokenizer
 
-    from moeforge.check.prompts import prompt_ids
     from moeforge.check.smoke_stage import smoke_stage
+    from moeforge.plan.prompts import prompt_ids
 
     tokenizer = AutoTokenizer.from_pretrained(models["base"])
     assert tokenizer("")["input_ids"] == [] and prompt_ids(tokenizer, "") == [tokenizer.bos_token_id]
@@ -358,8 +358,8 @@ def test_a_whole_number_written_as_a_float_is_an_integer(tmp_path, models):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_a_device_this_torch_lacks_is_named_before_any_weight_is_read(tmp_path, models):
-    from moeforge.devices import require_device
     from moeforge.gates.compute import gates_for_plan
+    from moeforge.runtime.devices import require_device
 
     with pytest.raises(RecipeError, match=r"smoke.device: the device 'cuda' is not usable here: this job's .*-> set smoke.device: cpu"):
         require_device("cuda", "smoke.device")

@@ -15,7 +15,7 @@ from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import moeforge
-from moeforge.tiny_models import (
+from moeforge.demo.tiny_models import (
     PRESETS,
     TOKENIZER_FILES,
     build_demo,
@@ -138,7 +138,7 @@ def test_builds_are_byte_identical_across_processes(tmp_path):
     paths = build_demo(tmp_path / "here")
     assert set(paths) == {"tokenizer", "base", "expert_code", "expert_math", "expert_cooking"}
     env = {**os.environ, "PYTHONPATH": str(Path(moeforge.__file__).parents[1])}
-    subprocess.run([sys.executable, "-m", "moeforge.tiny_models", "demo", str(tmp_path / "cli")],
+    subprocess.run([sys.executable, "-m", "moeforge.demo.tiny_models", "demo", str(tmp_path / "cli")],
                    check=True, env=env, stdin=subprocess.DEVNULL, capture_output=True)
     here, cli = tree_hashes(tmp_path / "here"), tree_hashes(tmp_path / "cli")
     assert len(here) == 3 + 4 * 6 and here == cli  # tokenizer; base and experts: 3 model + 3 tokenizer files

@@ -17,12 +17,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from moeforge.demo.tiny_models import build_dense_model
 from moeforge.errors import ModelError, RecipeError
 from moeforge.gates import layerwise
 from moeforge.gates.compute import ExpertPrompts, GateSpec, compute_gates, write_gates
-from moeforge.gates.layerwise import PackedSequences, iter_layer_hidden_states, position_ids_for, stream_sequences
 from moeforge.plan.recipe import GATE_MODES
-from moeforge.tiny_models import build_dense_model
+from moeforge.runtime.layerwise import PackedSequences, iter_layer_hidden_states, position_ids_for, stream_sequences
 
 TOPICS = {
     "code": (

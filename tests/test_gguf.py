@@ -27,8 +27,8 @@ from moeforge.check.gguf import (
     reference_logits,
 )
 from moeforge.check.gguf_convert import QWEN2_PATTERN, pre_tokenizer_by_definition
+from moeforge.demo.tiny_models import build_dense_model, build_preset
 from moeforge.errors import BuildError
-from moeforge.tiny_models import build_dense_model, build_preset
 from pipeline import build
 
 PROMPTS = ["The quick brown fox", "Once upon a time", "def add(a, b): return a + b", "1234 apples\nand pears"]

@@ -203,7 +203,7 @@ def _sharded(directory: Path) -> Path:
 
 
 def test_index_naming_a_missing_shard_warns(tmp_path, caplog):
-    from moeforge.gates.layerwise import CheckpointTensors
+    from moeforge.runtime.layerwise import CheckpointTensors
 
     with caplog.at_level(logging.WARNING, logger="moeforge"):
         store = CheckpointTensors(_sharded(tmp_path / "m"))
@@ -213,7 +213,7 @@ def test_index_naming_a_missing_shard_warns(tmp_path, caplog):
 
 
 def test_tensor_in_a_missing_shard_stays_an_error(tmp_path):
-    from moeforge.gates.layerwise import CheckpointTensors
+    from moeforge.runtime.layerwise import CheckpointTensors
 
     store = CheckpointTensors(_sharded(tmp_path / "m"))
     with pytest.raises(ModelError, match="tensor c is in model-00002-of-00002.safetensors"):
@@ -221,7 +221,7 @@ def test_tensor_in_a_missing_shard_stays_an_error(tmp_path):
 
 
 def test_complete_index_does_not_warn(tmp_path, caplog):
-    from moeforge.gates.layerwise import CheckpointTensors
+    from moeforge.runtime.layerwise import CheckpointTensors
 
     model = _sharded(tmp_path / "m")
     save_file({"c": torch.zeros(1)}, str(model / "model-00002-of-00002.safetensors"))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from moeforge.memory_cap import run_capped
+from moeforge.runtime.memory_cap import run_capped
 
 #: A workflow step as the runner runs it, with the rule name and mem_mb Snakemake gives a script.
 STEP = """

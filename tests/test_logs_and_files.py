@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from hfcache import offline_env, populate
+from moeforge.demo.tiny_models import build_dense_model
 from moeforge.errors import ModelError, RecipeError
 from moeforge.io.fetch import fetch_metadata
 from moeforge.io.hf_load import load_tokenizer
@@ -21,7 +22,6 @@ from moeforge.plan.recipe import load_recipe
 from moeforge.plan.sources import load_source
 from moeforge.runner import run
 from moeforge.scheduler_exit import cancel_rescheduling_timers
-from moeforge.tiny_models import build_dense_model
 
 #: A step that does what library code does (print, warn, log through transformers' own handler,
 #: which it binds to stderr at import) and then fails unexpectedly or with a user-facing error.

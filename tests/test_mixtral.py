@@ -9,7 +9,7 @@ import torch
 import yaml
 from safetensors import safe_open
 
-from moeforge.tiny_models import build_dense_model
+from moeforge.demo.tiny_models import build_dense_model
 from pipeline import build, lock_of, logits, sha256_tree, tensors_of, tf4_logits
 
 IDS = torch.tensor([[1, 17, 45, 98, 203, 7, 88, 150, 33, 61, 240, 12]])
@@ -207,11 +207,11 @@ def test_identity_check_in_bfloat16(tmp_path, models):
 def test_class_check_refuses_a_plan_without_attention(tmp_path, models):
     """Report 1's class, caught before any weight is written: a plan missing attention or norm
     tensors does not match the installed transformers Mixtral class."""
-    from moeforge.build.translate import build_config
     from moeforge.errors import BuildError
     from moeforge.plan.class_check import check_plan_against_class
     from moeforge.plan.table import planned_shapes, read_rows
     from moeforge.plan.templates import output_family_for
+    from moeforge.plan.translate import build_config
     from pipeline import plan_only
 
     plan = plan_only(tmp_path, recipe_for(models["base"], [models["e0"], models["e1"]]))

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from moeforge.demo.tiny_models import build_dense_model, build_preset
 from moeforge.errors import ModelError, RecipeError
-from moeforge.tiny_models import build_dense_model, build_preset
 from pipeline import build, logits, plan_only, tensors_of, tf4_logits
 
 IDS = torch.tensor([[1, 17, 45, 98, 203, 7, 88, 150, 33, 61, 240, 12]])

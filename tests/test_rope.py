@@ -8,10 +8,10 @@ import math
 import pytest
 import torch
 
-from moeforge.build.translate import angle_error, theta_for
 from moeforge.check.smoke_stage import smoke_stage
+from moeforge.demo.tiny_models import build_dense_model
 from moeforge.errors import RecipeError
-from moeforge.tiny_models import build_dense_model
+from moeforge.plan.translate import angle_error, theta_for
 from pipeline import build, plan_only
 
 HEAD_DIM = 16

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from hfcache import offline_env, populate
+from moeforge.demo.tiny_models import build_demo, build_dense_model
 from moeforge.errors import ModelError
 from moeforge.io.fetch import fetch_metadata
-from moeforge.tiny_models import build_demo, build_dense_model
 from pipeline import build
 from test_workflow import MODEL, REPO, SNAKEMAKE, workdir
 

@@ -9,11 +9,11 @@ import pandas as pd
 import pytest
 import torch
 
-from moeforge.cpu_matmul import computes_natively
-from moeforge.memory_budget import whole_model_mb
 from moeforge.plan.rows import SHARD_TARGET_BYTES, _layer_groups, group_shards, layer_bytes
 from moeforge.plan.table import GATES_SOURCE, ROUTERS_SHARD
 from moeforge.resources import GATE_THREADS, gates_threads, shard_mem_mb, smoke_dtype, smoke_mem_mb
+from moeforge.runtime.cpu_matmul import computes_natively
+from moeforge.runtime.memory_budget import whole_model_mb
 
 SMOLLM2 = {"hidden_size": 576, "intermediate_size": 1536, "kv": 192, "num_hidden_layers": 30, "vocab": 49152}
 LLAMA_1B = {"hidden_size": 2048, "intermediate_size": 8192, "kv": 512, "num_hidden_layers": 16, "vocab": 128256}

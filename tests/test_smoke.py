@@ -22,8 +22,8 @@ from transformers import MixtralConfig, PretrainedConfig, Qwen2MoeConfig, Qwen3M
 from moeforge.check.plots import plot_expert_load, plot_gate_similarity
 from moeforge.check.report import render_markdown, write_report
 from moeforge.check.smoke import SmokeFailure, SmokeOptions, compare_logits, degeneracy_flags, routing_stats, run_smoke
+from moeforge.demo.tiny_models import TOKENIZER_FILES, build_dense_model, load_weights, write_weights
 from moeforge.errors import BuildError, RecipeError
-from moeforge.tiny_models import TOKENIZER_FILES, build_dense_model, load_weights, write_weights
 
 HIDDEN, INTER, LAYERS, EXPERTS, TOP_K = 32, 64, 2, 4, 2
 PROMPTS = ["The quick brown fox", "def add(a, b):", "Two plus two equals"]

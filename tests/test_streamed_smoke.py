@@ -18,7 +18,6 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from moeforge.check import generation, smoke
-from moeforge.check.generation import Generation, over_budget
 from moeforge.check.report import render_markdown
 from moeforge.check.smoke import (
     SmokeOptions,
@@ -29,11 +28,12 @@ from moeforge.check.smoke import (
     stored_dtype,
 )
 from moeforge.check.verify import verify_model
-from moeforge.cpu_matmul import computes_natively, cpu_matmul
+from moeforge.demo.tiny_models import build_dense_model
 from moeforge.gates import layerwise
-from moeforge.gates.layerwise import stream_logits
-from moeforge.memory_budget import GIB, cgroup_memory_limit, memory_budget
-from moeforge.tiny_models import build_dense_model
+from moeforge.runtime.cpu_matmul import computes_natively, cpu_matmul
+from moeforge.runtime.generation import Generation, over_budget
+from moeforge.runtime.layerwise import stream_logits
+from moeforge.runtime.memory_budget import GIB, cgroup_memory_limit, memory_budget
 from pipeline import build
 
 PROMPTS = ["The quick brown fox", "def add(a, b):", "Two plus two equals"]

@@ -16,12 +16,12 @@ import pytest
 import yaml
 
 from hfcache import offline_env, populate
+from moeforge.demo.tiny_models import build_dense_model, build_preset, train_tokenizer
 from moeforge.errors import FetchError, ModelError, RecipeError, TemplateError
 from moeforge.io.fetch import fetch_metadata
 from moeforge.plan.recipe import check_merge_name, load_recipe, parse_recipe
 from moeforge.plan.sources import load_source
 from moeforge.plan.templates import load_template
-from moeforge.tiny_models import build_dense_model, build_preset, train_tokenizer
 from pipeline import plan_only
 
 REPO = Path(__file__).resolve().parents[1]

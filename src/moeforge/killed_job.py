@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import IO
 
-from moeforge.memory_budget import cgroup_memory_limit, gib, oom_kills
+from moeforge.runtime.memory_budget import cgroup_memory_limit, gib, oom_kills
 
 _DONE = b"done\n"
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from moeforge.io.safetensors_file import ITEMSIZE, TORCH_NAME
-from moeforge.memory_budget import whole_model_mb
+from moeforge.runtime.memory_budget import whole_model_mb
 
 #: Above this float32 footprint the smoke test generates in the model's own dtype.
 FLOAT32_SMOKE_LIMIT = 8 << 30
@@ -56,7 +56,7 @@ def shard_mem_mb(plan: Mapping[str, Any] | None, shard: str) -> int:
 def smoke_mem_mb(plan: Mapping[str, Any] | None, requested_dtype: str) -> int:
     """Enough for greedy generation, which loads one whole model at a time in the dtype of smoke_dtype
     (float32 while small, whatever the job's device); the rest of the smoke test runs one layer at a
-    time, and generation is skipped when a smaller request is granted (see moeforge.memory_budget)."""
+    time, and generation is skipped when a smaller request is granted (see moeforge.runtime.memory_budget)."""
     if not plan:
         return 2000
     size = sum(plan["shard_bytes"].values())

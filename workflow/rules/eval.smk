@@ -1,5 +1,5 @@
 # `snakemake eval`: how close each MoE comes to its best dense expert on each domain, and where tokens go.
-from moeforge.domains import eval_domains
+from moeforge.io.domains import eval_domains
 
 try:
     EVAL_DOMAINS = eval_domains(lookup(dpath="eval/domains", within=config, default=None))

@@ -27,7 +27,7 @@ rule smoke_test:
         device=lookup(dpath="smoke/device", within=config),
         max_new_tokens=lookup(dpath="smoke/max_new_tokens", within=config),
         dtype=lookup(dpath="smoke/dtype", within=config),
-        # Overrides the memory budget read from the job's cgroup or mem_mb (see moeforge.memory_budget).
+        # Overrides the memory budget read from the job's cgroup or mem_mb (see moeforge.runtime.memory_budget).
         memory_gb=lookup(dpath="smoke/memory_gb", within=config, default=None),
     log:
         "logs/{merge}/smoke_test.log",

@@ -4,7 +4,7 @@ from pathlib import Path
 from moeforge.runner import job_imports, run
 
 with job_imports():
-    from moeforge.build.translate import translate
+    from moeforge.plan.translate import translate
 
 run(snakemake, lambda s: translate(Path(s.input.plan), Path(s.input.base_meta),  # noqa: F821
                                    Path(s.output.config).parent))

@@ -27,14 +27,14 @@ import torch
 
 from moeforge import __version__
 from moeforge.check.plots import plot_evaluation
-from moeforge.devices import require_device
 from moeforge.errors import BuildError, RecipeError
-from moeforge.gates.layerwise import load_config, stream_logits
 from moeforge.io.fetch import weight_dirs_from
 from moeforge.io.files import read_json, read_text, write_json, write_text
 from moeforge.io.hf_load import load_tokenizer
 from moeforge.numbers import fmt, report_number
 from moeforge.resources import EVAL_LOGITS_CHUNK_BYTES
+from moeforge.runtime.devices import require_device
+from moeforge.runtime.layerwise import load_config, stream_logits
 
 _DOMAIN_FIX = "give eval.domains a UTF-8 text file with at least one window of tokens per domain"
 

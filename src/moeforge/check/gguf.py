@@ -160,7 +160,7 @@ def reference_logits(model_dir: Path, ids: Sequence[Sequence[int]]) -> list[Any]
     """transformers' float32 logits [T, V] per prompt, one layer of the model in memory at a time."""
     import torch
 
-    from moeforge.gates.layerwise import stream_sequences
+    from moeforge.runtime.layerwise import stream_sequences
 
     streamed = stream_sequences(model_dir, [torch.tensor(seq) for seq in ids], progress=False)
     return [logits[0].numpy() for logits in streamed.logits]
@@ -273,7 +273,7 @@ def gguf_stage(model_dir: Path, plan_json: Path, smoke_md: Path, out_json: Path,
     beside (Snakemake removes the outputs of a failed job), so nothing unchecked stands where a
     checked GGUF would.
     """
-    from moeforge.check.prompts import smoke_prompts
+    from moeforge.plan.prompts import smoke_prompts
 
     plan = json.loads(plan_json.read_text())
     config = json.loads((model_dir / "config.json").read_text())

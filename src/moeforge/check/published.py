@@ -20,12 +20,12 @@ from typing import Any, Mapping
 import torch
 
 from moeforge.check.layouts import ROLES, Reader, classic_view, natural_order, place_of, place_patterns
-from moeforge.check.prompts import smoke_prompts
 from moeforge.check.reproduce import differing_elements
 from moeforge.errors import ModelError
 from moeforge.io.files import read_json, write_json, write_text
 from moeforge.io.published import PublishedRef
 from moeforge.numbers import fmt, report_number
+from moeforge.plan.prompts import smoke_prompts
 from moeforge.plan.templates import OutputFamily, load_all
 
 log = logging.getLogger(__name__)
@@ -192,8 +192,8 @@ def next_token_comparison(rebuilt_dir: Path, published_dir: Path, prompts: list[
     memory, not two models'. A published model that cannot be run is a note, not a crash.
     """
     from moeforge.check.smoke import compare_logits
-    from moeforge.gates.layerwise import stream_sequences
     from moeforge.io.hf_load import load_tokenizer
+    from moeforge.runtime.layerwise import stream_sequences
 
     tokenizer = load_tokenizer(rebuilt_dir, ModelError, "the rebuilt model's tokenizer", "rerun assemble")
     ids = [i for i in (tokenizer(p, return_tensors="pt").input_ids for p in prompts) if i.shape[1]]

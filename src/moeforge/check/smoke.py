@@ -51,11 +51,14 @@ import transformers
 
 from moeforge import __version__
 from moeforge.build.finite import nonfinite_counts
-from moeforge.check.generation import Generation, GenerationPlan, eos_ids, generate_all, plan_generation
-from moeforge.check.prompts import prompt_ids
-from moeforge.devices import require_device
 from moeforge.errors import BuildError, ModelError, RecipeError
-from moeforge.gates.layerwise import (
+from moeforge.io.hf_load import load_tokenizer
+from moeforge.io.safetensors_file import ITEMSIZE, TORCH_NAME, read_header
+from moeforge.numbers import report_number
+from moeforge.plan.prompts import prompt_ids
+from moeforge.runtime.devices import require_device
+from moeforge.runtime.generation import Generation, GenerationPlan, eos_ids, generate_all, plan_generation
+from moeforge.runtime.layerwise import (
     CheckpointTensors,
     check_loadable,
     load_config,
@@ -64,10 +67,7 @@ from moeforge.gates.layerwise import (
     streamed_model,
     whole_model,
 )
-from moeforge.io.hf_load import load_tokenizer
-from moeforge.io.safetensors_file import ITEMSIZE, TORCH_NAME, read_header
-from moeforge.memory_budget import GIB, MemoryBudget, gib, memory_budget, peak_rss
-from moeforge.numbers import report_number
+from moeforge.runtime.memory_budget import GIB, MemoryBudget, gib, memory_budget, peak_rss
 
 DISTINCT_RATIO_MIN = 1 / 3
 DIVERSITY_MIN_TOKENS = 8
@@ -109,7 +109,7 @@ class SmokeOptions:
     the tolerance is then ``LOW_PRECISION_IDENTITY`` times the largest base logit of the prompt.
     ``memory_gb`` (the config's ``smoke.memory_gb``) and ``job_mem_mb`` (the rule's request) set
     the memory budget that decides whether greedy generation may load a whole model (see
-    ``moeforge.memory_budget``). ``scanned_when_written``: the workflow's shard jobs scanned every
+    ``moeforge.runtime.memory_budget``). ``scanned_when_written``: the workflow's shard jobs scanned every
     byte they wrote for NaN and Inf as they hashed it for the lock, so the smoke test of
     a fresh build does not read the whole model a second time for that scan (``verify``, which
     checks models built elsewhere, scans).

@@ -14,14 +14,14 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from moeforge.check.plots import plot_expert_load, plot_gate_similarity
-from moeforge.check.prompts import smoke_prompts
 from moeforge.check.report import write_report
 from moeforge.check.smoke import SmokeFailure, SmokeOptions, run_smoke
-from moeforge.cpu_matmul import computes_natively
 from moeforge.io.fetch import weights_dir_of
 from moeforge.io.safetensors_file import TORCH_NAME
 from moeforge.plan.identity import is_identity_build
+from moeforge.plan.prompts import smoke_prompts
 from moeforge.resources import smoke_dtype
+from moeforge.runtime.cpu_matmul import computes_natively
 
 
 def smoke_options(plan: Mapping[str, Any], device: str, max_new_tokens: int, dtype: str = "auto",

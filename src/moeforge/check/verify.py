@@ -11,16 +11,16 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from moeforge.check.prompts import smoke_prompts
 from moeforge.check.report import write_report
 from moeforge.check.smoke import SmokeOptions, run_smoke, stored_dtype
-from moeforge.cpu_matmul import computes_natively
 from moeforge.errors import BuildError
-from moeforge.gates.layerwise import CheckpointTensors
 from moeforge.io.files import sha256_file, write_json
 from moeforge.io.lockfile import LOCK_NAME, read_lock
 from moeforge.io.safetensors_file import TORCH_NAME
+from moeforge.plan.prompts import smoke_prompts
 from moeforge.resources import generation_dtype
+from moeforge.runtime.cpu_matmul import computes_natively
+from moeforge.runtime.layerwise import CheckpointTensors
 
 
 def check_lock(model_dir: Path) -> dict[str, Any]:

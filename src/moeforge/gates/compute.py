@@ -64,14 +64,13 @@ from pathlib import Path
 
 import torch
 
-from moeforge.devices import require_device
 from moeforge.errors import ModelError, RecipeError
-from moeforge.gates.layerwise import (
-    input_embeddings,
-    iter_layer_hidden_states,
-    load_config,
-)
-from moeforge.gates.spec import (
+from moeforge.io.fetch import weights_dir_of
+from moeforge.io.files import dumps_json, write_bytes
+from moeforge.io.hf_load import load_tokenizer
+from moeforge.io.safetensors_file import TORCH_NAME
+from moeforge.numbers import report_number
+from moeforge.plan.gate_settings import (
     PROMPTLESS_MODES,
     ExpertPrompts,
     GateSpec,
@@ -80,11 +79,12 @@ from moeforge.gates.spec import (
     render_prompt,
     validate_spec,
 )
-from moeforge.io.fetch import weights_dir_of
-from moeforge.io.files import dumps_json, write_bytes
-from moeforge.io.hf_load import load_tokenizer
-from moeforge.io.safetensors_file import TORCH_NAME
-from moeforge.numbers import report_number
+from moeforge.runtime.devices import require_device
+from moeforge.runtime.layerwise import (
+    input_embeddings,
+    iter_layer_hidden_states,
+    load_config,
+)
 
 HIDDEN_MODES = ("hidden", "hidden_last", "hidden_avg")
 DEGENERATE_COSINE = 0.99

@@ -102,7 +102,7 @@ def _local_dir(ref: ModelRef) -> Path:
 
 def near_local_model(text: str) -> str | None:
     """An existing local model directory whose path is a likely typo of ``text`` (component by component)."""
-    from moeforge.plan.schema import closest  # jsonschema's import, only on this error path
+    from moeforge.io.schema import closest  # jsonschema's import, only on this error path
 
     path = Path(text).expanduser()
     current = Path(path.anchor) if path.is_absolute() else Path(".")

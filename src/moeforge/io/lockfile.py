@@ -16,7 +16,7 @@ from moeforge.errors import FetchError, RecipeError
 from moeforge.io.fetch import hub_errors
 from moeforge.io.files import read_json
 from moeforge.io.refs import parse_ref
-from moeforge.plan.schema import package_schema, schema_errors
+from moeforge.io.schema import package_schema, schema_errors
 
 LOCK_NAME = "moeforge.lock.json"
 #: The lock format this code writes and reads; a greater number comes from a newer moeforge.

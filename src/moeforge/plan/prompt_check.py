@@ -15,11 +15,11 @@ import sys
 from pathlib import Path
 
 from moeforge import errors
-from moeforge.check.prompts import check_smoke_prompts
 from moeforge.errors import BuildError, ModelError, MoeforgeError
-from moeforge.gates.spec import PROMPTLESS_MODES, check_prompt_tokens, recipe_gate_spec
 from moeforge.io.hf_load import load_tokenizer
+from moeforge.plan.gate_settings import PROMPTLESS_MODES, check_prompt_tokens, recipe_gate_spec
 from moeforge.plan.params import read_params
+from moeforge.plan.prompts import check_smoke_prompts
 from moeforge.plan.recipe import load_recipe
 
 

@@ -17,7 +17,7 @@ import yaml
 
 from moeforge.errors import RecipeError
 from moeforge.io.files import read_text, yaml_problem
-from moeforge.plan.schema import first_and_more, integral_floats_as_int, package_schema, schema_errors
+from moeforge.io.schema import first_and_more, integral_floats_as_int, package_schema, schema_errors
 
 MERGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 PROMPTLESS_GATE_MODES = ("random", "uniform_random")

@@ -24,7 +24,7 @@ from typing import Any, Mapping
 import yaml
 
 from moeforge.errors import ModelError, TemplateError
-from moeforge.plan.schema import YAML_LOADER, closest, did_you_mean, package_schema, schema_errors
+from moeforge.io.schema import YAML_LOADER, closest, did_you_mean, package_schema, schema_errors
 
 INTEGER_PARAMS = (
     "hidden_size",

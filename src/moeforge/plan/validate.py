@@ -11,10 +11,10 @@ import json
 from pathlib import Path
 from typing import Any, Mapping
 
-from moeforge.build.translate import build_config
-from moeforge.gates.spec import recipe_gate_spec, validate_spec
+from moeforge.plan.gate_settings import recipe_gate_spec, validate_spec
 from moeforge.plan.prompt_check import PromptCheck
 from moeforge.plan.recipe import load_recipe
+from moeforge.plan.translate import build_config
 
 
 def validate_merge(merge: str, recipe_path: Path, meta_dirs: Mapping[str, Path], plan_json: Path,

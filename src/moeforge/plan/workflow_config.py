@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from moeforge.errors import RecipeError
-from moeforge.plan.schema import first_and_more, integral_floats_as_int, package_schema, schema_errors
+from moeforge.io.schema import first_and_more, integral_floats_as_int, package_schema, schema_errors
 
 WHERE = "workflow config (config/config.yaml, then each --configfile, then --config)"
 

@@ -11,7 +11,7 @@ the full model.
 The same engine gives the logits of whole prompts (``stream_logits``: embeddings, every decoder
 layer, final norm, output head) and, for MoE checkpoints, each sparse layer's router logits, so
 the smoke test compares a merged model with its base in the memory of one layer. Each module's
-weights go through transformers' own checkpoint conversion (see ``moeforge.io.key_conversion``),
+weights go through transformers' own checkpoint conversion (see ``moeforge.runtime.key_conversion``),
 so an MoE checkpoint with one tensor per expert fills the fused expert modules exactly as
 ``from_pretrained`` does.
 
@@ -38,12 +38,12 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from moeforge.cpu_matmul import with_cpu_matmul
 from moeforge.errors import ModelError
 from moeforge.io.fetch import DAMAGED_FILE_FIX
 from moeforge.io.files import read_json
-from moeforge.io.key_conversion import KeyConversion, LoadOutcome
 from moeforge.io.safetensors_file import TensorEntry, read_header
+from moeforge.runtime.cpu_matmul import with_cpu_matmul
+from moeforge.runtime.key_conversion import KeyConversion, LoadOutcome
 
 WANTS = ("residual_in", "mlp_in")
 _INDEX_NAME = "model.safetensors.index.json"

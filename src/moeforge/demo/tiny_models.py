@@ -8,7 +8,7 @@ untied embeddings, sharded weights, rope scaling, and a tokenizer with special t
 chat template. Every output is byte-deterministic for the same arguments, so tests can pin
 hashes and the workflow can rerun without rebuilding.
 
-Command line: ``python -m moeforge.tiny_models demo OUT_ROOT`` builds the demo base + experts.
+Command line: ``python -m moeforge.demo.tiny_models demo OUT_ROOT`` builds the demo base + experts.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from transformers import (
 )
 
 if TYPE_CHECKING:
-    from moeforge.demo_training import TrainingPlan
+    from moeforge.demo.training import TrainingPlan
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 
@@ -662,9 +662,9 @@ def build_demo(out_root: Path, plan: TrainingPlan | None = None) -> dict[str, Pa
     """Build the offline demo: a tokenizer, a Llama-style base and three experts fine-tuned from it.
 
     The base is the ``llama`` preset pre-trained on every packaged domain; each expert is the base
-    with its MLP fine-tuned on one domain (see ``moeforge.demo_training``; ``plan`` None: the defaults).
+    with its MLP fine-tuned on one domain (see ``moeforge.demo.training``; ``plan`` None: the defaults).
     """
-    from moeforge.demo_training import TrainingPlan, domain_tokens, finetune_mlp, pretrain, reproducible
+    from moeforge.demo.training import TrainingPlan, domain_tokens, finetune_mlp, pretrain, reproducible
 
     plan = plan or TrainingPlan()
     out_root = Path(out_root)
@@ -693,7 +693,7 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m moeforge.tiny_models", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m moeforge.demo.tiny_models", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="build the demo tokenizer, base model and experts")
     demo.add_argument("out_root", type=Path)

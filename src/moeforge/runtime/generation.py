@@ -24,10 +24,10 @@ from typing import Any
 import torch
 from transformers import GenerationConfig
 
-from moeforge.cpu_matmul import with_cpu_matmul
-from moeforge.gates.layerwise import CheckpointTensors
 from moeforge.io.safetensors_file import ITEMSIZE
-from moeforge.memory_budget import MIB, MemoryBudget, gib, peak_rss, whole_model_mb
+from moeforge.runtime.cpu_matmul import with_cpu_matmul
+from moeforge.runtime.layerwise import CheckpointTensors
+from moeforge.runtime.memory_budget import MIB, MemoryBudget, gib, peak_rss, whole_model_mb
 
 _log = logging.getLogger("moeforge")
 

@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-from moeforge.domains import DOMAINS, domain_text
-from moeforge.tiny_models import MLP_MATRIX
+from moeforge.demo.tiny_models import MLP_MATRIX
+from moeforge.io.domains import DOMAINS, domain_text
 
 
 @dataclass(frozen=True)

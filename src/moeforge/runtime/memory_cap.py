@@ -9,7 +9,7 @@ cgroup v1 (``/sys/fs/cgroup/memory``, ``memory.limit_in_bytes``) and v2 (``memor
 unified hierarchy, with the memory controller enabled for children of the root) are both
 supported. Making a cgroup needs root (or a delegated subtree). The group is removed afterwards.
 
-    python -m moeforge.memory_cap 3G -- snakemake --cores 2 --resources mem_mb=3000
+    python -m moeforge.runtime.memory_cap 3G -- snakemake --cores 2 --resources mem_mb=3000
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from moeforge.memory_budget import oom_kill_count
+from moeforge.runtime.memory_budget import oom_kill_count
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
@@ -130,7 +130,7 @@ def parse_size(text: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m moeforge.memory_cap", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m moeforge.runtime.memory_cap", description=__doc__.splitlines()[0])
     parser.add_argument("limit", type=parse_size, help="memory limit, e.g. 3G")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="the command, after --")
     args = parser.parse_args(argv)

@@ -1,0 +1,1 @@
+"""The demo's tiny models and their training."""

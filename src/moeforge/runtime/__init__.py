@@ -1,0 +1,1 @@
+"""The shared engine: layer-streamed forward passes, key conversion, devices, memory budget, generation."""
