@@ -263,9 +263,22 @@ def bad_locks(original: Path, tmp_path: Path) -> dict[str, tuple[Path, str]]:
     lock = json.loads((original / LOCK_NAME).read_text())
     missing = {k: v for k, v in lock.items() if k not in ("files", "sources")}
     newer = {**lock, "moeforge_lock_version": 2}
+    slug = next(iter(lock["sources"]))
+    escaping = json.loads(json.dumps(lock))
+    escaping["sources"][slug]["files"][0]["name"] = "/etc/passwd"
+    dotdot = json.loads(json.dumps(lock))
+    dotdot["sources"][slug]["files"][0]["name"] = "../other/model.safetensors"
     cases = {"missing": (missing, "not a complete moeforge lock: missing sources, files"),
              "newer": (newer, "written by a newer moeforge (moeforge_lock_version 2; this moeforge reads version 1)"),
-             "not-json": (None, "not valid JSON: line 1 column 1")}
+             "not-json": (None, "not valid JSON: line 1 column 1"),
+             "absolute": (escaping, f"a malformed lock: sources.{slug}.files: file name '/etc/passwd' is an "
+                                    "absolute path"),
+             "dotdot": (dotdot, f"a malformed lock: sources.{slug}.files: file name '../other/model.safetensors' "
+                                "leaves the directory (..)"),
+             "newline-merge": ({**lock, "merge": "demo\nrm -rf"}, "a malformed lock: merge 'demo\\nrm -rf' is not "
+                                                                  "a merge name"),
+             "newline-file": ({**lock, "files": {**lock["files"], "README.md\n": "0" * 64}},
+                              "a malformed lock: files: file name 'README.md\\n' holds control characters")}
     out = {}
     for name, (data, message) in cases.items():
         path = tmp_path / f"{name}.lock.json"
@@ -285,7 +298,7 @@ def test_bad_locks_are_one_message_each(original, tmp_path):
         resolve_lock_ref(str(tmp_path))
 
 
-@pytest.mark.parametrize("case", ["missing", "newer", "not-json"])
+@pytest.mark.parametrize("case", ["missing", "newer", "not-json", "absolute"])
 def test_a_bad_lock_stops_the_workflow(original, tmp_path, case):
     path, message = bad_locks(original, tmp_path)[case]
     proc = snakemake(tmp_path / "wd", {"again": {"lock": str(path)}}, None, "-n")

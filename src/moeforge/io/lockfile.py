@@ -15,6 +15,7 @@ from typing import Any
 from moeforge.errors import FetchError, RecipeError
 from moeforge.io.fetch import hub_errors
 from moeforge.io.files import read_json
+from moeforge.io.names import MERGE_NAME_RULE, is_merge_name, relative_file_problem
 from moeforge.io.refs import parse_ref
 from moeforge.io.schema import package_schema, schema_errors
 
@@ -113,7 +114,25 @@ def read_lock(path: Path) -> dict[str, Any]:
     problems = schema_errors(data, schema)
     if problems:
         raise RecipeError(f"not a complete moeforge lock: {'; '.join(problems)}", str(path), _FIX)
+    malformed = _name_problems(data)
+    if malformed:
+        raise RecipeError(f"a malformed lock: {'; '.join(malformed)}", str(path), _FIX)
     return data
+
+
+def _name_problems(lock: dict[str, Any]) -> list[str]:
+    """The lock's names that would become paths and cannot: its merge name, and each file name, which is
+    joined to a source or model directory (an absolute or ``..`` name would hash a file outside it)."""
+    problems = [] if is_merge_name(lock["merge"]) else [f"merge {lock['merge']!r} is not a merge name "
+                                                          f"({MERGE_NAME_RULE})"]
+    named = [(f"sources.{slug}.files", record["name"]) for slug, source in lock["sources"].items()
+             for record in source["files"]]
+    named += [("files", name) for name in lock["files"]]
+    for where, name in named:
+        why = relative_file_problem(name)
+        if why:
+            problems.append(f"{where}: file name {name!r} {why}")
+    return problems
 
 
 def load_lock(raw: str) -> tuple[LockRef, dict[str, Any]]:

@@ -1,0 +1,44 @@
+"""Names that become paths or Snakemake wildcards: merge names and the file names a lock records.
+
+Each is checked as a whole string (a regex's ``$`` also matches before a final newline, so ``match``
+alone lets ``"demo\\n"`` through), and a file name taken from a document someone hands over (a lock)
+must stay inside the directory it is joined to: no absolute path, no ``..``, no control characters.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import PurePosixPath
+
+from moeforge.errors import MoeforgeError
+
+#: Merge names become directories under results/ and Snakemake wildcard values.
+MERGE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+MERGE_NAME_RULE = "1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+
+
+def is_merge_name(name: object) -> bool:
+    """Whether ``name`` is a whole merge name (no newline, no path, not . or ..)."""
+    return isinstance(name, str) and MERGE_NAME.fullmatch(name) is not None and name not in (".", "..")
+
+
+def check_merge_name(name: object, where: str, error: type[MoeforgeError]) -> None:
+    """Refuse a merge name that is not one (naming where it came from)."""
+    if not is_merge_name(name):
+        raise error(f"merge name {name!r} is not allowed", where, f"use {MERGE_NAME_RULE}")
+
+
+def relative_file_problem(name: object) -> str | None:
+    """Why ``name`` cannot be a file inside a model directory, or None when it can."""
+    if not isinstance(name, str) or not name:
+        return "not a file name"
+    if any(not c.isprintable() for c in name):
+        return "holds control characters"
+    if "\\" in name:
+        return "holds a backslash"
+    path = PurePosixPath(name)
+    if path.is_absolute():
+        return "is an absolute path"
+    if any(part == ".." for part in path.parts):
+        return "leaves the directory (..)"
+    return None
