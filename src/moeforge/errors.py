@@ -7,14 +7,27 @@ non-zero; no traceback from library internals reaches the user for these.
 
 from __future__ import annotations
 
+#: The most characters of each part of a message: a part quoting a user's value (a prompt of a megabyte,
+#: a value written out from YAML aliases) is cut, so no message floods a console or a log.
+MAX_PART = 2000
+
+
+def bounded(text: str, limit: int = MAX_PART) -> str:
+    """``text`` cut to ``limit`` characters, its control characters but the line breaks moeforge writes shown
+    escaped (a terminal escape sequence in a value could rewrite the console)."""
+    text = "".join(c if c.isprintable() or c in " \n" else repr(c)[1:-1] for c in text[:limit + 1])
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}… [cut: the value is longer]"
+
 
 class MoeforgeError(Exception):
-    """Base class: a problem the user can fix, described in one message."""
+    """Base class: a problem the user can fix, described in one message (each part bounded in size)."""
 
     def __init__(self, what: str, where: str = "", fix: str = "") -> None:
-        self.what = what
-        self.where = where
-        self.fix = fix
+        self.what = bounded(what)
+        self.where = bounded(where)
+        self.fix = bounded(fix)
         super().__init__(self.message)
 
     @property

@@ -17,8 +17,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterator
 
-import yaml
-
 from moeforge.errors import MoeforgeError
 
 _HASH_CHUNK = 16 << 20
@@ -128,13 +126,3 @@ def atomic_dir(path: Path) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def yaml_problem(exc: yaml.YAMLError, first_line: int = 1) -> str:
-    """PyYAML's message in one line, with the place counted from 1 as editors do; ``first_line`` is where
-    the document starts in its file (a README's YAML block starts part-way down)."""
-    mark = getattr(exc, "problem_mark", None)
-    problem = getattr(exc, "problem", None)
-    if mark is None or problem is None:
-        return " ".join(str(exc).split())
-    return f"line {mark.line + first_line} column {mark.column + 1}: {problem}"

@@ -20,8 +20,9 @@ import yaml
 
 from moeforge.errors import FetchError, RecipeError
 from moeforge.io.fetch import hub_errors
-from moeforge.io.files import read_text, yaml_problem
+from moeforge.io.files import read_text
 from moeforge.io.refs import parse_ref
+from moeforge.io.yaml_doc import YAML_LOADER, check_bounded, yaml_problem
 
 RECIPE_NAME = "mergekit_moe_config.yml"
 CARD_NAME = "README.md"
@@ -93,10 +94,11 @@ def _is_recipe(data: Any) -> bool:
 def _from_config_file(path: Path, where: str) -> FoundRecipe:
     text = read_text(path, "", RecipeError, "save it as UTF-8")
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=YAML_LOADER)
     except yaml.YAMLError as exc:
         raise RecipeError(f"{RECIPE_NAME} is not valid YAML: {yaml_problem(exc)}", where,
                           "fix the file in the repo, or build the merge from a corrected copy with `recipe:`") from None
+    check_bounded(data, f"{where}: {RECIPE_NAME}", RecipeError)
     if not _is_recipe(data):
         raise RecipeError(f"{RECIPE_NAME} is not a mergekit-moe recipe (a mapping with base_model and experts)",
                           where, "fix the file in the repo, or build the merge from a recipe with `recipe:`")
@@ -112,7 +114,7 @@ def _from_card(path: Path, where: str) -> FoundRecipe | None:
             continue
         first_line = text.count("\n", 0, match.start(3)) + 1
         try:
-            data = yaml.safe_load(match[3])
+            data = yaml.load(match[3], Loader=YAML_LOADER)
         except yaml.YAMLError as exc:
             if "base_model" in match[3] and "experts" in match[3]:
                 raise RecipeError(f"the recipe in {CARD_NAME} (the YAML block at line {first_line}) is not valid "
@@ -121,6 +123,7 @@ def _from_card(path: Path, where: str) -> FoundRecipe | None:
                                   "`recipe:`") from None
             continue
         if _is_recipe(data):
+            check_bounded(data, f"{where}: {CARD_NAME} (YAML block at line {first_line})", RecipeError)
             return FoundRecipe(data, f"{CARD_NAME} (YAML block at line {first_line})")
     return None
 

@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 import yaml
 
+from moeforge.io.yaml_doc import YAML_LOADER
+
 if TYPE_CHECKING:
     import jsonschema
 
-#: libyaml's parser where PyYAML was built with it (the wheels are): about ten times faster.
-YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 @functools.cache

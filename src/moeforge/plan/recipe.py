@@ -13,11 +13,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-import yaml
-
 from moeforge.errors import RecipeError
-from moeforge.io.files import read_text, yaml_problem
+from moeforge.io.files import read_text
 from moeforge.io.schema import first_and_more, integral_floats_as_int, package_schema, schema_errors
+from moeforge.io.yaml_doc import parse_yaml
 
 MERGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 PROMPTLESS_GATE_MODES = ("random", "uniform_random")
@@ -206,11 +205,7 @@ def load_recipe(path: str | Path) -> Recipe:
         raise RecipeError(what, str(path), "check the recipe path: --config recipe=PATH, or recipe: under merges: in "
                           "your config file")
     text = read_text(path, "", RecipeError, "save the recipe as UTF-8 (editors offer it under 'Save with encoding')")
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"not valid YAML: {yaml_problem(exc)}", str(path), "fix the YAML syntax") from None
-    return parse_recipe(data, str(path))
+    return parse_recipe(parse_yaml(text, str(path), RecipeError), str(path))
 
 
 def check_merge_name(name: str) -> None:

@@ -24,7 +24,8 @@ from typing import Any, Mapping
 import yaml
 
 from moeforge.errors import ModelError, TemplateError
-from moeforge.io.schema import YAML_LOADER, closest, did_you_mean, package_schema, schema_errors
+from moeforge.io.schema import closest, did_you_mean, package_schema, schema_errors
+from moeforge.io.yaml_doc import YAML_LOADER
 
 INTEGER_PARAMS = (
     "hidden_size",

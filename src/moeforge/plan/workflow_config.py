@@ -12,12 +12,17 @@ from typing import Any, Mapping
 
 from moeforge.errors import RecipeError
 from moeforge.io.schema import first_and_more, integral_floats_as_int, package_schema, schema_errors
+from moeforge.io.yaml_doc import check_bounded
 
 WHERE = "workflow config (config/config.yaml, then each --configfile, then --config)"
 
 
 def checked_config(config: Mapping[str, Any]) -> dict[str, Any]:
-    """``config`` checked against the workflow schema, integral floats where it asks for integers made ints."""
+    """``config`` checked against the workflow schema, integral floats where it asks for integers made ints.
+
+    Its size is checked first: Snakemake has read the YAML, aliases shared, and validating expands them.
+    """
+    check_bounded(config, WHERE, RecipeError)
     if "merges" in config and not config["merges"]:
         raise RecipeError("merges: lists no merge", WHERE,
                           "list each merge as name: {recipe: path/to/recipe.yaml} (or lock: / published:), or "
