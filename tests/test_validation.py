@@ -19,7 +19,8 @@ from hfcache import offline_env, populate
 from moeforge.demo.tiny_models import build_dense_model, build_preset, train_tokenizer
 from moeforge.errors import FetchError, ModelError, RecipeError, TemplateError
 from moeforge.io.fetch import fetch_metadata
-from moeforge.plan.recipe import check_merge_name, load_recipe, parse_recipe
+from moeforge.io.names import check_merge_name
+from moeforge.plan.recipe import load_recipe, parse_recipe
 from moeforge.plan.sources import load_source
 from moeforge.plan.templates import load_template
 from pipeline import plan_only
@@ -108,10 +109,29 @@ def test_invalid_yaml_file(tmp_path):
         load_recipe(path)
 
 
-@pytest.mark.parametrize("name", ["../evil", "a/b", "", ".hidden", "x" * 65, "sp ace"])
+@pytest.mark.parametrize("name", ["../evil", "a/b", "", ".hidden", "x" * 65, "sp ace", "demo\n", "demo\nx", "a\x00",
+                                  "..", 7])
 def test_bad_merge_names(name):
     with pytest.raises(RecipeError, match="is not allowed"):
-        check_merge_name(name)
+        check_merge_name(name, "config: merges", RecipeError)
+
+
+@pytest.mark.parametrize("name", ["a" * 20, "ab" * 20, "moe-" + "x" * 30, "v1" + "12" * 25])
+def test_merge_names_snakemake_takes_for_recursion_are_refused_first(name):
+    """The same names Snakemake's own detector refuses as wildcard values, in moeforge's words."""
+    from snakemake.io import PeriodicityDetector
+
+    assert PeriodicityDetector().is_periodic(name) is not None
+    with pytest.raises(RecipeError, match="which Snakemake refuses in a wildcard"):
+        check_merge_name(name, "config: merges", RecipeError)
+
+
+@pytest.mark.parametrize("name", ["a" * 19, "ab" * 19 + "c", "demo", "m-" + "ab" * 9])
+def test_merge_names_snakemake_takes_are_accepted(name):
+    from snakemake.io import PeriodicityDetector
+
+    assert PeriodicityDetector().is_periodic(name) is None
+    check_merge_name(name, "config: merges", RecipeError)
 
 
 def test_expert_names_are_unique():

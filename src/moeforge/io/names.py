@@ -15,6 +15,9 @@ from moeforge.errors import MoeforgeError
 #: Merge names become directories under results/ and Snakemake wildcard values.
 MERGE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 MERGE_NAME_RULE = "1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+#: Snakemake refuses a wildcard value that ends in a part repeated 20 to 100 times, taking it for a
+#: rule feeding itself (its PeriodicityDetector); such a merge name is refused here first, in moeforge's words.
+PERIODIC_END = re.compile(r"(?P<part>.+?)(?P=part){19,99}$")
 
 
 def is_merge_name(name: object) -> bool:
@@ -23,9 +26,15 @@ def is_merge_name(name: object) -> bool:
 
 
 def check_merge_name(name: object, where: str, error: type[MoeforgeError]) -> None:
-    """Refuse a merge name that is not one (naming where it came from)."""
+    """Refuse a merge name that is not one, or that Snakemake cannot take as a wildcard (naming where it came from)."""
     if not is_merge_name(name):
         raise error(f"merge name {name!r} is not allowed", where, f"use {MERGE_NAME_RULE}")
+    assert isinstance(name, str)
+    periodic = PERIODIC_END.search(name)
+    if periodic:
+        raise error(f"merge name {name!r} is not allowed: it ends in {periodic['part']!r} repeated "
+                    f"{len(periodic[0]) // len(periodic['part'])} times, which Snakemake refuses in a wildcard",
+                    where, "use a name that does not end in a part repeated 20 times or more")
 
 
 def relative_file_problem(name: object) -> str | None:

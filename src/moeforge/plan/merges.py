@@ -12,16 +12,16 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from moeforge.errors import RecipeError
-from moeforge.plan.recipe import MERGE_NAME, check_merge_name
+from moeforge.io.names import MERGE_NAME_RULE, check_merge_name, is_merge_name
 
 
 def merge_from_recipe_path(path: str) -> tuple[str, dict[str, str]]:
     """``--config recipe=path/to/name.yaml``: one merge, named after the file (as mergekit-moe's output dir)."""
     name = Path(path).stem
-    if not MERGE_NAME.match(name):
+    if not is_merge_name(name):
         raise RecipeError(f"the recipe file name {name!r} cannot name a merge", path,
-                          "rename the file to letters, digits, '.', '_' or '-' (starting with a letter or "
-                          "digit), or list it under merges: in a config file with a name of your choice")
+                          f"rename the file ({MERGE_NAME_RULE}), or list it under merges: in a config file with a "
+                          "name of your choice")
     return name, {"recipe": path}
 
 
@@ -43,5 +43,5 @@ def merges_to_build(config: Mapping[str, Any]) -> dict[str, dict[str, str]]:
     if not merges:
         merges = {"demo": dict(config["demo"])}
     for name in merges:
-        check_merge_name(name)
+        check_merge_name(name, "config: merges", RecipeError)
     return merges

@@ -18,7 +18,6 @@ from moeforge.io.files import read_text
 from moeforge.io.schema import first_and_more, integral_floats_as_int, package_schema, schema_errors
 from moeforge.io.yaml_doc import parse_yaml
 
-MERGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 PROMPTLESS_GATE_MODES = ("random", "uniform_random")
 DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
@@ -206,10 +205,3 @@ def load_recipe(path: str | Path) -> Recipe:
                           "your config file")
     text = read_text(path, "", RecipeError, "save the recipe as UTF-8 (editors offer it under 'Save with encoding')")
     return parse_recipe(parse_yaml(text, str(path), RecipeError), str(path))
-
-
-def check_merge_name(name: str) -> None:
-    """Merge names become directories under results/: letters, digits, . _ - only."""
-    if not MERGE_NAME.match(name) or name in (".", ".."):
-        raise RecipeError(f"merge name {name!r} is not allowed", "config: merges",
-                          "use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
