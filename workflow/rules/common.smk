@@ -13,23 +13,6 @@ from moeforge.plan.merges import merges_to_build
 from moeforge.plan.published_merge import merge_from_published
 from moeforge.plan.recipe import load_recipe
 from moeforge.plan.table import ROUTERS_SHARD
-from moeforge.scheduler_exit import cancel_rescheduling_timers
-
-# Every job inherits this environment. torch then backs large tensors with transparent huge pages
-# (it reads the variable when imported): the smoke test keeping a 7 GB MoE for generation spent
-# most of its loading time faulting in 4 KiB pages (1B-class MoE: 15.1 s -> 9.8 s, warm cache).
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-
-
-# The workflow is over when these hooks run: end the process now, not when Snakemake's last
-# re-scheduling timer fires (up to 1 s later; see moeforge.scheduler_exit).
-onsuccess:
-    cancel_rescheduling_timers()
-
-
-onerror:
-    cancel_rescheduling_timers()
-
 
 def _load_recipes():
     """Validate every merge's recipe at parse time: bad recipes fail before any job runs."""

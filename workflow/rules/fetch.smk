@@ -55,8 +55,7 @@ rule hash_weights:
         "resources/models/{slug}/benchmarks/hash_weights.tsv"
     # After the shard jobs (priority 1), which write the output, on most disks the slowest part of a
     # build: the writes start at once, and the hashes then read the weights the shards left in the
-    # page cache. A 1B-class build (four experts, 7.3 GB written), measured when shards were still
-    # written with direct I/O at 0.36 GB/s: 29 s in this order, 37-40 s with the hashes first.
+    # page cache.
     priority: 0
     resources:
         mem_mb=500,
