@@ -14,11 +14,13 @@ from moeforge.plan.published_merge import merge_from_published
 from moeforge.plan.recipe import load_recipe
 from moeforge.plan.table import ROUTERS_SHARD
 
+
 def _load_recipes():
     """Validate every merge's recipe at parse time: bad recipes fail before any job runs."""
     try:
-        return {m: REBUILDS[m].recipe if m in REBUILDS else load_recipe(spec["recipe"])
-                for m, spec in MERGE_TABLE.items()}
+        return {
+            m: REBUILDS[m].recipe if m in REBUILDS else load_recipe(spec["recipe"]) for m, spec in MERGE_TABLE.items()
+        }
     except MoeforgeError as exc:
         raise WorkflowError(f"moeforge: {exc}") from None
 
@@ -72,8 +74,9 @@ def weight_records(wildcards):
 
 def plans_using(wildcards):
     """plan.json of every merge that uses this model."""
-    return [f"results/{m}/plan.json" for m, r in RECIPES.items()
-            if wildcards.slug in {slug(ref) for ref in r.source_models}]
+    return [
+        f"results/{m}/plan.json" for m, r in RECIPES.items() if wildcards.slug in {slug(ref) for ref in r.source_models}
+    ]
 
 
 def weight_hashes(wildcards):

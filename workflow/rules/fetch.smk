@@ -6,14 +6,14 @@ rule fetch_metadata:
         local_model_input,
     output:
         directory("resources/models/{slug}/meta"),
-    params:
-        ref=lambda wc: REFS[wc.slug],
     log:
         "logs/fetch_metadata/{slug}.log",
+    localrule: True
     resources:
         mem_mb=1000,
         runtime=30,
-    localrule: True
+    params:
+        ref=lambda wc: REFS[wc.slug],
     script:
         "../scripts/fetch_metadata.py"
 
@@ -35,10 +35,10 @@ rule fetch_weights:
     # The gates and every shard wait for every fetch; one model's hash job (needed only by assembly)
     # does not run before another model's fetch. The base first: the gates need only its weights.
     priority: fetch_weights_priority
+    localrule: True
     resources:
         mem_mb=1000,
         runtime=600,
-    localrule: True
     script:
         "../scripts/fetch_weights.py"
 
