@@ -30,8 +30,8 @@ def generation_dtype(stored: str, stored_bytes: int, requested: str, native_16bi
     dtype natively; else float32 while the float32 copy stays under FLOAT32_SMOKE_LIMIT.
 
     Without native 16-bit arithmetic (CPUs without AVX512-BF16 or AMX: most workstations) torch's
-    bfloat16 product over a few dozen tokens is 5 to 7 times slower than a float32 one; moeforge's own
-    (``cpu_matmul``, float32 copies of a few weight rows at a time) still takes 1.2 times float32's, and
+    bfloat16 product over a few dozen tokens is several times slower than a float32 one; moeforge's own
+    (``cpu_matmul``, float32 copies of a few weight rows at a time) is still slower than float32, and
     a float32 model is the one the comparison's streamed pass keeps, read once. So float32 while it fits.
 
     Called without ``native_16bit`` (at parse time, where the job's device is unknown), the answer is

@@ -9,16 +9,13 @@ exit, without a traceback from library internals.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import errno
-import gc
 import io
 import logging
-import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterator, NoReturn, TextIO
+from typing import Any, Callable, Iterator, TextIO
 
 from moeforge.errors import MoeforgeError
 from moeforge.killed_job import Watcher
@@ -150,29 +147,8 @@ def _watch_for_kill(smk: Any) -> contextlib.AbstractContextManager:
     return Watcher(Path(logs[0]), str(getattr(smk, "rule", "job")), mem_mb)
 
 
-@contextlib.contextmanager
-def job_imports() -> Iterator[None]:
-    """The imports of a job's script, made without the cyclic garbage collector and then exempt from it.
-
-    Importing torch and transformers makes about a million long-lived objects and almost no garbage, yet
-    their allocations set the collector off a dozen times, each pass traversing everything imported so far:
-    0.3-0.5 s of the 3-4 s a torch job spends importing on a 2-core machine, on the critical path of every
-    build. ``gc.freeze`` then keeps those objects out of every later collection, the smoke test's explicit
-    ones included; garbage made afterwards is collected as usual.
-    """
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.freeze()
-        gc.enable()
-
-
 def run(smk: Any, step: Callable[[Any], Any]) -> None:
-    """Run one workflow step with all its output in the rule's log; exit 1 on any failure.
-
-    In the job's own process (the Snakemake script that called it), the process then ends at once.
-    """
+    """Run one workflow step with all its output in the rule's log; exit 1 on any failure."""
     code = 0
     with _output_to_log(getattr(smk, "log", None)), _watch_for_kill(smk):
         try:
@@ -180,21 +156,6 @@ def run(smk: Any, step: Callable[[Any], Any]) -> None:
         except Exception as exc:  # every failure is reported here, so the log shows its cause
             _report(exc, smk)
             code = 1
-    if getattr(sys.modules.get("__main__"), "snakemake", None) is smk:
-        _end_job(code)
     if code:
         sys.exit(code)
 
-
-def _end_job(code: int) -> NoReturn:
-    """End the job's process without the interpreter's teardown.
-
-    Outputs are closed and the log written by now; exit handlers still run. What is skipped is the
-    freeing of every module and object, which after importing torch and transformers took 1.0-1.3 s
-    per job on a 2-core machine, between the job's last write and Snakemake seeing it end: time on
-    the critical path of every build, for nothing.
-    """
-    atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
-        stream.flush()
-    os._exit(code)

@@ -13,29 +13,14 @@ from moeforge.plan.merges import merges_to_build
 from moeforge.plan.published_merge import merge_from_published
 from moeforge.plan.recipe import load_recipe
 from moeforge.plan.table import ROUTERS_SHARD
-from moeforge.scheduler_exit import cancel_rescheduling_timers
-
-# Every job inherits this environment. torch then backs large tensors with transparent huge pages
-# (it reads the variable when imported): the smoke test keeping a 7 GB MoE for generation spent
-# most of its loading time faulting in 4 KiB pages (1B-class MoE: 15.1 s -> 9.8 s, warm cache).
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-
-
-# The workflow is over when these hooks run: end the process now, not when Snakemake's last
-# re-scheduling timer fires (up to 1 s later; see moeforge.scheduler_exit).
-onsuccess:
-    cancel_rescheduling_timers()
-
-
-onerror:
-    cancel_rescheduling_timers()
 
 
 def _load_recipes():
     """Validate every merge's recipe at parse time: bad recipes fail before any job runs."""
     try:
-        return {m: REBUILDS[m].recipe if m in REBUILDS else load_recipe(spec["recipe"])
-                for m, spec in MERGE_TABLE.items()}
+        return {
+            m: REBUILDS[m].recipe if m in REBUILDS else load_recipe(spec["recipe"]) for m, spec in MERGE_TABLE.items()
+        }
     except MoeforgeError as exc:
         raise WorkflowError(f"moeforge: {exc}") from None
 
@@ -89,8 +74,9 @@ def weight_records(wildcards):
 
 def plans_using(wildcards):
     """plan.json of every merge that uses this model."""
-    return [f"results/{m}/plan.json" for m, r in RECIPES.items()
-            if wildcards.slug in {slug(ref) for ref in r.source_models}]
+    return [
+        f"results/{m}/plan.json" for m, r in RECIPES.items() if wildcards.slug in {slug(ref) for ref in r.source_models}
+    ]
 
 
 def weight_hashes(wildcards):

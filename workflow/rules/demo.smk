@@ -8,13 +8,13 @@ rule demo_models:
         code=directory(f"{DEMO_ROOT}/expert_code"),
         math=directory(f"{DEMO_ROOT}/expert_math"),
         cooking=directory(f"{DEMO_ROOT}/expert_cooking"),
-    params:
-        root=lambda wc, output: Path(output.base).parent,
     log:
         "logs/demo_models.log",
+    localrule: True
     resources:
         mem_mb=2000,
         runtime=10,
-    localrule: True
+    params:
+        root=lambda wc, output: Path(output.base).parent,
     script:
         "../scripts/demo_models.py"

@@ -25,11 +25,6 @@ rule evaluate:
             category="{merge}",
             labels={"merge": "{merge}", "figure": "perplexity per domain"},
         ),
-    params:
-        domains=EVAL_DOMAINS,
-        context=lookup(dpath="eval/context", within=config),
-        max_tokens=lookup(dpath="eval/max_tokens", within=config),
-        device=lookup(dpath="eval/device", within=config),
     log:
         "logs/{merge}/eval.log",
     benchmark:
@@ -37,6 +32,11 @@ rule evaluate:
     resources:
         mem_mb=eval_mem_mb,
         runtime=60,
+    params:
+        domains=EVAL_DOMAINS,
+        context=lookup(dpath="eval/context", within=config),
+        max_tokens=lookup(dpath="eval/max_tokens", within=config),
+        device=lookup(dpath="eval/device", within=config),
     script:
         "../scripts/eval.py"
 

@@ -6,14 +6,14 @@ rule fetch_metadata:
         local_model_input,
     output:
         directory("resources/models/{slug}/meta"),
-    params:
-        ref=lambda wc: REFS[wc.slug],
     log:
         "logs/fetch_metadata/{slug}.log",
+    localrule: True
     resources:
         mem_mb=1000,
         runtime=30,
-    localrule: True
+    params:
+        ref=lambda wc: REFS[wc.slug],
     script:
         "../scripts/fetch_metadata.py"
 
@@ -35,10 +35,10 @@ rule fetch_weights:
     # The gates and every shard wait for every fetch; one model's hash job (needed only by assembly)
     # does not run before another model's fetch. The base first: the gates need only its weights.
     priority: fetch_weights_priority
+    localrule: True
     resources:
         mem_mb=1000,
         runtime=600,
-    localrule: True
     script:
         "../scripts/fetch_weights.py"
 
@@ -55,8 +55,7 @@ rule hash_weights:
         "resources/models/{slug}/benchmarks/hash_weights.tsv"
     # After the shard jobs (priority 1), which write the output, on most disks the slowest part of a
     # build: the writes start at once, and the hashes then read the weights the shards left in the
-    # page cache. A 1B-class build (four experts, 7.3 GB written), measured when shards were still
-    # written with direct I/O at 0.36 GB/s: 29 s in this order, 37-40 s with the hashes first.
+    # page cache.
     priority: 0
     resources:
         mem_mb=500,

@@ -23,11 +23,11 @@ rule gates:
     # Wall time and peak memory of every job: what a cluster profile should ask for.
     benchmark:
         "results/{merge}/benchmarks/gates.tsv"
+    # Usually the longest job before assembly: started first, it runs while the shard jobs are written.
+    priority: 10
     # The one compute-bound job: forward passes of the base model, one layer at a time. Several threads
     # only when the forward pass is heavy (many prompts, a large base); else one, beside the shard jobs.
     threads: gates_threads
-    # Usually the longest job before assembly: started first, it runs while the shard jobs are written.
-    priority: 10
     resources:
         mem_mb=layer_mem_mb,
         runtime=120,

@@ -3,8 +3,6 @@
 
 
 rule lock_recipe:
-    wildcard_constraints:
-        merge=one_of(LOCKS),
     input:
         lock=lambda wc: str(LOCKS[wc.merge].ref.path),
         # The recorded local weight files: checked byte for byte (an edit in place reruns the check).
@@ -16,6 +14,8 @@ rule lock_recipe:
         "logs/{merge}/lock_recipe.log",
     benchmark:
         "results/{merge}/benchmarks/lock_recipe.tsv"
+    wildcard_constraints:
+        merge=one_of(LOCKS),
     resources:
         mem_mb=500,
         runtime=120,
@@ -24,8 +24,6 @@ rule lock_recipe:
 
 
 rule reproduce:
-    wildcard_constraints:
-        merge=one_of(LOCKS),
     input:
         lock="results/{merge}/model/moeforge.lock.json",
         recorded=lambda wc: LOCKS[wc.merge].ref.local_files(),
@@ -33,48 +31,48 @@ rule reproduce:
     output:
         json="results/{merge}/reproduce/report.json",
         md="results/{merge}/reproduce/report.md",
-    params:
-        ref=lambda wc: MERGE_TABLE[wc.merge]["lock"],
     log:
         "logs/{merge}/reproduce.log",
     benchmark:
         "results/{merge}/benchmarks/reproduce.tsv"
+    wildcard_constraints:
+        merge=one_of(LOCKS),
+    # A Hub merge's published files are downloaded into the Hugging Face cache, as fetch rules do.
+    localrule: True
     resources:
         mem_mb=reproduce_mem_mb,
         runtime=120,
-    # A Hub merge's published files are downloaded into the Hugging Face cache, as fetch rules do.
-    localrule: True
+    params:
+        ref=lambda wc: MERGE_TABLE[wc.merge]["lock"],
     script:
         "../scripts/reproduce.py"
 
 
 rule published_recipe:
-    wildcard_constraints:
-        merge=one_of(PUBLISHED),
     input:
         # A local published merge's recipe files (an edit in place reruns the rebuild); a Hub commit's do not change.
         published=lambda wc: PUBLISHED[wc.merge].ref.local_files(RECIPE_FILES),
     output:
         recipe="results/{merge}/reproduce/recipe.yaml",
         record="results/{merge}/reproduce/sources.json",
-    params:
-        ref=lambda wc: MERGE_TABLE[wc.merge]["published"],
     log:
         "logs/{merge}/published_recipe.log",
     benchmark:
         "results/{merge}/benchmarks/published_recipe.tsv"
+    wildcard_constraints:
+        merge=one_of(PUBLISHED),
+    # The recipe is read from the Hub repo (or the Hugging Face cache), as fetch rules do.
+    localrule: True
     resources:
         mem_mb=500,
         runtime=120,
-    # The recipe is read from the Hub repo (or the Hugging Face cache), as fetch rules do.
-    localrule: True
+    params:
+        ref=lambda wc: MERGE_TABLE[wc.merge]["published"],
     script:
         "../scripts/published_recipe.py"
 
 
 rule reproduce_published:
-    wildcard_constraints:
-        merge=one_of(PUBLISHED),
     input:
         model="results/{merge}/model/moeforge.lock.json",
         published=lambda wc: PUBLISHED[wc.merge].ref.local_files(),
@@ -83,16 +81,18 @@ rule reproduce_published:
     output:
         json="results/{merge}/reproduce/report.json",
         md="results/{merge}/reproduce/report.md",
-    params:
-        ref=lambda wc: MERGE_TABLE[wc.merge]["published"],
     log:
         "logs/{merge}/reproduce.log",
     benchmark:
         "results/{merge}/benchmarks/reproduce.tsv"
+    wildcard_constraints:
+        merge=one_of(PUBLISHED),
+    # The published weights are downloaded into the Hugging Face cache, as fetch rules do.
+    localrule: True
     resources:
         mem_mb=published_compare_mem_mb,
         runtime=120,
-    # The published weights are downloaded into the Hugging Face cache, as fetch rules do.
-    localrule: True
+    params:
+        ref=lambda wc: MERGE_TABLE[wc.merge]["published"],
     script:
         "../scripts/reproduce_published.py"

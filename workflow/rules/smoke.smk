@@ -23,12 +23,6 @@ rule smoke_test:
             category="{merge}",
             labels={"merge": "{merge}", "figure": "gate similarity"},
         ),
-    params:
-        device=lookup(dpath="smoke/device", within=config),
-        max_new_tokens=lookup(dpath="smoke/max_new_tokens", within=config),
-        dtype=lookup(dpath="smoke/dtype", within=config),
-        # Overrides the memory budget read from the job's cgroup or mem_mb (see moeforge.runtime.memory_budget).
-        memory_gb=lookup(dpath="smoke/memory_gb", within=config, default=None),
     log:
         "logs/{merge}/smoke_test.log",
     # Wall time and peak memory of every job: what a cluster profile should ask for.
@@ -39,5 +33,11 @@ rule smoke_test:
     resources:
         mem_mb=smoke_mem_mb,
         runtime=60,
+    params:
+        device=lookup(dpath="smoke/device", within=config),
+        max_new_tokens=lookup(dpath="smoke/max_new_tokens", within=config),
+        dtype=lookup(dpath="smoke/dtype", within=config),
+        # Overrides the memory budget read from the job's cgroup or mem_mb (see moeforge.runtime.memory_budget).
+        memory_gb=lookup(dpath="smoke/memory_gb", within=config, default=None),
     script:
         "../scripts/smoke_test.py"

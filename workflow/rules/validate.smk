@@ -8,9 +8,6 @@ checkpoint validate:
     output:
         plan="results/{merge}/plan.json",
         tensors="results/{merge}/plan.tensors.tsv",
-    params:
-        refs=lambda wc: {ref: f"resources/models/{slug(ref)}/meta" for ref in RECIPES[wc.merge].source_models},
-        name=merge_title,
     log:
         "logs/{merge}/validate.log",
     # Wall time and peak memory of every job: what a cluster profile should ask for.
@@ -19,6 +16,8 @@ checkpoint validate:
     resources:
         mem_mb=2000,
         runtime=10,
+    params:
+        refs=lambda wc: {ref: f"resources/models/{slug(ref)}/meta" for ref in RECIPES[wc.merge].source_models},
+        name=merge_title,
     script:
         "../scripts/validate.py"
-

@@ -5,14 +5,14 @@
 rule verify:
     input:
         locks=lambda wc: [f"{path}/moeforge.lock.json" for path in VERIFY.values()],
+    log:
+        "logs/verify.log",
+    localrule: True
     params:
         models=lambda wc: VERIFY,
         device=lookup(dpath="smoke/device", within=config),
         max_new_tokens=lookup(dpath="smoke/max_new_tokens", within=config),
         dtype=lookup(dpath="smoke/dtype", within=config),
         memory_gb=lookup(dpath="smoke/memory_gb", within=config, default=None),
-    log:
-        "logs/verify.log",
-    localrule: True
     script:
         "../scripts/verify.py"

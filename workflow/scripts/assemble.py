@@ -1,10 +1,8 @@
 """The Hub-ready model directory."""
 from pathlib import Path
 
-from moeforge.runner import job_imports, run
-
-with job_imports():
-    from moeforge.build.assemble import assemble
+from moeforge.build.assemble import assemble
+from moeforge.runner import run
 
 run(snakemake, lambda s: assemble(Path(s.input.plan), [Path(p) for p in s.input.shards],  # noqa: F821
                                   [Path(p).read_text().strip() for p in s.input.digests],

@@ -1,10 +1,8 @@
 """Per-domain perplexity of base, experts, MoE and oracle, routing shares: report and figure."""
 from pathlib import Path
 
-from moeforge.runner import job_imports, run
-
-with job_imports():
-    from moeforge.check.evaluate import EvalOptions, eval_stage
+from moeforge.check.evaluate import EvalOptions, eval_stage
+from moeforge.runner import run
 
 
 def main(s):

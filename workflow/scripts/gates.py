@@ -1,19 +1,18 @@
 """The plan against the installed transformers class, the router matrices of every layer, the routers shard.
 
 One job for the first two: each needs torch and transformers' model classes, whose import costs more
-than the work itself on a small model. The check runs first, so a planning fault fails within seconds.
+than the work itself on a small model. The check runs first, so a planning fault fails before any
+router is computed.
 The routers shard is the one shard that reads the gates alone; written here, assembly needs no job
 between the gates and itself.
 """
 from pathlib import Path
 
-from moeforge.runner import job_imports, run
-
-with job_imports():
-    from moeforge.build.shards import shard_step
-    from moeforge.gates.compute import gates_for_plan
-    from moeforge.plan.class_check import class_check
-    from moeforge.plan.table import ROUTERS_SHARD
+from moeforge.build.shards import shard_step
+from moeforge.gates.compute import gates_for_plan
+from moeforge.plan.class_check import class_check
+from moeforge.plan.table import ROUTERS_SHARD
+from moeforge.runner import run
 
 
 def _step(s) -> None:

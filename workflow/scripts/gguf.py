@@ -1,10 +1,8 @@
 """Convert the checked model to GGUF with llama.cpp's converter and compare it with transformers."""
 from pathlib import Path
 
-from moeforge.runner import job_imports, run
-
-with job_imports():
-    from moeforge.check.gguf import gguf_stage
+from moeforge.check.gguf import gguf_stage
+from moeforge.runner import run
 
 
 def main(s):

@@ -1,10 +1,8 @@
 """Compare a rebuilt `lock:` merge with the recorded one: each file, and each tensor of a differing one."""
 from pathlib import Path
 
-from moeforge.runner import job_imports, run
-
-with job_imports():
-    from moeforge.check.reproduce import reproduce
+from moeforge.check.reproduce import reproduce
+from moeforge.runner import run
 
 run(snakemake, lambda s: reproduce(s.wildcards.merge, s.params.ref, Path(s.input.lock).parent,  # noqa: F821
                                    Path(s.output.json), Path(s.output.md)))

@@ -1,10 +1,8 @@
 """Execute the plan rows of one shard (the globals or a run of layers; the gates job writes the routers')."""
 from pathlib import Path
 
-from moeforge.runner import job_imports, run
-
-with job_imports():
-    from moeforge.build.shards import shard_step
+from moeforge.build.shards import shard_step
+from moeforge.runner import run
 
 run(snakemake, lambda s: shard_step(Path(s.input.tensors), s.wildcards.shard,  # noqa: F821
                                     [Path(p) for p in s.input.weights], None,

@@ -1,10 +1,8 @@
 """Strict load, generation, comparison with the base, routing statistics, plots."""
 from pathlib import Path
 
-from moeforge.runner import job_imports, run
-
-with job_imports():
-    from moeforge.check.smoke_stage import smoke_stage
+from moeforge.check.smoke_stage import smoke_stage
+from moeforge.runner import run
 
 
 def main(s):

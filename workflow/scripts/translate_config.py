@@ -1,10 +1,8 @@
 """config.json, generation_config.json and translation.json for the output family."""
 from pathlib import Path
 
-from moeforge.runner import job_imports, run
-
-with job_imports():
-    from moeforge.plan.translate import translate
+from moeforge.plan.translate import translate
+from moeforge.runner import run
 
 run(snakemake, lambda s: translate(Path(s.input.plan), Path(s.input.base_meta),  # noqa: F821
                                    Path(s.output.config).parent))

@@ -1,10 +1,8 @@
 """Pre-flight validation: plan.json and plan.tensors.tsv, from metadata only."""
 from pathlib import Path
 
-from moeforge.runner import job_imports, run
-
-with job_imports():
-    from moeforge.plan.validate import validate_merge
+from moeforge.plan.validate import validate_merge
+from moeforge.runner import run
 
 
 def main(s):

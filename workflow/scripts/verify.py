@@ -1,10 +1,8 @@
 """Verify every model directory named for verification: lock hashes, then the smoke test."""
 from pathlib import Path
 
-from moeforge.runner import job_imports, run
-
-with job_imports():
-    from moeforge.check.verify import verify_model
+from moeforge.check.verify import verify_model
+from moeforge.runner import run
 
 
 def main(s):

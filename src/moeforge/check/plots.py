@@ -64,7 +64,7 @@ def plot_gate_similarity(gates_json: dict[str, Any], out_png: Path) -> None:
 
     Rows that are nearly parallel mean the router cannot tell those experts apart, which is the
     usual cause of one expert taking all the traffic. The tiles are laid out in one image on one
-    axes: a panel per layer (30-80 of them in real models) cost seconds of layout and drawing.
+    axes: a panel per layer (30-80 of them in real models) made layout and drawing the slow part.
     """
     layers = _gate_layers(gates_json)
     experts = len(layers[0]["cosine"])

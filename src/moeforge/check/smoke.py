@@ -82,8 +82,7 @@ _log = logging.getLogger("moeforge")
 LOW_PRECISION_IDENTITY = 0.05
 #: The dtype every comparison and routing figure is computed in, one layer at a time: exact enough for
 #: the identity check at any model size, the same on every device, and on CPUs without 16-bit
-#: arithmetic five times faster than bfloat16 over a few dozen tokens (a 1B-class MoE's streamed pass,
-#: loading included: 35 s -> 20 s).
+#: arithmetic several times faster than bfloat16 over a few dozen tokens.
 COMPARISON_DTYPE = "float32"
 _CONFIG_KEYS = (
     "architectures", "model_type", "dtype", "torch_dtype", "vocab_size", "hidden_size",
@@ -290,7 +289,7 @@ def _run_model(model_dir: Path, ids: list[torch.Tensor], prompts: int, opts: Smo
         return measured, generate_all(model, *generation, name=str(model_dir))
     finally:
         del model
-        if alive() is not None:  # held by a reference cycle: a full collection (0.2 s or more) frees it
+        if alive() is not None:  # held by a reference cycle: a full collection frees it
             gc.collect()
         release_freed_memory()
 

@@ -28,7 +28,7 @@ from moeforge.io.domains import DOMAINS, domain_text
 
 @dataclass(frozen=True)
 class TrainingPlan:
-    """How long and how hard to train; the defaults take about 25 s on one core.
+    """How long and how hard to train; the defaults are sized for one CPU core.
 
     ``seq_len`` counts the bos token each training sequence starts with, as each evaluation window
     does. Pre-training uses ``pretrain_steps`` batches drawn from every domain; each expert then

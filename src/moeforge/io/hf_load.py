@@ -32,8 +32,9 @@ def stdin_closed() -> Iterator[None]:
 def _tokenizer_class(directory: Path, generic: bool) -> Any:
     """AutoTokenizer, or for a directory with a tokenizer.json, when asked, the generic fast class.
 
-    AutoTokenizer imports the model-specific tokenizer classes and with them torch (about 2 s); the
-    generic class reads the same tokenizer.json, so it counts the same tokens.
+    AutoTokenizer imports the model-specific tokenizer classes and with them torch, which a job that
+    only counts tokens does not use; the generic class reads the same tokenizer.json, so it counts the
+    same tokens.
     """
     if generic and (Path(directory) / "tokenizer.json").is_file():
         from transformers import PreTrainedTokenizerFast

@@ -3,14 +3,13 @@
 Why: a shard is written once and not read again until the smoke test. Left in the page cache, its
 gigabytes of dirty pages are written back late, in a burst the final fsync waits for, and their
 reclaim crowds out the source weights that the other shard jobs are reading. Direct I/O
-(``O_DIRECT``) avoids the cache, but each write then waits for the disk one at a time: a 1B-class
-shard (0.85 GB) took 1.6-1.9 s to reach the disk that way. Here every buffer is written through the
+(``O_DIRECT``) avoids the cache, but each write then waits for the disk one at a time, a shallow
+queue that leaves the disk idle between writes. Here every buffer is written through the
 page cache, its writeback is started at once (``POSIX_FADV_DONTNEED`` on dirty pages starts it without
 waiting), and the pages written a few buffers earlier, clean by then, are dropped: the disk gets
-deep queues of sequential writes, the cache holds at most a few buffers of output, and the same
-shard took 1.0-1.1 s, 0.3-0.4 s of CPU for the copies (the I/O floor's single buffered write runs at
-the same disk speed). Every byte passes these buffers in file order, so the caller hashes and scans
-the bytes it writes in the same pass instead of reading the file back.
+deep queues of sequential writes at the speed of one buffered write of the whole file, and the
+cache holds at most a few buffers of output. Every byte passes these buffers in file order, so the
+caller hashes and scans the bytes it writes in the same pass instead of reading the file back.
 
 Two buffers take turns: while one is hashed and written on a background thread (``hashlib`` and
 ``os.write`` release the GIL), the job reads and scans the next bytes into the other. Durability is

@@ -1,7 +1,7 @@
 """What decides the gates, and its validation: no torch here.
 
-The validate step checks the gate settings before anything is fetched; importing the gate
-computation (torch) for that would cost every build a second of start-up.
+The validate step checks the gate settings before anything is fetched; it needs the settings,
+not the gate computation (torch) behind them.
 """
 
 from __future__ import annotations

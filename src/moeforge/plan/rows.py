@@ -26,10 +26,9 @@ from moeforge.plan.templates import OutputFamily
 ZERO_SHARED_INTERMEDIATE = 128
 
 #: Consecutive decoder layers share a shard (one job, one output file) while it stays under this
-#: size. Each job costs an interpreter start and the scheduler's bookkeeping (about 0.7 s), which
-#: dominated builds of small models when every layer was its own job (a 1B-class merge is 9 jobs at
-#: this size instead of 18 at 256 MiB); a 7B-class layer (about 1.4 GB with four experts) is still
-#: one job, so large merges keep their parallelism.
+#: size. Each job costs an interpreter start and the scheduler's bookkeeping (on a cluster, a queue
+#: wait too), which dominated builds of small models when every layer was its own job; a 7B-class
+#: layer (about 1.4 GB with four experts) is still one job, so large merges keep their parallelism.
 SHARD_TARGET_BYTES = 1 << 30
 
 _OP = r"(cast|zeros|scale:[-0-9.e+]+|noise:[0-9.e+-]+@\d+)"
