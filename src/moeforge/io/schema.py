@@ -20,7 +20,6 @@ if TYPE_CHECKING:
     import jsonschema
 
 
-
 @functools.cache
 def package_schema(name: str) -> dict[str, Any]:
     """moeforge's own ``schemas/NAME.schema.yaml``, parsed once per process (callers only read it):
