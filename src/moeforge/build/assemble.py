@@ -18,6 +18,7 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
+from moeforge.build.markdown import cell, code, fenced
 from moeforge.io.fetch import TOKENIZER_FILES
 from moeforge.io.files import (
     atomic_dir,
@@ -111,7 +112,8 @@ def _card_lock(merge: str, sources: Mapping[str, Any], names: Mapping[str, str])
              "| source | roles | revision | weight files |", "|---|---|---|---|"]
     for src in sources.values():
         revision = f"`{src['resolved_revision']}`" if src["kind"] == "hub" else "local (sha256 in the lock)"
-        lines.append(f"| `{names[src['ref']]}` | {', '.join(src['roles'])} | {revision} | {len(src['files'])} |")
+        lines.append(f"| {code(names[src['ref']], in_table=True)} | {cell(', '.join(src['roles']))} | {revision} | "
+                     f"{len(src['files'])} |")
     return lines + [""]
 
 
@@ -130,18 +132,24 @@ def model_card(plan: Mapping[str, Any], translation: Mapping[str, Any], sources:
              f"# {plan['merge']}", "",
              f"A {plan['output_family']} Mixture-of-Experts model with {plan['num_experts']} experts "
              f"({recipe['experts_per_token']} active per token), built with moeforge from "
-             f"`{recipe['base_model']}` (attention, norms, embeddings) and the MLPs of the experts below.", "",
+             f"{code(recipe['base_model'])} (attention, norms, embeddings) and the MLPs of the experts below.", "",
              "## Experts", "", "| # | name | source | positive prompts | negative prompts |", "|---|---|---|---|---|"]
     for i, e in enumerate(recipe["experts"]):
-        lines.append(f"| {i} | {e['name']} | `{e['source_model']}` | {'; '.join(e['positive_prompts'])} | "
-                     f"{'; '.join(e['negative_prompts'])} |")
+        lines.append(f"| {i} | {cell(e['name'])} | {code(e['source_model'], in_table=True)} | "
+                     f"{_prompts_cell(e['positive_prompts'])} | {_prompts_cell(e['negative_prompts'])} |")
     lines += ["", "## Routing", "", f"Gate mode: `{recipe['gate_mode']}`, seed {recipe['seed']}.", "",
               "## Config translation", ""]
     for d in translation["decisions"]:
-        lines.append(f"- `{d['field']}` = `{json.dumps(d['value'])}`: {d['why']}")
-    lines += ["", "## Recipe", "", "```yaml", yaml.safe_dump(recipe, sort_keys=False).rstrip(), "```", ""]
+        lines.append(f"- {code(d['field'])} = {code(json.dumps(d['value']))}: {d['why']}")
+    lines += ["", "## Recipe", "", *fenced(yaml.safe_dump(recipe, sort_keys=False, allow_unicode=True).rstrip(), "yaml"),
+              ""]
     lines += _card_lock(plan["merge"], sources, names)
     return "\n".join(lines)
+
+
+def _prompts_cell(prompts: Sequence[str]) -> str:
+    """An expert's prompts in one table cell, each kept whole (multi-line prompts stay in their row)."""
+    return "; ".join(cell(p) for p in prompts)
 
 
 def _sources_lock(plan: Mapping[str, Any], hashes: Sequence[Path]) -> dict[str, Any]:
