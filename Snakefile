@@ -6,9 +6,11 @@
 #                                                          or published: a published merge to rebuild)
 # Targets go before --configfile/--config, which take several values.
 import os
+import sys
 
 from snakemake.utils import min_version, validate
 
+from moeforge.check.summary import run_summary
 from moeforge.errors import MoeforgeError
 from moeforge.plan.workflow_config import checked_config
 
@@ -40,6 +42,15 @@ include: "workflow/rules/gguf.smk"
 include: "workflow/rules/verify.smk"
 include: "workflow/rules/reproduce.smk"
 include: "workflow/rules/eval.smk"
+
+
+# At the end of every run: where each merge's model and reports are, and one line per check.
+onsuccess:
+    print(run_summary(MERGES), file=sys.stderr)
+
+
+onerror:
+    print(run_summary(MERGES), file=sys.stderr)
 
 
 rule all:

@@ -1,0 +1,40 @@
+"""The end-of-run summary: each merge's model and one line per check, read from the reports on disk."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from moeforge.check.summary import run_summary
+
+
+def write(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data))
+
+
+def test_the_summary_names_the_model_and_each_checks_verdict(tmp_path):
+    results = tmp_path / "results"
+    (results / "good" / "model").mkdir(parents=True)
+    (results / "good" / "model" / "moeforge.lock.json").write_text("{}")
+    write(results / "good" / "smoke" / "report.json", {"passed": True})
+    write(results / "good" / "eval" / "report.json",
+          {"oracle": {"code": {"moe_ratio": 1.04}, "math": {"moe_ratio": 1.21}, "cooking": {"moe_ratio": 0.99}}})
+    write(results / "good" / "reproduce" / "report.json", {"verdict": "identical"})
+    write(results / "bad" / "smoke" / "report.json", {"passed": False, "errors": ["generation is empty"]})
+    text = run_summary(["good", "bad"], results)
+    lines = text.splitlines()
+    assert lines[1] == "good:" and lines[2].split() == ["model", f"{results}/good/model/"]
+    assert "smoke test  passed" in lines[3] and lines[3].endswith(f"[{results}/good/smoke/report.md]")
+    assert "worst domain math: MoE perplexity 1.210x the best dense expert's (3 domain(s))" in lines[4]
+    assert "reproduce   identical" in lines[5]
+    assert lines[6:] == ["bad:", "  model       not built (or not published: it did not pass its checks)",
+                         f"  smoke test  FAILED: generation is empty  [{results}/bad/smoke/report.md]"]
+
+
+def test_a_damaged_report_does_not_break_the_summary(tmp_path):
+    results = tmp_path / "results"
+    (results / "m" / "smoke").mkdir(parents=True)
+    (results / "m" / "smoke" / "report.json").write_text("[not json")
+    assert run_summary(["m"], results).splitlines()[2:] == [
+        "  model       not built (or not published: it did not pass its checks)"]
