@@ -134,6 +134,24 @@ def test_merge_names_snakemake_takes_are_accepted(name):
     check_merge_name(name, "config: merges", RecipeError)
 
 
+@pytest.mark.parametrize("architecture", ["deepseek", "llama", "", "mixtral-8x7b"])
+def test_an_architecture_no_output_has_is_refused_when_the_recipe_is_read(architecture):
+    """Before any metadata is fetched: the recipe alone decides it names nothing moeforge builds."""
+    with pytest.raises(RecipeError) as info:
+        parse_recipe({"base_model": "a/b", "gate_mode": "random", "architecture": architecture,
+                      "experts": [{"source_model": "x/m"}, {"source_model": "y/m"}]}, "r.yaml")
+    assert str(info.value) == (
+        f"r.yaml: architecture: architecture {architecture!r} names no supported output architecture -> use one "
+        "of: mixtral (Mixtral); qwen2_moe (qwen, qwen2, Qwen MoE); qwen3_moe (qwen3, Qwen3 MoE), or a prefix of "
+        "one, in any case")
+
+
+@pytest.mark.parametrize("architecture", ["Mixtral", "mix", "Qwen MoE", "qwen2_moe", "QWEN3"])
+def test_architectures_as_mergekit_moe_writes_them_are_read(architecture):
+    parse_recipe({"base_model": "a/b", "gate_mode": "random", "architecture": architecture,
+                  "experts": [{"source_model": "x/m"}, {"source_model": "y/m"}]}, "r.yaml")
+
+
 def test_expert_names_are_unique():
     recipe = parse_recipe({"base_model": "a/b", "gate_mode": "random",
                            "experts": [{"source_model": "x/m"}, {"source_model": "y/m"}]})

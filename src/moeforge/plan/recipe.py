@@ -17,6 +17,7 @@ from moeforge.errors import RecipeError
 from moeforge.io.files import read_text
 from moeforge.io.schema import first_and_more, integral_floats_as_int, package_schema, schema_errors
 from moeforge.io.yaml_doc import parse_yaml
+from moeforge.plan.templates import output_candidates
 
 PROMPTLESS_GATE_MODES = ("random", "uniform_random")
 DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -181,6 +182,8 @@ def check_recipe(recipe: Recipe, source: str) -> None:
                 "add positive_prompts to every expert, or use gate_mode random / uniform_random")
     if recipe.gate_mode not in PROMPTLESS_GATE_MODES:
         _check_distinct_prompts(recipe, source)
+    if recipe.architecture is not None:
+        output_candidates(recipe.architecture, f"{source}: architecture")
     if recipe.token_reduction != "last" and recipe.gate_mode != "router_input":
         raise RecipeError(f"token_reduction only applies to gate_mode router_input, not {recipe.gate_mode!r}",
                           f"{source}: token_reduction", "remove token_reduction or use gate_mode router_input")

@@ -153,7 +153,7 @@ def check_against_base(base: Source, other: Source, role: str, recipe: Recipe, c
 
 
 def output_family(recipe: Recipe, base: Source) -> OutputFamily:
-    return arch.output_family_for(recipe.architecture or base.family.default_output)
+    return arch.choose_output(recipe.architecture, base.family)
 
 
 def check_representable(base: Source, experts: list[Source], out: OutputFamily) -> None:

@@ -23,7 +23,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from moeforge.errors import ModelError, TemplateError
+from moeforge.errors import ModelError, RecipeError, TemplateError
 from moeforge.io.schema import closest, did_you_mean, package_schema, schema_errors
 from moeforge.io.yaml_doc import YAML_LOADER
 
@@ -111,6 +111,11 @@ class OutputFamily:
     in_memory_5x: tuple[FusedLayout, ...]
     #: Where its window applies (``window_layers`` in schemas/architecture.schema.yaml).
     window_layers: str = "all"
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Every name a recipe's ``architecture`` may give it (a prefix of any, in any case)."""
+        return (self.name, *self.aliases)
 
     def layer_name(self, layer: int, name: str, expert: int | None = None) -> str:
         full = self.layer_prefix.format(layer=layer) + name
@@ -293,14 +298,34 @@ def input_family_for(model_type: str, where: str) -> InputFamily:
 
 
 def output_family_for(name: str) -> OutputFamily:
-    """Resolve a recipe's ``architecture`` (a name, an alias or an alias prefix) to a family."""
+    """The output family of this exact name (as plan.json records it)."""
     _, outputs = load_all()
-    for family in outputs.values():
-        if name == family.name or name in family.aliases:
-            return family
-    matches = [f for f in outputs.values() if any(a.startswith(name) for a in f.aliases)]
-    if len(matches) == 1:
-        return matches[0]
-    names = sorted(a for f in outputs.values() for a in (f.name, *f.aliases))
-    raise TemplateError(f"architecture {name!r} is not supported", "recipe: architecture",
-                        f"use one of: {', '.join(dict.fromkeys(names))}")
+    if name not in outputs:
+        raise TemplateError(f"no output architecture template named {name!r}", "architectures/",
+                            f"use one of: {', '.join(outputs)}")
+    return outputs[name]
+
+
+def output_candidates(architecture: str, where: str = "recipe: architecture") -> tuple[OutputFamily, ...]:
+    """The output families a recipe's ``architecture`` names, read as mergekit-moe reads it: a case-insensitive
+    prefix of any of a family's names (its aliases hold mergekit-moe's own, "Mixtral", "Qwen MoE", "Qwen3 MoE"),
+    in mergekit-moe's order (the templates' file order). ``qwen`` names both Qwen MoE families; the base decides.
+    """
+    _, outputs = load_all()
+    wanted = architecture.strip().lower()
+    found = tuple(f for f in outputs.values() if wanted and any(n.lower().startswith(wanted) for n in f.names))
+    if not found:
+        names = [f"{f.name} ({', '.join(a for a in f.aliases if a != f.name)})" for f in outputs.values()]
+        raise RecipeError(f"architecture {architecture!r} names no supported output architecture", where,
+                          f"use one of: {'; '.join(names)}, or a prefix of one, in any case")
+    return found
+
+
+def choose_output(architecture: str | None, base: InputFamily) -> OutputFamily:
+    """The output family of a merge: the base's default unless the recipe names one; of the families the recipe's
+    ``architecture`` names, the base's default if it is among them, else the first (as mergekit-moe picks the
+    first that supports the base)."""
+    if not architecture:
+        return output_family_for(base.default_output)
+    candidates = output_candidates(architecture)
+    return next((f for f in candidates if f.name == base.default_output), candidates[0])
