@@ -77,6 +77,12 @@ def test_a_bare_run_builds_the_demo(wd):
     assert "demo_models" in dry_run(wd) and "results/demo/" in dry_run(wd)
 
 
+def test_the_demo_runs_in_any_working_directory(tmp_path):
+    """Its recipe ships with the workflow: an empty working directory (-d) plans the whole demo."""
+    out = dry_run(tmp_path)
+    assert "demo_models" in out and "results/demo/" in out
+
+
 def test_merge_table_rules():
     demo = {"demo": {"recipe": "config/recipes/demo.yaml"}}
     assert merges_to_build({"merges": {}, "demo": demo["demo"]}) == demo

@@ -26,7 +26,7 @@ def _load_recipes():
 
 
 try:
-    MERGE_TABLE = merges_to_build(config)
+    MERGE_TABLE = merges_to_build(config, Path(workflow.basedir))
     # `lock:` merges: the lock read and checked now; its pinned recipe is written by the lock_recipe rule.
     LOCKS = {m: merge_from_lock(spec["lock"]) for m, spec in MERGE_TABLE.items() if "lock" in spec}
     # `published:` merges: the recipe found in the repo now; the published_recipe rule writes it out.

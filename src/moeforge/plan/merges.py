@@ -25,9 +25,13 @@ def merge_from_recipe_path(path: str) -> tuple[str, dict[str, str]]:
     return name, {"recipe": path}
 
 
-def merges_to_build(config: Mapping[str, Any]) -> dict[str, dict[str, str]]:
+def merges_to_build(config: Mapping[str, Any], workflow_dir: Path = Path(".")) -> dict[str, dict[str, str]]:
     """The user's merges (``merges:``, each a ``recipe:``, a ``lock:`` or a ``published:``, plus ``recipe=``), or
-    the demo when the user names none and no model to ``verify:`` either."""
+    the demo when the user names none and no model to ``verify:`` either.
+
+    The demo's recipe ships with the workflow: its path is relative to ``workflow_dir``, so the demo runs in
+    any working directory (``-d``), its models built there.
+    """
     merges = dict(config.get("merges") or {})
     if config.get("recipe"):
         name, spec = merge_from_recipe_path(config["recipe"])
@@ -41,7 +45,9 @@ def merges_to_build(config: Mapping[str, Any]) -> dict[str, dict[str, str]]:
         raise RecipeError("no merges to build", "config",
                           "give one recipe with --config recipe=path/to/name.yaml, or merges: in a config file")
     if not merges:
-        merges = {"demo": dict(config["demo"])}
+        demo = dict(config["demo"])
+        demo["recipe"] = str(Path(workflow_dir) / demo["recipe"])
+        merges = {"demo": demo}
     for name in merges:
         check_merge_name(name, "config: merges", RecipeError)
     return merges
