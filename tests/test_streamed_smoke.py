@@ -17,7 +17,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from moeforge.check import generation, smoke
+from moeforge.check import smoke
 from moeforge.check.report import render_markdown
 from moeforge.check.smoke import (
     SmokeOptions,
@@ -29,7 +29,7 @@ from moeforge.check.smoke import (
 )
 from moeforge.check.verify import verify_model
 from moeforge.demo.tiny_models import build_dense_model
-from moeforge.gates import layerwise
+from moeforge.runtime import generation, layerwise
 from moeforge.runtime.cpu_matmul import computes_natively, cpu_matmul
 from moeforge.runtime.generation import Generation, over_budget
 from moeforge.runtime.layerwise import stream_logits

@@ -22,6 +22,8 @@ from moeforge.errors import BuildError
 from moeforge.io.files import atomic_path
 
 _ANNOTATE_MAX_CELLS = 256
+#: Perplexities within this ratio of each other on every domain make a flat chart, and the title says why.
+FLAT_SPREAD = 1.02
 _MAX_PANELS_PER_ROW = 8
 
 
@@ -86,9 +88,12 @@ def plot_gate_similarity(gates_json: dict[str, Any], out_png: Path) -> None:
                     ha="center", va="center", fontsize=7)
         ax.set_axis_off()
         names = gates_json.get("experts") or []
-        legend = textwrap.fill(", ".join(f"{i}: {name}" for i, name in enumerate(names)), width=28 * cols)
-        fig.suptitle("gate cosine similarity (each tile: experts x experts, in router order)"
-                     + (f"\n{legend}" if legend else ""), fontsize=8)
+        # Wrapped to the figure's width (about 13 characters an inch at 8 points): a narrow figure of few
+        # layers clipped a one-line title.
+        width = max(24, int(13 * (tile * cols + 1.6)))
+        title = textwrap.fill("gate cosine similarity (each tile: experts x experts, in router order)", width)
+        legend = textwrap.fill(", ".join(f"{i}: {name}" for i, name in enumerate(names)), width)
+        fig.suptitle(title + (f"\n{legend}" if legend else ""), fontsize=8)
         fig.colorbar(image, ax=ax, shrink=0.8, label="cosine")
         _save(fig, Path(out_png))
 
@@ -128,16 +133,23 @@ def plot_evaluation(report: dict[str, Any], out_png: Path) -> None:
     the heatmap shows why: which expert each domain's tokens go to.
     """
     domains = list(report["domains"])
-    models = list(report["perplexity"])
+    bars = {model: [report["perplexity"][model][d] or math.nan for d in domains] for model in report["perplexity"]}
+    # The oracle (each domain's best dense expert) is the bar the MoE should reach.
+    bars["oracle (best expert)"] = [report["oracle"][d]["perplexity"] or math.nan for d in domains]
     routed = all(report["routing"].values())
     with style.context("default"):
-        fig = Figure(figsize=(4 + 1.2 * len(domains) + (3 if routed else 0), 3.4), layout="constrained")
+        fig = Figure(figsize=(4 + 1.2 * len(domains) + (3 if routed else 0), 3.8), layout="constrained")
         axes = fig.subplots(1, 2 if routed else 1, squeeze=False, width_ratios=[2, 1] if routed else None)[0]
-        width = 0.8 / len(models)
-        for m, model in enumerate(models):
-            values = [report["perplexity"][model][d] or math.nan for d in domains]
-            axes[0].bar([i + (m - (len(models) - 1) / 2) * width for i in range(len(domains))], values, width,
-                        label=model)
+        width = 0.8 / len(bars)
+        for m, (model, values) in enumerate(bars.items()):
+            oracle = m == len(bars) - 1
+            axes[0].bar([i + (m - (len(bars) - 1) / 2) * width for i in range(len(domains))], values, width,
+                        label=model, **({"color": "white", "edgecolor": "black", "hatch": "//"} if oracle else {}))
+        oracle_x = (len(bars) - 1) / 2 * width
+        for i, (d, value) in enumerate(zip(domains, bars["oracle (best expert)"])):
+            axes[0].annotate(report["oracle"][d]["expert"], (i + oracle_x, value), textcoords="offset points",
+                             xytext=(0, 2), ha="center", va="bottom", fontsize=6, rotation=90)
+        fig.suptitle(_evaluation_title(report, domains), fontsize=9)
         axes[0].set_xticks(range(len(domains)), domains)
         axes[0].set_yscale("log")
         axes[0].yaxis.set_major_formatter(ScalarFormatter())
@@ -158,3 +170,18 @@ def plot_evaluation(report: dict[str, Any], out_png: Path) -> None:
                                  color="white" if value < 0.5 else "black")
             fig.colorbar(image, ax=axes[1], label="share")
         _save(fig, Path(out_png))
+
+
+def _evaluation_title(report: dict[str, Any], domains: list[str]) -> str:
+    """The figure's verdict: the worst domain's MoE/oracle ratio; and why the bars look flat, when they do."""
+    ratios = {d: report["oracle"][d]["moe_ratio"] for d in domains if report["oracle"][d].get("moe_ratio")}
+    title = f"{report.get('merge', 'MoE')}: held-out perplexity per domain"
+    if ratios:
+        worst = max(ratios, key=ratios.__getitem__)
+        title += f"; worst MoE / oracle {ratios[worst]:.3f} ({worst})"
+    spreads = [max(v) / min(v) for d in domains
+               if len(v := [row[d] for row in report["perplexity"].values() if row[d]]) > 1]
+    if spreads and max(spreads) < FLAT_SPREAD:
+        title += (f"\nevery model is within {100 * (FLAT_SPREAD - 1):.0f}% of the others on every domain: the "
+                  "experts barely differ here, so the bars look flat")
+    return title
