@@ -160,25 +160,21 @@ class _PromptTable:
 
 
 def _prompt_table(tokenizer, recipe: Recipe) -> _PromptTable:
+    """Every prompt has a token: validation checked them with this tokenizer (moeforge.plan.prompts)."""
     index: dict[str, int] = {}
     token_ids: list[list[int]] = []
 
-    def lookup(prompt: str, where: str) -> int:
+    def lookup(prompt: str) -> int:
         text = render_prompt(tokenizer, prompt, recipe.prompt_template)
         if text not in index:
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-            if not ids:
-                raise RecipeError(
-                    f"prompt {prompt!r} has no tokens", where=where, fix="remove the empty prompt"
-                )
             index[text] = len(token_ids)
-            token_ids.append(list(ids))
+            token_ids.append(list(tokenizer(text, add_special_tokens=False)["input_ids"]))
         return index[text]
 
     positive, negative = [], []
-    for where, group in recipe.gate_groups():
-        positive.append([lookup(p, where + " positive_prompts") for p in group.positive_prompts])
-        negative.append([lookup(p, where + " negative_prompts") for p in group.negative_prompts])
+    for group in recipe.gate_groups():
+        positive.append([lookup(p) for p in group.positive_prompts])
+        negative.append([lookup(p) for p in group.negative_prompts])
     return _PromptTable(token_ids, positive, negative)
 
 
@@ -368,7 +364,7 @@ def _stats(recipe: Recipe, result: _Result, num_layers: int, hidden_size: int) -
         "num_layers": num_layers,
         "hidden_size": hidden_size,
         "experts": [e.name for e in recipe.experts],
-        "shared_experts": [group.name for _, group in recipe.gate_groups()[len(recipe.experts):]],
+        "shared_experts": [group.name for group in recipe.gate_groups()[len(recipe.experts):]],
         "prompts": result.prompt_info,
         "degenerate_cosine": DEGENERATE_COSINE,
         "degenerate": _degenerate(layers, recipe),

@@ -96,12 +96,10 @@ class Recipe:
                           positive_prompts=tuple(p for e in self.shared_experts for p in e.positive_prompts),
                           negative_prompts=tuple(p for e in self.shared_experts for p in e.negative_prompts))
 
-    def gate_groups(self) -> list[tuple[str, ExpertSpec]]:
-        """The gate's rows in order: routed experts, then the fused shared group; each with its recipe location
-        for messages."""
-        groups = [(f"experts[{i}] ({e.name})", e) for i, e in enumerate(self.experts)]
+    def gate_groups(self) -> tuple[ExpertSpec, ...]:
+        """The gate's rows in order: the routed experts, then the fused shared group (when it has a gate)."""
         shared = self.shared_gate_group()
-        return groups + ([(f"shared_experts ({shared.name})", shared)] if shared else [])
+        return self.experts + ((shared,) if shared else ())
 
 
 def _as_lists(value: Any) -> Any:
