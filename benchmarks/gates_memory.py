@@ -37,9 +37,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 tokenizer = AutoTokenizer.from_pretrained(BASE)
 """,
     "compute_gates": """
-from moeforge.gates.compute import ExpertPrompts, GateSpec, compute_gates
-experts = tuple(ExpertPrompts(name, tuple(prompts)) for name, prompts in PROMPTS.items())
-tensors, stats = compute_gates(BASE, GateSpec("hidden", experts), progress=False)
+from moeforge.gates.compute import compute_gates
+from moeforge.plan.recipe import parse_recipe
+recipe = parse_recipe({"base_model": BASE, "gate_mode": "hidden", "experts": [
+    {"source_model": BASE, "name": name, "positive_prompts": prompts} for name, prompts in PROMPTS.items()]})
+tensors, stats = compute_gates(BASE, recipe, progress=False)
 assert len(tensors) == stats["num_layers"]
 """,
     "full_bf16": """

@@ -22,6 +22,7 @@ from moeforge.gates.compute import gates_for_plan
 from moeforge.io.fetch import fetch_metadata, fetch_weights, hash_weights
 from moeforge.io.refs import parse_ref
 from moeforge.plan.class_check import class_check
+from moeforge.plan.plan_json import Plan
 from moeforge.plan.table import ROUTERS_SHARD
 from moeforge.plan.translate import translate
 from moeforge.plan.validate import validate_merge
@@ -30,7 +31,7 @@ from moeforge.plan.validate import validate_merge
 @dataclass
 class Build:
     root: Path
-    plan: dict[str, Any]
+    plan: Plan
     model_dir: Path
     meta: dict[str, Path]
 
@@ -51,8 +52,9 @@ def fetch_all(root: Path, refs: list[str]) -> dict[str, Path]:
     return meta
 
 
-def plan_only(root: Path, recipe: dict[str, Any], merge: str = "m") -> dict[str, Any]:
-    """Fetch metadata and validate: everything that happens before any weight is read."""
+def plan_only(root: Path, recipe: dict[str, Any], merge: str = "m") -> Plan:
+    """Fetch metadata and validate: everything that happens before any weight is read (the class check's
+    summary is in results/{merge}/class_check.json)."""
     recipe_path = write_recipe(root / f"{merge}.yaml", recipe)
     refs = [recipe["base_model"], *(e["source_model"] for e in recipe["experts"]),
             *(e["source_model"] for e in recipe.get("shared_experts", []))]
@@ -60,8 +62,7 @@ def plan_only(root: Path, recipe: dict[str, Any], merge: str = "m") -> dict[str,
     out = root / "results" / merge
     plan = validate_merge(merge, recipe_path, meta, out / "plan.json", out / "plan.tensors.tsv")
     translate(out / "plan.json", meta[recipe["base_model"]], out / "config")
-    plan["class_check"] = class_check(out / "plan.json", out / "plan.tensors.tsv", out / "config" / "config.json",
-                                      out / "class_check.json")
+    class_check(out / "plan.json", out / "plan.tensors.tsv", out / "config" / "config.json", out / "class_check.json")
     return plan
 
 
@@ -84,7 +85,7 @@ def build(root: Path, recipe: dict[str, Any], merge: str = "m") -> Build:
     base_weights = meta[recipe["base_model"]].parent / "weights.json"
     gates_for_plan(out / "plan.json", base_weights, out / "gates.safetensors", out / "gates.json")
     shards, digests = [], []
-    for shard in plan["shards"]:
+    for shard in plan.shards:
         path = out / "shards" / f"{shard}.safetensors"
         digests.append(shard_step(out / "plan.tensors.tsv", shard, weights,
                                   out / "gates.safetensors" if shard == ROUTERS_SHARD else None, path,

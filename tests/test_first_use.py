@@ -27,7 +27,7 @@ from moeforge.io.files import sha256_file
 from moeforge.io.safetensors_file import OutTensor, write_safetensors
 from moeforge.plan.merges import merges_to_build
 from moeforge.plan.recipe import parse_recipe
-from pipeline import build, fetch_all, plan_only, write_recipe
+from pipeline import build, fetch_all, plan_only
 
 REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile")]
@@ -240,7 +240,7 @@ def hidden_recipe(models, prompts0, prompts1):
 def test_empty_and_whitespace_prompts_are_accepted(tmp_path, models):
     """As mergekit-moe: the bos token alone gives an empty prompt's vector."""
     plan = plan_only(tmp_path, hidden_recipe(models, [""], ["  ", "def f(x):"]))
-    assert list(plan["recipe"]["experts"][0]["positive_prompts"]) == [""]
+    assert plan.recipe.experts[0].positive_prompts == ("",)
 
 
 @pytest.mark.parametrize("prompts", [["same"], [""], [" "]])
@@ -260,23 +260,20 @@ def test_a_prompt_longer_than_the_base_context_is_refused_at_validation(tmp_path
     assert not (tmp_path / "results" / "m" / "plan.json").exists()
 
 
-def test_the_prompt_check_beside_the_plan_raises_its_error_in_the_validate_job(tmp_path, models):
-    """The token check runs in a helper process (moeforge.plan.prompt_check); its error keeps its class,
-    place and fix when it crosses back, and a helper that dies without a verdict is a clear error."""
-    from moeforge.plan.prompt_check import PromptCheck
+def test_the_prompt_check_names_the_prompt_and_the_tokenizer(tmp_path, models):
+    """The validate job's token check (moeforge.plan.prompt_check) says which prompt to shorten and by how much,
+    and names a base whose tokenizer cannot be read."""
+    from moeforge.plan.prompt_check import check_prompts
 
     limit = json.loads((models["base"] / "config.json").read_text())["max_position_embeddings"]
-    recipe = write_recipe(tmp_path / "r.yaml", hidden_recipe(models, ["short"], [" ".join(["hi"] * 2 * limit)]))
+    recipe = parse_recipe(hidden_recipe(models, ["short"], [" ".join(["hi"] * 2 * limit)]))
     base_meta = fetch_all(tmp_path, [str(models["base"])])[str(models["base"])]
-    with PromptCheck(recipe, base_meta) as check, pytest.raises(RecipeError) as info:
-        check.result()
+    with pytest.raises(RecipeError) as info:
+        check_prompts(recipe, base_meta)
     assert info.value.where.startswith("experts[1]") and info.value.fix.startswith("shorten it by at least ")
-    with PromptCheck(recipe, tmp_path / "no-such-model") as check, pytest.raises(ModelError) as info:
-        check.result()
+    with pytest.raises(ModelError) as info:
+        check_prompts(recipe, tmp_path / "no-such-model")
     assert info.value.where == str(tmp_path / "no-such-model") and "tokenizer" in info.value.what
-    with PromptCheck(recipe, base_meta) as check, pytest.raises(BuildError, match="exit code -9 and no verdict"):
-        check._process.kill()  # as the out-of-memory killer would
-        check.result()
 
 
 def test_ill_conditioned_router_warns_like_mergekit(tmp_path, models):
@@ -299,7 +296,7 @@ def test_one_expert_merge_warns(tmp_path, models):
     recipe = recipe_for(models, experts_per_token=1)
     recipe["experts"] = recipe["experts"][:1]
     plan = plan_only(tmp_path, recipe)
-    assert any("one expert" in w for w in plan["warnings"])
+    assert any("one expert" in w for w in plan.warnings)
 
 
 def test_expert_without_tokenizer_files_warns(tmp_path, models):
@@ -310,7 +307,7 @@ def test_expert_without_tokenizer_files_warns(tmp_path, models):
     recipe = recipe_for(models)
     recipe["experts"][1]["source_model"] = str(bare)
     plan = plan_only(tmp_path / "run", recipe)
-    assert any(str(bare) in w and "vocabulary was skipped" in w for w in plan["warnings"])
+    assert any(str(bare) in w and "vocabulary was skipped" in w for w in plan.warnings)
 
 
 # ---- faults found by outside testing: late errors of early faults ---------------------------
@@ -356,7 +353,7 @@ def test_a_whole_number_written_as_a_float_is_an_integer(tmp_path, models):
     """JSON Schema (and mergekit-moe) take ``experts_per_token: 2.0``; transformers' config classes refuse a
     float, which failed the gates job after the weights were read."""
     plan = plan_only(tmp_path, recipe_for(models, experts_per_token=2.0, seed=7.0))
-    assert plan["recipe"]["experts_per_token"] == 2 and type(plan["recipe"]["experts_per_token"]) is int
+    assert plan.recipe.experts_per_token == 2 and type(plan.recipe.experts_per_token) is int
     assert '"experts_per_token": 2,' in (tmp_path / "results" / "m" / "plan.json").read_text()
     with pytest.raises(RecipeError, match=r"experts_per_token: 2.5 is not of type 'integer'"):
         parse_recipe(recipe_for(models, experts_per_token=2.5))

@@ -19,8 +19,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from moeforge.demo.tiny_models import build_dense_model
 from moeforge.errors import ModelError, RecipeError
-from moeforge.gates.compute import ExpertPrompts, GateSpec, compute_gates, write_gates
-from moeforge.plan.recipe import GATE_MODES
+from moeforge.gates.compute import compute_gates, write_gates
+from moeforge.plan.recipe import GATE_MODES, ExpertSpec, Recipe, parse_recipe
 from moeforge.runtime import layerwise
 from moeforge.runtime.layerwise import PackedSequences, iter_layer_hidden_states, position_ids_for, stream_sequences
 
@@ -47,13 +47,25 @@ TOPICS = {
         "simmer the soup with garlic and pepper",
     ),
 }
-TOPIC_EXPERTS = tuple(ExpertPrompts(name, prompts) for name, prompts in TOPICS.items())
+
+
+def named_expert(name: str, positive: tuple[str, ...] = (), negative: tuple[str, ...] = ()) -> ExpertSpec:
+    """A recipe expert with these prompts (the gates read only the base model: its source is not used)."""
+    return ExpertSpec(source_model=f"org/{name}", name=name, positive_prompts=positive, negative_prompts=negative)
+
+
+def gate_recipe(mode: str, experts: tuple[ExpertSpec, ...], **settings) -> Recipe:
+    """A recipe with these experts and gate settings, the other keys at their defaults."""
+    return Recipe(base_model="org/base", experts=experts, gate_mode=mode, **settings)
+
+
+TOPIC_EXPERTS = tuple(named_expert(name, prompts) for name, prompts in TOPICS.items())
 
 # Prompts of different lengths, with negatives, so padding and subtraction both matter.
 SMALL_EXPERTS = (
-    ExpertPrompts("a", ("def mean(values):", "a list keeps items in order and allows duplicates"), ("salt",)),
-    ExpertPrompts("b", ("the oven is hot", "bread"), ("def f(x): return x", "import os")),
-    ExpertPrompts("c", ("a triangle has three sides",)),
+    named_expert("a", ("def mean(values):", "a list keeps items in order and allows duplicates"), ("salt",)),
+    named_expert("b", ("the oven is hot", "bread"), ("def f(x): return x", "import os")),
+    named_expert("c", ("a triangle has three sides",)),
 )
 
 
@@ -140,10 +152,10 @@ def reference_router(model, model_dir: Path, experts, key: str, layer: int) -> t
     """mean(positive) - mean(negative), normalised (the hidden-state modes' recipe)."""
     rows = []
     for expert in experts:
-        positive = torch.stack([reference_features(model, model_dir, p)[key][layer] for p in expert.positive]).mean(0)
-        if expert.negative:
+        positive = torch.stack([reference_features(model, model_dir, p)[key][layer] for p in expert.positive_prompts]).mean(0)
+        if expert.negative_prompts:
             positive = positive - torch.stack(
-                [reference_features(model, model_dir, p)[key][layer] for p in expert.negative]
+                [reference_features(model, model_dir, p)[key][layer] for p in expert.negative_prompts]
             ).mean(0)
         rows.append(unit(positive))
     return torch.stack(rows)
@@ -153,9 +165,9 @@ def reference_cheap_embed(model, model_dir: Path, experts) -> torch.Tensor:
     """mergekit's cheap_embed: each prompt set's summed embeddings normalised, then pos - neg normalised."""
     rows = []
     for expert in experts:
-        vector = unit(sum(reference_features(model, model_dir, p)["embed_sum"] for p in expert.positive))
-        if expert.negative:
-            vector = vector - unit(sum(reference_features(model, model_dir, p)["embed_sum"] for p in expert.negative))
+        vector = unit(sum(reference_features(model, model_dir, p)["embed_sum"] for p in expert.positive_prompts))
+        if expert.negative_prompts:
+            vector = vector - unit(sum(reference_features(model, model_dir, p)["embed_sum"] for p in expert.negative_prompts))
         rows.append(unit(vector))
     return torch.stack(rows)
 
@@ -254,8 +266,8 @@ def test_an_embedding_of_another_shape_is_named(models, tmp_path):
 def test_layer_modes_match_independent_computation(models, mode, reduction, key):
     model_dir = models["llama"]
     model = load_full(model_dir)
-    spec = GateSpec(mode, SMALL_EXPERTS, token_reduction=reduction, batch_size=2)
-    tensors, _ = compute_gates(model_dir, spec, progress=False)
+    recipe = gate_recipe(mode, SMALL_EXPERTS, token_reduction=reduction, gate_batch_size=2)
+    tensors, _ = compute_gates(model_dir, recipe, progress=False)
     assert set(tensors) == {f"layer.{i}.router" for i in range(3)}
     for layer in range(3):
         expected = reference_router(model, model_dir, SMALL_EXPERTS, key, layer)
@@ -264,7 +276,7 @@ def test_layer_modes_match_independent_computation(models, mode, reduction, key)
 
 def test_cheap_embed_matches_independent_computation(models):
     model_dir = models["llama"]
-    tensors, _ = compute_gates(model_dir, GateSpec("cheap_embed", SMALL_EXPERTS), progress=False)
+    tensors, _ = compute_gates(model_dir, gate_recipe("cheap_embed", SMALL_EXPERTS), progress=False)
     expected = reference_cheap_embed(load_full(model_dir), model_dir, SMALL_EXPERTS)
     for layer in range(3):
         torch.testing.assert_close(tensors[f"layer.{layer}.router"], expected, atol=1e-5, rtol=0)
@@ -278,22 +290,40 @@ def test_chat_template_wraps_each_prompt(models):
     ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
     with torch.no_grad():
         hidden = load_full(model_dir)(input_ids=ids, output_hidden_states=True).hidden_states
-    experts = (ExpertPrompts("x", (prompt,)), ExpertPrompts("y", ("import os",)))
-    tensors, stats = compute_gates(model_dir, GateSpec("hidden", experts, prompt_template="chat"), progress=False)
+    experts = (named_expert("x", (prompt,)), named_expert("y", ("import os",)))
+    tensors, stats = compute_gates(model_dir, gate_recipe("hidden", experts, prompt_template="chat"), progress=False)
     assert stats["prompt_template"] == "chat"
     for layer in range(3):
         torch.testing.assert_close(tensors[f"layer.{layer}.router"][0], unit(hidden[layer][0, -1]), atol=1e-5, rtol=0)
 
 
 def test_shared_expert_gate_uses_its_own_prompts(models):
-    shared = ExpertPrompts("general", SMALL_EXPERTS[0].positive, SMALL_EXPERTS[0].negative)
-    spec = GateSpec("hidden", SMALL_EXPERTS, shared_experts=(shared,))
-    tensors, stats = compute_gates(models["qwen2"], spec, progress=False)
+    shared = named_expert("general", SMALL_EXPERTS[0].positive_prompts, SMALL_EXPERTS[0].negative_prompts)
+    recipe = gate_recipe("hidden", SMALL_EXPERTS, shared_experts=(shared,))
+    tensors, stats = compute_gates(models["qwen2"], recipe, progress=False)
     for layer in range(3):
         gate = tensors[f"layer.{layer}.shared_expert_gate"]
         assert gate.shape == (1, 32) and gate.dtype == torch.float32
         torch.testing.assert_close(gate[0], tensors[f"layer.{layer}.router"][0], atol=1e-6, rtol=0)
-    assert stats["shared_experts"] == ["general"]
+    assert stats["shared_experts"] == ["shared"]
+
+
+def test_shared_experts_share_one_gate_read_from_all_their_prompts(models):
+    """Two shared experts are one fused shared MLP: its gate row is computed from both experts' prompts."""
+    first, second = SMALL_EXPERTS[0], SMALL_EXPERTS[1]
+    fused = named_expert("both", first.positive_prompts + second.positive_prompts,
+                   first.negative_prompts + second.negative_prompts)
+    split, _ = compute_gates(models["qwen2"], gate_recipe("hidden", SMALL_EXPERTS, shared_experts=(first, second)),
+                             progress=False)
+    whole, _ = compute_gates(models["qwen2"], gate_recipe("hidden", SMALL_EXPERTS, shared_experts=(fused,)),
+                             progress=False)
+    for layer in range(3):
+        assert split[f"layer.{layer}.shared_expert_gate"].shape == (1, 32)
+        torch.testing.assert_close(split[f"layer.{layer}.shared_expert_gate"],
+                                   whole[f"layer.{layer}.shared_expert_gate"], atol=0, rtol=0)
+    always, _ = compute_gates(models["qwen2"], gate_recipe("hidden", SMALL_EXPERTS, shared_experts=(first,),
+                                                           shared_gate="always"), progress=False)
+    assert not any("shared_expert_gate" in name for name in always)
 
 
 # ---- routing ---------------------------------------------------------------------------------
@@ -307,7 +337,7 @@ def routing_fraction(model, model_dir: Path, tensors: dict) -> float:
     recorder = RouterInputs(model)
     hits = total = 0
     for expert_index, expert in enumerate(TOPIC_EXPERTS):
-        for prompt in expert.positive:
+        for prompt in expert.positive_prompts:
             with torch.no_grad():
                 model(input_ids=torch.tensor([tokens_of(model_dir, prompt)]))
             for layer, router_input in recorder.captured.items():
@@ -322,14 +352,14 @@ def test_router_input_gates_route_tokens_to_their_expert(models):
     model = load_full(model_dir)
     fractions = {}
     runs = {
-        "router_input/mean": GateSpec("router_input", TOPIC_EXPERTS, token_reduction="mean"),
-        "router_input/last": GateSpec("router_input", TOPIC_EXPERTS, token_reduction="last"),
-        "hidden": GateSpec("hidden", TOPIC_EXPERTS),
-        "hidden_avg": GateSpec("hidden_avg", TOPIC_EXPERTS),
-        "cheap_embed": GateSpec("cheap_embed", TOPIC_EXPERTS),
+        "router_input/mean": gate_recipe("router_input", TOPIC_EXPERTS, token_reduction="mean"),
+        "router_input/last": gate_recipe("router_input", TOPIC_EXPERTS, token_reduction="last"),
+        "hidden": gate_recipe("hidden", TOPIC_EXPERTS),
+        "hidden_avg": gate_recipe("hidden_avg", TOPIC_EXPERTS),
+        "cheap_embed": gate_recipe("cheap_embed", TOPIC_EXPERTS),
     }
-    for label, spec in runs.items():
-        tensors, _ = compute_gates(model_dir, spec, progress=False)
+    for label, recipe in runs.items():
+        tensors, _ = compute_gates(model_dir, recipe, progress=False)
         fractions[label] = routing_fraction(model, model_dir, tensors)
     print("routing fractions (chance 1/3):", json.dumps({k: round(v, 3) for k, v in fractions.items()}))
     assert fractions["router_input/mean"] > 0.5
@@ -339,12 +369,12 @@ def test_router_input_gates_route_tokens_to_their_expert(models):
 def test_router_scale_sets_the_typical_logit_spread(models):
     model_dir = models["router"]
     model = load_full(model_dir)
-    tensors, stats = compute_gates(model_dir, GateSpec("hidden", TOPIC_EXPERTS, router_scale=2.0), progress=False)
-    unscaled, _ = compute_gates(model_dir, GateSpec("hidden", TOPIC_EXPERTS), progress=False)
+    tensors, stats = compute_gates(model_dir, gate_recipe("hidden", TOPIC_EXPERTS, router_scale=2.0), progress=False)
+    unscaled, _ = compute_gates(model_dir, gate_recipe("hidden", TOPIC_EXPERTS), progress=False)
     recorder = RouterInputs(model)
     per_layer: dict[int, list[torch.Tensor]] = {}
     for expert in TOPIC_EXPERTS:
-        for prompt in expert.positive:
+        for prompt in expert.positive_prompts:
             with torch.no_grad():
                 model(input_ids=torch.tensor([tokens_of(model_dir, prompt)]))
             for layer, router_input in recorder.captured.items():
@@ -376,11 +406,11 @@ def config_only(models, tmp_path: Path) -> Path:
 @pytest.mark.parametrize("mode", ["random", "uniform_random"])
 def test_seeded_modes_are_byte_identical_and_seed_dependent(models, tmp_path, mode):
     base = config_only(models, tmp_path)
-    experts = (ExpertPrompts("a", ()), ExpertPrompts("b", ()))
-    shared = (ExpertPrompts("s", ()),)
+    experts = (named_expert("a"), named_expert("b"))
+    shared = (named_expert("s"),)
     digests = []
     for run, seed in enumerate([7, 7, 8]):
-        tensors, stats = compute_gates(base, GateSpec(mode, experts, shared_experts=shared, seed=seed))
+        tensors, stats = compute_gates(base, gate_recipe(mode, experts, shared_experts=shared, seed=seed))
         out = tmp_path / f"run{run}"
         write_gates(tensors, stats, out / "gates.safetensors", out / "gates.json")
         digests.append((sha256(out / "gates.safetensors"), sha256(out / "gates.json")))
@@ -397,7 +427,7 @@ def test_seeded_modes_are_byte_identical_and_seed_dependent(models, tmp_path, mo
 def test_prompt_mode_outputs_are_byte_identical(models, tmp_path):
     digests = set()
     for run in range(2):
-        tensors, stats = compute_gates(models["qwen2"], GateSpec("router_input", SMALL_EXPERTS), progress=False)
+        tensors, stats = compute_gates(models["qwen2"], gate_recipe("router_input", SMALL_EXPERTS), progress=False)
         write_gates(tensors, stats, tmp_path / "g.safetensors", tmp_path / "g.json")
         digests.add((sha256(tmp_path / "g.safetensors"), sha256(tmp_path / "g.json")))
     assert len(digests) == 1
@@ -411,31 +441,44 @@ def test_prompt_mode_outputs_are_byte_identical(models, tmp_path):
 
 
 def test_near_duplicate_experts_are_reported(models, caplog):
-    twins = (ExpertPrompts("left", ("bake the bread",)), ExpertPrompts("right", ("bake the bread",)))
+    twins = (named_expert("left", ("bake the bread",)), named_expert("right", ("bake the bread",)))
     with caplog.at_level(logging.WARNING, logger="moeforge.gates"):
-        _, stats = compute_gates(models["llama"], GateSpec("hidden", twins), progress=False)
+        _, stats = compute_gates(models["llama"], gate_recipe("hidden", twins), progress=False)
     assert stats["degenerate"][0]["experts"] == [0, 1]
     assert "'left'" in caplog.text and "'right'" in caplog.text
     with pytest.raises(RecipeError, match="near-identical gate vectors"):
-        compute_gates(models["llama"], GateSpec("hidden", twins, strict_gates=True), progress=False)
+        compute_gates(models["llama"], gate_recipe("hidden", twins, strict_gates=True), progress=False)
 
 
-def test_unknown_mode_names_it_and_lists_the_valid_ones(models):
+def recipe_document(mode: str, experts: tuple[ExpertSpec, ...], **settings) -> dict:
+    """The recipe file's form of gate_recipe's recipe: what a user writes, checked by parse_recipe."""
+    return {"base_model": "org/base", "gate_mode": mode, **settings,
+            "experts": [{"source_model": e.source_model, "name": e.name, "positive_prompts": list(e.positive_prompts),
+                         "negative_prompts": list(e.negative_prompts)} for e in experts]}
+
+
+def test_unknown_mode_names_it_and_lists_the_valid_ones():
     with pytest.raises(RecipeError) as error:
-        compute_gates(models["llama"], GateSpec("hiden", SMALL_EXPERTS))
-    assert "'hiden'" in str(error.value)
+        parse_recipe(recipe_document("hiden", SMALL_EXPERTS))
+    assert "'hiden'" in str(error.value) and "did you mean 'hidden'" in str(error.value)
     assert all(mode in str(error.value) for mode in GATE_MODES)
 
 
-def test_expert_without_positive_prompts_is_named(models):
-    experts = (SMALL_EXPERTS[0], ExpertPrompts("lazy", (), ("salt",)))
-    with pytest.raises(RecipeError, match=r"experts\[1\] \(lazy\).*'lazy' has no positive_prompts"):
-        compute_gates(models["llama"], GateSpec("router_input", experts))
+def test_expert_without_positive_prompts_is_named():
+    experts = (SMALL_EXPERTS[0], named_expert("lazy", (), ("salt",)))
+    with pytest.raises(RecipeError, match=r"experts\[1\] \(lazy\).*'lazy' \(org/lazy\) has no positive_prompts"):
+        parse_recipe(recipe_document("router_input", experts))
 
 
-def test_router_scale_needs_prompts(models):
-    with pytest.raises(RecipeError, match="router_scale"):
-        compute_gates(models["llama"], GateSpec("random", SMALL_EXPERTS, router_scale=1.0))
+@pytest.mark.parametrize(("mode", "experts", "scale", "match"), [
+    ("random", SMALL_EXPERTS, 1.0, "gate_mode 'random' has none"),
+    ("hidden", SMALL_EXPERTS[:1], 1.0, "router_scale needs at least two experts"),
+    ("hidden", SMALL_EXPERTS, float("inf"), "router_scale must be a finite positive number"),
+    ("hidden", SMALL_EXPERTS, 0, r"router_scale: 0 is less than or equal to the minimum of 0"),
+])
+def test_router_scale_needs_prompts_experts_and_a_positive_value(mode, experts, scale, match):
+    with pytest.raises(RecipeError, match=match):
+        parse_recipe(recipe_document(mode, experts, router_scale=scale, experts_per_token=1))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

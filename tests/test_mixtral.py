@@ -69,7 +69,7 @@ def test_experts_are_their_sources_bit_for_bit(tmp_path, models):
     experts = [models["e0"], models["e1"], models["e2"]]
     result = build(tmp_path, recipe_for(models["base"], experts))
     out = tensors_of(result.model_dir)
-    num_layers = result.plan["num_layers"]
+    num_layers = result.plan.num_layers
     for e, src_dir in enumerate(experts):
         src = tensors_of(src_dir)
         for layer in range(num_layers):
@@ -91,7 +91,7 @@ def test_classic_names_and_nothing_missing(tmp_path, models):
     """Attention and norms present in every layer (report 1); no fused 5.x names on disk."""
     result = build(tmp_path, recipe_for(models["base"], [models["e0"], models["e1"]]))
     names = set(tensors_of(result.model_dir))
-    for layer in range(result.plan["num_layers"]):
+    for layer in range(result.plan.num_layers):
         for part in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                      "input_layernorm", "post_attention_layernorm", "block_sparse_moe.gate"):
             assert f"model.layers.{layer}.{part}.weight" in names
@@ -218,12 +218,12 @@ def test_class_check_refuses_a_plan_without_attention(tmp_path, models):
     config, _ = build_config(plan, json.loads((models["base"] / "config.json").read_text()))
     out = output_family_for("mixtral")
     planned = planned_shapes(read_rows(tmp_path / "results/m/plan.tensors.tsv"))
-    summary = check_plan_against_class(planned, config, out, plan["num_layers"], plan["num_experts"])
-    assert summary["tensors"] == 3 + 9 * plan["num_layers"]  # fused in 5.x: router, gate_up, down per layer
+    summary = check_plan_against_class(planned, config, out, plan.num_layers, plan.num_experts)
+    assert summary["tensors"] == 3 + 9 * plan.num_layers  # fused in 5.x: router, gate_up, down per layer
     assert "fused" in summary["layout_compared"]
     crippled = {k: v for k, v in planned.items() if "self_attn" not in k and "layernorm" not in k}
     with pytest.raises(BuildError, match=r"tensor\(s\) the class needs are not planned: .*self_attn"):
-        check_plan_against_class(crippled, config, out, plan["num_layers"], plan["num_experts"])
+        check_plan_against_class(crippled, config, out, plan.num_layers, plan.num_experts)
     wrong = dict(planned, **{"model.layers.0.block_sparse_moe.gate.weight": (3, 64)})
     with pytest.raises(BuildError, match="shape mismatch"):
-        check_plan_against_class(wrong, config, out, plan["num_layers"], plan["num_experts"])
+        check_plan_against_class(wrong, config, out, plan.num_layers, plan.num_experts)

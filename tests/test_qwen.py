@@ -51,7 +51,7 @@ def test_qwen2_to_qwen2_moe_zero_shared_is_identity(tmp_path, zoo):
     """No shared experts: an all-zero shared expert contributes exactly nothing."""
     q = zoo["qwen2"]
     result = build(tmp_path, recipe(q, [(q, {})] * 3))
-    assert result.plan["output_family"] == "qwen2_moe"
+    assert result.plan.output_family == "qwen2_moe"
     assert max_diff(result.model_dir, q) < 1e-5
     tensors = tensors_of(result.model_dir)
     assert not tensors["model.layers.0.mlp.shared_expert.down_proj.weight"].any()
@@ -122,7 +122,7 @@ def test_shared_gate_from_prompts(tmp_path, zoo):
 def test_qwen3_to_qwen3_moe_identity(tmp_path, zoo):
     q = zoo["qwen3"]
     result = build(tmp_path, recipe(q, [(q, {})] * 3))
-    assert result.plan["output_family"] == "qwen3_moe"
+    assert result.plan.output_family == "qwen3_moe"
     assert max_diff(result.model_dir, q) < 1e-5
     config = json.loads((result.model_dir / "config.json").read_text())
     assert config["num_experts"] == config["num_local_experts"] == 3
@@ -216,7 +216,7 @@ def test_smoke_stage_passes_on_qwen_outputs(tmp_path, zoo, key):
     assert report["passed"] and report["options"]["identity"] is True
     assert report["comparison"]["max_abs_logit_diff"] < 1e-4
     layers = report["routing"]["layers"]
-    assert len(layers) == result.plan["num_layers"]
+    assert len(layers) == result.plan.num_layers
     assert all(abs(sum(layer["load_share"]) - 1) < 1e-4 for layer in layers)
 
 
@@ -240,7 +240,7 @@ def test_qwen2_moe_keeps_the_bases_window_in_every_layer(tmp_path, windowed, tf4
     config = json.loads((result.model_dir / "config.json").read_text())
     assert config["max_window_layers"] == 0 and config["use_sliding_window"] is True
     assert config["layer_types"] == ["sliding_attention"] * config["num_hidden_layers"]
-    assert not result.plan["warnings"]
+    assert not result.plan.warnings
     assert max_diff(result.model_dir, q) < 1e-5  # IDS is 12 tokens, the window 4: every layer's mask matters
     assert (tf4_logits(tf4_python, result.model_dir, IDS) - dense_logits(q)).abs().max().item() < 1e-5
 
@@ -253,7 +253,7 @@ def test_window_from_a_later_layer_is_refused(tmp_path, windowed):
         plan_only(tmp_path, recipe(q, [(q, {})] * 2, sliding_window=4))
     assert info.value.where == "recipe: sliding_window"
     plan = plan_only(tmp_path / "full", recipe(q, [(q, {})] * 2))
-    assert any("set sliding_window: 4" in w for w in plan["warnings"])
+    assert any("set sliding_window: 4" in w for w in plan.warnings)
 
 
 def test_a_dropped_window_is_warned_at_validation_and_not_an_identity_build(tmp_path, windowed):
@@ -263,9 +263,9 @@ def test_a_dropped_window_is_warned_at_validation_and_not_an_identity_build(tmp_
 
     m = windowed["mistral"]
     plan = plan_only(tmp_path / "null", recipe(m, [(m, {})] * 2))
-    assert any("sliding window of 4 tokens" in w and "set sliding_window: 4" in w for w in plan["warnings"])
-    assert not is_identity_build(plan) and plan["window_layers"] == []
-    assert any("every expert is the base model, but the output's sliding window differs" in w for w in plan["warnings"])
+    assert any("sliding window of 4 tokens" in w and "set sliding_window: 4" in w for w in plan.warnings)
+    assert not is_identity_build(plan) and plan.window_layers == ()
+    assert any("every expert is the base model, but the output's sliding window differs" in w for w in plan.warnings)
     kept = plan_only(tmp_path / "kept", recipe(m, [(m, {})] * 2, sliding_window=4))
-    assert not kept["warnings"] and is_identity_build(kept)
-    assert kept["window_layers"] == list(range(kept["num_layers"]))
+    assert not kept.warnings and is_identity_build(kept)
+    assert kept.window_layers == tuple(range(kept.num_layers))

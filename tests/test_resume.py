@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from moeforge.plan.plan_json import read_plan
 from pipeline import sha256_tree
 from test_workflow import MODEL, REPO, SNAKEMAKE, snakemake, workdir
 
@@ -76,7 +76,7 @@ def test_killed_during_shards_keeps_finished_shards(tmp_path, reference):
     proc = resume(wd)
     assert sha256_tree(wd / MODEL) == reference
     # Assembly hard-links shards into model/: a shard that was not redone keeps its inode there.
-    order = [f"{shard}.safetensors" for shard in json.loads((wd / "results/demo/plan.json").read_text())["shards"]]
+    order = [f"{shard}.safetensors" for shard in read_plan(wd / "results/demo/plan.json").shards]
     kept = [name for name, inode in done.items()
             if (wd / MODEL / f"model-{order.index(name) + 1:05d}-of-{len(order):05d}.safetensors").stat().st_ino == inode]
     in_flight_at_kill = 2  # with --cores 2, at most two shard jobs may have been cut off mid-registration

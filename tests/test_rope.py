@@ -68,7 +68,7 @@ def test_theta_mode_linear(tmp_path, models):
     assert decision["angle_error"]["max_rad"] == pytest.approx(worst, abs=1e-6)
     assert decision["angle_error"]["positions"] == 512
     assert translation_of(result)["warnings"] and "rotary angle error" in translation_of(result)["warnings"][0]
-    assert any("rotary angle error" in w for w in result.plan["warnings"])
+    assert any("rotary angle error" in w for w in result.plan.warnings)
 
     out = tmp_path / "smoke"
     report = smoke_stage(result.model_dir, result.model_dir.parent / "plan.json",
@@ -124,4 +124,4 @@ def test_drop_removes_scaling(tmp_path, models):
     assert any(d["field"] == "rope_scaling" and "drop" in d["why"] for d in translation_of(result)["decisions"])
     # every expert is the base, yet no identity check can apply: validation says so
     assert any("every expert is the base model, but rope_scaling: drop changes the base's rope" in w
-               for w in result.plan["warnings"])
+               for w in result.plan.warnings)

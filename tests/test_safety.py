@@ -67,7 +67,7 @@ def test_remote_code_is_never_run(tmp_path):
 
     run_smoke(result.model_dir, model, SmokeOptions(prompts=["hello"], max_new_tokens=2, identity=True))
     assert not marker.exists()
-    assert result.plan["recipe"]["trust_remote_code"] is False
+    assert result.plan.recipe.trust_remote_code is False
 
 
 def test_bin_only_model_is_converted_safely(tmp_path):

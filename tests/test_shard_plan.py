@@ -9,6 +9,8 @@ import pandas as pd
 import pytest
 import torch
 
+from moeforge.plan.plan_json import Plan
+from moeforge.plan.recipe import ExpertSpec, Recipe
 from moeforge.plan.rows import SHARD_TARGET_BYTES, _layer_groups, group_shards, layer_bytes
 from moeforge.plan.table import GATES_SOURCE, ROUTERS_SHARD
 from moeforge.resources import GATE_THREADS, gates_threads, shard_mem_mb, smoke_dtype, smoke_mem_mb
@@ -76,13 +78,22 @@ def test_mid_sized_layers_share_a_job_by_twos_and_threes():
     assert {last - first + 1 for first, last in runs} == {2, 3}
 
 
-def _plan(shape: dict[str, int], mode: str, prompts: list[str]) -> dict:
+def typed_plan(recipe: Recipe, base_params: dict, layer_bytes: int, shard_bytes: dict[str, int]) -> Plan:
+    """A bf16 Mixtral plan of this recipe and these sizes, the fields resource requests do not read left plain."""
+    return Plan(merge="m", recipe=recipe, base="base", input_family="llama", output_family="mixtral",
+                num_layers=base_params.get("num_hidden_layers", 1), num_experts=len(recipe.experts),
+                hidden_size=base_params.get("hidden_size", 1), shared_intermediate_size=None, dtype_out="BF16",
+                tie_output=False, experts=(), shared_experts=(), sources={}, base_params=base_params,
+                window_layers=(), shards=tuple(shard_bytes), shard_bytes=shard_bytes, layer_bytes=layer_bytes,
+                decisions=(), warnings=())
+
+
+def _plan(shape: dict[str, int], mode: str, prompts: list[str]) -> Plan:
     frame = plan_frame(shape, experts=3)
-    experts = [{"positive_prompts": prompts, "negative_prompts": []}] * 3
-    return {"recipe": {"gate_mode": mode, "experts": experts, "shared_experts": []},
-            "base_params": {k: v for k, v in shape.items() if k != "kv"},
-            "num_experts": 3, "layer_bytes": max(layer_bytes(frame).values()),
-            "shard_bytes": {"globals": 2 * shape["vocab"] * shape["hidden_size"]}}
+    experts = tuple(ExpertSpec(f"org/e{i}", f"e{i}", positive_prompts=tuple(prompts)) for i in range(3))
+    return typed_plan(Recipe(base_model="base", experts=experts, gate_mode=mode),
+                      {k: v for k, v in shape.items() if k != "kv"}, max(layer_bytes(frame).values()),
+                      {"globals": 2 * shape["vocab"] * shape["hidden_size"]})
 
 
 @pytest.mark.parametrize("mode", ["random", "uniform_random", "cheap_embed"])
@@ -104,12 +115,11 @@ def test_shard_memory_follows_one_layer_not_the_run_of_layers():
     assert 500 < one_layer and shard_mem_mb(plan, "globals") > 500
 
 
-def _smoke_plan(expert_sources: list[str], gib_out: float) -> dict:
+def _smoke_plan(expert_sources: list[str], gib_out: float) -> Plan:
     """A bf16 plan whose experts come from these sources (``base``: the base model), unmodified."""
-    experts = [{"source_model": s, "noise_scale": None, "residual_scale": None} for s in expert_sources]
-    return {"recipe": {"base_model": "base", "experts": experts, "shared_experts": [], "rope_scaling": "preserve"},
-            "base_params": {"rope": {"scaling": None}}, "dtype_out": "BF16",
-            "shard_bytes": {"globals": int(gib_out * 2**30)}}
+    experts = tuple(ExpertSpec(s, f"e{i}") for i, s in enumerate(expert_sources))
+    return typed_plan(Recipe(base_model="base", experts=experts), {"rope": {"scaling": None}, "sliding_window": None},
+                      0, {"globals": int(gib_out * 2**30)})
 
 
 def test_the_smoke_test_generates_in_the_models_dtype_where_the_device_computes_it_else_float32_while_small():

@@ -65,7 +65,7 @@ def builds(tmp_path_factory, tokenizer_dir):
             experts = [base] * 3 if identity else [
                 build_dense_model(root / f"e{i}", derive_from=base, seed=20 + i, mlp_noise=0.2) for i in range(3)]
             result = build(root / "build", _recipe(base, experts, shared=family == "qwen2" and not identity))
-            assert result.plan["output_family"] == FAMILIES[family]
+            assert result.plan.output_family == FAMILIES[family]
             made[key] = (result.model_dir, base)
         return made[key]
 

@@ -333,15 +333,15 @@ def test_directory_without_config(tmp_path):
 def test_mistral_and_llama_mix(tmp_path, zoo):
     """Different model_types with identical shapes and semantics may be mixed."""
     plan = plan_only(tmp_path, recipe(zoo["base"], zoo["mistral"], zoo["expert"]))
-    assert plan["output_family"] == "mixtral"
-    assert any("mistral" in d["what"] for d in plan["decisions"])
+    assert plan.output_family == "mixtral"
+    assert any("mistral" in d["what"] for d in plan.decisions)
 
 
 def test_rope_mismatch_refused_unless_allowed(tmp_path, zoo):
     expect(tmp_path, recipe(zoo["base"], zoo["scaled"], zoo["expert"]), ModelError,
            "rope settings differ", "allow_rope_mismatch")
     plan = plan_only(tmp_path / "ok", recipe(zoo["base"], zoo["scaled"], zoo["expert"], allow_rope_mismatch=True))
-    assert any("rope settings differ" in w for w in plan["warnings"])
+    assert any("rope settings differ" in w for w in plan.warnings)
 
 
 def test_qwen15_is_recognised(zoo, tmp_path):
@@ -375,7 +375,8 @@ def test_validation_reads_no_weights(tmp_path, zoo):
     for model in (base, expert):
         (model / "model.safetensors").unlink()
     plan = plan_only(tmp_path / "w", data)
-    assert plan["num_layers"] == 4 and plan["class_check"]["tensors"] > 0
+    checked = json.loads((tmp_path / "w" / "results" / "m" / "class_check.json").read_text())
+    assert plan.num_layers == 4 and checked["tensors"] > 0
 
 
 def test_offline_hub_cache_resolves_commit(tmp_path, zoo):
@@ -417,4 +418,4 @@ def test_an_expert_of_another_family_is_a_warning(tmp_path, tokenizer_dir):
     recipe = {"base_model": str(llama), "gate_mode": "random",
               "experts": [{"source_model": str(llama)}, {"source_model": str(qwen)}]}
     plan = plan_only(tmp_path / "run", recipe)
-    assert [w for w in plan["warnings"] if f"expert {qwen} is a qwen2 model and the base {llama} a llama" in w]
+    assert [w for w in plan.warnings if f"expert {qwen} is a qwen2 model and the base {llama} a llama" in w]

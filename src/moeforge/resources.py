@@ -6,9 +6,8 @@ has run (a dry run) there is no plan, and each request falls back to its floor.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
-
 from moeforge.io.safetensors_file import ITEMSIZE, TORCH_NAME
+from moeforge.plan.plan_json import Plan
 from moeforge.runtime.memory_budget import whole_model_mb
 
 #: Above this float32 footprint the smoke test generates in the model's own dtype.
@@ -18,9 +17,9 @@ MIB = 2**20
 EVAL_LOGITS_CHUNK_BYTES = 256 * MIB
 
 
-def smoke_dtype(plan: Mapping[str, Any], requested: str, native_16bit: bool = False) -> str:
+def smoke_dtype(plan: Plan, requested: str, native_16bit: bool = False) -> str:
     """The dtype the smoke test of the merge ``plan`` describes generates in (see ``generation_dtype``)."""
-    return generation_dtype(plan["dtype_out"], sum(plan["shard_bytes"].values()), requested, native_16bit)
+    return generation_dtype(plan.dtype_out, plan.total_bytes, requested, native_16bit)
 
 
 def generation_dtype(stored: str, stored_bytes: int, requested: str, native_16bit: bool = False) -> str:
@@ -44,24 +43,23 @@ def generation_dtype(stored: str, stored_bytes: int, requested: str, native_16bi
     return "float32" if stored_bytes * 4 // ITEMSIZE[stored] <= FLOAT32_SMOKE_LIMIT else TORCH_NAME[stored]
 
 
-def shard_mem_mb(plan: Mapping[str, Any] | None, shard: str) -> int:
+def shard_mem_mb(plan: Plan | None, shard: str) -> int:
     """A shard job holds one transformed tensor at a time plus copy buffers: scale with a layer's (or the
     globals') bytes over the experts."""
     if not plan:
         return 500
-    per_shard = plan["shard_bytes"]["globals"] if shard == "globals" else plan["layer_bytes"]
-    return int(500 + 2 * per_shard / MIB / max(1, plan["num_experts"]))
+    per_shard = plan.shard_bytes["globals"] if shard == "globals" else plan.layer_bytes
+    return int(500 + 2 * per_shard / MIB / max(1, plan.num_experts))
 
 
-def smoke_mem_mb(plan: Mapping[str, Any] | None, requested_dtype: str) -> int:
+def smoke_mem_mb(plan: Plan | None, requested_dtype: str) -> int:
     """Enough for greedy generation, which loads one whole model at a time in the dtype of smoke_dtype
     (float32 while small, whatever the job's device); the rest of the smoke test runs one layer at a
     time, and generation is skipped when a smaller request is granted (see moeforge.runtime.memory_budget)."""
     if not plan:
         return 2000
-    size = sum(plan["shard_bytes"].values())
     dtype = smoke_dtype(plan, requested_dtype)
-    return whole_model_mb(size * (4 if dtype == "float32" else 2) // ITEMSIZE[plan["dtype_out"]])
+    return whole_model_mb(plan.total_bytes * (4 if dtype == "float32" else 2) // ITEMSIZE[plan.dtype_out])
 
 
 #: Threads of the gate job when its forward pass is large; and the forward-pass work (floating-point
@@ -74,38 +72,37 @@ ONE_THREAD_GATE_FLOPS = 5e11
 NO_FORWARD_GATE_MODES = ("random", "uniform_random", "cheap_embed")
 
 
-def gates_threads(plan: Mapping[str, Any] | None) -> int:
+def gates_threads(plan: Plan | None) -> int:
     """One thread unless the base's forward pass over all prompts is heavy (~2 x params x tokens)."""
     if not plan:
         return GATE_THREADS
-    recipe = plan["recipe"]
-    if recipe["gate_mode"] in NO_FORWARD_GATE_MODES:
+    recipe = plan.recipe
+    if recipe.gate_mode in NO_FORWARD_GATE_MODES:
         return 1
-    p = plan["base_params"]
+    p = plan.base_params
     hidden = p["hidden_size"]
     layer_params = 4 * hidden * hidden + 3 * hidden * p["intermediate_size"]
-    prompts = [text for e in recipe["experts"] + recipe["shared_experts"]
-               for key in ("positive_prompts", "negative_prompts") for text in e[key]]
+    prompts = [text for e in recipe.experts + recipe.shared_experts for text in e.positive_prompts + e.negative_prompts]
     tokens = sum(len(text) for text in prompts) / 3 + 8 * len(prompts)  # a generous guess, template included
     flops = 2 * p["num_hidden_layers"] * layer_params * tokens
     return 1 if flops < ONE_THREAD_GATE_FLOPS else GATE_THREADS
 
 
-def layer_mem_mb(plan: Mapping[str, Any] | None) -> int:
+def layer_mem_mb(plan: Plan | None) -> int:
     """Layer-streamed jobs (gates) hold about one layer, or the embedding, at a time, in float32."""
-    largest = max(plan["layer_bytes"], plan["shard_bytes"]["globals"]) if plan else 0
+    largest = max(plan.layer_bytes, plan.shard_bytes["globals"]) if plan else 0
     return int(2000 + 3 * largest / MIB)
 
 
-def eval_mem_mb(plan: Mapping[str, Any] | None) -> int:
+def eval_mem_mb(plan: Plan | None) -> int:
     """Layer-streamed like the gates, plus one chunk of logits and its float64 log-softmax."""
     return layer_mem_mb(plan) + 3 * EVAL_LOGITS_CHUNK_BYTES // MIB
 
 
-def reproduce_mem_mb(plan: Mapping[str, Any] | None) -> int:
+def reproduce_mem_mb(plan: Plan | None) -> int:
     """The comparison holds one tensor of each model: the largest is an embedding (in globals) or one expert's
     matrix (about a layer over its experts)."""
     if not plan:
         return 1000
-    largest = max(plan["shard_bytes"]["globals"], plan["layer_bytes"] / max(1, plan["num_experts"]))
+    largest = max(plan.shard_bytes["globals"], plan.layer_bytes / max(1, plan.num_experts))
     return int(1000 + 2.5 * largest / MIB)

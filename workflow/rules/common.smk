@@ -1,5 +1,4 @@
 # Config and recipe loading, the merge table, input functions, wildcard constraints.
-import json
 import os
 import re
 
@@ -10,6 +9,7 @@ from moeforge.io.published import RECIPE_FILES
 from moeforge.io.refs import parse_ref
 from moeforge.plan.lock_merge import merge_from_lock
 from moeforge.plan.merges import merges_to_build
+from moeforge.plan.plan_json import read_plan
 from moeforge.plan.published_merge import merge_from_published
 from moeforge.plan.recipe import load_recipe
 from moeforge.plan.table import ROUTERS_SHARD
@@ -112,13 +112,12 @@ def merge_title(wildcards):
 
 def plan_of(merge):
     """plan.json of a merge, available once the validate checkpoint has run."""
-    path = checkpoints.validate.get(merge=merge).output.plan
-    return json.loads(Path(path).read_text())
+    return read_plan(Path(checkpoints.validate.get(merge=merge).output.plan))
 
 
 def all_shards(wildcards):
     """The merge's shard files, in the order assembly numbers them."""
-    return [f"results/{wildcards.merge}/shards/{shard}.safetensors" for shard in plan_of(wildcards.merge)["shards"]]
+    return [f"results/{wildcards.merge}/shards/{shard}.safetensors" for shard in plan_of(wildcards.merge).shards]
 
 
 def all_shard_digests(wildcards):
@@ -128,7 +127,7 @@ def all_shard_digests(wildcards):
 def _plan_beside(path):
     """plan.json next to a rule input, or None before the validate checkpoint has run (dry runs)."""
     plan = Path(path).with_name("plan.json")
-    return json.loads(plan.read_text()) if plan.is_file() else None
+    return read_plan(plan) if plan.is_file() else None
 
 
 def shard_mem_mb(wildcards, input, attempt):

@@ -30,6 +30,7 @@ from moeforge.io.files import (
 from moeforge.io.lockfile import LOCK_NAME, LOCK_VERSION
 from moeforge.io.refs import parse_ref
 from moeforge.io.safetensors_file import read_header
+from moeforge.plan.plan_json import Plan, read_plan
 
 LIBRARIES = ("moeforge", "torch", "transformers", "safetensors", "huggingface_hub", "tokenizers", "snakemake")
 
@@ -117,20 +118,20 @@ def _card_lock(merge: str, sources: Mapping[str, Any], names: Mapping[str, str])
     return lines + [""]
 
 
-def model_card(plan: Mapping[str, Any], translation: Mapping[str, Any], sources: Mapping[str, Any]) -> str:
+def model_card(plan: Plan, translation: Mapping[str, Any], sources: Mapping[str, Any]) -> str:
     """README.md with Hub front matter: sources, tags, what was done to make the model, and how to rebuild it.
 
     `sources` is the lock's record of them: the card names each source as it was resolved, so the
     card of a rebuild from the lock is the same bytes.
     """
     names = _card_names(sources)
-    recipe = _card_recipe(plan["recipe"], names)
+    recipe = _card_recipe(plan.recipe.to_dict(), names)
     hub_ids = _base_model_ids(sources)
     front = {**({"base_model": hub_ids} if hub_ids else {}), "tags": ["moe", "merge", "moeforge"],
              "library_name": "transformers"}
     lines = ["---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", "",
-             f"# {plan['merge']}", "",
-             f"A {plan['output_family']} Mixture-of-Experts model with {plan['num_experts']} experts "
+             f"# {plan.merge}", "",
+             f"A {plan.output_family} Mixture-of-Experts model with {plan.num_experts} experts "
              f"({recipe['experts_per_token']} active per token), built with moeforge from "
              f"{code(recipe['base_model'])} (attention, norms, embeddings) and the MLPs of the experts below.", "",
              "## Experts", "", "| # | name | source | positive prompts | negative prompts |", "|---|---|---|---|---|"]
@@ -143,7 +144,7 @@ def model_card(plan: Mapping[str, Any], translation: Mapping[str, Any], sources:
         lines.append(f"- {code(d['field'])} = {code(json.dumps(d['value']))}: {d['why']}")
     lines += ["", "## Recipe", "", *fenced(yaml.safe_dump(recipe, sort_keys=False, allow_unicode=True).rstrip(), "yaml"),
               ""]
-    lines += _card_lock(plan["merge"], sources, names)
+    lines += _card_lock(plan.merge, sources, names)
     return "\n".join(lines)
 
 
@@ -152,13 +153,13 @@ def _prompts_cell(prompts: Sequence[str]) -> str:
     return "; ".join(cell(p) for p in prompts)
 
 
-def _sources_lock(plan: Mapping[str, Any], hashes: Sequence[Path]) -> dict[str, Any]:
+def _sources_lock(plan: Plan, hashes: Sequence[Path]) -> dict[str, Any]:
     records = {record["slug"]: record for record in (json.loads(Path(h).read_text()) for h in hashes)}
     out = {}
-    for slug, src in plan["sources"].items():
+    for slug, src in plan.sources.items():
         files = records.get(slug, {}).get("files", [])
-        out[slug] = {"ref": src["ref"], "kind": src["kind"], "resolved_revision": src["resolved_revision"],
-                     "roles": src["roles"], "files": [{"name": f["name"], "size": f["size"], "sha256": f["sha256"]}
+        out[slug] = {"ref": src.ref, "kind": src.kind, "resolved_revision": src.resolved_revision,
+                     "roles": list(src.roles), "files": [{"name": f["name"], "size": f["size"], "sha256": f["sha256"]}
                                                       for f in files]}
     return out
 
@@ -170,7 +171,7 @@ def assemble(plan_json: Path, shards: Sequence[Path], shard_digests: Sequence[st
     `shard_digests` are the shards' sha256 as their jobs computed them; `hashes` are the
     weights.sha256.json records of the sources.
     """
-    plan = json.loads(plan_json.read_text())
+    plan = read_plan(plan_json)
     translation = json.loads((config_dir / "translation.json").read_text())
     with atomic_dir(out_dir) as tmp:
         index, names = place_shards(shards, tmp)
@@ -184,8 +185,8 @@ def assemble(plan_json: Path, shards: Sequence[Path], shard_digests: Sequence[st
         write_text(tmp / "README.md", model_card(plan, translation, sources))
         known = dict(zip(names, shard_digests, strict=True))
         files = {p.name: known.get(p.name) or sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
-        lock = {"moeforge_lock_version": LOCK_VERSION, "merge": plan["merge"], "recipe": plan["recipe"],
-                "seed": plan["recipe"]["seed"], "output_family": plan["output_family"],
+        lock = {"moeforge_lock_version": LOCK_VERSION, "merge": plan.merge, "recipe": plan.recipe.to_dict(),
+                "seed": plan.recipe.seed, "output_family": plan.output_family,
                 "sources": sources, "libraries": library_versions(), "files": files}
         (tmp / LOCK_NAME).write_text(dumps_json(lock))
         for path in tmp.iterdir():

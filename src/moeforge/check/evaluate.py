@@ -29,9 +29,10 @@ from moeforge import __version__
 from moeforge.check.plots import plot_evaluation
 from moeforge.errors import BuildError, RecipeError
 from moeforge.io.fetch import weight_dirs_from
-from moeforge.io.files import read_json, read_text, write_json, write_text
+from moeforge.io.files import read_text, write_json, write_text
 from moeforge.io.hf_load import load_tokenizer
 from moeforge.numbers import fmt, report_number
+from moeforge.plan.plan_json import read_plan
 from moeforge.resources import EVAL_LOGITS_CHUNK_BYTES
 from moeforge.runtime.devices import require_device
 from moeforge.runtime.layerwise import load_config, stream_logits
@@ -208,11 +209,11 @@ def render_markdown(report: Mapping[str, Any]) -> str:
 def eval_stage(model_dir: Path, plan_json: Path, weight_records: list[Path], domains: Mapping[str, Path],
                opts: EvalOptions, out_json: Path, out_md: Path, out_png: Path) -> dict[str, Any]:
     """The eval rule: the merge's base and experts found from plan.json and the fetch records."""
-    plan = read_json(plan_json, "", BuildError, "rerun the validate step")
+    plan = read_plan(plan_json)
     dirs = weight_dirs_from(weight_records)
-    experts = {e["name"]: dirs[e["slug"]] for e in plan["experts"]}
-    report = evaluate(model_dir, dirs[plan["base"]], experts, domains, opts)
-    report["merge"] = plan["merge"]
+    experts = {e.name: dirs[e.slug] for e in plan.experts}
+    report = evaluate(model_dir, dirs[plan.base], experts, domains, opts)
+    report["merge"] = plan.merge
     write_json(out_json, report)
     write_text(out_md, render_markdown(report))
     plot_evaluation(report, out_png)

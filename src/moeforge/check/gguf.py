@@ -29,6 +29,7 @@ from moeforge.errors import BuildError
 from moeforge.io.files import atomic_path, sha256_file, write_json, write_text
 from moeforge.numbers import fmt, report_number
 from moeforge.plan.params import rope_of, sliding_window_of
+from moeforge.plan.plan_json import Plan, read_plan
 
 _log = logging.getLogger("moeforge.gguf")
 
@@ -95,13 +96,13 @@ def converter_version(converter: Path) -> str:
     return version.read_text(encoding="utf-8").strip() if version.is_file() else f"llama.cpp at {converter}"
 
 
-def gguf_mem_mb(plan: Mapping[str, Any] | None) -> int:
+def gguf_mem_mb(plan: Plan | None) -> int:
     """The f32 GGUF, which llama.cpp maps and reads whole, plus one transformers layer in float32."""
     from moeforge.resources import ITEMSIZE, MIB, layer_mem_mb
 
     if not plan:
         return 2000
-    params = sum(plan["shard_bytes"].values()) // ITEMSIZE[plan["dtype_out"]]
+    params = plan.total_bytes // ITEMSIZE[plan.dtype_out]
     return int(layer_mem_mb(plan) + 4 * params / MIB)
 
 
@@ -275,15 +276,15 @@ def gguf_stage(model_dir: Path, plan_json: Path, smoke_md: Path, out_json: Path,
     """
     from moeforge.plan.prompts import smoke_prompts
 
-    plan = json.loads(plan_json.read_text())
+    plan = read_plan(plan_json)
     config = json.loads((model_dir / "config.json").read_text())
     converter = converter_dir()
     out_dir = out_json.parent
     shutil.rmtree(out_dir / "failed", ignore_errors=True)
-    report: dict[str, Any] = {"merge": plan["merge"], "output_family": plan["output_family"],
+    report: dict[str, Any] = {"merge": plan.merge, "output_family": plan.output_family,
                               "converter": converter_version(converter), "tolerance": TOLERANCE,
-                              "known_differences": known_differences(plan["output_family"], config),
-                              "prompts": smoke_prompts(plan["recipe"])}
+                              "known_differences": known_differences(plan.output_family, config),
+                              "prompts": smoke_prompts(plan.recipe)}
     files = {outtype: out_dir / f"model-{outtype}.gguf" for outtype in TOLERANCE}
     try:
         report["conversion_seconds"] = {t: round(convert(model_dir, path, t, converter), 1) for t, path in files.items()}

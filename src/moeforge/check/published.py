@@ -25,6 +25,7 @@ from moeforge.errors import ModelError
 from moeforge.io.files import read_json, write_json, write_text
 from moeforge.io.published import PublishedRef
 from moeforge.numbers import fmt, report_number
+from moeforge.plan.plan_json import Plan, read_plan
 from moeforge.plan.prompts import smoke_prompts
 from moeforge.plan.templates import OutputFamily, load_all
 
@@ -140,13 +141,13 @@ ROUTER_DIFFERENCES = {
 }
 
 
-def _router_note(plan: Mapping[str, Any], tensors: Mapping[str, Any]) -> list[str]:
+def _router_note(plan: Plan, tensors: Mapping[str, Any]) -> list[str]:
     """The known cause when only the routers differ, for the gate modes whose computation differs on purpose."""
     routers = tensors["groups"].get("routers")
-    known = ROUTER_DIFFERENCES.get(plan["recipe"]["gate_mode"])
+    known = ROUTER_DIFFERENCES.get(plan.recipe.gate_mode)
     if known is None or routers is None or routers["bit_identical"] == routers["tensors"]:
         return []
-    return [f"routers differ as expected for gate_mode {plan['recipe']['gate_mode']}: {known}"]
+    return [f"routers differ as expected for gate_mode {plan.recipe.gate_mode}: {known}"]
 
 
 def reproduce_published(merge: str, raw: str, rebuilt_dir: Path, plan_path: Path, record_path: Path,
@@ -155,9 +156,9 @@ def reproduce_published(merge: str, raw: str, rebuilt_dir: Path, plan_path: Path
 
     A difference (or a published config that does not match) is a finding, not a failure: the job succeeds.
     """
-    plan = json.loads(plan_path.read_text())
+    plan = read_plan(plan_path)
     record = json.loads(record_path.read_text())
-    family = load_all()[1][plan["output_family"]]
+    family = load_all()[1][plan.output_family]
     # The commit the recipe was read at (a branch may have moved on since): the weights compared are that commit's.
     ref = PublishedRef(raw, model_dir=None if record["repo_id"] else Path(raw).expanduser(),
                        repo_id=record["repo_id"], revision=record["revision"])
@@ -173,7 +174,7 @@ def reproduce_published(merge: str, raw: str, rebuilt_dir: Path, plan_path: Path
     if mismatches:
         notes.append("next-token comparison skipped: the two configs differ")
     else:
-        next_token = next_token_comparison(rebuilt_dir, published_dir, smoke_prompts(plan["recipe"]), notes)
+        next_token = next_token_comparison(rebuilt_dir, published_dir, smoke_prompts(plan.recipe), notes)
     report = {"merge": merge, "published": raw, "revision": ref.revision, "recipe_from": record["recipe_from"],
               "verdict": "identical" if identical else "different", "config_mismatches": mismatches,
               **tensors, "next_token": next_token, "notes": notes}

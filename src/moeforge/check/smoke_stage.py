@@ -11,7 +11,6 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Mapping
 
 from moeforge.check.plots import plot_expert_load, plot_gate_similarity
 from moeforge.check.report import write_report
@@ -19,20 +18,20 @@ from moeforge.check.smoke import SmokeFailure, SmokeOptions, run_smoke
 from moeforge.io.fetch import weights_dir_of
 from moeforge.io.safetensors_file import TORCH_NAME
 from moeforge.plan.identity import is_identity_build
+from moeforge.plan.plan_json import Plan, read_plan
 from moeforge.plan.prompts import smoke_prompts
 from moeforge.resources import smoke_dtype
 from moeforge.runtime.cpu_matmul import computes_natively
 
 
-def smoke_options(plan: Mapping[str, Any], device: str, max_new_tokens: int, dtype: str = "auto",
+def smoke_options(plan: Plan, device: str, max_new_tokens: int, dtype: str = "auto",
                   memory_gb: float | None = None, job_mem_mb: int | None = None) -> SmokeOptions:
-    recipe = plan["recipe"]
-    expert_prompts = {e["name"]: list(e["positive_prompts"]) for e in recipe["experts"]}
-    native = computes_natively(TORCH_NAME[plan["dtype_out"]], device)
-    return SmokeOptions(prompts=smoke_prompts(recipe), max_new_tokens=recipe["max_new_tokens"] or max_new_tokens,
+    recipe = plan.recipe
+    native = computes_natively(TORCH_NAME[plan.dtype_out], device)
+    return SmokeOptions(prompts=smoke_prompts(recipe), max_new_tokens=recipe.max_new_tokens or max_new_tokens,
                         device=device, identity=is_identity_build(plan), dtype=smoke_dtype(plan, dtype, native),
-                        expert_prompts={k: v for k, v in expert_prompts.items() if v},
-                        expert_names=[e["name"] for e in recipe["experts"]],
+                        expert_prompts={e.name: list(e.positive_prompts) for e in recipe.experts if e.positive_prompts},
+                        expert_names=[e.name for e in recipe.experts],
                         memory_gb=memory_gb, job_mem_mb=job_mem_mb, scanned_when_written=True)
 
 
@@ -59,7 +58,7 @@ def set_aside_failed_model(model_dir: Path, exc: BaseException) -> Path:
 def smoke_stage(model_dir: Path, plan_json: Path, gates_json: Path, translation_json: Path, base_weights: Path, *,
                 device: str, dtype: str = "auto", memory_gb: float | None = None, job_mem_mb: int | None = None,
                 max_new_tokens: int, out_json: Path, out_md: Path, load_png: Path, similarity_png: Path) -> dict:
-    plan = json.loads(plan_json.read_text())
+    plan = read_plan(plan_json)
     try:
         opts = smoke_options(plan, device, max_new_tokens, dtype, memory_gb, job_mem_mb)
         report = run_smoke(model_dir, weights_dir_of(base_weights), opts)
@@ -67,13 +66,13 @@ def smoke_stage(model_dir: Path, plan_json: Path, gates_json: Path, translation_
         set_aside_failed_model(model_dir, exc)
         raise
     translation = json.loads(translation_json.read_text())
-    report["build"] = {"merge": plan["merge"], "output_family": plan["output_family"],
-                       "warnings": plan["warnings"], "decisions": plan["decisions"],
+    report["build"] = {"merge": plan.merge, "output_family": plan.output_family,
+                       "warnings": list(plan.warnings), "decisions": [dict(d) for d in plan.decisions],
                        "translation": translation["decisions"],
-                       "trust_remote_code": plan["recipe"]["trust_remote_code"]}
+                       "trust_remote_code": plan.recipe.trust_remote_code}
     gates = json.loads(gates_json.read_text())
     # Each once: a stage may repeat what validation already said (a rope translation warns in both).
-    report["warnings"] = list(dict.fromkeys([*plan["warnings"], *gates.get("warnings", []), *translation["warnings"],
+    report["warnings"] = list(dict.fromkeys([*plan.warnings, *gates.get("warnings", []), *translation["warnings"],
                                              *report["warnings"]]))
     write_report(report, out_json, out_md)
     plot_expert_load(report, load_png)

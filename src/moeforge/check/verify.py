@@ -18,6 +18,7 @@ from moeforge.io.files import sha256_file, write_json
 from moeforge.io.lockfile import LOCK_NAME, read_lock
 from moeforge.io.safetensors_file import TORCH_NAME
 from moeforge.plan.prompts import smoke_prompts
+from moeforge.plan.recipe import parse_recipe
 from moeforge.resources import generation_dtype
 from moeforge.runtime.cpu_matmul import computes_natively
 from moeforge.runtime.layerwise import CheckpointTensors
@@ -54,12 +55,12 @@ def verify_model(model_dir: Path, out_dir: Path, *, device: str, max_new_tokens:
     the model's own headers: a downloaded merge has no plan.
     """
     files = check_lock(model_dir)
-    recipe = read_lock(model_dir / LOCK_NAME)["recipe"]
-    expert_prompts = {e["name"]: list(e["positive_prompts"]) for e in recipe["experts"] if e["positive_prompts"]}
+    recipe = parse_recipe(read_lock(model_dir / LOCK_NAME)["recipe"], f"{model_dir / LOCK_NAME}: recipe")
+    expert_prompts = {e.name: list(e.positive_prompts) for e in recipe.experts if e.positive_prompts}
     stored = stored_dtype(model_dir)
     size = sum(e.nbytes for e in CheckpointTensors(model_dir).entries().values())
     opts = SmokeOptions(prompts=smoke_prompts(recipe), max_new_tokens=max_new_tokens, device=device,
-                        expert_prompts=expert_prompts, expert_names=[e["name"] for e in recipe["experts"]],
+                        expert_prompts=expert_prompts, expert_names=[e.name for e in recipe.experts],
                         memory_gb=memory_gb,
                         dtype=generation_dtype(stored, size, dtype, computes_natively(TORCH_NAME[stored], device)))
     report = run_smoke(model_dir, None, opts)

@@ -56,7 +56,6 @@ exceeds 5 (which does not say which experts are at fault; the cosine check does)
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 from dataclasses import dataclass, field
@@ -70,15 +69,9 @@ from moeforge.io.files import dumps_json, write_bytes
 from moeforge.io.hf_load import load_tokenizer
 from moeforge.io.safetensors_file import TORCH_NAME
 from moeforge.numbers import report_number
-from moeforge.plan.gate_settings import (
-    PROMPTLESS_MODES,
-    ExpertPrompts,
-    GateSpec,
-    gate_spec,
-    named_groups,
-    render_prompt,
-    validate_spec,
-)
+from moeforge.plan.plan_json import read_plan
+from moeforge.plan.prompts import render_prompt
+from moeforge.plan.recipe import PROMPTLESS_GATE_MODES, Recipe
 from moeforge.runtime.devices import require_device
 from moeforge.runtime.layerwise import (
     input_embeddings,
@@ -92,27 +85,25 @@ DEGENERATE_COSINE = 0.99
 ILL_CONDITIONED = 5.0
 _ZERO_NORM = 1e-8
 
-__all__ = ["ExpertPrompts", "GateSpec", "compute_gates", "validate_spec", "write_gates"]
-
 log = logging.getLogger(__name__)
 
 
-def compute_gates(base_dir: Path, spec: GateSpec, *, progress: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
-    """Router matrices for every layer of the base model, and the stats for ``gates.json``.
+def compute_gates(base_dir: Path, recipe: Recipe, *, progress: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
+    """Router matrices for every layer of the base model, and the stats for ``gates.json``, as the recipe's gate
+    settings ask (a recipe checked by ``parse_recipe``: the settings are not checked again here).
 
-    Returns ``{"layer.{i}.router": [E, H] float32}`` plus ``"layer.{i}.shared_expert_gate": [S, H]``
-    when ``spec.shared_experts`` is non-empty.
+    Returns ``{"layer.{i}.router": [E, H] float32}`` plus ``"layer.{i}.shared_expert_gate": [1, H]``
+    when the recipe's shared experts have a prompt-computed gate (``Recipe.shared_gate_group``).
     """
-    validate_spec(spec)
     config = load_config(Path(base_dir))
     num_layers, hidden_size = config.num_hidden_layers, config.hidden_size
-    if spec.mode in PROMPTLESS_MODES:
-        result = _random_gates(spec, num_layers, hidden_size)
+    if recipe.gate_mode in PROMPTLESS_GATE_MODES:
+        result = _random_gates(recipe, num_layers, hidden_size)
     else:
-        result = _prompt_gates(Path(base_dir), spec, num_layers, progress)
-    tensors = _tensor_dict(result, len(spec.experts))
-    stats = _stats(spec, result, num_layers, hidden_size)
-    _report_degenerate(spec, stats)
+        result = _prompt_gates(Path(base_dir), recipe, num_layers, progress)
+    tensors = _tensor_dict(result, len(recipe.experts))
+    stats = _stats(recipe, result, num_layers, hidden_size)
+    _report_degenerate(recipe, stats)
     return tensors, stats
 
 
@@ -136,20 +127,20 @@ def _generator(seed: int, layer: int, stream: str) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
 
-def _draw(spec: GateSpec, layer: int, stream: str, count: int, hidden_size: int) -> torch.Tensor:
-    generator = _generator(spec.seed, layer, stream)
-    if spec.mode == "random":
+def _draw(recipe: Recipe, layer: int, stream: str, count: int, hidden_size: int) -> torch.Tensor:
+    generator = _generator(recipe.seed, layer, stream)
+    if recipe.gate_mode == "random":
         return torch.randn((count, hidden_size), generator=generator, dtype=torch.float32)
     bound = 1.0 / math.sqrt(hidden_size)
     return (torch.rand((count, hidden_size), generator=generator, dtype=torch.float32) * 2 - 1) * bound
 
 
-def _random_gates(spec: GateSpec, num_layers: int, hidden_size: int) -> _Result:
+def _random_gates(recipe: Recipe, num_layers: int, hidden_size: int) -> _Result:
     rows = []
     for layer in range(num_layers):
-        parts = [_draw(spec, layer, "router", len(spec.experts), hidden_size)]
-        if spec.shared_experts:
-            parts.append(_draw(spec, layer, "shared", len(spec.shared_experts), hidden_size))
+        parts = [_draw(recipe, layer, "router", len(recipe.experts), hidden_size)]
+        if recipe.shared_gate_group():
+            parts.append(_draw(recipe, layer, "shared", 1, hidden_size))
         rows.append(torch.cat(parts))
     return _Result(rows=rows, norms=[r.norm(dim=-1) for r in rows])
 
@@ -168,26 +159,22 @@ class _PromptTable:
 
 
 
-def _prompt_table(tokenizer, spec: GateSpec) -> _PromptTable:
+def _prompt_table(tokenizer, recipe: Recipe) -> _PromptTable:
+    """Every prompt has a token: validation checked them with this tokenizer (moeforge.plan.prompts)."""
     index: dict[str, int] = {}
     token_ids: list[list[int]] = []
 
-    def lookup(prompt: str, where: str) -> int:
-        text = render_prompt(tokenizer, prompt, spec.prompt_template)
+    def lookup(prompt: str) -> int:
+        text = render_prompt(tokenizer, prompt, recipe.prompt_template)
         if text not in index:
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-            if not ids:
-                raise RecipeError(
-                    f"prompt {prompt!r} has no tokens", where=where, fix="remove the empty prompt"
-                )
             index[text] = len(token_ids)
-            token_ids.append(list(ids))
+            token_ids.append(list(tokenizer(text, add_special_tokens=False)["input_ids"]))
         return index[text]
 
     positive, negative = [], []
-    for where, group in named_groups(spec):
-        positive.append([lookup(p, where + " positive_prompts") for p in group.positive])
-        negative.append([lookup(p, where + " negative_prompts") for p in group.negative])
+    for group in recipe.gate_groups():
+        positive.append([lookup(p) for p in group.positive_prompts])
+        negative.append([lookup(p) for p in group.negative_prompts])
     return _PromptTable(token_ids, positive, negative)
 
 
@@ -258,72 +245,72 @@ def _set_vector(features: torch.Tensor, indices: list[int], normalise: bool) -> 
     return _unit(mean) if normalise else mean
 
 
-def _prompt_gates(base_dir: Path, spec: GateSpec, num_layers: int, progress: bool) -> _Result:
+def _prompt_gates(base_dir: Path, recipe: Recipe, num_layers: int, progress: bool) -> _Result:
     tokenizer = load_tokenizer(base_dir, ModelError, "the base model's tokenizer",
                                "make sure the tokenizer files were fetched with the base model")
-    table = _prompt_table(tokenizer, spec)
-    batches = _make_batches(table.token_ids, spec.batch_size, _pad_id(tokenizer))
+    table = _prompt_table(tokenizer, recipe)
+    batches = _make_batches(table.token_ids, recipe.gate_batch_size, _pad_id(tokenizer))
     info = {"count": len(table.token_ids), "tokens": sum(len(t) for t in table.token_ids)}
-    if spec.mode == "cheap_embed":
-        result = _cheap_embed_gates(base_dir, spec, table, batches, num_layers, progress)
+    if recipe.gate_mode == "cheap_embed":
+        result = _cheap_embed_gates(base_dir, recipe, table, batches, num_layers, progress)
     else:
-        result = _layer_gates(base_dir, spec, table, batches, progress)
+        result = _layer_gates(base_dir, recipe, table, batches, progress)
     result.prompt_info = info
     return result
 
 
 def _cheap_embed_gates(
-    base_dir: Path, spec: GateSpec, table: _PromptTable, batches: _Batches, num_layers: int, progress: bool
+    base_dir: Path, recipe: Recipe, table: _PromptTable, batches: _Batches, num_layers: int, progress: bool
 ) -> _Result:
     embeddings = input_embeddings(base_dir)
     features = torch.stack([embeddings[torch.tensor(ids)].sum(0) for ids in table.token_ids])
     del embeddings
     rows, norms = _group_rows(features, table, normalise_sets=True)
     result = _Result(rows=[rows] * num_layers, norms=[norms] * num_layers)
-    if spec.router_scale is not None:
+    if recipe.router_scale is not None:
         states = iter_layer_hidden_states(
-            base_dir, batches.inputs, device=spec.device, want=("mlp_in",), progress=progress
+            base_dir, batches.inputs, device=recipe.gate_device, want=("mlp_in",), progress=progress
         )
-        result.calibration = {s.index: _calibrate(spec, s.index, s.mlp_in, batches, rows) for s in states}
+        result.calibration = {s.index: _calibrate(recipe, s.index, s.mlp_in, batches, rows) for s in states}
     return result
 
 
-def _layer_gates(base_dir: Path, spec: GateSpec, table: _PromptTable, batches: _Batches, progress: bool) -> _Result:
+def _layer_gates(base_dir: Path, recipe: Recipe, table: _PromptTable, batches: _Batches, progress: bool) -> _Result:
     """hidden*, router_input: one pass over the layers, rows computed as each layer goes by."""
-    use_residual = spec.mode in HIDDEN_MODES
+    use_residual = recipe.gate_mode in HIDDEN_MODES
     want = ["residual_in"] if use_residual else ["mlp_in"]
-    if use_residual and spec.router_scale is not None:
+    if use_residual and recipe.router_scale is not None:
         want.append("mlp_in")
     if use_residual:
-        how = "mean" if spec.mode == "hidden_avg" else "last"
+        how = "mean" if recipe.gate_mode == "hidden_avg" else "last"
     else:
-        how = spec.token_reduction
+        how = recipe.token_reduction
     result = _Result(rows=[], norms=[])
-    states = iter_layer_hidden_states(base_dir, batches.inputs, device=spec.device, want=want, progress=progress)
+    states = iter_layer_hidden_states(base_dir, batches.inputs, device=recipe.gate_device, want=want, progress=progress)
     for state in states:
         source = state.residual_in if use_residual else state.mlp_in
         rows, norms = _group_rows(_reduce(source, batches, how), table, normalise_sets=False)
         result.rows.append(rows)
         result.norms.append(norms)
         if state.mlp_in is not None:
-            result.calibration[state.index] = _calibrate(spec, state.index, state.mlp_in, batches, rows)
+            result.calibration[state.index] = _calibrate(recipe, state.index, state.mlp_in, batches, rows)
     return result
 
 
-def _calibrate(spec: GateSpec, layer: int, mlp_in: list[torch.Tensor], batches: _Batches, rows: torch.Tensor) -> dict:
+def _calibrate(recipe: Recipe, layer: int, mlp_in: list[torch.Tensor], batches: _Batches, rows: torch.Tensor) -> dict:
     """Typical router-input norm and logit spread at one layer, and the scale they imply."""
     tokens = torch.cat([h.float()[mask.to(h.device).bool()].cpu() for h, (_, mask) in zip(mlp_in, batches.inputs)])
-    router = rows[: len(spec.experts)]
+    router = rows[: len(recipe.experts)]
     spread = float((tokens @ router.T).std(dim=1, correction=0).median()) if len(router) > 1 else float("nan")
     entry = {"router_input_norm": float(tokens.norm(dim=-1).median()), "logit_spread": spread}
-    if spec.router_scale is not None:
+    if recipe.router_scale is not None:
         if not spread > 0:
             raise RecipeError(
                 f"router_scale cannot be calibrated at layer {layer}: every expert gets the same logit",
                 where="router_scale",
                 fix="make the experts' prompts distinct, or remove router_scale",
             )
-        entry["scale"] = spec.router_scale / spread
+        entry["scale"] = recipe.router_scale / spread
     return entry
 
 
@@ -362,38 +349,38 @@ def _layer_stats(
     return entry
 
 
-def _stats(spec: GateSpec, result: _Result, num_layers: int, hidden_size: int) -> dict:
-    num_routed = len(spec.experts)
+def _stats(recipe: Recipe, result: _Result, num_layers: int, hidden_size: int) -> dict:
+    num_routed = len(recipe.experts)
     layers = [
         _layer_stats(i, result.rows[i], result.norms[i], num_routed, result.calibration.get(i))
         for i in range(num_layers)
     ]
     stats = {
-        "mode": spec.mode,
-        "seed": spec.seed,
-        "prompt_template": spec.prompt_template,
-        "token_reduction": spec.token_reduction,
-        "router_scale": spec.router_scale,
+        "mode": recipe.gate_mode,
+        "seed": recipe.seed,
+        "prompt_template": recipe.prompt_template,
+        "token_reduction": recipe.token_reduction,
+        "router_scale": recipe.router_scale,
         "num_layers": num_layers,
         "hidden_size": hidden_size,
-        "experts": [e.name for e in spec.experts],
-        "shared_experts": [e.name for e in spec.shared_experts],
+        "experts": [e.name for e in recipe.experts],
+        "shared_experts": [group.name for group in recipe.gate_groups()[len(recipe.experts):]],
         "prompts": result.prompt_info,
         "degenerate_cosine": DEGENERATE_COSINE,
-        "degenerate": _degenerate(layers, spec),
+        "degenerate": _degenerate(layers, recipe),
         "layers": layers,
     }
     stats["ill_conditioned_above"] = ILL_CONDITIONED
-    stats["warnings"] = [_degenerate_message(spec, d) for d in stats["degenerate"]] + _conditioning(layers, spec)
+    stats["warnings"] = [_degenerate_message(recipe, d) for d in stats["degenerate"]] + _conditioning(layers, recipe)
     return stats
 
 
-def _conditioning(layers: list[dict], spec: GateSpec) -> list[str]:
+def _conditioning(layers: list[dict], recipe: Recipe) -> list[str]:
     """mergekit-moe's warning: a router matrix with condition number above 5 routes poorly.
 
     Random rows are exempt, as for the degenerate check.
     """
-    if spec.mode in PROMPTLESS_MODES:
+    if recipe.gate_mode in PROMPTLESS_GATE_MODES:
         return []
     bad = [(e["layer"], e["condition_number"]) for e in layers
            if e["condition_number"] is None or e["condition_number"] > ILL_CONDITIONED]
@@ -406,12 +393,12 @@ def _conditioning(layers: list[dict], spec: GateSpec) -> list[str]:
             "make the experts' positive_prompts more distinct or add negative_prompts"]
 
 
-def _degenerate(layers: list[dict], spec: GateSpec) -> list[dict]:
+def _degenerate(layers: list[dict], recipe: Recipe) -> list[dict]:
     """Expert pairs with near-duplicate rows and experts with vanishing rows, with their layers.
 
     Random rows are exempt: their similarity is chance, not a property of the prompts.
     """
-    if spec.mode in PROMPTLESS_MODES:
+    if recipe.gate_mode in PROMPTLESS_GATE_MODES:
         return []
     found: dict[tuple, dict] = {}
     for entry in layers:
@@ -431,30 +418,30 @@ def _degenerate(layers: list[dict], spec: GateSpec) -> list[dict]:
     return list(found.values())
 
 
-def _expert_label(spec: GateSpec, index: int) -> str:
-    return f"experts[{index}] ({spec.experts[index].name!r})"
+def _expert_label(recipe: Recipe, index: int) -> str:
+    return f"experts[{index}] ({recipe.experts[index].name!r})"
 
 
-def _degenerate_message(spec: GateSpec, item: dict) -> str:
+def _degenerate_message(recipe: Recipe, item: dict) -> str:
     layers = ", ".join(map(str, item["layers"]))
     if item["kind"] == "zero":
         return (
-            f"{_expert_label(spec, item['experts'][0])} has a zero gate vector at layer(s) {layers}: "
+            f"{_expert_label(recipe, item['experts'][0])} has a zero gate vector at layer(s) {layers}: "
             "its positive and negative prompts cancel out"
         )
     a, b = item["experts"]
     return (
-        f"{_expert_label(spec, a)} and {_expert_label(spec, b)} have near-identical gate vectors "
+        f"{_expert_label(recipe, a)} and {_expert_label(recipe, b)} have near-identical gate vectors "
         f"(cosine up to {item['max_cosine']} > {DEGENERATE_COSINE}) at layer(s) {layers}: "
         "the router cannot tell them apart there"
     )
 
 
-def _report_degenerate(spec: GateSpec, stats: dict) -> None:
-    if spec.strict_gates and stats["degenerate"]:
+def _report_degenerate(recipe: Recipe, stats: dict) -> None:
+    if recipe.strict_gates and stats["degenerate"]:
         raise RecipeError(
-            "degenerate gates: " + "; ".join(_degenerate_message(spec, d) for d in stats["degenerate"]),
-            where=f"gate_mode {spec.mode}, expert prompts",
+            "degenerate gates: " + "; ".join(_degenerate_message(recipe, d) for d in stats["degenerate"]),
+            where=f"gate_mode {recipe.gate_mode}, expert prompts",
             fix="make those experts' positive_prompts more distinct or add negative_prompts, "
             "or set strict_gates: false to accept the gates",
         )
@@ -482,11 +469,10 @@ def _tensor_sort_key(name: str) -> tuple:
 def gates_for_plan(plan_json: Path, base_weights: Path, out_tensors: Path, out_stats: Path, threads: int = 1) -> None:
     """The gates step: the routers a plan's recipe asks for, from the base model's weights."""
     torch.set_num_threads(max(1, threads))
-    plan = json.loads(plan_json.read_text())
-    spec = gate_spec(plan)
-    require_device(spec.device, "gate_device")
-    tensors, stats = compute_gates(weights_dir_of(base_weights), spec, progress=False)
+    plan = read_plan(plan_json)
+    require_device(plan.recipe.gate_device, "gate_device")
+    tensors, stats = compute_gates(weights_dir_of(base_weights), plan.recipe, progress=False)
     # Stored in the output dtype, so shard jobs copy router bytes as they are (no torch there);
     # gates.json's statistics are computed in float32 before this cast.
-    dtype = getattr(torch, TORCH_NAME[plan["dtype_out"]])
+    dtype = getattr(torch, TORCH_NAME[plan.dtype_out])
     write_gates({name: t.to(dtype) for name, t in tensors.items()}, stats, out_tensors, out_stats)

@@ -16,6 +16,7 @@ from typing import Any, Iterable, Mapping
 
 from moeforge.errors import BuildError
 from moeforge.io.files import write_json
+from moeforge.plan.plan_json import read_plan
 from moeforge.plan.table import planned_shapes, read_rows
 from moeforge.plan.templates import OutputFamily, output_family_for
 
@@ -95,10 +96,9 @@ def check_plan_against_class(planned: dict[str, tuple[int, ...]], config: Mappin
 def class_check(plan_json: Path, plan_tsv: Path, config_json: Path, out_json: Path) -> dict[str, Any]:
     """The class_check step: the planned tensors, under the config.json that translate_config
     wrote, must be exactly what the installed transformers class expects."""
-    plan = json.loads(plan_json.read_text())
+    plan = read_plan(plan_json)
     config = json.loads(config_json.read_text())
     summary = check_plan_against_class(planned_shapes(read_rows(plan_tsv)), config,
-                                       output_family_for(plan["output_family"]), plan["num_layers"],
-                                       plan["num_experts"])
+                                       output_family_for(plan.output_family), plan.num_layers, plan.num_experts)
     write_json(out_json, summary)
     return summary

@@ -7,14 +7,15 @@ tokenizer files, safetensors headers) before any weight is downloaded.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Mapping
 
 import pandas as pd
 
 from moeforge.errors import RecipeError
-from moeforge.io.files import write_json, write_text
+from moeforge.io.files import write_text
 from moeforge.io.safetensors_file import SAFETENSORS_NAME, TORCH_NAME
 from moeforge.plan.identity import identity_skipped_warning
+from moeforge.plan.plan_json import Plan, PlannedExpert, PlannedSource, write_plan_json
 from moeforge.plan.recipe import Recipe
 from moeforge.plan.rows import (
     ZERO_SHARED_INTERMEDIATE,
@@ -58,14 +59,14 @@ def _tie_output(recipe: Recipe, base: Source, ctx: PlanContext) -> bool:
     return True
 
 
-def _source_entry(source: Source, roles: list[str]) -> dict[str, Any]:
+def _source_entry(source: Source, roles: list[str]) -> PlannedSource:
     sj = source.source_json
-    return {"ref": source.ref, "slug": source.slug, "roles": roles, "family": source.family.name,
-            "model_type": source.params["model_type"], "kind": sj["kind"],
-            "resolved_revision": sj["resolved_revision"]}
+    return PlannedSource(ref=source.ref, slug=source.slug, roles=tuple(roles), family=source.family.name,
+                         model_type=source.params["model_type"], kind=sj["kind"],
+                         resolved_revision=sj["resolved_revision"])
 
 
-def make_plan(merge: str, recipe: Recipe, meta_dirs: Mapping[str, Path]) -> tuple[dict[str, Any], pd.DataFrame]:
+def make_plan(merge: str, recipe: Recipe, meta_dirs: Mapping[str, Path]) -> tuple[Plan, pd.DataFrame]:
     """Validate the recipe against its sources' metadata and build plan.json + the tensor table."""
     ctx = PlanContext()
     sources = {ref: load_source(ref, meta_dirs[ref]) for ref in recipe.source_models}
@@ -98,35 +99,33 @@ def make_plan(merge: str, recipe: Recipe, meta_dirs: Mapping[str, Path]) -> tupl
     for ref, role in [(recipe.base_model, "base")] + [(e.source_model, f"expert:{e.name}") for e in recipe.experts] \
             + [(e.source_model, f"shared_expert:{e.name}") for e in recipe.shared_experts]:
         roles.setdefault(ref, []).append(role)
-    plan = {
-        "merge": merge,
-        "recipe": recipe.to_dict(),
-        "base": base.slug,
-        "input_family": base.family.name,
-        "output_family": out.name,
-        "num_layers": num_layers,
-        "num_experts": len(experts),
-        "hidden_size": base.params["hidden_size"],
-        "shared_intermediate_size": _shared_width(shared, out),
-        "dtype_out": dtype_out,
-        "tie_output": tie_output,
-        "experts": [{"name": e.name, "slug": s.slug, "ref": e.source_model} for e, s in zip(recipe.experts, experts)],
-        "shared_experts": [{"name": e.name, "slug": s.slug, "ref": e.source_model}
-                           for e, s in zip(recipe.shared_experts, shared)],
-        "sources": {s.slug: _source_entry(s, roles[s.ref]) for s in sources.values()},
-        "base_params": base.params,
-        # The decoder layers that attend within the recipe's sliding_window (config translation writes them).
-        "window_layers": window_layers,
-        "shards": shards,
-        "shard_bytes": _shard_bytes(frame),
-        # One decoder layer's output bytes: what a layer-streamed job holds at a time.
-        "layer_bytes": largest_layer,
-        "decisions": ctx.decisions,
-        "warnings": ctx.warnings,
-    }
+    plan = Plan(
+        merge=merge,
+        recipe=recipe,
+        base=base.slug,
+        input_family=base.family.name,
+        output_family=out.name,
+        num_layers=num_layers,
+        num_experts=len(experts),
+        hidden_size=base.params["hidden_size"],
+        shared_intermediate_size=_shared_width(shared, out),
+        dtype_out=dtype_out,
+        tie_output=tie_output,
+        experts=tuple(PlannedExpert(e.name, s.slug, e.source_model) for e, s in zip(recipe.experts, experts)),
+        shared_experts=tuple(PlannedExpert(e.name, s.slug, e.source_model)
+                             for e, s in zip(recipe.shared_experts, shared)),
+        sources={s.slug: _source_entry(s, roles[s.ref]) for s in sources.values()},
+        base_params=base.params,
+        window_layers=tuple(window_layers),
+        shards=tuple(shards),
+        shard_bytes=_shard_bytes(frame),
+        layer_bytes=largest_layer,
+        decisions=tuple(ctx.decisions),
+        warnings=tuple(ctx.warnings),
+    )
     skipped = identity_skipped_warning(plan)
     if skipped:
-        ctx.warnings.append(skipped)
+        plan = plan.with_warnings([skipped])
     return plan, frame
 
 
@@ -141,10 +140,8 @@ def _shard_bytes(frame: pd.DataFrame) -> dict[str, int]:
     return {shard: int(total) for shard, total in row_bytes(frame).groupby(frame["shard"]).sum().items()}
 
 
-
-
-def write_plan(plan: Mapping[str, Any], frame: pd.DataFrame, plan_json: Path, plan_tsv: Path) -> None:
+def write_plan(plan: Plan, frame: pd.DataFrame, plan_json: Path, plan_tsv: Path) -> None:
     write_text(plan_tsv, frame.to_csv(sep="\t", index=False))
-    write_json(plan_json, plan)
+    write_plan_json(plan, plan_json)
 
 

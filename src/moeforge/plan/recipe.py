@@ -8,6 +8,7 @@ that can be seen in the recipe alone is reported here, before any model is fetch
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -68,10 +69,49 @@ class Recipe:
         object.__setattr__(self, "source_models", tuple(dict.fromkeys(refs)))
 
     def to_dict(self) -> dict[str, Any]:
-        """The resolved recipe (all defaults explicit), as recorded in plan.json and the lock."""
-        data = asdict(self)
+        """The resolved recipe (all defaults explicit), as recorded in plan.json and the lock: JSON types only
+        (lists, not tuples), so the model card's YAML and the lock write it as they read it."""
+        data = _as_lists(asdict(self))
         data.pop("source_models")
         return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Recipe:
+        """The Recipe that ``to_dict`` wrote (plan.json checks its form against the plan schema first)."""
+        fields = {k: v for k, v in data.items() if k not in ("experts", "shared_experts")}
+        fields["smoke_prompts"] = tuple(fields.get("smoke_prompts", ()))
+        return cls(experts=_typed_experts(data["experts"]), shared_experts=_typed_experts(data["shared_experts"]),
+                   **fields)
+
+    def shared_gate_group(self) -> ExpertSpec | None:
+        """The shared experts as their gate sees them, or None when the gate is not computed from prompts.
+
+        The N shared experts become one fused shared MLP with one gate, routed by all their prompts (in
+        recipe order); ``shared_gate: always`` writes no gate row.
+        """
+        if not self.shared_experts or self.shared_gate != "prompts":
+            return None
+        return ExpertSpec(source_model=", ".join(e.source_model for e in self.shared_experts), name="shared",
+                          positive_prompts=tuple(p for e in self.shared_experts for p in e.positive_prompts),
+                          negative_prompts=tuple(p for e in self.shared_experts for p in e.negative_prompts))
+
+    def gate_groups(self) -> tuple[ExpertSpec, ...]:
+        """The gate's rows in order: the routed experts, then the fused shared group (when it has a gate)."""
+        shared = self.shared_gate_group()
+        return self.experts + ((shared,) if shared else ())
+
+
+def _as_lists(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return [_as_lists(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _as_lists(v) for k, v in value.items()}
+    return value
+
+
+def _typed_experts(items: list[Mapping[str, Any]]) -> tuple[ExpertSpec, ...]:
+    return tuple(ExpertSpec(**{**e, "positive_prompts": tuple(e["positive_prompts"]),
+                               "negative_prompts": tuple(e["negative_prompts"])}) for e in items)
 
 
 #: Every gate mode, in the schema's order: the schema is the one place that lists them.
@@ -164,29 +204,53 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
 
 
 def check_recipe(recipe: Recipe, source: str) -> None:
-    """Contradictions visible in the recipe alone."""
+    """Contradictions visible in the recipe alone: the one place that checks how its keys go together (each
+    key's own type and allowed values are the recipe schema's)."""
     n = len(recipe.experts)
     if recipe.experts_per_token > n:
         raise RecipeError(
             f"experts_per_token is {recipe.experts_per_token} but the recipe has only {n} expert(s)",
             f"{source}: experts_per_token", f"set experts_per_token to at most {n} or add experts")
     if recipe.gate_mode not in PROMPTLESS_GATE_MODES:
-        needing = [e for e in recipe.experts if not e.positive_prompts]
-        if recipe.shared_gate == "prompts":
-            needing += [e for e in recipe.shared_experts if not e.positive_prompts]
-        if needing:
-            where = "experts" if needing[0] in recipe.experts else "shared_experts"
-            raise RecipeError(
-                f"gate_mode {recipe.gate_mode!r} computes routers from prompts, but {needing[0].name!r} "
-                f"({needing[0].source_model}) has no positive_prompts", f"{source}: {where}",
-                "add positive_prompts to every expert, or use gate_mode random / uniform_random")
-    if recipe.gate_mode not in PROMPTLESS_GATE_MODES:
+        _check_positive_prompts(recipe, source)
         _check_distinct_prompts(recipe, source)
     if recipe.architecture is not None:
         output_candidates(recipe.architecture, f"{source}: architecture")
     if recipe.token_reduction != "last" and recipe.gate_mode != "router_input":
         raise RecipeError(f"token_reduction only applies to gate_mode router_input, not {recipe.gate_mode!r}",
                           f"{source}: token_reduction", "remove token_reduction or use gate_mode router_input")
+    if recipe.router_scale is not None:
+        _check_router_scale(recipe, source)
+
+
+def _check_positive_prompts(recipe: Recipe, source: str) -> None:
+    """A prompt gate mode needs each expert's prompts (and the shared experts', when their gate reads prompts)."""
+    groups = [("experts", i, e) for i, e in enumerate(recipe.experts)]
+    if recipe.shared_gate == "prompts":
+        groups += [("shared_experts", i, e) for i, e in enumerate(recipe.shared_experts)]
+    for key, i, expert in groups:
+        if not expert.positive_prompts:
+            raise RecipeError(
+                f"gate_mode {recipe.gate_mode!r} computes routers from prompts, but {expert.name!r} "
+                f"({expert.source_model}) has no positive_prompts", f"{source}: {key}[{i}] ({expert.name})",
+                "add positive_prompts to every expert, or use a gate_mode that needs none "
+                f"({', '.join(PROMPTLESS_GATE_MODES)})")
+
+
+def _check_router_scale(recipe: Recipe, source: str) -> None:
+    """router_scale calibrates the logits' spread across experts on the prompts' router inputs."""
+    where = f"{source}: router_scale"
+    if not math.isfinite(recipe.router_scale):
+        raise RecipeError(f"router_scale must be a finite positive number, got {recipe.router_scale!r}", where,
+                          "set router_scale to a positive number such as 1.0, or remove it")
+    if recipe.gate_mode in PROMPTLESS_GATE_MODES:
+        raise RecipeError(
+            f"router_scale is calibrated on the prompts' router inputs; gate_mode {recipe.gate_mode!r} has none",
+            where, "remove router_scale, or use a prompt-based gate_mode")
+    if len(recipe.experts) < 2:
+        raise RecipeError(
+            "router_scale needs at least two experts (it calibrates the spread of logits across experts)",
+            where, "remove router_scale")
 
 
 def _check_distinct_prompts(recipe: Recipe, source: str) -> None:

@@ -9,7 +9,6 @@ field's origin goes into translation.json.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any, Mapping
@@ -19,6 +18,7 @@ from moeforge.io.fetch import REFETCH_FIX
 from moeforge.io.files import read_json, write_json
 from moeforge.io.safetensors_file import TORCH_NAME
 from moeforge.plan import templates as arch
+from moeforge.plan.plan_json import Plan, read_plan
 from moeforge.plan.window import window_config
 
 #: Mean wrapped angle error (radians) above which a theta translation is reported as a warning;
@@ -79,9 +79,9 @@ def angle_error(theta: float, scaling: Mapping[str, Any], new_theta: float, head
             "max_rad": round(float(errors.max()), 6), "bands": bands}
 
 
-def _rope(plan: Mapping[str, Any], decisions: list[dict[str, Any]]) -> dict[str, Any]:
-    p = plan["base_params"]
-    rope, mode = p["rope"], plan["recipe"]["rope_scaling"]
+def _rope(plan: Plan, decisions: list[dict[str, Any]]) -> dict[str, Any]:
+    p = plan.base_params
+    rope, mode = p["rope"], plan.recipe.rope_scaling
     theta, scaling = rope["theta"], rope["scaling"]
     if scaling is None:
         decisions.append({"field": "rope_theta", "value": theta,
@@ -110,11 +110,11 @@ def _rope(plan: Mapping[str, Any], decisions: list[dict[str, Any]]) -> dict[str,
     return _rope_forms(new_theta, None)
 
 
-def build_config(plan: Mapping[str, Any], base_config: Mapping[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def build_config(plan: Plan, base_config: Mapping[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """config.json for the output family, and the decisions that made it."""
-    out = arch.output_family_for(plan["output_family"])
-    p = plan["base_params"]
-    recipe = plan["recipe"]
+    out = arch.output_family_for(plan.output_family)
+    p = plan.base_params
+    recipe = plan.recipe
     decisions: list[dict[str, Any]] = []
     config: dict[str, Any] = {"architectures": list(out.architectures), "model_type": out.model_type}
     for key in out.config["copy"]:
@@ -124,23 +124,23 @@ def build_config(plan: Mapping[str, Any], base_config: Mapping[str, Any]) -> tup
     decisions.append({"field": "copied", "value": sorted(k for k in out.config["copy"] if k in config),
                       "why": "taken from the base (normalised: head_dim and kv heads always explicit)"})
     for key in out.config.get("experts_key", ()):
-        config[key] = plan["num_experts"]
-    values = {**p, "shared_intermediate_size": plan["shared_intermediate_size"]}
+        config[key] = plan.num_experts
+    values = {**p, "shared_intermediate_size": plan.shared_intermediate_size}
     for key, param in out.config.get("params", {}).items():
         config[key] = values[param]
         decisions.append({"field": key, "value": values[param], "why": f"from {param}"})
-    config["num_experts_per_tok"] = recipe["experts_per_token"]
+    config["num_experts_per_tok"] = recipe.experts_per_token
     config.update(out.config["set"])
     config.update(_rope(plan, decisions))
-    config["sliding_window"] = recipe["sliding_window"]
+    config["sliding_window"] = recipe.sliding_window
     if "use_sliding_window" in config:
-        config["use_sliding_window"] = recipe["sliding_window"] is not None
-    config.update(window_config(out.window_layers, plan["window_layers"], p["num_hidden_layers"]))
-    decisions.append({"field": "sliding_window", "value": recipe["sliding_window"],
-                      "why": "the recipe's sliding_window" if recipe["sliding_window"] else
+        config["use_sliding_window"] = recipe.sliding_window is not None
+    config.update(window_config(out.window_layers, list(plan.window_layers), p["num_hidden_layers"]))
+    decisions.append({"field": "sliding_window", "value": recipe.sliding_window,
+                      "why": "the recipe's sliding_window" if recipe.sliding_window else
                       f"null: full attention (the base's window was {p['sliding_window']})"})
-    config["tie_word_embeddings"] = bool(plan["tie_output"])
-    dtype = TORCH_NAME[plan["dtype_out"]]
+    config["tie_word_embeddings"] = bool(plan.tie_output)
+    dtype = TORCH_NAME[plan.dtype_out]
     config["dtype"] = dtype
     config["torch_dtype"] = dtype
     decisions.append({"field": "dtype", "value": dtype,
@@ -158,11 +158,11 @@ def generation_config(base_meta: Path, config: Mapping[str, Any]) -> dict[str, A
 
 def translate(plan_json: Path, base_meta: Path, out_dir: Path) -> dict[str, Any]:
     """Write config.json, generation_config.json and translation.json into out_dir."""
-    plan = json.loads(plan_json.read_text())
+    plan = read_plan(plan_json)
     base_config = read_json(base_meta / "config.json", "the base model", ModelError, REFETCH_FIX)
     config, decisions = build_config(plan, base_config)
     write_json(out_dir / "config.json", config)
     write_json(out_dir / "generation_config.json", generation_config(base_meta, config))
-    write_json(out_dir / "translation.json", {"output_family": plan["output_family"], "decisions": decisions,
+    write_json(out_dir / "translation.json", {"output_family": plan.output_family, "decisions": decisions,
                                               "warnings": [d["warning"] for d in decisions if "warning" in d]})
     return config
