@@ -7,6 +7,8 @@ rule verify:
         locks=lambda wc: [f"{path}/moeforge.lock.json" for path in VERIFY.values()],
     params:
         models=lambda wc: VERIFY,
+        # The sources' stat caches: verify hashes the sources the locks name again, through them.
+        sources="resources/models",
         device=lookup(dpath="smoke/device", within=config),
         max_new_tokens=lookup(dpath="smoke/max_new_tokens", within=config),
         dtype=lookup(dpath="smoke/dtype", within=config),
