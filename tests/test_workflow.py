@@ -246,15 +246,21 @@ def test_gguf_target_converts_and_checks_every_merge(demo, llamacpp_converter):
 
 @pytest.mark.slow
 def test_building_another_merge_of_the_same_models_leaves_the_first_finished(demo, tmp_path):
-    """Building a second merge of the same models builds it whole and leaves the first finished (fetch_weights
-    waits for the plans of the merges asked for, a set that changes, and its record's content does not), and
-    a deleted model is then rebuilt, though its smoke report is still there."""
+    """Building a second merge of the same models builds it whole and leaves the first finished, under
+    Snakemake's default rerun triggers: each merge fetches its models after its own plan, and the models
+    are neither fetched again nor hashed again (no per-model job, no job of the first merge). A deleted
+    model is then rebuilt, though its smoke report is still there."""
     wd = tmp_path / "wd"
     shutil.copytree(demo, wd, symlinks=True)
     other = yaml.safe_load((wd / "demo.yaml").read_text()) | {"seed": 7}
     (wd / "other.yaml").write_text(yaml.safe_dump(other, sort_keys=False))
     (wd / "other-config.yaml").write_text(yaml.safe_dump({"merges": {"other": {"recipe": "other.yaml"}}}))
     cmd = [*SNAKEMAKE, "-s", str(REPO / "Snakefile"), "-d", str(wd), "--cores", "2"]
+    planned = subprocess.run([*cmd, "-n", "--configfile", str(wd / "other-config.yaml")], capture_output=True,
+                             text=True, stdin=subprocess.DEVNULL, timeout=900)
+    assert "fetch_weights" in _planned_rules(planned.stdout), planned.stdout[-3000:]
+    assert not _planned_rules(planned.stdout) & {"demo_models", "hash_source", "fetch_metadata", "locate_weights"}
+    assert "output: results/demo/" not in planned.stdout, planned.stdout[-3000:]
     proc = subprocess.run([*cmd, "--configfile", str(wd / "other-config.yaml")], capture_output=True, text=True,
                           stdin=subprocess.DEVNULL, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
