@@ -19,7 +19,7 @@ from safetensors import safe_open
 from moeforge.build.assemble import assemble
 from moeforge.build.shards import shard_step
 from moeforge.gates.compute import gates_for_plan
-from moeforge.io.fetch import fetch_metadata, fetch_weights, hash_weights
+from moeforge.io.fetch import fetch_metadata, fetch_weights, locate_weights
 from moeforge.io.refs import parse_ref
 from moeforge.plan.class_check import class_check
 from moeforge.plan.plan_json import Plan
@@ -73,15 +73,13 @@ def build(root: Path, recipe: dict[str, Any], merge: str = "m") -> Build:
     meta = {ref: root / "resources" / parse_ref(ref).slug / "meta" for ref in
             [recipe["base_model"], *(e["source_model"] for e in recipe["experts"]),
              *(e["source_model"] for e in recipe.get("shared_experts", []))]}
-    weights, hashes = [], []
-    for ref, meta_dir in meta.items():
-        record, hashed = meta_dir.parent / "weights.json", meta_dir.parent / "weights.sha256.json"
-        if not record.exists():
-            fetch_weights(meta_dir / "source.json", record)
-            hash_weights(meta_dir / "source.json", record, hashed)
-        weights.append(record)
-        hashes.append(hashed)
-    weights, hashes = list(dict.fromkeys(weights)), list(dict.fromkeys(hashes))
+    weights = []
+    for meta_dir in dict.fromkeys(meta.values()):
+        model, cache = meta_dir.parent, meta_dir.parent / "sha256-cache.json"
+        if not (model / "weights.json").exists():
+            locate_weights(meta_dir / "source.json", model / "weights.json", cache)
+        weights.append(out / "weights" / f"{model.name}.json")
+        fetch_weights(model / "weights.json", weights[-1], cache)
     base_weights = meta[recipe["base_model"]].parent / "weights.json"
     gates_for_plan(out / "plan.json", base_weights, out / "gates.safetensors", out / "gates.json")
     shards, digests = [], []
@@ -91,7 +89,7 @@ def build(root: Path, recipe: dict[str, Any], merge: str = "m") -> Build:
                                   out / "gates.safetensors" if shard == ROUTERS_SHARD else None, path,
                                   path.with_suffix(".sha256")))
         shards.append(path)
-    assemble(out / "plan.json", shards, digests, out / "config", meta[recipe["base_model"]], hashes, out / "model")
+    assemble(out / "plan.json", shards, digests, out / "config", meta[recipe["base_model"]], weights, out / "model")
     return Build(root=root, plan=plan, model_dir=out / "model", meta=meta)
 
 

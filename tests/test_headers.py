@@ -19,7 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from moeforge.errors import ModelError
-from moeforge.io.fetch import fetch_weights
+from moeforge.io.fetch import fetch_weights, locate_weights
 from moeforge.io.inventory import write_inventory
 from moeforge.io.safetensors_file import OutTensor, read_header, write_safetensors
 
@@ -184,12 +184,17 @@ def test_downloaded_weights_are_checked_against_their_size(tmp_path):
     model.mkdir()
     path = _save(model / "model.safetensors")
     source = tmp_path / "source.json"
-    source.write_text(json.dumps({"kind": "local", "local_path": str(model), "slug": "m",
+    source.write_text(json.dumps({"ref": str(model), "kind": "local", "repo_id": None, "resolved_revision": None,
+                                  "local_path": str(model), "slug": "m", "files": [],
                                   "weight_files": ["model.safetensors"]}))
-    fetch_weights(source, tmp_path / "weights.json")
+    cache = tmp_path / "sha256-cache.json"
+    locate_weights(source, tmp_path / "weights.json", cache)
+    fetch_weights(tmp_path / "weights.json", tmp_path / "fetched.json", cache)
     _rewrite(path, *_trailing(*_split(path)))
+    locate_weights(source, tmp_path / "weights.json", cache)
     with pytest.raises(ModelError, match="8 bytes after the last tensor 'b'"):
-        fetch_weights(source, tmp_path / "weights2.json")
+        fetch_weights(tmp_path / "weights.json", tmp_path / "fetched2.json", cache)
+    assert not (tmp_path / "fetched2.json").exists()
 
 
 def _sharded(directory: Path) -> Path:

@@ -37,10 +37,10 @@ LOCK = f"{MODEL}/moeforge.lock.json"
 TARGET = "results/demo/smoke/report.json"
 # Rules that run on the submit host (`localrule: True` in workflow/rules/); everything else is a
 # SLURM job.
-LOCAL_RULES = {"demo_models", "fetch_metadata", "fetch_weights", "translate_config"}
-REMOTE_RULES = {"validate", "gates", "hash_weights", "shard", "assemble", "smoke_test"}
+LOCAL_RULES = {"demo_models", "fetch_metadata", "locate_weights", "fetch_weights", "translate_config"}
+REMOTE_RULES = {"hash_source", "validate", "gates", "shard", "assemble", "smoke_test"}
 # Rules with one job per source model (the demo merges a base and three experts).
-PER_SOURCE_RULES = {"hash_weights": 4}
+PER_SOURCE_RULES = {"hash_source": 4}
 # The profile's polling suits a shared cluster (first status check 20 s after submission); on this
 # idle private cluster a 2 s check keeps the test short. MinJobAge=600 in cluster.sh's slurm.conf
 # keeps finished jobs visible to squeue, so the plugin's squeue status command stays in use.

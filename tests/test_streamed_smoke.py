@@ -383,9 +383,11 @@ def test_verify_takes_the_smoke_tests_dtype_policy_from_the_models_headers(tmp_p
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(smoke, "generate_all", recording)
+        sources = tmp_path / "build" / "resources"
         asked = verify_model(model_dir, tmp_path / "asked", device="cpu", max_new_tokens=2, dtype="float16",
-                             memory_gb=8)
-        auto = verify_model(model_dir, tmp_path / "auto", device="cpu", max_new_tokens=2, memory_gb=8)
+                             memory_gb=8, models_root=sources)
+        auto = verify_model(model_dir, tmp_path / "auto", device="cpu", max_new_tokens=2, memory_gb=8,
+                            models_root=sources)
     assert asked["passed"] and asked["options"]["dtype"] == "float16"
     native = computes_natively("bfloat16", "cpu")
     assert auto["passed"] and auto["options"]["dtype"] == ("bfloat16" if native else "float32")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -12,6 +13,7 @@ import pytest
 import yaml
 
 from pipeline import logits, sha256_tree
+from test_source_content import replace_keeping_times
 
 REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
@@ -56,8 +58,8 @@ def test_lint():
 def test_dry_run_shows_the_dag(tmp_path):
     proc = snakemake(workdir(tmp_path), "-n", "--cores", "2")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for rule in ("demo_models", "fetch_metadata", "validate", "fetch_weights", "gates", "translate_config",
-                 "assemble", "smoke_test"):
+    for rule in ("demo_models", "hash_source", "fetch_metadata", "validate", "locate_weights", "fetch_weights", "gates",
+                 "translate_config", "assemble", "smoke_test"):
         assert rule in proc.stdout
 
 
@@ -150,7 +152,7 @@ def test_model_problem_stops_at_validate_with_message(demo, tmp_path):
     assert "tensor 'model.layers.1.mlp.down_proj.weight' is missing from the weights" in proc.stderr
     assert "resources/demo/expert_math" in proc.stderr
     assert not (wd / MODEL).exists()
-    assert not list((wd / "resources/models").glob("*/weights.json"))
+    assert not list((wd / "results").glob("*/weights/*.json"))  # no merge's weights were fetched
 
 
 @pytest.mark.slow
@@ -185,6 +187,7 @@ def test_verify_detects_a_flipped_byte(demo, tmp_path, victim):
     assert ok.returncode == 0, ok.stderr[-3000:]
     report = json.loads((demo / "results/verify/downloaded/report.json").read_text())
     assert report["passed"] and report["lock"]["files_verified"] == 10
+    assert report["lock"]["source_files_verified"] == 4  # the demo's sources, hashed again
     assert "all 10 files match the lock; smoke test passed" in ok.stdout + ok.stderr
     size = (copy / victim).stat().st_size
     _flip_byte(copy / victim, size // 2)
@@ -243,15 +246,21 @@ def test_gguf_target_converts_and_checks_every_merge(demo, llamacpp_converter):
 
 @pytest.mark.slow
 def test_building_another_merge_of_the_same_models_leaves_the_first_finished(demo, tmp_path):
-    """Building a second merge of the same models builds it whole and leaves the first finished (fetch_weights
-    waits for the plans of the merges asked for, a set that changes, and its record's content does not), and
-    a deleted model is then rebuilt, though its smoke report is still there."""
+    """Building a second merge of the same models builds it whole and leaves the first finished, under
+    Snakemake's default rerun triggers: each merge fetches its models after its own plan, and the models
+    are neither fetched again nor hashed again (no per-model job, no job of the first merge). A deleted
+    model is then rebuilt, though its smoke report is still there."""
     wd = tmp_path / "wd"
     shutil.copytree(demo, wd, symlinks=True)
     other = yaml.safe_load((wd / "demo.yaml").read_text()) | {"seed": 7}
     (wd / "other.yaml").write_text(yaml.safe_dump(other, sort_keys=False))
     (wd / "other-config.yaml").write_text(yaml.safe_dump({"merges": {"other": {"recipe": "other.yaml"}}}))
     cmd = [*SNAKEMAKE, "-s", str(REPO / "Snakefile"), "-d", str(wd), "--cores", "2"]
+    planned = subprocess.run([*cmd, "-n", "--configfile", str(wd / "other-config.yaml")], capture_output=True,
+                             text=True, stdin=subprocess.DEVNULL, timeout=900)
+    assert "fetch_weights" in _planned_rules(planned.stdout), planned.stdout[-3000:]
+    assert not _planned_rules(planned.stdout) & {"demo_models", "hash_source", "fetch_metadata", "locate_weights"}
+    assert "output: results/demo/" not in planned.stdout, planned.stdout[-3000:]
     proc = subprocess.run([*cmd, "--configfile", str(wd / "other-config.yaml")], capture_output=True, text=True,
                           stdin=subprocess.DEVNULL, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -261,6 +270,44 @@ def test_building_another_merge_of_the_same_models_leaves_the_first_finished(dem
     dry = snakemake(wd, "-n", "--cores", "2")
     assert {"assemble", "smoke_test"} <= _planned_rules(dry.stdout) <= {"gates", "shard", "assemble", "smoke_test",
                                                                         "all"}, dry.stdout[-3000:]
+
+
+@pytest.mark.slow
+def test_a_source_replaced_keeping_its_timestamps_is_rebuilt_only_when_its_bytes_changed(demo, tmp_path):
+    """Snakemake sees only mtimes; the workflow sees content. A byte-identical copy (new inode) reruns
+    nothing; other bytes under the old size and mtime rebuild the merge, whose lock then records their sha256;
+    and once the source changes again after the build, verify names the file."""
+    wd = tmp_path / "wd"
+    shutil.copytree(demo, wd, symlinks=True)
+    source = wd / "resources/demo/expert_math/model.safetensors"
+    built = {p.name: p.stat().st_ino for p in (wd / MODEL).iterdir()}
+    replace_keeping_times(source, source.read_bytes())
+    same = snakemake(wd, "--cores", "2")
+    assert same.returncode == 0 and "Nothing to be done" in same.stdout + same.stderr, same.stdout[-3000:]
+    assert {p.name: p.stat().st_ino for p in (wd / MODEL).iterdir()} == built
+
+    data = bytearray(source.read_bytes())
+    data[-1] ^= 0x01  # the last byte of the last tensor's data: the file stays a valid checkpoint
+    replace_keeping_times(source, bytes(data))
+    rebuilt = snakemake(wd, "--cores", "2")
+    assert rebuilt.returncode == 0, rebuilt.stderr[-3000:]
+    assert "resources/demo/expert_math: model.safetensors changed since the last run" in rebuilt.stdout + rebuilt.stderr
+    lock = json.loads((wd / MODEL / "moeforge.lock.json").read_text())
+    recorded = {f["sha256"] for s in lock["sources"].values() if s["ref"] == "resources/demo/expert_math"
+                for f in s["files"]}
+    assert recorded == {hashlib.sha256(bytes(data)).hexdigest()}
+    assert sha256_tree(wd / MODEL) != sha256_tree(demo / MODEL)
+    assert "Nothing to be done" in snakemake(wd, "-n", "--cores", "2").stdout
+
+    data[-1] ^= 0x03
+    replace_keeping_times(source, bytes(data))
+    (wd / "only.yaml").write_text(yaml.safe_dump({"verify": {"built": str(wd / MODEL)}}))
+    verify = subprocess.run([*SNAKEMAKE, "-s", str(REPO / "Snakefile"), "-d", str(wd), "verify", "--cores", "1",
+                             "--configfile", str(wd / "only.yaml")], capture_output=True, text=True,
+                            stdin=subprocess.DEVNULL, timeout=300)
+    assert verify.returncode != 0
+    assert ("1 source file(s) changed since the build: resources/demo/expert_math/model.safetensors: sha256 differs "
+            "from the lock") in verify.stderr, verify.stderr[-3000:]
 
 
 def _planned_rules(dry_run: str) -> set[str]:

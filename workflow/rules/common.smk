@@ -2,11 +2,13 @@
 import os
 import re
 
+from snakemake.logging import logger
+
 from moeforge import resources as job_resources
 from moeforge.errors import MoeforgeError
-from moeforge.io.fetch import local_source_files
 from moeforge.io.published import RECIPE_FILES
 from moeforge.io.refs import parse_ref
+from moeforge.io.source_content import refresh_source_content
 from moeforge.plan.lock_merge import merge_from_lock
 from moeforge.plan.merges import merges_to_build
 from moeforge.plan.plan_json import read_plan
@@ -40,6 +42,29 @@ RECIPES = _load_recipes()
 MERGES = list(RECIPES)
 REFS = {parse_ref(ref).slug: ref for r in RECIPES.values() for ref in r.source_models}
 DEMO_ROOT = "resources/demo"
+
+
+def _refresh_local_sources():
+    """Rewrite the content record of a local source whose bytes changed since the last run, even by a copy
+    that kept its timestamps, so that what was built from it reruns (moeforge.io.source_content). In the
+    main process only: a job's own Snakemake (on a cluster) does not hash the sources its run is using."""
+    for slug_, ref in REFS.items():
+        try:
+            changed = refresh_source_content(
+                ref, Path(f"resources/models/{slug_}/content.json"), Path(f"resources/models/{slug_}/sha256-cache.json")
+            )
+        except MoeforgeError as exc:
+            raise WorkflowError(f"moeforge: {exc}") from None
+        if changed:
+            logger.info(
+                f"moeforge: {ref}: {', '.join(changed)} changed since the last run; "
+                "what was built from it will be rebuilt"
+            )
+
+
+if workflow.is_main_process:
+    _refresh_local_sources()
+
 # Model directories `snakemake verify` checks: every merge's own output, plus config["verify"].
 VERIFY = {**{m: f"results/{m}/model" for m in MERGES}, **config.get("verify", {})}
 
@@ -69,40 +94,47 @@ def meta_dirs(wildcards):
 
 
 def weight_records(wildcards):
-    return [f"resources/models/{s}/weights.json" for s in merge_slugs(wildcards)]
-
-
-def plans_using(wildcards):
-    """plan.json of every merge that uses this model."""
-    return [
-        f"results/{m}/plan.json" for m, r in RECIPES.items() if wildcards.slug in {slug(ref) for ref in r.source_models}
-    ]
+    """This merge's fetch_weights records of its models: where each one's weights are, sizes and sha256."""
+    return [f"results/{wildcards.merge}/weights/{s}.json" for s in merge_slugs(wildcards)]
 
 
 def weight_hashes(wildcards):
-    return [f"resources/models/{s}/weights.sha256.json" for s in merge_slugs(wildcards)]
+    """The records that carry the sha256 of the merge's source weights, for the lock: fetch_weights' records."""
+    return weight_records(wildcards)
 
 
 def base_slug(wildcards):
     return slug(RECIPES[wildcards.merge].base_model)
 
 
+def base_weight_record(wildcards):
+    return f"results/{wildcards.merge}/weights/{base_slug(wildcards)}.json"
+
+
 def fetch_weights_priority(wildcards):
     """A merge's base before its experts: the gates job waits for the base's weights alone."""
-    bases = {slug(recipe.base_model) for recipe in RECIPES.values()}
-    return 11 if wildcards.slug in bases else 10
+    return 11 if wildcards.slug == base_slug(wildcards) else 10
 
 
-def local_model_input(wildcards):
-    """A local model's files (an edit in place reruns what used them); a demo model's directory (built here).
+def source_content(wildcards):
+    """A local model's content record (rule hash_source); nothing for a Hub model (its commit is its content)."""
+    local = parse_ref(REFS[wildcards.slug]).kind == "local"
+    return [f"resources/models/{wildcards.slug}/content.json"] if local else []
+
+
+def hash_cache(wildcards):
+    """The model's stat-validated sha256 cache (moeforge.io.hashcache): a cache, not a rule output."""
+    return f"resources/models/{wildcards.slug}/sha256-cache.json"
+
+
+def demo_model_dir(wildcards):
+    """A demo model's directory, which the demo rule builds; nothing for any other local model.
 
     Any other path under the demo's directory is an ordinary local path: one that does not exist gets
-    fetch_metadata's message (naming it, and the nearest model directory), not a missing-input error.
+    hash_source's message (naming it, and the nearest model directory), not a missing-input error.
     """
     ref = REFS[wildcards.slug]
-    if os.path.normpath(ref) in map(str, rules.demo_models.output):
-        return [ref]
-    return local_source_files(ref)
+    return [ref] if os.path.normpath(ref) in map(str, rules.demo_models.output) else []
 
 
 def merge_title(wildcards):

@@ -9,7 +9,8 @@ rule gates:
         tensors="results/{merge}/plan.tensors.tsv",
         # The config.json translate_config wrote: the one the output will carry.
         config="results/{merge}/config/config.json",
-        base_weights=lambda wc: f"resources/models/{base_slug(wc)}/weights.json",
+        # The base model's weights, fetched for this merge.
+        base_weights=base_weight_record,
     output:
         tensors="results/{merge}/gates.safetensors",
         stats="results/{merge}/gates.json",

@@ -15,7 +15,7 @@ rule shard:
         "logs/{merge}/shards/{shard}.log",
     benchmark:
         "results/{merge}/benchmarks/shard-{shard}.tsv"
-    # Before the hash jobs (see hash_weights in fetch.smk), after the fetches and the gates.
+    # After the fetches and the gates.
     priority: 1
     resources:
         mem_mb=shard_mem_mb,

@@ -10,6 +10,8 @@ rule verify:
     localrule: True
     params:
         models=lambda wc: VERIFY,
+        # The sources' stat caches: verify hashes the sources the locks name again, through them.
+        sources="resources/models",
         device=lookup(dpath="smoke/device", within=config),
         max_new_tokens=lookup(dpath="smoke/max_new_tokens", within=config),
         dtype=lookup(dpath="smoke/dtype", within=config),

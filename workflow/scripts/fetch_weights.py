@@ -1,7 +1,7 @@
-"""Download (Hub) or locate (local) one model's weights; record where and their sha256."""
+"""Download (Hub) or find (local) one model's weights for one merge; check them; record where and their sha256."""
 from pathlib import Path
 
 from moeforge.io.fetch import fetch_weights
 from moeforge.runner import run
 
-run(snakemake, lambda s: fetch_weights(Path(s.input.meta) / "source.json", Path(s.output[0])))  # noqa: F821
+run(snakemake, lambda s: fetch_weights(Path(s.input.weights), Path(s.output[0]), Path(s.params.cache)))  # noqa: F821

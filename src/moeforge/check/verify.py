@@ -3,6 +3,8 @@
 This is how a user checks a published merge they downloaded: every file the lock lists must
 exist with the recorded sha256 (a single flipped byte fails, naming the file), nothing the lock
 does not list may pretend to be part of the model, and the model must load strictly and run.
+The source models the lock names are hashed again where they are on this machine (a local
+directory, the Hugging Face cache): a source that changed since the build fails, naming the file.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ from moeforge.check.report import write_report
 from moeforge.check.smoke import SmokeOptions, run_smoke, stored_dtype
 from moeforge.errors import BuildError
 from moeforge.io.files import sha256_file, write_json
+from moeforge.io.hashcache import HashCache
 from moeforge.io.lockfile import LOCK_NAME, read_lock
+from moeforge.io.refs import parse_ref
 from moeforge.io.safetensors_file import TORCH_NAME
 from moeforge.plan.prompts import smoke_prompts
 from moeforge.plan.recipe import parse_recipe
@@ -47,15 +51,61 @@ def check_lock(model_dir: Path) -> dict[str, Any]:
     return {"files_verified": len(lock["files"]), "merge": lock["merge"], "output_family": lock["output_family"]}
 
 
+def _source_file(source: dict[str, Any], name: str, model_root: Path) -> Path | None:
+    """A source file the lock names, where it is on this machine: the local directory (or moeforge's
+    converted copy of a .bin model), the Hugging Face cache at the recorded commit; None when absent."""
+    if source["kind"] == "local":
+        directory = Path(source["ref"]).expanduser()
+        candidates = [directory / name, model_root / "meta" / "weights" / name] if directory.is_dir() else []
+    else:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(parse_ref(source["ref"]).repo_id, name, revision=source["resolved_revision"])
+        candidates = [Path(cached)] if isinstance(cached, str) else []
+    return next((path for path in candidates if path.is_file()), None)
+
+
+def check_sources(lock: dict[str, Any], models_root: Path) -> dict[str, Any]:
+    """Hash again each source file the lock names that is on this machine, through the model's stat cache
+    under ``models_root`` (unchanged files cost a stat call); raise BuildError naming each changed file.
+
+    A local model directory that is there but lacks a named file has changed too; a source not on this
+    machine at all (a downloaded merge, a Hub model never fetched here) is counted, not checked.
+    """
+    problems, checked, absent = [], 0, 0
+    for slug, source in sorted(lock["sources"].items()):
+        cache = HashCache(models_root / slug / "sha256-cache.json")
+        local_dir = Path(source["ref"]).expanduser() if source["kind"] == "local" else None
+        for entry in source["files"]:
+            path = _source_file(source, entry["name"], models_root / slug)
+            if path is None and local_dir is not None and local_dir.is_dir():
+                problems.append(f"{local_dir / entry['name']}: missing")
+            elif path is None:
+                absent += 1
+            else:
+                checked += 1
+                if cache.sha256(path, entry["name"]) != entry["sha256"]:
+                    problems.append(f"{path}: sha256 differs from the lock")
+        cache.save()
+    if problems:
+        raise BuildError(f"{len(problems)} source file(s) changed since the build: " + "; ".join(problems),
+                         lock["merge"], "restore the source files, or rebuild the merge (snakemake) to build it from "
+                                        "the sources as they are now")
+    return {"source_files_verified": checked, "source_files_not_here": absent}
+
+
 def verify_model(model_dir: Path, out_dir: Path, *, device: str, max_new_tokens: int, dtype: str = "auto",
-                 memory_gb: float | None = None) -> dict[str, Any]:
-    """Hash check, then the smoke test (no base comparison: the base may not be at hand).
+                 memory_gb: float | None = None, models_root: Path) -> dict[str, Any]:
+    """Hash check of the model, then of its sources on this machine (their stat caches under ``models_root``),
+    then the smoke test (no base comparison: the base may not be at hand).
 
     Generation follows the smoke test's dtype policy (``dtype``, the config's ``smoke.dtype``), read from
     the model's own headers: a downloaded merge has no plan.
     """
     files = check_lock(model_dir)
-    recipe = parse_recipe(read_lock(model_dir / LOCK_NAME)["recipe"], f"{model_dir / LOCK_NAME}: recipe")
+    lock = read_lock(model_dir / LOCK_NAME)
+    files |= check_sources(lock, models_root)
+    recipe = parse_recipe(lock["recipe"], f"{model_dir / LOCK_NAME}: recipe")
     expert_prompts = {e.name: list(e.positive_prompts) for e in recipe.experts if e.positive_prompts}
     stored = stored_dtype(model_dir)
     size = sum(e.nbytes for e in CheckpointTensors(model_dir).entries().values())

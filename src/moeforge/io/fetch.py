@@ -1,10 +1,11 @@
-"""Model references: where a source model lives, and fetching it in two steps.
+"""Model references: where a source model lives, and fetching it in steps.
 
 A reference is a local directory, ``org/repo`` or ``org/repo@revision`` (mergekit-moe's
 syntax). ``fetch_metadata`` gets only what validation needs (config, tokenizer files, the
 safetensors headers) and records the resolved commit, so a bad recipe fails before hours of
-downloading; ``fetch_weights`` then downloads the weights into the Hugging Face cache (no
-second copy per merge). The Hub token is read by huggingface_hub from the environment or
+downloading; ``locate_weights`` records where the weights are or will be, and their sha256 where
+known without a download; ``fetch_weights``, once per merge after its plan, then downloads them into
+the Hugging Face cache (no second copy per merge; a model another merge fetched is found there). The Hub token is read by huggingface_hub from the environment or
 ``hf auth login`` and is never written anywhere by moeforge.
 """
 
@@ -21,6 +22,7 @@ from typing import Any, Iterator
 
 from moeforge.errors import FetchError, ModelError, MoeforgeError
 from moeforge.io.files import atomic_dir, read_json, sha256_file, write_json
+from moeforge.io.hashcache import HashCache
 from moeforge.io.refs import ModelRef, parse_ref
 from moeforge.io.safetensors_file import read_header
 
@@ -86,7 +88,8 @@ def _copy_meta(src_dir: Path, out_dir: Path, ref: ModelRef) -> list[str]:
     return copied
 
 
-def _local_dir(ref: ModelRef) -> Path:
+def local_model_dir(ref: ModelRef) -> Path:
+    """A local model's directory, resolved; one that is absent or holds no config.json is one clear error."""
     path = Path(ref.path or "").expanduser()
     if not path.is_dir():
         near = near_local_model(ref.path or "")
@@ -118,15 +121,6 @@ def near_local_model(text: str) -> str | None:
         current = current / part
     same = current.absolute() == path.absolute()
     return None if same or not (current / "config.json").is_file() else str(current)
-
-
-def local_source_files(raw: str) -> list[str]:
-    """The files of a local model directory: what a rerun must notice when one is edited in place."""
-    ref = parse_ref(raw)
-    path = Path(ref.path or "").expanduser()
-    if ref.kind != "local" or not path.is_dir():
-        return []
-    return sorted(str(p) for p in path.iterdir() if p.is_file())
 
 
 def _check_not_a_mistyped_path(ref: ModelRef) -> None:
@@ -258,7 +252,7 @@ def fetch_metadata(raw: str, out_dir: Path) -> dict[str, Any]:
         _check_not_a_mistyped_path(ref)
     with atomic_dir(out_dir) as tmp:
         if ref.kind == "local":
-            meta = _dir_metadata(_local_dir(ref), tmp, ref, hash_small=True)
+            meta = _dir_metadata(local_model_dir(ref), tmp, ref, hash_small=True)
             meta["resolved_revision"] = None
         elif _hub_offline():
             snapshot = _hub_snapshot(ref, None)
@@ -303,34 +297,95 @@ def _convert_bin(ref: ModelRef, meta: dict[str, Any], out_dir: Path) -> dict[str
     return local_headers(out_dir / CONVERTED_DIR, meta["weight_files"])
 
 
-def weights_dir(source: dict[str, Any], meta_dir: Path) -> Path:
-    """Where the weight files of a fetched source are on this machine (fetching them if needed)."""
-    if source.get("converted_from"):
-        return meta_dir / CONVERTED_DIR
-    if source["kind"] == "local":
-        return Path(source["local_path"])
-    ref = ModelRef(raw=source["ref"], kind="hub", repo_id=source["repo_id"], revision=source["resolved_revision"])
-    patterns = list(source["weight_files"]) + [SAFETENSORS_INDEX, BIN_INDEX, *META_FILES]
-    return _hub_snapshot(ref, patterns)
+def _snapshot_dir(repo_id: str, commit: str) -> Path:
+    """Where huggingface_hub keeps (or will keep) a commit's files: known without asking the Hub."""
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    return Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="model") / "snapshots" / commit
 
 
-def fetch_weights(source_json: Path, out_json: Path) -> dict[str, Any]:
-    """Download (hub) or locate (local) the weights; record where they are and their sizes.
+def _on_hub(located: dict[str, Any]) -> bool:
+    """Whether the weights come from the Hub (a .bin model's converted copy is written by fetch_metadata)."""
+    return located["kind"] == "hub" and not located["converted"]
 
-    Hashing is a separate step (``hash_weights``) that only assembly waits for, so reading
-    every input once more for its sha256 never delays the shard jobs. Each file's header is
-    checked again, now against the file's size: Hub headers were checked without it.
+
+def locate_weights(source_json: Path, out_json: Path, cache_path: Path) -> dict[str, Any]:
+    """Where a model's weight files are, or will be once a merge fetches them, with sizes and sha256 (no download).
+
+    A file on disk (a local model, a converted copy) is hashed through the stat cache; a Hub file's
+    sha256 is the Hub's LFS record or the name of the cache blob it links to, else left for fetch_weights.
+    The record is per model: every merge's fetch_weights reads it, so none hashes the model again.
     """
     source = json.loads(source_json.read_text())
-    directory = weights_dir(source, source_json.parent)
+    converted = bool(source.get("converted_from"))
+    if converted:
+        directory = source_json.parent / CONVERTED_DIR
+    elif source["kind"] == "local":
+        directory = Path(source["local_path"])
+    else:
+        directory = _snapshot_dir(source["repo_id"], source["resolved_revision"])
+    located = {"slug": source["slug"], "ref": source["ref"], "kind": source["kind"], "repo_id": source["repo_id"],
+               "revision": source["resolved_revision"], "converted": converted, "dir": str(directory)}
+    recorded = {f["name"]: f for f in source["files"]}
+    cache = HashCache(cache_path)
     files = []
     for name in source["weight_files"]:
         path = directory / name
+        if _on_hub(located):
+            info = recorded.get(name, {})
+            files.append({"name": name, "size": info.get("size"), "sha256": _known_sha256(path, info.get("sha256"))})
+            continue
+        if not path.is_file():
+            raise FetchError(f"weight file {name} is missing", str(directory), "restore the model's files and rerun")
+        files.append({"name": name, "size": path.stat().st_size, "sha256": cache.sha256(path, name)})
+    cache.save()
+    record = {**located, "files": files}
+    write_json(out_json, record)
+    return record
+
+
+def _hub_weights(located: dict[str, Any]) -> Path:
+    """The snapshot folder holding a Hub model's weights, downloading what the cache lacks (no request when
+    every weight file of the pinned commit is already there)."""
+    directory = Path(located["dir"])
+    if all((directory / f["name"]).is_file() for f in located["files"]):
+        return directory
+    ref = ModelRef(raw=located["ref"], kind="hub", repo_id=located["repo_id"], revision=located["revision"])
+    patterns = [f["name"] for f in located["files"]] + [SAFETENSORS_INDEX, BIN_INDEX, *META_FILES]
+    fetched = _hub_snapshot(ref, patterns)
+    if fetched.resolve() != directory.resolve():
+        raise FetchError(f"downloaded to {fetched}, but the model was located at {directory}", located["ref"],
+                         "rerun with the same HF_HUB_CACHE (or HF_HOME) as the run that located the model")
+    return directory
+
+
+def fetch_weights(weights_json: Path, out_json: Path, cache_path: Path) -> dict[str, Any]:
+    """Make sure of one merge's source weights: downloaded (Hub) or present (local), checked, with their sha256.
+
+    One job per (merge, model), after that merge's plan: a merge's weights are fetched only once it has
+    validated, and another merge of the same models neither waits for it nor reruns it. A second merge
+    costs a look into the cache and stat calls: the model was located and hashed once (locate_weights).
+    Each file's header is checked again, now against the file's size (Hub headers were checked without
+    it), and a file whose size changed since the model was located is refused.
+    """
+    located = json.loads(weights_json.read_text())
+    directory = _hub_weights(located) if _on_hub(located) else Path(located["dir"])
+    cache = HashCache(cache_path)
+    files = []
+    for entry in located["files"]:
+        name, path = entry["name"], directory / entry["name"]
         if not path.is_file():
             raise FetchError(f"weight file {name} is missing", str(directory), "re-download the model")
+        size = path.stat().st_size
+        if entry["size"] is not None and size != entry["size"]:
+            raise ModelError(f"{path}: {size} bytes, {entry['size']} when the model was located", located["ref"],
+                             "the model changed during the run: rerun")
         read_header(path)
-        files.append({"name": name, "size": path.stat().st_size})
-    record = {"slug": source["slug"], "dir": str(directory), "files": files}
+        known = _known_sha256(path, entry["sha256"]) if _on_hub(located) else None
+        files.append({"name": name, "size": size, "sha256": known or cache.sha256(path, name)})
+    cache.save()
+    record = {"slug": located["slug"], "dir": str(directory), "files": files}
     write_json(out_json, record)
     return record
 
@@ -346,26 +401,13 @@ def _known_sha256(path: Path, recorded: str | None) -> str | None:
     return None
 
 
-def hash_weights(source_json: Path, weights_json: Path, out_json: Path) -> dict[str, Any]:
-    """sha256 of every weight file, for the lock file: known hashes reused, the rest computed."""
-    source = json.loads(source_json.read_text())
-    record = json.loads(weights_json.read_text())
-    recorded = {f["name"]: f["sha256"] for f in source["files"]}
-    directory = Path(record["dir"])
-    files = [{**f, "sha256": _known_sha256(directory / f["name"], recorded.get(f["name"]))
-              or sha256_file(directory / f["name"])} for f in record["files"]]
-    hashed = {"slug": record["slug"], "files": files}
-    write_json(out_json, hashed)
-    return hashed
-
-
 def weights_dir_of(weights_json: Path) -> Path:
-    """Where fetch_weights found a model's weight files (its weights.json record)."""
+    """Where a model's weight files are (a locate_weights or fetch_weights record)."""
     return Path(json.loads(Path(weights_json).read_text())["dir"])
 
 
 def weight_dirs_from(records: list[Path]) -> dict[str, Path]:
-    """slug -> weights directory, from fetch_weights' weights.json records."""
+    """slug -> weights directory, from fetch_weights' records."""
     dirs = {}
     for path in records:
         record = json.loads(Path(path).read_text())
