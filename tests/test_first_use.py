@@ -310,6 +310,33 @@ def test_expert_without_tokenizer_files_warns(tmp_path, models):
     assert any(str(bare) in w and "vocabulary was skipped" in w for w in plan.warnings)
 
 
+def test_warnings_reach_the_console_and_the_validate_log(wd, models):
+    """A one-expert merge, an expert without a tokenizer, a base whose index names a missing shard: each
+    warning is on the console and in logs/<merge>/validate.log, not only in plan.json."""
+    local = wd / "models"
+    shutil.copytree(models["base"], local / "base")
+    names = list(load_file(local / "base" / "model.safetensors"))
+    weight_map = {name: "model.safetensors" for name in names} | {names[0]: "model-00002-of-00002.safetensors"}
+    (local / "base" / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    shutil.copytree(models["e1"], local / "bare")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (local / "bare" / name).unlink(missing_ok=True)
+    recipe = {"base_model": "models/base", "gate_mode": "random", "experts_per_token": 1,
+              "experts": [{"source_model": "models/bare"}]}
+    (wd / "m.yaml").write_text(yaml.safe_dump(recipe))
+    proc = subprocess.run([*SNAKEMAKE, "-d", str(wd), "--cores", "1", "results/m/plan.json", "--config",
+                           "recipe=m.yaml"], cwd=REPO, capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    expected = ["the merge has one expert (bare)", "vocabulary was skipped",
+                "model.safetensors.index.json names model-00002-of-00002.safetensors, which the model does not "
+                "have (1 tensor(s) listed there)"]
+    log = (wd / "logs" / "m" / "validate.log").read_text()
+    for text in expected:
+        assert text in proc.stderr and text in log, text
+    assert any(expected[2] in w for w in json.loads((wd / "results/m/plan.json").read_text())["warnings"])
+
+
 # ---- faults found by outside testing: late errors of early faults ---------------------------
 
 def test_an_empty_prompt_reaches_the_smoke_test_as_the_bos_token(tmp_path, models):

@@ -12,6 +12,7 @@ the Hugging Face cache (no second copy per merge; a model another merge fetched 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -25,6 +26,8 @@ from moeforge.io.files import atomic_dir, read_json, sha256_file, write_json
 from moeforge.io.hashcache import HashCache
 from moeforge.io.refs import ModelRef, parse_ref
 from moeforge.io.safetensors_file import read_header
+
+log = logging.getLogger(__name__)
 
 META_FILES = (
     "config.json",
@@ -266,6 +269,10 @@ def fetch_metadata(raw: str, out_dir: Path) -> dict[str, Any]:
             raise ModelError("no weights found (*.safetensors or pytorch_model*.bin)", ref.raw,
                              "check that the repository/directory holds a full model")
         headers = meta.pop("headers")
+        meta["warnings"] = index_warnings(tmp, meta["weight_files"], ref) if meta["weight_format"] == "safetensors" \
+            else []
+        for warning in meta["warnings"]:
+            log.warning("model %s: %s", ref.raw, warning)
         if meta["weight_format"] == "bin":
             headers = _convert_bin(ref, meta, tmp)
         source = {"ref": ref.raw, "kind": ref.kind, "repo_id": ref.repo_id, "requested_revision": ref.revision,
@@ -273,6 +280,30 @@ def fetch_metadata(raw: str, out_dir: Path) -> dict[str, Any]:
         write_inventory(source, headers, tmp / "inventory.tsv")
         write_json(tmp / "source.json", source)
     return source
+
+
+def index_warnings(meta_dir: Path, weight_files: list[str], ref: ModelRef) -> list[str]:
+    """What the model's safetensors index says that its files do not: shards it names that are not there.
+
+    The weights are read from the files present (their headers say which tensors each holds), so a stale or
+    hand-edited index does not stop a build; a tensor it places in a missing shard and no file holds is refused
+    by the plan, naming the tensor. The user still hears of it: an index that disagrees is how a half-copied
+    model usually shows.
+    """
+    index = meta_dir / SAFETENSORS_INDEX
+    if not index.is_file():
+        return []
+    data = read_json(index, f"model {ref.raw}", ModelError, DAMAGED_FILE_FIX)
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict):
+        return [f"{SAFETENSORS_INDEX} has no weight_map, so it is not used: the weight files are read as found"]
+    named = [str(file) for file in weight_map.values()]
+    missing = sorted(set(named) - set(weight_files))
+    if not missing:
+        return []
+    listed = sum(file in missing for file in named)
+    return [f"{SAFETENSORS_INDEX} names {', '.join(missing)}, which the model does not have ({listed} tensor(s) "
+            f"listed there); its tensors are read from the files present: {', '.join(weight_files)}"]
 
 
 CONVERTED_DIR = "weights"

@@ -78,6 +78,9 @@ def make_plan(merge: str, recipe: Recipe, meta_dirs: Mapping[str, Path]) -> tupl
         for source in group:
             check_inventory(source, roles="mlp")
             check_against_base(base, source, role, recipe, ctx)
+    for ref, source in sources.items():  # what fetching found (an index naming a missing shard)
+        role = "base model" if ref == recipe.base_model else "expert"
+        ctx.warnings += [f"{role} {ref}: {w}" for w in source.source_json.get("warnings", [])]
     if len(experts) == 1:
         ctx.warnings.append(f"the merge has one expert ({recipe.experts[0].name}): every token goes to it, so the "
                             "result computes that dense model with the base's attention; a router needs two or more")

@@ -8,6 +8,7 @@ assembly waits for it; validation stays fast on the critical path.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Mapping
 
@@ -16,6 +17,8 @@ from moeforge.plan.plan_json import Plan
 from moeforge.plan.prompt_check import check_prompts
 from moeforge.plan.recipe import load_recipe
 from moeforge.plan.translate import build_config
+
+log = logging.getLogger(__name__)
 
 
 def validate_merge(merge: str, recipe_path: Path, meta_dirs: Mapping[str, Path], plan_json: Path,
@@ -30,4 +33,6 @@ def validate_merge(merge: str, recipe_path: Path, meta_dirs: Mapping[str, Path],
     check_prompts(recipe, meta_dirs[recipe.base_model])
     plan = plan.with_warnings([d["warning"] for d in decisions if "warning" in d])
     write_plan(plan, frame, plan_json, plan_tsv)
+    for warning in plan.warnings:  # on the console and in the validate log, not only in plan.json
+        log.warning("%s", warning)
     return plan
