@@ -119,6 +119,19 @@ def test_shared_gate_from_prompts(tmp_path, zoo):
     assert torch.equal(tensors["model.layers.1.mlp.shared_expert_gate.weight"], gate)
 
 
+def test_cheap_embed_shared_gate_in_a_float32_merge(tmp_path, zoo):
+    """cheap_embed gives every layer the same vectors: in a float32 output they were one tensor shared by every
+    layer, which safetensors refused to write (the gates job failed as a moeforge bug)."""
+    q = zoo["qwen2"]
+    result = build(tmp_path, recipe(q, [(q, {"positive_prompts": ["def main():"]}),
+                                        (q, {"positive_prompts": ["bake the bread"]})],
+                                    shared=[(q, {"positive_prompts": ["hello there"]})], gate_mode="cheap_embed",
+                                    dtype="float32"))
+    tensors = tensors_of(result.model_dir)
+    gates = [tensors[f"model.layers.{i}.mlp.shared_expert_gate.weight"] for i in range(2)]
+    assert gates[0].abs().sum() > 0 and torch.equal(gates[0], gates[1])
+
+
 def test_qwen3_to_qwen3_moe_identity(tmp_path, zoo):
     q = zoo["qwen3"]
     result = build(tmp_path, recipe(q, [(q, {})] * 3))

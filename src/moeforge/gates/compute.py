@@ -453,11 +453,13 @@ def write_gates(tensors: dict[str, torch.Tensor], stats: dict, out_safetensors: 
     """Write both outputs atomically (temporary name, fsync, rename); same inputs, same bytes.
 
     The safetensors metadata holds only ``format``: safetensors stores metadata in a hash map
-    whose key order varies from run to run, and the settings are in ``gates.json`` anyway.
+    whose key order varies from run to run, and the settings are in ``gates.json`` anyway. Each tensor
+    is written from its own copy: several layers may hold one tensor (cheap_embed's vectors are the same
+    at every layer), and safetensors refuses tensors that share memory.
     """
     from safetensors.torch import save
 
-    ordered = {name: tensors[name] for name in sorted(tensors, key=_tensor_sort_key)}
+    ordered = {name: tensors[name].clone() for name in sorted(tensors, key=_tensor_sort_key)}
     write_bytes(Path(out_safetensors), save(ordered, metadata={"format": "pt"}))
     write_bytes(Path(out_json), dumps_json(stats).encode())
 
