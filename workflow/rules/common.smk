@@ -34,8 +34,9 @@ onerror:
 def _load_recipes():
     """Validate every merge's recipe at parse time: bad recipes fail before any job runs."""
     try:
-        return {m: REBUILDS[m].recipe if m in REBUILDS else load_recipe(spec["recipe"])
-                for m, spec in MERGE_TABLE.items()}
+        return {
+            m: REBUILDS[m].recipe if m in REBUILDS else load_recipe(spec["recipe"]) for m, spec in MERGE_TABLE.items()
+        }
     except MoeforgeError as exc:
         raise WorkflowError(f"moeforge: {exc}") from None
 
@@ -67,8 +68,8 @@ def one_of(names):
 wildcard_constraints:
     merge=one_of(MERGES),
     slug="|".join(re.escape(s) for s in REFS),
-    # The shard rule's; the gates rule writes the routers shard.
-    shard=r"globals|layers-\d+-\d+",
+    # The shard rule's (plan.json names them).
+    shard=rf"globals|layers-\d+-\d+|{re.escape(ROUTERS_SHARD)}",
 
 
 def slug(ref):
@@ -89,8 +90,31 @@ def weight_records(wildcards):
 
 def plans_using(wildcards):
     """plan.json of every merge that uses this model."""
-    return [f"results/{m}/plan.json" for m, r in RECIPES.items()
-            if wildcards.slug in {slug(ref) for ref in r.source_models}]
+    return [
+        f"results/{m}/plan.json" for m, r in RECIPES.items() if wildcards.slug in {slug(ref) for ref in r.source_models}
+    ]
+
+
+def shard_weight_records(wildcards):
+    """The source models' weight records a shard reads: none for the routers, which come from the gates."""
+    return [] if wildcards.shard == ROUTERS_SHARD else weight_records(wildcards)
+
+
+def shard_gates(wildcards):
+    """The gates file, for the routers shard alone."""
+    return [f"results/{wildcards.merge}/gates.safetensors"] if wildcards.shard == ROUTERS_SHARD else []
+
+
+def verify_inputs(wildcards):
+    """A model to verify: its lock, and every file the lock lists once the lock is there (a lock that cannot
+    be read is the verify job's to report)."""
+    model = Path(VERIFY[wildcards.name])
+    lock = model / "moeforge.lock.json"
+    try:
+        listed = sorted(json.loads(lock.read_text())["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        listed = []
+    return [str(lock), *(str(model / name) for name in listed)]
 
 
 def weight_hashes(wildcards):

@@ -1,9 +1,10 @@
-# Prove the build works: strict load, generation, comparison with the base, routing statistics.
+# Prove the build works: strict load, generation, comparison with the base, routing statistics; on the
+# staging model, which is published only when this passes.
 
 
 rule smoke_test:
     input:
-        lock="results/{merge}/model/moeforge.lock.json",
+        lock="results/{merge}/staging/model/moeforge.lock.json",
         plan="results/{merge}/plan.json",
         gates="results/{merge}/gates.json",
         translation="results/{merge}/config/translation.json",
@@ -23,14 +24,10 @@ rule smoke_test:
             category="{merge}",
             labels={"merge": "{merge}", "figure": "gate similarity"},
         ),
-    params:
-        device=lookup(dpath="smoke/device", within=config),
-        max_new_tokens=lookup(dpath="smoke/max_new_tokens", within=config),
-        dtype=lookup(dpath="smoke/dtype", within=config),
-        # Overrides the memory budget read from the job's cgroup or mem_mb (see moeforge.runtime.memory_budget).
-        memory_gb=lookup(dpath="smoke/memory_gb", within=config, default=None),
     log:
-        "logs/{merge}/smoke_test.log",
+        log="logs/{merge}/smoke_test.log",
+        # The verdict and where the checked model stands: kept when the job fails, unlike its outputs.
+        outcome="logs/{merge}/smoke_test.json",
     # Wall time and peak memory of every job: what a cluster profile should ask for.
     benchmark:
         "results/{merge}/benchmarks/smoke_test.tsv"
@@ -39,5 +36,11 @@ rule smoke_test:
     resources:
         mem_mb=smoke_mem_mb,
         runtime=60,
+    params:
+        device=lookup(dpath="smoke/device", within=config),
+        max_new_tokens=lookup(dpath="smoke/max_new_tokens", within=config),
+        dtype=lookup(dpath="smoke/dtype", within=config),
+        # Overrides the memory budget read from the job's cgroup or mem_mb (see moeforge.runtime.memory_budget).
+        memory_gb=lookup(dpath="smoke/memory_gb", within=config, default=None),
     script:
         "../scripts/smoke_test.py"

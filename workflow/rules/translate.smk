@@ -11,12 +11,9 @@ rule translate_config:
         translation="results/{merge}/config/translation.json",
     log:
         "logs/{merge}/translate_config.log",
+    localrule: True
     resources:
         mem_mb=1000,
         runtime=5,
-    # Tiny, and the gates job (the longest before assembly) waits for it and the base's weights alone:
-    # it runs beside the base's fetch_weights job (priority 11), before the experts' (10).
-    priority: 12
-    localrule: True
     script:
         "../scripts/translate_config.py"
