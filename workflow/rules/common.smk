@@ -106,15 +106,15 @@ def shard_gates(wildcards):
 
 
 def verify_inputs(wildcards):
-    """A model to verify: its lock, and every file the lock lists once the lock is there (a lock that cannot
-    be read is the verify job's to report)."""
+    """A model to verify: its lock, and every file the lock lists that is there (a missing file, or a lock
+    that cannot be read, is the verify job's to report, naming it)."""
     model = Path(VERIFY[wildcards.name])
     lock = model / "moeforge.lock.json"
     try:
         listed = sorted(json.loads(lock.read_text())["files"])
     except (OSError, ValueError, KeyError, TypeError):
         listed = []
-    return [str(lock), *(str(model / name) for name in listed)]
+    return [str(lock), *(str(model / name) for name in listed if (model / name).is_file())]
 
 
 def weight_hashes(wildcards):
