@@ -19,7 +19,7 @@ rule gates:
     # Wall time and peak memory of every job: what a cluster profile should ask for.
     benchmark:
         "results/{merge}/benchmarks/gates.tsv"
-    # It heads the longest chain before assembly (gates, routers shard): started before the other shards.
+    # On the longest chain before assembly (translate_config, gates, routers shard): before the other shards.
     priority: 1
     # The one compute-bound job: forward passes of the base model, one layer at a time. Several threads
     # only when the forward pass is heavy (many prompts, a large base); else one, beside the shard jobs.

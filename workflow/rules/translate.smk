@@ -11,6 +11,8 @@ rule translate_config:
         translation="results/{merge}/config/translation.json",
     log:
         "logs/{merge}/translate_config.log",
+    # The gates job waits for it: on the longest chain before assembly, as the gates are.
+    priority: 1
     localrule: True
     resources:
         mem_mb=1000,
