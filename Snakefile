@@ -38,6 +38,7 @@ include: "workflow/rules/shards.smk"
 include: "workflow/rules/translate.smk"
 include: "workflow/rules/assemble.smk"
 include: "workflow/rules/smoke.smk"
+include: "workflow/rules/publish.smk"
 include: "workflow/rules/gguf.smk"
 include: "workflow/rules/verify.smk"
 include: "workflow/rules/reproduce.smk"
@@ -56,7 +57,7 @@ onerror:
 rule all:
     default_target: True
     input:
-        # The model itself, and its smoke test: a deleted model is rebuilt even when its report is still there.
+        # The published model, and its smoke test: a deleted model is published again from staging.
         expand("results/{merge}/model/moeforge.lock.json", merge=MERGES),
         expand("results/{merge}/smoke/report.json", merge=MERGES),
         expand("results/{merge}/reproduce/report.json", merge=REBUILDS),

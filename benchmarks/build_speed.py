@@ -538,9 +538,10 @@ def run_moeforge(case: Case, cores: int, cold: bool, timeout: float, extra: Sequ
         return run_measured(cmd, work, case.root / log_name, env, case.root / "mf-scratch", timeout, cap_bytes,
                             may_fail=cap_bytes is not None)
 
-    out = build(f"results/{MERGE}/model/moeforge.lock.json", "moeforge.log")
-    out["output_bytes"] = tree_bytes(work / "results" / MERGE / "model")
-    out["output_weight_bytes"] = tree_bytes(work / "results" / MERGE / "model", "*.safetensors")
+    # The assembled model, before its smoke test (publishing it needs the test passed).
+    out = build(f"results/{MERGE}/staging/model/moeforge.lock.json", "moeforge.log")
+    out["output_bytes"] = tree_bytes(work / "results" / MERGE / "staging" / "model")
+    out["output_weight_bytes"] = tree_bytes(work / "results" / MERGE / "staging" / "model", "*.safetensors")
     if smoke and out["returncode"] == 0:
         checked = build(f"results/{MERGE}/smoke/report.json", "moeforge-smoke.log")
         out["smoke"] = {k: checked[k] for k in ("returncode", "wall_s", "summary", "time_v", "cap") if k in checked}

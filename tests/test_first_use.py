@@ -27,7 +27,7 @@ from moeforge.io.files import sha256_file
 from moeforge.io.safetensors_file import OutTensor, write_safetensors
 from moeforge.plan.merges import merges_to_build
 from moeforge.plan.recipe import parse_recipe
-from pipeline import build, fetch_all, plan_only
+from pipeline import build, fetch_all, plan_only, sha256_tree
 
 REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile")]
@@ -209,7 +209,9 @@ def test_scan_counts_nonfinite_values_and_hashes(tmp_path, dtype):
     assert torch.equal(load_file(tmp_path / "x.safetensors")["b"].float().nan_to_num(), bad.float().nan_to_num())
 
 
-def test_a_model_that_fails_its_checks_is_moved_aside(tmp_path, models):
+def test_a_model_that_fails_its_checks_stays_where_its_outcome_says(tmp_path, models, monkeypatch):
+    """The smoke test moves nothing: the failed model stays where it was built, and the outcome record (a log,
+    kept when the job fails) gives the failure and that place, relative to the working directory."""
     from moeforge.check.smoke_stage import smoke_stage
 
     result = build(tmp_path, recipe_for(models))
@@ -220,13 +222,19 @@ def test_a_model_that_fails_its_checks_is_moved_aside(tmp_path, models):
     tensors[name] = torch.full_like(tensors[name], float("nan"))
     shard.unlink()
     save_file(tensors, shard, metadata={"format": "pt"})
+    before = sha256_tree(result.model_dir)
+    monkeypatch.chdir(tmp_path)
     with pytest.raises(ModelError, match=f"1 tensor.s. contain NaN or Inf, e.g. {name}"):
         smoke_stage(result.model_dir, out / "plan.json", out / "gates.json", out / "config" / "translation.json",
                     result.meta[str(models["base"])].parent / "weights.json", device="cpu",
                     max_new_tokens=2, out_json=out / "smoke/report.json", out_md=out / "smoke/report.md",
-                    load_png=out / "smoke/load.png", similarity_png=out / "smoke/sim.png")
-    assert not result.model_dir.exists()
-    assert (out / "failed" / "model" / "moeforge.lock.json").is_file()
+                    load_png=out / "smoke/load.png", similarity_png=out / "smoke/sim.png",
+                    outcome_json=tmp_path / "logs/smoke_test.json")
+    assert sha256_tree(result.model_dir) == before
+    outcome = json.loads((tmp_path / "logs/smoke_test.json").read_text())
+    assert outcome["passed"] is False and outcome["model_dir"] == "results/m/model"
+    assert name in outcome["errors"][0]
+    assert not (out / "smoke/report.json").exists() and not (out / "failed").exists()
 
 
 # ---- prompts: mergekit-moe's rules, and the base's context ----------------------------------
@@ -354,7 +362,8 @@ def test_an_empty_prompt_reaches_the_smoke_test_as_the_bos_token(tmp_path, model
     report = smoke_stage(result.model_dir, out / "plan.json", out / "gates.json", out / "config" / "translation.json",
                          result.meta[str(models["base"])].parent / "weights.json", device="cpu", max_new_tokens=2,
                          out_json=out / "smoke/report.json", out_md=out / "smoke/report.md",
-                         load_png=out / "smoke/load.png", similarity_png=out / "smoke/sim.png")
+                         load_png=out / "smoke/load.png", similarity_png=out / "smoke/sim.png",
+                         outcome_json=out / "smoke_test.json")
     assert report["passed"] and [g["prompt"] for g in report["generations"]][0] == ""
 
 

@@ -161,7 +161,7 @@ def test_corrupted_output_is_caught(tmp_path, zoo, llamacpp_converter):
 
 
 @pytest.mark.gguf
-def test_architecture_the_converter_lacks_is_a_report_entry(tmp_path, zoo, llamacpp_converter):
+def test_architecture_the_converter_lacks_fails_the_step_without_a_gguf(tmp_path, zoo, llamacpp_converter):
     result = build(tmp_path, recipe(zoo["base"], [zoo["e0"], zoo["e1"]]))
     config_path = result.model_dir / "config.json"
     config_path.chmod(0o644)
@@ -169,9 +169,10 @@ def test_architecture_the_converter_lacks_is_a_report_entry(tmp_path, zoo, llama
     config_path.write_text(json.dumps({**config, "architectures": ["NoSuchMoeForCausalLM"]}))
     with pytest.raises(UnsupportedByConverter, match=r"unsupported by llama.cpp converter llama-cpp-python \S+"):
         convert(result.model_dir, tmp_path / "x.gguf", "f16", llamacpp_converter)
-    report, out = run_stage(result)
-    assert report["status"] == "unsupported" and report["passed"] is None
-    assert "NoSuchMoeForCausalLM" in (out / "report.md").read_text() and not list(out.glob("*.gguf"))
+    with pytest.raises(UnsupportedByConverter, match="NoSuchMoeForCausalLM"):
+        run_stage(result)
+    out = result.model_dir.parent / "gguf"
+    assert not list(out.rglob("*.gguf")) and not (out / "report.json").exists()
 
 
 @pytest.mark.gguf

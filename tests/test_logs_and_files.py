@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import subprocess
@@ -203,3 +204,59 @@ def test_recipe_yaml_error_is_one_line_with_its_place(tmp_path):
         load_recipe(path)
     message = str(info.value)
     assert message.startswith(f"{path}: not valid YAML: line 3 column 1: ") and "\n" not in message
+
+
+# ---- publishing a checked model ---------------------------------------------------------------
+
+def _staging(root: Path) -> Path:
+    """A staging model: two files, a lock listing them, and a file the lock does not list (not published)."""
+    from moeforge.io.files import sha256_file
+
+    staging = root / "staging" / "model"
+    staging.mkdir(parents=True)
+    (staging / "config.json").write_text('{"model_type": "mixtral"}\n')
+    (staging / "model-00001-of-00001.safetensors").write_bytes(bytes(range(256)) * 64)
+    (staging / "notes.txt").write_text("not part of the model\n")
+    files = {name: sha256_file(staging / name) for name in ("config.json", "model-00001-of-00001.safetensors")}
+    (staging / "moeforge.lock.json").write_text(json.dumps({"files": files}))
+    return staging
+
+
+def test_publish_links_the_locked_files_and_copies_the_lock(tmp_path):
+    """Each file the lock lists is the staging file itself (same inode); the lock is a read-only copy, so its
+    modification time is the publish's own; no temporary is left, and a stale model is replaced whole."""
+    from moeforge.build.publish import publish
+
+    staging = _staging(tmp_path)
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "stale.safetensors").write_text("from an earlier build")
+    assert publish(staging, out) == []
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model-00001-of-00001.safetensors",
+                                                      "moeforge.lock.json"]
+    for name in ("config.json", "model-00001-of-00001.safetensors"):
+        assert (out / name).stat().st_ino == (staging / name).stat().st_ino
+    lock = out / "moeforge.lock.json"
+    assert lock.stat().st_ino != (staging / "moeforge.lock.json").stat().st_ino
+    assert lock.read_bytes() == (staging / "moeforge.lock.json").read_bytes()
+    assert lock.stat().st_mode & 0o777 == 0o444
+    assert list(tmp_path.glob(".*.tmp-*")) == []
+
+
+@pytest.mark.skipif(Path("/dev/shm").stat().st_dev == Path(__file__).stat().st_dev,
+                    reason="needs /dev/shm on another file system than the tests")
+def test_publish_across_file_systems_copies_and_says_so(tmp_path, caplog):
+    """Where a hard link is impossible (another file system), the files are copied, and the log says so."""
+    import tempfile
+
+    from moeforge.build.publish import publish
+
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as shm:
+        staging = _staging(Path(shm))
+        caplog.set_level(logging.INFO, logger="moeforge")
+        copied = publish(staging, tmp_path / "model")
+        assert copied == ["config.json", "model-00001-of-00001.safetensors"]
+        for name in copied:
+            assert (tmp_path / "model" / name).read_bytes() == (staging / name).read_bytes()
+            assert (tmp_path / "model" / name).stat().st_mode & 0o777 == 0o444
+    assert "2 of 2 file(s) copied into" in caplog.text and "not hard-linked" in caplog.text

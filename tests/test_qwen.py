@@ -225,7 +225,7 @@ def test_smoke_stage_passes_on_qwen_outputs(tmp_path, zoo, key):
     report = smoke_stage(result.model_dir, result.model_dir.parent / "plan.json",
                          result.model_dir.parent / "gates.json", result.model_dir.parent / "config/translation.json",
                          weights, device="cpu", max_new_tokens=4, out_json=out / "r.json", out_md=out / "r.md",
-                         load_png=out / "l.png", similarity_png=out / "s.png")
+                         load_png=out / "l.png", similarity_png=out / "s.png", outcome_json=out / "outcome.json")
     assert report["passed"] and report["options"]["identity"] is True
     assert report["comparison"]["max_abs_logit_diff"] < 1e-4
     layers = report["routing"]["layers"]

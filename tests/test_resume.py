@@ -54,8 +54,9 @@ def no_temporaries(wd: Path) -> list[Path]:
     return [p for p in wd.rglob(".*.tmp-*")]
 
 
-@pytest.mark.parametrize("marker", ["logs/fetch_metadata/*.log", "logs/demo/gates.log", "logs/demo/assemble.log"],
-                         ids=["fetch", "gates", "assemble"])
+@pytest.mark.parametrize("marker", ["logs/fetch_metadata/*.log", "logs/demo/gates.log", "logs/demo/assemble.log",
+                                    "logs/demo/smoke_test.log"],
+                         ids=["fetch", "gates", "assemble", "smoke"])
 def test_killed_build_resumes_to_identical_bytes(tmp_path, reference, marker):
     wd = workdir(tmp_path)
     run_until(wd, marker)
@@ -75,7 +76,8 @@ def test_killed_during_shards_keeps_finished_shards(tmp_path, reference):
     assert len(done) == 3, done
     proc = resume(wd)
     assert sha256_tree(wd / MODEL) == reference
-    # Assembly hard-links shards into model/: a shard that was not redone keeps its inode there.
+    # Assembly hard-links shards into the staging model, and publishing its files into model/: a shard that
+    # was not redone keeps its inode there.
     order = [f"{shard}.safetensors" for shard in read_plan(wd / "results/demo/plan.json").shards]
     kept = [name for name, inode in done.items()
             if (wd / MODEL / f"model-{order.index(name) + 1:05d}-of-{len(order):05d}.safetensors").stat().st_ino == inode]

@@ -75,7 +75,7 @@ def test_theta_mode_linear(tmp_path, models):
                          result.model_dir.parent / "gates.json", result.model_dir.parent / "config/translation.json",
                          result.meta[str(models["linear"])].parent / "weights.json", device="cpu", max_new_tokens=4,
                          out_json=out / "r.json", out_md=out / "r.md", load_png=out / "l.png",
-                         similarity_png=out / "s.png")
+                         similarity_png=out / "s.png", outcome_json=out / "outcome.json")
     assert report["passed"]  # not an identity build: the rope changed on purpose
     deviation = report["comparison"]
     assert json.dumps(deviation) and any("rotary angle error" in w for w in report["warnings"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from test_source_content import replace_keeping_times
 REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 MODEL = "results/demo/model"
+STAGING = "results/demo/staging/model"
 
 
 def workdir(tmp: Path, recipe: dict | None = None) -> Path:
@@ -59,7 +61,7 @@ def test_dry_run_shows_the_dag(tmp_path):
     proc = snakemake(workdir(tmp_path), "-n", "--cores", "2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     for rule in ("demo_models", "hash_source", "fetch_metadata", "validate", "locate_weights", "fetch_weights", "gates",
-                 "translate_config", "assemble", "smoke_test"):
+                 "translate_config", "assemble", "smoke_test", "publish"):
         assert rule in proc.stdout
 
 
@@ -86,12 +88,28 @@ def test_demo_builds_a_loadable_checked_model(demo):
 
 
 @pytest.mark.slow
+def test_the_checked_model_is_published_as_hard_links(demo):
+    """model/ holds the staging model's files themselves (same inodes, no byte copied), and a copy of the lock,
+    the publish step's own output; the smoke test read the staging model."""
+    model, staging = demo / MODEL, demo / STAGING
+    assert sorted(p.name for p in model.iterdir()) == sorted(p.name for p in staging.iterdir())
+    for path in model.iterdir():
+        linked = os.stat(path).st_ino == os.stat(staging / path.name).st_ino
+        assert linked == (path.name != "moeforge.lock.json"), path.name
+        assert path.read_bytes() == (staging / path.name).read_bytes()
+    outcome = json.loads((demo / "logs/demo/smoke_test.json").read_text())
+    assert outcome["passed"] is True and outcome["model_dir"] == STAGING
+
+
+@pytest.mark.slow
 def test_rerun_does_nothing(demo):
     before = sha256_tree(demo / MODEL)
     proc = snakemake(demo, "--cores", "2")
     assert proc.returncode == 0
     assert "Nothing to be done" in proc.stdout + proc.stderr
     assert sha256_tree(demo / MODEL) == before
+    dry = snakemake(demo, "-n", "--cores", "2")
+    assert dry.returncode == 0 and "Nothing to be done" in dry.stdout + dry.stderr, dry.stdout[-3000:]
 
 
 @pytest.mark.slow
@@ -163,7 +181,7 @@ def test_a_config_that_only_verifies_builds_nothing(demo, tmp_path):
                            "--cores", "1", "--configfile", str(tmp_path / "only.yaml")],
                           capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert _planned_rules(proc.stdout) == {"verify"}, proc.stdout[-3000:]
+    assert _planned_rules(proc.stdout) == {"verify_model", "verify"}, proc.stdout[-3000:]
 
 
 def _flip_byte(path: Path, offset: int) -> None:
@@ -249,7 +267,7 @@ def test_building_another_merge_of_the_same_models_leaves_the_first_finished(dem
     """Building a second merge of the same models builds it whole and leaves the first finished, under
     Snakemake's default rerun triggers: each merge fetches its models after its own plan, and the models
     are neither fetched again nor hashed again (no per-model job, no job of the first merge). A deleted
-    model is then rebuilt, though its smoke report is still there."""
+    model is then published again from its staging model, with no shard or assembly redone."""
     wd = tmp_path / "wd"
     shutil.copytree(demo, wd, symlinks=True)
     other = yaml.safe_load((wd / "demo.yaml").read_text()) | {"seed": 7}
@@ -268,8 +286,38 @@ def test_building_another_merge_of_the_same_models_leaves_the_first_finished(dem
     assert "Nothing to be done" in snakemake(wd, "-n", "--cores", "2").stdout
     shutil.rmtree(wd / MODEL)
     dry = snakemake(wd, "-n", "--cores", "2")
-    assert {"assemble", "smoke_test"} <= _planned_rules(dry.stdout) <= {"gates", "shard", "assemble", "smoke_test",
-                                                                        "all"}, dry.stdout[-3000:]
+    assert _planned_rules(dry.stdout) == {"publish", "all"}, dry.stdout[-3000:]
+    again = snakemake(wd, "--cores", "2")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert all(os.stat(p).st_ino == os.stat(wd / STAGING / p.name).st_ino
+               for p in (wd / MODEL).glob("*.safetensors"))
+    assert sha256_tree(wd / MODEL) == sha256_tree(demo / MODEL)
+
+
+@pytest.mark.slow
+def test_a_model_that_fails_its_smoke_test_is_not_published(demo, tmp_path):
+    """A staging model that fails its smoke test: the job fails, nothing stands at model/, and the outcome log
+    (kept, unlike the failed job's outputs) says why and where the failed model is."""
+    wd = tmp_path / "wd"
+    shutil.copytree(demo, wd, symlinks=True)
+    shutil.rmtree(wd / MODEL)
+    for report in (wd / "results/demo/smoke").iterdir():
+        report.unlink()
+    from safetensors.torch import load_file, save_file
+
+    shard = wd / STAGING / "model-00002-of-00003.safetensors"
+    tensors = load_file(shard)
+    name = next(k for k in sorted(tensors) if "q_proj" in k)
+    tensors[name][0, 0] = float("nan")
+    shard.unlink()
+    save_file(tensors, shard, metadata={"format": "pt"})
+    proc = snakemake(wd, "--cores", "2")
+    assert proc.returncode != 0
+    assert not (wd / MODEL).exists() and not (wd / "results/demo/smoke/report.json").exists()
+    outcome = json.loads((wd / "logs/demo/smoke_test.json").read_text())
+    assert outcome["passed"] is False and name in outcome["errors"][0]
+    assert outcome["model_dir"] == STAGING and (wd / outcome["model_dir"] / "moeforge.lock.json").is_file()
+    assert f"is not published; it stays in {STAGING}" in proc.stderr
 
 
 @pytest.mark.slow

@@ -1,4 +1,5 @@
-# The Hub-ready model directory: shards linked in place, index, config, tokenizer, card, lock.
+# The Hub-ready staging model: shards linked in place, index, config, tokenizer, card, lock. The smoke test
+# checks it there; publish (publish.smk) then puts it at results/{merge}/model.
 
 
 rule assemble:
@@ -16,7 +17,7 @@ rule assemble:
         # The lock file marks a complete model directory: assemble builds the directory under a
         # temporary name and renames it into place whole, lock included (no .snakemake_timestamp
         # inside a Hub-ready directory).
-        lock=protected("results/{merge}/model/moeforge.lock.json"),
+        lock="results/{merge}/staging/model/moeforge.lock.json",
     log:
         "logs/{merge}/assemble.log",
     # Wall time and peak memory of every job: what a cluster profile should ask for.

@@ -1,4 +1,5 @@
 # Config and recipe loading, the merge table, input functions, wildcard constraints.
+import json
 import os
 import re
 
@@ -6,6 +7,7 @@ from snakemake.logging import logger
 
 from moeforge import resources as job_resources
 from moeforge.errors import MoeforgeError
+from moeforge.io.names import relative_file_problem
 from moeforge.io.published import RECIPE_FILES
 from moeforge.io.refs import parse_ref
 from moeforge.io.source_content import refresh_source_content
@@ -77,8 +79,8 @@ def one_of(names):
 wildcard_constraints:
     merge=one_of(MERGES),
     slug="|".join(re.escape(s) for s in REFS),
-    # The shard rule's; the gates rule writes the routers shard.
-    shard=r"globals|layers-\d+-\d+",
+    # The shard rule's (plan.json names them).
+    shard=rf"globals|layers-\d+-\d+|{re.escape(ROUTERS_SHARD)}",
 
 
 def slug(ref):
@@ -96,6 +98,31 @@ def meta_dirs(wildcards):
 def weight_records(wildcards):
     """This merge's fetch_weights records of its models: where each one's weights are, sizes and sha256."""
     return [f"results/{wildcards.merge}/weights/{s}.json" for s in merge_slugs(wildcards)]
+
+
+def shard_weight_records(wildcards):
+    """The source models' weight records a shard reads: none for the routers, which come from the gates."""
+    return [] if wildcards.shard == ROUTERS_SHARD else weight_records(wildcards)
+
+
+def shard_gates(wildcards):
+    """The gates file, for the routers shard alone."""
+    return [f"results/{wildcards.merge}/gates.safetensors"] if wildcards.shard == ROUTERS_SHARD else []
+
+
+def verify_inputs(wildcards):
+    """A model to verify: its lock, and every file the lock lists that is there (a missing file, or a lock
+    that cannot be read, is the verify job's to report, naming it)."""
+    model = Path(VERIFY[wildcards.name])
+    lock = model / "moeforge.lock.json"
+    try:
+        listed = sorted(json.loads(lock.read_text())["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        listed = []
+    return [
+        str(lock),
+        *(str(model / name) for name in listed if relative_file_problem(name) is None and (model / name).is_file()),
+    ]
 
 
 def weight_hashes(wildcards):

@@ -1,6 +1,6 @@
 # Router matrices, one [experts, hidden] per layer, computed from the base model, after the plan is checked
-# against the installed transformers class (the one job that imports transformers' models before assembly);
-# then the routers shard, written from them.
+# against the installed transformers class (the one job that imports transformers' models before assembly).
+# The shard rule writes the routers shard from them.
 
 
 rule gates:
@@ -15,17 +15,13 @@ rule gates:
         tensors="results/{merge}/gates.safetensors",
         stats="results/{merge}/gates.json",
         checked="results/{merge}/class_check.json",
-        # The routers shard, in the plan's names and dtype: written here, from the matrices in hand, so
-        # assembly follows the gates directly (one job less on the critical path, one queue wait less on a cluster).
-        routers=temp(f"results/{{merge}}/shards/{ROUTERS_SHARD}.safetensors"),
-        routers_digest=temp(f"results/{{merge}}/shards/{ROUTERS_SHARD}.sha256"),
     log:
         "logs/{merge}/gates.log",
     # Wall time and peak memory of every job: what a cluster profile should ask for.
     benchmark:
         "results/{merge}/benchmarks/gates.tsv"
-    # Usually the longest job before assembly: started first, it runs while the shard jobs are written.
-    priority: 10
+    # On the longest chain before assembly (translate_config, gates, routers shard): before the other shards.
+    priority: 1
     # The one compute-bound job: forward passes of the base model, one layer at a time. Several threads
     # only when the forward pass is heavy (many prompts, a large base); else one, beside the shard jobs.
     threads: gates_threads

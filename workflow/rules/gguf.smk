@@ -10,7 +10,9 @@ rule gguf_check:
         plan="results/{merge}/plan.json",
         smoke="results/{merge}/smoke/report.md",
     output:
-        # beside them: model-f16.gguf, named with its sha256 in report.json
+        # A GGUF that fails its check is kept with its reports in gguf/failed/ for inspection, outside the
+        # outputs Snakemake removes when the job fails.
+        gguf="results/{merge}/gguf/model-f16.gguf",
         json="results/{merge}/gguf/report.json",
         md="results/{merge}/gguf/report.md",
     log:

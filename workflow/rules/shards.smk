@@ -1,5 +1,5 @@
-# The merge shards that read the source models: the globals and runs of consecutive decoder layers
-# (plan.json names them). They run while the gates are computed; the gates job writes the routers shard.
+# The merge shards (plan.json names them): the globals and runs of consecutive decoder layers, which read
+# the source models, and the routers, which read the gates file.
 
 
 rule shard:
@@ -7,7 +7,8 @@ rule shard:
         # plan.json sizes the job's memory request (shard_mem_mb).
         plan="results/{merge}/plan.json",
         tensors="results/{merge}/plan.tensors.tsv",
-        weights=weight_records,
+        weights=shard_weight_records,
+        gates=shard_gates,
     output:
         shard=temp("results/{merge}/shards/{shard}.safetensors"),
         digest=temp("results/{merge}/shards/{shard}.sha256"),
@@ -15,8 +16,6 @@ rule shard:
         "logs/{merge}/shards/{shard}.log",
     benchmark:
         "results/{merge}/benchmarks/shard-{shard}.tsv"
-    # After the fetches and the gates.
-    priority: 1
     resources:
         mem_mb=shard_mem_mb,
         runtime=60,

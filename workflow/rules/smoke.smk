@@ -1,9 +1,10 @@
-# Prove the build works: strict load, generation, comparison with the base, routing statistics.
+# Prove the build works: strict load, generation, comparison with the base, routing statistics; on the
+# staging model, which is published only when this passes.
 
 
 rule smoke_test:
     input:
-        lock="results/{merge}/model/moeforge.lock.json",
+        lock="results/{merge}/staging/model/moeforge.lock.json",
         plan="results/{merge}/plan.json",
         gates="results/{merge}/gates.json",
         translation="results/{merge}/config/translation.json",
@@ -24,7 +25,9 @@ rule smoke_test:
             labels={"merge": "{merge}", "figure": "gate similarity"},
         ),
     log:
-        "logs/{merge}/smoke_test.log",
+        log="logs/{merge}/smoke_test.log",
+        # The verdict and where the checked model stands: kept when the job fails, unlike its outputs.
+        outcome="logs/{merge}/smoke_test.json",
     # Wall time and peak memory of every job: what a cluster profile should ask for.
     benchmark:
         "results/{merge}/benchmarks/smoke_test.tsv"

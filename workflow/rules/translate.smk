@@ -11,9 +11,8 @@ rule translate_config:
         translation="results/{merge}/config/translation.json",
     log:
         "logs/{merge}/translate_config.log",
-    # Tiny, and the gates job (the longest before assembly) waits for it and the base's weights alone:
-    # it runs beside the base's fetch_weights job (priority 11), before the experts' (10).
-    priority: 12
+    # The gates job waits for it: on the longest chain before assembly, as the gates are.
+    priority: 1
     localrule: True
     resources:
         mem_mb=1000,

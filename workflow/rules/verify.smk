@@ -1,16 +1,23 @@
-# `snakemake verify`: recheck finished (or downloaded) model directories against their lock files
-# and rerun the smoke test. A target rule without outputs, so it runs every time it is asked for.
+# `snakemake verify`: recheck finished (or downloaded) model directories against their lock files and rerun
+# the smoke test. A model is checked again when one of its files changes (`--forcerun verify_model` anyway).
 
 
-rule verify:
+rule verify_model:
     input:
-        locks=lambda wc: [f"{path}/moeforge.lock.json" for path in VERIFY.values()],
+        # Every file the lock lists, once it is there: a changed file reruns the check.
+        verify_inputs,
+    output:
+        json="results/verify/{name}/report.json",
+        md="results/verify/{name}/report.md",
+        lock_check="results/verify/{name}/lock_check.json",
     log:
-        "logs/verify.log",
+        "logs/verify/{name}.log",
+    wildcard_constraints:
+        name=one_of(VERIFY),
     localrule: True
     params:
-        models=lambda wc: VERIFY,
-        # The sources' stat caches: verify hashes the sources the locks name again, through them.
+        model=lambda wc: VERIFY[wc.name],
+        # The sources' stat caches: verify hashes the sources the lock names again, through them.
         sources="resources/models",
         device=lookup(dpath="smoke/device", within=config),
         max_new_tokens=lookup(dpath="smoke/max_new_tokens", within=config),
@@ -18,3 +25,8 @@ rule verify:
         memory_gb=lookup(dpath="smoke/memory_gb", within=config, default=None),
     script:
         "../scripts/verify.py"
+
+
+rule verify:
+    input:
+        expand("results/verify/{name}/report.json", name=VERIFY),

@@ -11,7 +11,8 @@ def main(s):
                 device=s.params.device, dtype=s.params.dtype, max_new_tokens=s.params.max_new_tokens,
                 memory_gb=s.params.memory_gb, job_mem_mb=s.resources.mem_mb,
                 out_json=Path(s.output.json), out_md=Path(s.output.md),
-                load_png=Path(s.output.load), similarity_png=Path(s.output.similarity))
+                load_png=Path(s.output.load), similarity_png=Path(s.output.similarity),
+                outcome_json=Path(s.log.outcome))
 
 
 run(snakemake, main)  # noqa: F821

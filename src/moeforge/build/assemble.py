@@ -1,4 +1,6 @@
-"""Assembly: the Hub-ready model directory, built under a temporary name and renamed when complete.
+"""Assembly: the Hub-ready staging model, built under a temporary name and renamed when complete.
+
+The smoke test checks it where it stands; only then is it published (moeforge.build.publish).
 
 Shard files are hard-linked, not rewritten (a 4x7B output is ~48 GB). Tokenizer files are
 byte copies of the base's: re-saving a tokenizer with transformers 5.x records a class that
@@ -10,7 +12,6 @@ rerun or a downloaded copy can be checked byte for byte, and the merge rebuilt (
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from importlib import metadata
 from pathlib import Path
@@ -23,6 +24,7 @@ from moeforge.io.fetch import TOKENIZER_FILES
 from moeforge.io.files import (
     atomic_dir,
     dumps_json,
+    link_or_copy,
     sha256_file,
     write_json,
     write_text,
@@ -39,14 +41,6 @@ def shard_name(index: int, total: int) -> str:
     return f"model-{index:05d}-of-{total:05d}.safetensors"
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
-    """Hard link (no bytes rewritten); copy only across file systems."""
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copyfile(src, dst)
-
-
 def place_shards(shards: Sequence[Path], out_dir: Path) -> tuple[dict[str, Any], list[str]]:
     """Put shard files in place under Hub names; returns model.safetensors.index.json and the names."""
     weight_map: dict[str, str] = {}
@@ -55,7 +49,7 @@ def place_shards(shards: Sequence[Path], out_dir: Path) -> tuple[dict[str, Any],
     for i, shard in enumerate(shards, start=1):
         name = shard_name(i, len(shards))
         names.append(name)
-        _link_or_copy(shard, out_dir / name)
+        link_or_copy(shard, out_dir / name)
         _, entries = read_header(shard)
         for entry in entries.values():
             weight_map[entry.name] = name
@@ -188,7 +182,9 @@ def assemble(plan_json: Path, shards: Sequence[Path], shard_digests: Sequence[st
         lock = {"moeforge_lock_version": LOCK_VERSION, "merge": plan.merge, "recipe": plan.recipe.to_dict(),
                 "seed": plan.recipe.seed, "output_family": plan.output_family,
                 "sources": sources, "libraries": library_versions(), "files": files}
-        (tmp / LOCK_NAME).write_text(dumps_json(lock))
         for path in tmp.iterdir():
             path.chmod(0o444)
+        # Writable: the lock is the staging model's declared output, which Snakemake refuses to replace when
+        # read-only, and a changed plan must reassemble. The published model's copy of it is read-only.
+        (tmp / LOCK_NAME).write_text(dumps_json(lock))
     return lock

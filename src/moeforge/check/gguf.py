@@ -78,7 +78,7 @@ def known_differences(family: str, config: Mapping[str, Any]) -> str | None:
 
 
 class UnsupportedByConverter(BuildError):
-    """llama.cpp's converter has no class for the model's architecture: reported, not a failure."""
+    """llama.cpp's converter has no class for the model's architecture: no GGUF can be made."""
 
 
 def converter_dir() -> Path:
@@ -269,10 +269,10 @@ def gguf_stage(model_dir: Path, plan_json: Path, smoke_md: Path, out_json: Path,
                threads: int = 1) -> dict[str, Any]:
     """Convert the checked model to GGUF (f16 kept, f32 for the check), run both, write the reports.
 
-    An architecture the converter lacks is a report entry, not a failure. A GGUF that does not
-    compute what the model computes fails the step; it and its reports are kept in ``failed/``
-    beside (Snakemake removes the outputs of a failed job), so nothing unchecked stands where a
-    checked GGUF would.
+    An architecture the converter lacks fails the step with UnsupportedByConverter (the GGUF is a
+    declared output: no step succeeds without it). A GGUF that does not compute what the model
+    computes fails the step; it and its reports are kept in ``failed/`` beside (Snakemake removes the
+    outputs of a failed job), so nothing unchecked stands where a checked GGUF would.
     """
     from moeforge.plan.prompts import smoke_prompts
 
@@ -286,12 +286,7 @@ def gguf_stage(model_dir: Path, plan_json: Path, smoke_md: Path, out_json: Path,
                               "known_differences": known_differences(plan.output_family, config),
                               "prompts": smoke_prompts(plan.recipe)}
     files = {outtype: out_dir / f"model-{outtype}.gguf" for outtype in TOLERANCE}
-    try:
-        report["conversion_seconds"] = {t: round(convert(model_dir, path, t, converter), 1) for t, path in files.items()}
-    except UnsupportedByConverter as exc:
-        _log.warning("%s", exc)
-        report.update(status="unsupported", passed=None, reason=exc.what)
-        return _write(report, smoke_md, out_json, out_md)
+    report["conversion_seconds"] = {t: round(convert(model_dir, path, t, converter), 1) for t, path in files.items()}
     try:
         report["checks"] = check_ggufs(files, model_dir, report["prompts"], threads)
     except BuildError:  # llama.cpp could not load it: no unchecked GGUF stays where a checked one would
@@ -337,8 +332,6 @@ def _summary(report: Mapping[str, Any]) -> str:
 
 def render_markdown(report: Mapping[str, Any]) -> str:
     """The GGUF section: verdict, converter, and one row per GGUF type."""
-    if report["status"] == "unsupported":
-        return f"# GGUF (llama.cpp): not converted\n\n{report['reason']}\n"
     lines = [f"# GGUF (llama.cpp): {report['status'].upper()}", "",
              f"Converted by llama.cpp's convert_hf_to_gguf.py from {report['converter']}; run in "
              "llama-cpp-python on the smoke prompts, fed the token ids transformers was fed. "

@@ -9,13 +9,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 from pathlib import Path
+from typing import Any, Mapping
 
 from moeforge.check.plots import plot_expert_load, plot_gate_similarity
 from moeforge.check.report import write_report
 from moeforge.check.smoke import SmokeFailure, SmokeOptions, run_smoke
 from moeforge.io.fetch import weights_dir_of
+from moeforge.io.files import write_text
 from moeforge.io.safetensors_file import TORCH_NAME
 from moeforge.plan.identity import is_identity_build
 from moeforge.plan.plan_json import Plan, read_plan
@@ -35,35 +36,30 @@ def smoke_options(plan: Plan, device: str, max_new_tokens: int, dtype: str = "au
                         memory_gb=memory_gb, job_mem_mb=job_mem_mb, scanned_when_written=True)
 
 
-def set_aside_failed_model(model_dir: Path, exc: BaseException) -> Path:
-    """Move a model that failed its checks out of the place a finished one stands; keep it to inspect.
+def write_outcome(report: Mapping[str, Any], model_dir: Path, path: Path) -> None:
+    """The smoke test's verdict and where the model it checked stands (relative to the working directory).
 
-    ``results/<merge>/model/`` with its lock means "built and checked". A failed model goes to
-    ``results/<merge>/failed/model/`` (with the smoke report, when there is one), so neither a user
-    nor a rerun mistakes it for a good one; a rerun reassembles it (rebuilding any shard already removed).
+    Written pass or fail, as one of the job's logs: Snakemake removes a failed job's outputs and keeps its
+    logs. A model that failed is never published; it stays in staging, where this record says, to be inspected.
     """
-    failed = model_dir.parent / "failed"
-    if failed.exists():
-        shutil.rmtree(failed)
-    failed.mkdir(parents=True)
-    os.replace(model_dir, failed / "model")
-    if isinstance(exc, SmokeFailure):  # the report names the model where it now lies
-        write_report(exc.report | {"model_dir": str(failed / "model")}, failed / "smoke-report.json",
-                     failed / "smoke-report.md")
-    logging.getLogger("moeforge").error("the model failed its checks; it was moved to %s for inspection, "
-                                        "and a rerun reassembles it (rebuilding any shard already removed)", failed / "model")
-    return failed / "model"
+    write_text(path, json.dumps({**report, "model_dir": os.path.relpath(model_dir)}, indent=2, sort_keys=True,
+                                ensure_ascii=False) + "\n")
 
 
 def smoke_stage(model_dir: Path, plan_json: Path, gates_json: Path, translation_json: Path, base_weights: Path, *,
                 device: str, dtype: str = "auto", memory_gb: float | None = None, job_mem_mb: int | None = None,
-                max_new_tokens: int, out_json: Path, out_md: Path, load_png: Path, similarity_png: Path) -> dict:
+                max_new_tokens: int, out_json: Path, out_md: Path, load_png: Path, similarity_png: Path,
+                outcome_json: Path) -> dict:
+    """The smoke test of the staging model ``model_dir``: its reports, and ``outcome_json`` (see write_outcome)."""
     plan = read_plan(plan_json)
     try:
         opts = smoke_options(plan, device, max_new_tokens, dtype, memory_gb, job_mem_mb)
         report = run_smoke(model_dir, weights_dir_of(base_weights), opts)
     except Exception as exc:
-        set_aside_failed_model(model_dir, exc)
+        write_outcome(exc.report if isinstance(exc, SmokeFailure) else {"passed": False, "errors": [str(exc)]},
+                      model_dir, outcome_json)
+        logging.getLogger("moeforge").error("the model failed its smoke test and is not published; it stays in %s "
+                                            "for inspection (see %s)", os.path.relpath(model_dir), outcome_json)
         raise
     translation = json.loads(translation_json.read_text())
     report["build"] = {"merge": plan.merge, "output_family": plan.output_family,
@@ -77,4 +73,5 @@ def smoke_stage(model_dir: Path, plan_json: Path, gates_json: Path, translation_
     write_report(report, out_json, out_md)
     plot_expert_load(report, load_png)
     plot_gate_similarity(gates, similarity_png)
+    write_outcome(report, model_dir, outcome_json)
     return report

@@ -112,6 +112,17 @@ def write_text(path: Path, text: str) -> None:
     write_bytes(path, text.encode())
 
 
+def link_or_copy(src: Path, dst: Path) -> bool:
+    """Hard-link ``src`` to ``dst`` (no bytes rewritten); copy only where a link is impossible (another
+    file system). Returns whether it linked, so a caller can say that it copied."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+        return False
+    return True
+
+
 @contextlib.contextmanager
 def atomic_dir(path: Path) -> Iterator[Path]:
     """Build a directory under a temporary name; it appears at `path` only when complete."""
