@@ -7,6 +7,7 @@ from snakemake.logging import logger
 
 from moeforge import resources as job_resources
 from moeforge.errors import MoeforgeError
+from moeforge.io.lockfile import sources_state
 from moeforge.io.names import relative_file_problem
 from moeforge.io.published import RECIPE_FILES
 from moeforge.io.refs import parse_ref

@@ -1,5 +1,6 @@
 # `snakemake verify`: recheck finished (or downloaded) model directories against their lock files and rerun
-# the smoke test. A model is checked again when one of its files changes (`--forcerun verify_model` anyway).
+# the smoke test. A model is checked again when one of its files or its sources change (`--forcerun verify_model`
+# to check anyway).
 
 
 rule verify_model:
@@ -19,6 +20,8 @@ rule verify_model:
         model=lambda wc: VERIFY[wc.name],
         # The sources' stat caches: verify hashes the sources the lock names again, through them.
         sources="resources/models",
+        # A source replaced or edited since the last check (by stat tuple) makes the check run again.
+        sources_state=lambda wc: sources_state(Path(VERIFY[wc.name]), Path("resources/models")),
         device=lookup(dpath="smoke/device", within=config),
         max_new_tokens=lookup(dpath="smoke/max_new_tokens", within=config),
         dtype=lookup(dpath="smoke/dtype", within=config),

@@ -18,8 +18,7 @@ from moeforge.check.smoke import SmokeOptions, run_smoke, stored_dtype
 from moeforge.errors import BuildError
 from moeforge.io.files import sha256_file, write_json
 from moeforge.io.hashcache import HashCache
-from moeforge.io.lockfile import LOCK_NAME, read_lock
-from moeforge.io.refs import parse_ref
+from moeforge.io.lockfile import LOCK_NAME, read_lock, source_file
 from moeforge.io.safetensors_file import TORCH_NAME
 from moeforge.plan.prompts import smoke_prompts
 from moeforge.plan.recipe import parse_recipe
@@ -51,20 +50,6 @@ def check_lock(model_dir: Path) -> dict[str, Any]:
     return {"files_verified": len(lock["files"]), "merge": lock["merge"], "output_family": lock["output_family"]}
 
 
-def _source_file(source: dict[str, Any], name: str, model_root: Path) -> Path | None:
-    """A source file the lock names, where it is on this machine: the local directory (or moeforge's
-    converted copy of a .bin model), the Hugging Face cache at the recorded commit; None when absent."""
-    if source["kind"] == "local":
-        directory = Path(source["ref"]).expanduser()
-        candidates = [directory / name, model_root / "meta" / "weights" / name] if directory.is_dir() else []
-    else:
-        from huggingface_hub import try_to_load_from_cache
-
-        cached = try_to_load_from_cache(parse_ref(source["ref"]).repo_id, name, revision=source["resolved_revision"])
-        candidates = [Path(cached)] if isinstance(cached, str) else []
-    return next((path for path in candidates if path.is_file()), None)
-
-
 def check_sources(lock: dict[str, Any], models_root: Path) -> dict[str, Any]:
     """Hash again each source file the lock names that is on this machine, through the model's stat cache
     under ``models_root`` (unchanged files cost a stat call); raise BuildError naming each changed file.
@@ -77,7 +62,7 @@ def check_sources(lock: dict[str, Any], models_root: Path) -> dict[str, Any]:
         cache = HashCache(models_root / slug / "sha256-cache.json")
         local_dir = Path(source["ref"]).expanduser() if source["kind"] == "local" else None
         for entry in source["files"]:
-            path = _source_file(source, entry["name"], models_root / slug)
+            path = source_file(source, entry["name"], models_root / slug)
             if path is None and local_dir is not None and local_dir.is_dir():
                 problems.append(f"{local_dir / entry['name']}: missing")
             elif path is None:

@@ -8,13 +8,16 @@ naming the file, never a KeyError in a later job.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from moeforge.errors import FetchError, RecipeError
+from moeforge.errors import FetchError, MoeforgeError, RecipeError
 from moeforge.io.fetch import hub_errors
 from moeforge.io.files import read_json
+from moeforge.io.hashcache import stat_tuple
 from moeforge.io.names import MERGE_NAME_RULE, is_merge_name, relative_file_problem
 from moeforge.io.refs import parse_ref
 from moeforge.io.schema import package_schema, schema_errors
@@ -139,3 +142,36 @@ def load_lock(raw: str) -> tuple[LockRef, dict[str, Any]]:
     """Resolve a ``lock:`` reference and read the lock it names."""
     ref = resolve_lock_ref(raw)
     return ref, read_lock(ref.path)
+
+
+def source_file(source: dict[str, Any], name: str, model_root: Path) -> Path | None:
+    """A source file a lock names, where it is on this machine: the local directory (or moeforge's converted
+    copy of a .bin model under ``model_root``), the Hugging Face cache at the recorded commit; None when absent."""
+    if source["kind"] == "local":
+        directory = Path(source["ref"]).expanduser()
+        candidates = [directory / name, model_root / "meta" / "weights" / name] if directory.is_dir() else []
+    else:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(parse_ref(source["ref"]).repo_id, name, revision=source["resolved_revision"])
+        candidates = [Path(cached)] if isinstance(cached, str) else []
+    return next((path for path in candidates if path.is_file()), None)
+
+
+def sources_state(model_dir: Path, models_root: Path) -> str:
+    """A fingerprint of the source files a model's lock names, from their stat tuples alone (no read).
+
+    ``snakemake verify`` takes it as a parameter of each model's check, so the check runs again when a source
+    was replaced or edited, even by a copy that kept its timestamps (the inode change time moves), and not
+    otherwise. A lock that cannot be read gives a fingerprint of its own: the check then says why.
+    """
+    try:
+        lock = read_lock(model_dir / LOCK_NAME)
+    except MoeforgeError:
+        return "unreadable lock"
+    state = []
+    for slug, source in sorted(lock["sources"].items()):
+        for entry in source["files"]:
+            path = source_file(source, entry["name"], models_root / slug)
+            state.append([slug, entry["name"], stat_tuple(path) if path is not None else None])
+    return hashlib.sha256(json.dumps(state).encode()).hexdigest()
