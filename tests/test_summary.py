@@ -38,3 +38,17 @@ def test_a_damaged_report_does_not_break_the_summary(tmp_path):
     (results / "m" / "smoke" / "report.json").write_text("[not json")
     assert run_summary(["m"], results).splitlines()[2:] == [
         "  model       not built (or not published: it did not pass its checks)"]
+
+
+def test_reports_name_paths_without_the_machines_directories(tmp_path, monkeypatch):
+    """Relative to the working directory, by Hub id and commit in the cache, as moeforge/... when packaged."""
+    import moeforge
+    from moeforge.io.files import shown_path
+
+    monkeypatch.chdir(tmp_path)
+    assert shown_path(tmp_path / "resources" / "demo" / "base") == "resources/demo/base"
+    cached = tmp_path.parent / "hf" / "hub" / "models--acme--base" / "snapshots" / ("1" * 40) / "model.safetensors"
+    assert shown_path(cached) == f"acme/base@{'1' * 40}/model.safetensors"
+    packaged = Path(moeforge.__file__).parent / "data" / "domains" / "code" / "heldout.txt"
+    assert shown_path(packaged) == "moeforge/data/domains/code/heldout.txt"
+    assert shown_path("/srv/models/llama") == "…/models/llama"

@@ -41,6 +41,7 @@ def demo(tmp_path_factory):
     wd = workdir(tmp_path_factory.mktemp("demo"))
     proc = snakemake(wd, "--cores", "2")
     assert proc.returncode == 0, proc.stderr[-4000:]
+    (wd / "first-run.stderr").write_text(proc.stderr)
     return wd
 
 
@@ -63,6 +64,17 @@ def test_dry_run_shows_the_dag(tmp_path):
     for rule in ("demo_models", "hash_source", "fetch_metadata", "validate", "locate_weights", "fetch_weights", "gates",
                  "translate_config", "assemble", "smoke_test", "publish"):
         assert rule in proc.stdout
+
+
+@pytest.mark.slow
+def test_a_run_ends_with_a_summary_and_its_reports_hold_no_machine_paths(demo):
+    summary = (demo / "first-run.stderr").read_text().split("moeforge summary", 1)[1].splitlines()
+    assert summary[1:4] == ["demo:", "  model       results/demo/model/",
+                            "  smoke test  passed (strict load, generation, comparison with the base)  "
+                            "[results/demo/smoke/report.md]"]
+    for name in ("report.json", "report.md"):
+        text = (demo / "results/demo/smoke" / name).read_text()
+        assert str(demo) not in text and str(REPO) not in text and "/tmp/" not in text
 
 
 @pytest.mark.slow

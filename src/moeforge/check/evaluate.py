@@ -29,7 +29,7 @@ from moeforge import __version__
 from moeforge.check.plots import plot_evaluation
 from moeforge.errors import BuildError, RecipeError
 from moeforge.io.fetch import weight_dirs_from
-from moeforge.io.files import read_text, write_json, write_text
+from moeforge.io.files import read_text, shown_path, write_json, write_text
 from moeforge.io.hf_load import load_tokenizer
 from moeforge.numbers import fmt, report_number
 from moeforge.plan.plan_json import read_plan
@@ -160,7 +160,7 @@ def _report(scores: Mapping[str, Mapping[str, Scores]], experts: list[str], wind
     return {
         "versions": {"moeforge": __version__, "torch": torch.__version__},
         "options": asdict(opts),
-        "domains": {d: {"text": str(domains[d]), "windows": int(ids.shape[0]),
+        "domains": {d: {"text": shown_path(domains[d]), "windows": int(ids.shape[0]),
                         "tokens_scored": int(ids[:, 1:].numel())} for d, ids in windows.items()},
         "experts": experts,
         "perplexity": perplexity,

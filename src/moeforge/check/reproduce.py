@@ -22,7 +22,7 @@ import torch
 from safetensors import safe_open
 
 from moeforge.errors import BuildError
-from moeforge.io.files import read_json, sha256_file, write_json, write_text
+from moeforge.io.files import read_json, sha256_file, shown_path, write_json, write_text
 from moeforge.io.lockfile import LOCK_NAME, LockRef, load_lock, read_lock
 from moeforge.numbers import fmt, report_number
 
@@ -172,7 +172,7 @@ def reproduce(merge: str, lock_ref: str, rebuilt_dir: Path, out_json: Path, out_
         if published is not None:
             tensors = compare_tensors(tensor_files(lambda name: _existing(rebuilt_dir / name)) or {}, published)
     verdict = _verdict(files, tensors)
-    report = {"merge": merge, "recorded_merge": recorded["merge"], "lock": lock_ref, "lock_file": str(ref.path),
+    report = {"merge": merge, "recorded_merge": recorded["merge"], "lock": lock_ref, "lock_file": shown_path(ref.path),
               "compared_with": "published files" if ref.has_model else "lock sha256",
               "verdict": verdict, "files": files, "tensors": tensors, "warnings": warnings, "notes": notes}
     write_json(out_json, report)

@@ -52,6 +52,7 @@ import transformers
 from moeforge import __version__
 from moeforge.build.finite import nonfinite_counts
 from moeforge.errors import BuildError, ModelError, RecipeError
+from moeforge.io.files import shown_path
 from moeforge.io.hf_load import load_tokenizer
 from moeforge.io.safetensors_file import ITEMSIZE, TORCH_NAME, read_header
 from moeforge.numbers import report_number
@@ -604,8 +605,8 @@ def _new_report(model_dir: Path, base_dir: Path | None, opts: SmokeOptions,
     return {
         "versions": {"moeforge": __version__, "torch": torch.__version__,
                      "transformers": transformers.__version__, "safetensors": safetensors.__version__},
-        "model_dir": str(model_dir),
-        "base_dir": str(base_dir) if base_dir is not None else None,
+        "model_dir": shown_path(model_dir),
+        "base_dir": shown_path(base_dir) if base_dir is not None else None,
         "options": asdict(opts),
         "config": _config_summary(model_dir),
         "load": load_info | scan,

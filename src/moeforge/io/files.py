@@ -137,3 +137,26 @@ def atomic_dir(path: Path) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def shown_path(path: Path | str) -> str:
+    """How a report names a file or directory: never by an absolute path of the machine that wrote it.
+
+    Inside the working directory, relative to it; in the Hugging Face cache, as ``org/name@commit/file``;
+    a file shipped with moeforge, as ``moeforge/...``; anything else by its last two parts (``…/parent/name``).
+    """
+    path = Path(path).absolute()
+    cwd = Path.cwd()
+    if path.is_relative_to(cwd):
+        return str(path.relative_to(cwd)) or "."
+    parts = path.parts
+    if "snapshots" in parts:
+        i = parts.index("snapshots")
+        repo = parts[i - 1]
+        if repo.startswith(("models--", "datasets--")) and len(parts) > i + 1:
+            repo_id = repo.split("--", 1)[1].replace("--", "/")
+            return "/".join([f"{repo_id}@{parts[i + 1]}", *parts[i + 2:]])
+    package = Path(__file__).resolve().parent.parent
+    if path.is_relative_to(package):
+        return str(Path("moeforge") / path.relative_to(package))
+    return "…/" + "/".join(parts[-2:])
