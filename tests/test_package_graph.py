@@ -96,3 +96,16 @@ def test_the_shared_engine_is_a_package_below_its_users():
 def test_the_top_level_keeps_few_modules():
     modules = [p.name for p in ROOT.glob("*.py")]
     assert len(modules) <= 12, sorted(modules)
+
+
+def test_every_name_the_rule_scripts_import_exists():
+    """A rule script that imports a moved or removed name fails only when its job runs: caught here."""
+    import importlib
+
+    scripts = Path(__file__).resolve().parents[1] / "workflow" / "scripts"
+    for script in sorted(scripts.glob("*.py")):
+        for node in ast.walk(ast.parse(script.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "moeforge":
+                module = importlib.import_module(node.module)
+                for alias in node.names:
+                    assert hasattr(module, alias.name), f"{script.name}: {node.module} has no {alias.name}"
