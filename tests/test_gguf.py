@@ -211,3 +211,40 @@ def test_missing_converter_is_one_message(tmp_path, monkeypatch):
     monkeypatch.setenv(CONVERTER_ENV, str(tmp_path))
     with pytest.raises(BuildError, match="setup_llamacpp.sh"):
         converter_dir()
+
+
+GGUF_STEP = """
+import sys, types
+from pathlib import Path
+from moeforge.check.gguf import gguf_stage
+from moeforge.runner import run
+out = Path(sys.argv[1])
+run(types.SimpleNamespace(log=[str(out / "gguf.log")], rule="gguf_check"),
+    lambda s: gguf_stage(out / "model", out / "plan.json", out / "smoke" / "report.md", out / "gguf" / "report.json",
+                         out / "gguf" / "report.md", threads=2))
+"""
+
+
+@pytest.mark.gguf
+def test_the_converter_and_llama_cpp_talk_to_the_log_and_the_console_gets_a_line_each(tmp_path, zoo,
+                                                                                       llamacpp_converter):
+    """llama.cpp's hundreds of lines go to the rule's log; the console reads one line per stage, and the
+    converter's 'Unknown RoPE type: default' is explained."""
+    import subprocess
+    import sys
+
+    result = build(tmp_path, recipe(zoo["base"], [zoo["e0"], zoo["e1"]]))
+    out = result.model_dir.parent
+    (out / "smoke").mkdir(exist_ok=True)
+    (out / "smoke" / "report.md").write_text("# Smoke test: PASS\n")
+    proc = subprocess.run([sys.executable, "-c", GGUF_STEP, str(out)], capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = (out / "gguf.log").read_text()
+    assert "gguf: rope scaling type" in log or "Unknown RoPE type" in log  # the converter's own lines
+    assert "llama_model_loader" in log or "llama_" in log  # llama.cpp's loading log
+    console = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(console) <= 12, "\n".join(console)
+    assert any("converted to GGUF (f16)" in line for line in console)
+    if "Unknown RoPE type: default" in log:
+        assert any("transformers 5 names unscaled RoPE 'default'" in line for line in console)

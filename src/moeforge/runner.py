@@ -121,8 +121,30 @@ def _output_to_log(log_paths: Any) -> Iterator[None]:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             log = stack.enter_context(open(path, "w", encoding="utf-8", buffering=1))
             stack.enter_context(_teed_into(log))
+            stack.enter_context(_log_only_into(log))
         stack.enter_context(_moeforge_logging())
         yield
+
+
+#: Records for the rule's log alone, not the console: a tool's own output of hundreds of lines (llama.cpp's
+#: converter), which the console summarises in one line. Without a log, they are dropped.
+LOG_ONLY = "moeforge.log_only"
+
+
+@contextlib.contextmanager
+def _log_only_into(log: TextIO) -> Iterator[None]:
+    logger = logging.getLogger(LOG_ONLY)
+    handler = logging.StreamHandler(log)
+    handler.setFormatter(logging.Formatter(_FORMAT))
+    saved = logger.handlers[:], logger.propagate, logger.level
+    logger.handlers, logger.propagate = [handler], False
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        handler.flush()
+        logger.handlers, logger.propagate = saved[0], saved[1]
+        logger.setLevel(saved[2])
 
 
 def _report(exc: Exception, smk: Any) -> None:

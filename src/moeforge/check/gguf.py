@@ -30,6 +30,7 @@ from moeforge.io.files import atomic_path, sha256_file, write_json, write_text
 from moeforge.numbers import fmt, report_number
 from moeforge.plan.params import rope_of, sliding_window_of
 from moeforge.plan.plan_json import Plan, read_plan
+from moeforge.runner import LOG_ONLY
 
 _log = logging.getLogger("moeforge.gguf")
 
@@ -121,10 +122,28 @@ def convert(model_dir: Path, outfile: Path, outtype: str, converter: Path) -> fl
             [sys.executable, "-m", "moeforge.check.gguf_convert", str(converter), str(model_dir),
              "--outtype", outtype, "--outfile", str(tmp)],
             capture_output=True, text=True, stdin=subprocess.DEVNULL, check=False)
-        _log.info("llama.cpp converter (%s, %s):\n%s", converter_version(converter), outtype, proc.stderr.strip())
+        logging.getLogger(LOG_ONLY).info("llama.cpp converter (%s, %s):\n%s", converter_version(converter), outtype,
+                                         proc.stderr.strip())
         if proc.returncode:
             raise _conversion_error(proc, model_dir, converter)
-    return time.monotonic() - started
+    _explain_known_warnings(proc.stderr)
+    seconds = time.monotonic() - started
+    _log.info("converted to GGUF (%s) in %.1f s with llama.cpp's converter (%s); its output is in the log",
+              outtype, seconds, converter_version(converter))
+    return seconds
+
+
+#: Converter warnings that look alarming and are not, each with what it means for this model.
+KNOWN_CONVERTER_WARNINGS = {
+    "Unknown RoPE type: default": "transformers 5 names unscaled RoPE 'default', a name the converter does not "
+                                  "list; it writes no scaling, which is what 'default' means (not a problem)",
+}
+
+
+def _explain_known_warnings(output: str) -> None:
+    for warning, meaning in KNOWN_CONVERTER_WARNINGS.items():
+        if warning in output:
+            _log.info("the converter's %r: %s", warning, meaning)
 
 
 def _conversion_error(proc: subprocess.CompletedProcess, model_dir: Path, converter: Path) -> BuildError:
@@ -178,22 +197,29 @@ def gguf_outputs(gguf: Path, ids: Sequence[Sequence[int]], prompts: Sequence[str
     from llama_cpp import GGML_TYPE_F32, Llama
 
     n_ctx = max(len(seq) for seq in ids)
+    # llama.cpp's own log (hundreds of lines) goes to the rule's log alone.
     with _native_stderr() as log:
         try:
-            llm = Llama(model_path=str(gguf), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,
-                        type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32, n_threads=threads, verbose=True)
-        except ValueError as exc:
-            raise BuildError(f"llama.cpp cannot load the GGUF: {_load_error(log) or exc}", str(gguf),
-                             _LOAD_FIX) from exc
-    try:
-        logits = []
-        for seq in ids:
-            llm.reset()
-            llm.eval(list(seq))
-            logits.append(np.array(llm.scores[: len(seq)], dtype=np.float32))
-        tokens = [llm.tokenize(text.encode("utf-8"), add_bos=True, special=False) for text in prompts]
-    finally:
-        llm.close()
+            try:
+                llm = Llama(model_path=str(gguf), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,
+                            type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32, n_threads=threads, verbose=True)
+            except ValueError as exc:
+                raise BuildError(f"llama.cpp cannot load the GGUF: {_load_error(log) or exc}", str(gguf),
+                                 _LOAD_FIX) from exc
+            try:
+                logits = []
+                for seq in ids:
+                    llm.reset()
+                    llm.eval(list(seq))
+                    logits.append(np.array(llm.scores[: len(seq)], dtype=np.float32))
+                tokens = [llm.tokenize(text.encode("utf-8"), add_bos=True, special=False) for text in prompts]
+            finally:
+                llm.close()
+        finally:
+            log.seek(0)
+            logging.getLogger(LOG_ONLY).info("llama.cpp (%s):\n%s", gguf.name,
+                                             log.read().decode("utf-8", "replace").strip())
+    _log.info("ran %s in llama-cpp-python on %d prompt(s); llama.cpp's output is in the log", gguf.name, len(ids))
     return logits, tokens
 
 
