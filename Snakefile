@@ -12,6 +12,7 @@ from snakemake.utils import min_version, validate
 
 from moeforge.check.summary import run_summary
 from moeforge.errors import MoeforgeError
+from moeforge.io.fetch import check_new_refs
 from moeforge.plan.workflow_config import checked_config
 
 min_version("9")
@@ -43,6 +44,14 @@ include: "workflow/rules/gguf.smk"
 include: "workflow/rules/verify.smk"
 include: "workflow/rules/reproduce.smk"
 include: "workflow/rules/eval.smk"
+
+
+# A model not fetched yet whose local path does not exist (or is one typo away from one) is refused now, so a
+# dry run catches it too; the demo's models are built by a rule of the run.
+try:
+    check_new_refs(REFS, Path("resources/models"), built_here=[str(p) for p in rules.demo_models.output])
+except MoeforgeError as exc:
+    raise WorkflowError(f"moeforge: {exc}") from None
 
 
 # At the end of every run: where each merge's model and reports are, and one line per check.

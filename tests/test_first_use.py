@@ -107,6 +107,23 @@ def test_mistyped_local_path_is_not_a_hub_lookup(tmp_path, models, monkeypatch):
     assert not (tmp_path / "meta").exists()
 
 
+@pytest.mark.parametrize("typo", ["models/bsae", "./models/bsae", "models/expret"])
+def test_a_dry_run_catches_a_mistyped_local_path(wd, models, typo):
+    """When the workflow is read: a dry run names the typo and the directory meant, as the real run would."""
+    shutil.copytree(models["base"], wd / "models" / "base")
+    shutil.copytree(models["e0"], wd / "models" / "expert")
+    recipe = {"base_model": "models/base", "gate_mode": "random",
+              "experts": [{"source_model": "models/expert"}, {"source_model": typo}]}
+    (wd / "m.yaml").write_text(yaml.safe_dump(recipe))
+    proc = subprocess.run([*SNAKEMAKE, "-d", str(wd), "-n", "--cores", "1", "--config", "recipe=m.yaml"], cwd=REPO,
+                          capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=300)
+    assert proc.returncode != 0
+    meant = "models/base" if "bsae" in typo else "models/expert"
+    output = proc.stdout + proc.stderr
+    assert f"{typo}: no such local directory" in output and meant in output, output[-2000:]
+    assert not (wd / "resources").exists()
+
+
 def offline_fetch(tmp_path: Path, ref: str) -> subprocess.CompletedProcess:
     """``fetch_metadata(ref)`` in a process of its own, offline, with an empty Hugging Face cache."""
     env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}

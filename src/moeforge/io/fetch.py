@@ -19,7 +19,7 @@ import shutil
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Collection, Iterator, Mapping
 
 from moeforge.errors import FetchError, ModelError, MoeforgeError
 from moeforge.io.files import atomic_dir, read_json, sha256_file, write_json
@@ -106,6 +106,25 @@ def local_model_dir(ref: ModelRef) -> Path:
     return path.resolve()
 
 
+def check_new_refs(refs: Mapping[str, str], models_root: Path, built_here: Collection[str] = ()) -> None:
+    """What fetch_metadata would refuse about a model not fetched yet, found without the network when the
+    workflow is read, so that a dry run (-n) catches it too: a local directory that is not there (unless a
+    rule of the run builds it: the demo's models), an ``org/name`` one typo away from a local model.
+
+    ``refs`` maps each slug to its reference; a model whose metadata is already under ``models_root`` was
+    fetched, and a finished build is not refused for a source deleted since.
+    """
+    built = {os.path.normpath(path) for path in built_here}
+    for slug, raw in refs.items():
+        if (models_root / slug / "meta").exists():
+            continue
+        ref = parse_ref(raw)
+        if ref.kind == "hub":
+            _check_not_a_mistyped_path(ref)
+        elif os.path.normpath(ref.path or "") not in built:
+            local_model_dir(ref)
+
+
 def near_local_model(text: str) -> str | None:
     """An existing local model directory whose path is a likely typo of ``text`` (component by component)."""
     from moeforge.io.schema import closest  # jsonschema's import, only on this error path
@@ -118,7 +137,7 @@ def near_local_model(text: str) -> str | None:
                 children = [c.name for c in current.iterdir() if c.is_dir()]
             except OSError:
                 return None
-            part = closest(part, children, cutoff=0.8) or ""
+            part = closest(part, children, cutoff=0.7) or ""  # one swap of two letters in a 4-letter name: 0.75
             if not part:
                 return None
         current = current / part
