@@ -9,12 +9,27 @@ PY=${PYTHON:-.venv/bin/python}
 VERSION=$(sed -n 's/^llama-cpp-python==//p' envs/requirements-llamacpp.txt)
 DEST=$("$PY" -c "import sys; print(sys.prefix)")/share/llama.cpp-convert
 
+# While a long step runs, one line a minute says it is still working and for how long (pip -q is silent).
+heartbeat() {
+    local what=$1 start=$SECONDS
+    while sleep 60; do
+        echo "setup_llamacpp: $what: $(( (SECONDS - start) / 60 )) min so far (about 10 min on 2 cores)" >&2
+    done
+}
+
 # Portable CPU build (no -march=native), library only: about 10 min on 2 cores.
 if ! "$PY" -c "import llama_cpp, sys; sys.exit(llama_cpp.__version__ != '$VERSION')" 2>/dev/null; then
+    echo "setup_llamacpp: building llama-cpp-python $VERSION for the CPU (about 10 min on 2 cores)" >&2
+    heartbeat "building llama-cpp-python $VERSION" &
+    beat=$!
+    trap 'kill $beat 2>/dev/null' EXIT
     CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_CUDA=OFF -DGGML_BLAS=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
 -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF" \
     CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
         "$PY" -m pip install -q --no-binary llama-cpp-python -r envs/requirements-llamacpp.txt
+    kill $beat 2>/dev/null
+    trap - EXIT
+    echo "setup_llamacpp: llama-cpp-python $VERSION built in $(( SECONDS / 60 )) min" >&2
 fi
 
 if [ "$(cat "$DEST/VERSION" 2>/dev/null)" != "llama-cpp-python $VERSION" ]; then
