@@ -127,7 +127,9 @@ def test_a_changed_router_row_is_named_with_its_cosine(published, rebuilt, tmp_p
     assert [(r["layer"], r["expert"]) for r in moved] == [(2, 1)] and 0 < moved[0]["cosine"] < 0.999
     assert report["groups"]["routers"]["bit_identical"] == LAYERS - 1
     markdown = (tmp_path / "r.md").read_text()
-    assert "## Router rows that differ" in markdown and f"| 2 | 1 | {moved[0]['cosine']:.4g} |" in markdown
+    assert f"## Router rows\n\n1 of {len(report['routers'])} rows differ; the smallest cosine is" in markdown
+    assert f"| 2 | 1 | {moved[0]['cosine']:.4g} |" in markdown
+    assert report["router_summary"]["min_at"] == {"layer": 2, "expert": 1}
 
 
 def test_a_published_config_that_does_not_match_is_reported(published, rebuilt, tmp_path):
@@ -265,6 +267,10 @@ def test_hidden_routers_agree_with_mergekit_moe_within_float_noise(models, merge
     assert {role: g["tensors"] == g["bit_identical"] for role, g in report["groups"].items()} == {
         "embeddings": True, "attention": True, "norms": True, "expert MLPs": True, "routers": False, "lm_head": True}
     assert min(r["cosine"] for r in report["routers"]) > 0.9995
+    assert report["verdict"] == "identical except the documented router difference"
+    assert report["router_summary"]["min_cosine"] == min(r["cosine"] for r in report["routers"])
+    assert (tmp_path / "r.md").read_text().startswith(
+        "# Reproduce pub: identical except the documented router difference")
     assert report["next_token"]["top1_agreement"] == 1 and report["next_token"]["kl_mean"] < 1e-4
     assert any(n.startswith("routers differ as expected for gate_mode hidden: mergekit-moe 0.1.5 runs the base in "
                             "bfloat16") for n in report["notes"])
