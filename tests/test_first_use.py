@@ -388,6 +388,19 @@ def test_a_bad_workflow_config_is_one_line_naming_the_key(config, message):
                                       f"{message}"), str(info.value)
 
 
+@pytest.mark.parametrize(("config", "key"), [
+    ({"smoke": {"memory_gb": float("nan")}}, "smoke.memory_gb: nan"),
+    ({"smoke": {"memory_gb": float("inf")}}, "smoke.memory_gb: inf"),
+])
+def test_a_nonfinite_workflow_config_number_names_its_key(config, key):
+    """NaN passes JSON Schema's exclusiveMinimum; it is refused by key."""
+    from moeforge.plan.workflow_config import checked_config
+
+    with pytest.raises(RecipeError) as info:
+        checked_config(config)
+    assert f"{key} is not a finite number" in str(info.value), str(info.value)
+
+
 def test_a_whole_number_in_the_workflow_config_is_an_integer():
     from moeforge.plan.workflow_config import checked_config
 

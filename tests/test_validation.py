@@ -66,6 +66,28 @@ BAD_RECIPES = [
 ]
 
 
+@pytest.mark.parametrize("text,key,value", [
+    ("residual_scale: .nan", "experts[0].residual_scale", "nan"),
+    ("noise_scale: .inf", "experts[0].noise_scale", "inf"),
+    ("noise_scale: .NaN", "experts[0].noise_scale", "nan"),
+    ("residual_scale: -.inf", "experts[0].residual_scale", "-inf"),
+])
+def test_a_nonfinite_recipe_number_names_its_key(tmp_path, text, key, value):
+    """JSON Schema's minimum/maximum let NaN through; the YAML spellings of NaN and inf are refused by key."""
+    path = tmp_path / "r.yaml"
+    path.write_text(f"base_model: a/b\nexperts:\n  - source_model: x/y\n    positive_prompts: [hi]\n    {text}\n"
+                    "  - source_model: x/z\n    positive_prompts: [ho]\n")
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    assert f"{key}: {value} is not a finite number" in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_a_nonfinite_router_scale_names_it(value):
+    with pytest.raises(RecipeError, match=rf"router_scale: {value!r} is not a finite number"):
+        parse_recipe(ok_recipe(router_scale=value), "r.yaml")
+
+
 @pytest.mark.parametrize("case,data,message", BAD_RECIPES, ids=[c[0] for c in BAD_RECIPES])
 def test_bad_recipe_messages(case, data, message):
     with pytest.raises(RecipeError) as info:
