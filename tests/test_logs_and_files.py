@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import logging
+import re
 import shutil
 import subprocess
 import sys
@@ -75,6 +77,30 @@ def test_a_directory_that_may_not_be_changed_is_one_line(tmp_path):
     assert len(errors) == 1 and errors[0].startswith("ERROR moeforge: results/m/.class_check.json.tmp-1: "
                                                      "Operation not permitted -> ")
     assert "Traceback" not in log
+
+
+def test_a_full_disk_names_the_outputs_file_system_not_the_file_being_read(tmp_path):
+    """ENOSPC can carry the name of a source file being read; the message names where the job writes."""
+    source = tmp_path / "resources" / "base" / "model.safetensors"
+    source.parent.mkdir(parents=True)
+    source.write_bytes(b"x")
+    (tmp_path / "results" / "m").mkdir(parents=True)
+    job = types.SimpleNamespace(log=[str(tmp_path / "logs" / "shard.log")],
+                                output=[str(tmp_path / "results" / "m" / "shards" / "layers-0-1.safetensors")])
+
+    def step(smk):
+        raise OSError(errno.ENOSPC, "No space left on device", str(source))
+
+    with pytest.raises(SystemExit):
+        run(job, step)
+    errors = [line for line in (tmp_path / "logs" / "shard.log").read_text().splitlines() if line.startswith("ERROR")]
+    free = shutil.disk_usage(tmp_path).free / 2**20
+    assert len(errors) == 1, errors
+    assert errors[0].startswith(f"ERROR moeforge: {tmp_path / 'results' / 'm'}: No space left on device (the file "
+                                "system of this job's outputs; "), errors
+    assert re.search(r"; (\d+\.\d) MiB free\) -> free disk space", errors[0]), errors
+    assert abs(float(re.search(r"(\d+\.\d) MiB free", errors[0]).group(1)) - free) < 64
+    assert str(source) not in errors[0]
 
 
 #: A job as Snakemake runs a ``script:``: the module-level ``snakemake`` object in ``__main__``.
