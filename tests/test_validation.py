@@ -277,7 +277,8 @@ def test_tokenizer_vocabulary_mismatch(tmp_path, zoo):
 
 WRONG_CONFIG_VALUES = [
     ("hidden_size", "128x", "hidden_size is '128x', not a positive integer"),
-    ("num_hidden_layers", 2.5, "num_hidden_layers is 2.5, not a positive integer"),
+    ("num_hidden_layers", 2.5, "num_hidden_layers is 2.5, not a positive integer up to 100000"),
+    ("num_hidden_layers", 1e300, "num_hidden_layers is 1e+300, not a positive integer up to 100000"),
     ("rope_theta", None, "rope_theta is null, not a positive finite number"),
     ("rope_scaling", "linear", "rope_scaling is 'linear', not an object"),
     ("rope_scaling", {"type": "linear", "factor": "2"}, "rope_scaling.factor is '2', not a positive finite number"),

@@ -25,9 +25,14 @@ def _number(value: Any) -> bool:
     return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
 
 
+#: More decoder layers than any model has by orders of magnitude: planning lists every layer, so a count
+#: of 1e300 would exhaust memory before the weights could contradict it.
+MAX_LAYERS = 100_000
+
 #: A kind of value: its test and the words of the message when a value fails it.
 _KINDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "positive integer": (lambda v: _integer(v) and v > 0, "a positive integer"),
+    "layer count": (lambda v: _integer(v) and 0 < v <= MAX_LAYERS, f"a positive integer up to {MAX_LAYERS}"),
     "count": (lambda v: _integer(v) and v >= 0, "an integer >= 0"),
     "positive number": (lambda v: _number(v) and v > 0, "a positive finite number"),
     "number": (_number, "a finite number"),
@@ -50,7 +55,7 @@ CONFIG_FIELDS: dict[str, tuple[str, bool]] = {
     "model_type": ("string", False),
     "hidden_size": ("positive integer", False),
     "intermediate_size": ("positive integer", False),
-    "num_hidden_layers": ("positive integer", False),
+    "num_hidden_layers": ("layer count", False),
     "num_attention_heads": ("positive integer", False),
     "num_key_value_heads": ("positive integer", True),
     "head_dim": ("positive integer", True),
