@@ -17,6 +17,7 @@ from hfcache import offline_env, populate
 from moeforge.demo.tiny_models import build_dense_model
 from moeforge.errors import ModelError, RecipeError
 from moeforge.io.fetch import fetch_metadata
+from moeforge.io.files import write_text
 from moeforge.io.hf_load import load_tokenizer
 from moeforge.plan.recipe import load_recipe
 from moeforge.plan.sources import load_source
@@ -98,9 +99,27 @@ def test_a_full_disk_names_the_outputs_file_system_not_the_file_being_read(tmp_p
     assert len(errors) == 1, errors
     assert errors[0].startswith(f"ERROR moeforge: {tmp_path / 'results' / 'm'}: No space left on device (the file "
                                 "system of this job's outputs; "), errors
-    assert re.search(r"; (\d+\.\d) MiB free\) -> free disk space", errors[0]), errors
+    assert re.search(r"; (\d+\.\d) MiB free now\) -> free disk space", errors[0]), errors
     assert abs(float(re.search(r"(\d+\.\d) MiB free", errors[0]).group(1)) - free) < 64
     assert str(source) not in errors[0]
+
+
+def test_a_really_full_file_system_is_named(tmp_path):
+    """A 1 MiB tmpfs (root only; skipped elsewhere) filled by a job's output: one line naming its directory."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        job = types.SimpleNamespace(log=[str(tmp_path / "job.log")], output=[str(disk / "results" / "m" / "out.txt")])
+        with pytest.raises(SystemExit):
+            run(job, lambda smk: write_text(Path(smk.output[0]), "x" * (2 << 20)))
+        errors = [line for line in (tmp_path / "job.log").read_text().splitlines() if line.startswith("ERROR")]
+        assert len(errors) == 1 and errors[0].startswith(f"ERROR moeforge: {disk / 'results' / 'm'}: No space left on "
+                                                         "device (the file system of this job's outputs; "), errors
+        assert not (disk / "results" / "m" / "out.txt").exists()
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
 
 
 #: A job as Snakemake runs a ``script:``: the module-level ``snakemake`` object in ``__main__``.

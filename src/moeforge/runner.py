@@ -137,7 +137,7 @@ def _existing(path: Path) -> Path:
 
 
 def _free(path: Path) -> str:
-    return f"{shutil.disk_usage(path).free / 2**20:.1f} MiB free"
+    return f"{shutil.disk_usage(path).free / 2**20:.1f} MiB free now"
 
 
 def _full_file_system(exc: OSError, smk: Any) -> str:
