@@ -308,6 +308,9 @@ def test_a_config_value_of_the_wrong_type_names_model_file_and_key(tmp_path, zoo
     ("tokenizer_config.json", {"chat_template": 5}, "chat_template is 5, not a template string"),
     ("generation_config.json", "greedy", "generation_config.json holds a string, not a JSON object"),
     ("generation_config.json", {"eos_token_id": [2, "x"]}, "eos_token_id is [2, 'x'], not a token id"),
+    ("special_tokens_map.json", None, "special_tokens_map.json holds null, not a JSON object"),
+    ("model.safetensors.index.json", {"weight_map": ["model.safetensors"]},
+     "weight_map is ['model.safetensors'], not an object of tensor names to file names"),
 ])
 def test_a_metadata_file_of_the_wrong_shape_names_model_and_file(tmp_path, zoo, name, document, message):
     bad = variant(zoo["expert"], tmp_path / "bad")

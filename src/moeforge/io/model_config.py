@@ -44,6 +44,8 @@ _KINDS: dict[str, tuple[Callable[[Any], bool], str]] = {
                   "a token id or a list of token ids"),
     "token": (lambda v: isinstance(v, str) or isinstance(v, dict) and isinstance(v.get("content"), str),
               "a token string or an object with its content"),
+    "file map": (lambda v: isinstance(v, dict) and all(isinstance(x, str) for x in v.values()),
+                 "an object of tensor names to file names"),
     "chat template": (lambda v: isinstance(v, str) or isinstance(v, list) and all(
         isinstance(x, dict) and isinstance(x.get("template"), str) for x in v),
         "a template string or a list of {name, template} objects"),
@@ -92,7 +94,8 @@ ROPE_FIELDS: dict[str, tuple[str, bool]] = {
 }
 
 #: The other JSON metadata files whose fields are read (by moeforge, or by transformers in the gates and smoke
-#: jobs); the rest (tokenizer.json, the index) need only be objects here and are read where they are used.
+#: jobs); the rest (tokenizer.json, special_tokens_map.json, ...) need only be objects here and are read where
+#: they are used.
 FILE_FIELDS: dict[str, dict[str, tuple[str, bool]]] = {
     "config.json": CONFIG_FIELDS,
     "generation_config.json": {
@@ -101,6 +104,9 @@ FILE_FIELDS: dict[str, dict[str, tuple[str, bool]]] = {
         "pad_token_id": ("token ids", True),
         "max_length": ("positive integer", True),
         "max_new_tokens": ("positive integer", True),
+    },
+    "model.safetensors.index.json": {
+        "weight_map": ("file map", False),
     },
     "tokenizer_config.json": {
         "bos_token": ("token", True),
