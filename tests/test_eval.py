@@ -154,3 +154,20 @@ def test_config_names_the_domains(tmp_path):
         if ok:
             evaluate_job = proc.stdout.split("rule evaluate:")[1].split("rule ")[0]
             assert str(text) in evaluate_job and "heldout.txt" not in evaluate_job
+
+
+def test_the_demo_experts_are_close_to_the_bases_scale(demo):
+    """The shard jobs' scale check (build.scales) warns outside [1/3, 3] and stops outside [1e-2, 1e2]: the demo's
+    fine-tuned experts, real if tiny fine-tunes, sit within about 10 % of their base (measured: 1.03 to 1.10)."""
+    from moeforge.build.scales import WARN_RATIO, sampled_rms
+    from moeforge.io.safetensors_file import read_header
+
+    def rms_of(model: Path) -> dict[str, float]:
+        (path,) = model.glob("*.safetensors")
+        start, entries = read_header(path)
+        return {name: sampled_rms(path, start + e.begin, e) for name, e in entries.items() if ".mlp." in name}
+
+    base = rms_of(demo["base"])
+    ratios = [rms / base[name] for expert in DEMO_EXPERTS for name, rms in rms_of(demo[expert]).items()]
+    assert len(ratios) == len(DEMO_EXPERTS) * len(base) and len(base) >= 3
+    assert all(1 / 1.2 < ratio < 1.2 for ratio in ratios) and 1.2 < WARN_RATIO, (min(ratios), max(ratios))

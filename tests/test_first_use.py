@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -197,6 +198,101 @@ def test_nan_in_a_source_expert_is_named_before_assembly(tmp_path, models):
     assert "1 NaN/inf" in message and "re-download" in message
     run = tmp_path / "run" / "results" / "m"
     assert not (run / "model").exists() and not list((run / "shards").glob("layers-*.safetensors"))
+
+
+def relabelled_copy(src: Path, dst: Path, tensor: str, dtype: str) -> Path:
+    """A copy of a single-file model whose header declares ``tensor`` as ``dtype`` (same item size, same bytes)."""
+    shutil.copytree(src, dst)
+    path = dst / "model.safetensors"
+    data = path.read_bytes()
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + size])
+    header[tensor]["dtype"] = dtype
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(len(text).to_bytes(8, "little") + text + data[8 + size:])
+    return dst
+
+
+@pytest.fixture(scope="module")
+def half_models(tmp_path_factory, tokenizer_dir) -> dict[str, Path]:
+    """A float16 and a bfloat16 base, each with an expert fine-tuned from it (MLP changed by about 1 %)."""
+    from moeforge.demo.tiny_models import build_dense_model
+
+    root = tmp_path_factory.mktemp("half")
+    out = {}
+    for dtype in ("float16", "bfloat16"):
+        base = build_dense_model(root / f"{dtype}-base", "llama", dtype=dtype, tokenizer_dir=tokenizer_dir)
+        out[dtype] = base
+        out[f"{dtype}-expert"] = build_dense_model(root / f"{dtype}-expert", derive_from=base, seed=3, mlp_noise=3e-3)
+    return out
+
+
+def _scale_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "times that of the base's" in r.getMessage()]
+
+
+VICTIM = "model.layers.1.mlp.down_proj.weight"
+
+
+def test_a_float16_expert_relabelled_bfloat16_is_refused_naming_the_tensor(tmp_path, half_models):
+    """float16 bytes read as bfloat16 decode to 1e-7 and less: a near-zero expert, which the smoke test passed."""
+    bad = relabelled_copy(half_models["float16-expert"], tmp_path / "relabelled", VICTIM, "BF16")
+    recipe = {"base_model": str(half_models["float16"]), "gate_mode": "random",
+              "experts": [{"source_model": str(half_models["float16-expert"])}, {"source_model": str(bad)}]}
+    with pytest.raises(ModelError) as info:
+        build(tmp_path / "run", recipe)
+    message = str(info.value)
+    assert message.startswith(f"{bad / 'model.safetensors'}: expert tensor {VICTIM!r} of model local--relabelled--")
+    found = re.search(rf"has RMS ([0-9.e+-]+), ([0-9.e+-]+) times that of the base's {re.escape(repr(VICTIM))} "
+                      r"\(RMS ([0-9.e+-]+)\)", message)
+    assert found, message
+    expert_rms, ratio, base_rms = map(float, found.groups())
+    assert expert_rms < 1e-5 and 0.005 < base_rms < 1 and ratio == pytest.approx(expert_rms / base_rms, rel=1e-2)
+    assert "a BF16 dtype in its safetensors header may be wrong" in message
+    shards = tmp_path / "run" / "results" / "m" / "shards"
+    assert not list(shards.glob("layers-*.safetensors")) and not (tmp_path / "run" / "results" / "m" / "model").exists()
+
+
+def test_a_bfloat16_expert_relabelled_float16_is_warned_about(tmp_path, half_models, caplog):
+    """The reverse relabel reads values near 1 against a base's 0.02: far off, named in a warning."""
+    bad = relabelled_copy(half_models["bfloat16-expert"], tmp_path / "relabelled", VICTIM, "F16")
+    recipe = {"base_model": str(half_models["bfloat16"]), "gate_mode": "random",
+              "experts": [{"source_model": str(half_models["bfloat16-expert"])}, {"source_model": str(bad)}]}
+    with caplog.at_level("WARNING"):
+        build(tmp_path / "run", recipe)
+    warnings = _scale_warnings(caplog)
+    assert len(warnings) == 1 and f"expert tensor {VICTIM!r} of model local--relabelled--" in warnings[0], warnings
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_an_ordinary_fine_tuned_expert_passes_the_scale_check_silently(tmp_path, half_models, dtype, caplog):
+    recipe = {"base_model": str(half_models[dtype]), "gate_mode": "random",
+              "experts": [{"source_model": str(half_models[f"{dtype}-expert"])}, {"source_model": str(half_models[dtype])}]}
+    with caplog.at_level("WARNING"):
+        built = build(tmp_path, recipe)
+    assert built.model_dir.is_dir() and _scale_warnings(caplog) == []
+    rows = (tmp_path / "results" / "m" / "plan.tensors.tsv").read_text().splitlines()
+    referenced = [r for r in rows[1:] if r.split("\t")[-1]]
+    assert len(referenced) == 3 * 4  # the expert's three MLP matrices of four layers; the base's own need none
+    assert all(r.split("\t")[-1].endswith("/model.safetensors/" + r.split("\t")[5]) for r in referenced)
+
+
+def test_sampled_rms_reads_blocks_of_a_large_tensor_and_all_of_a_small_one(tmp_path):
+    from safetensors.torch import save_file as save
+
+    from moeforge.build.scales import SAMPLE_BYTES, sampled_rms
+    from moeforge.io.safetensors_file import read_header
+
+    generator = torch.Generator().manual_seed(0)
+    big = torch.randn(SAMPLE_BYTES, generator=generator) * 0.02  # four times SAMPLE_BYTES of float32
+    small = torch.randn(1000, generator=generator).to(torch.bfloat16)
+    save({"big": big, "small": small}, tmp_path / "t.safetensors")
+    start, entries = read_header(tmp_path / "t.safetensors")
+    for name, tensor, rel in (("big", big, 2e-2), ("small", small, 1e-6)):
+        exact = tensor.double().square().mean().sqrt().item()
+        assert sampled_rms(tmp_path / "t.safetensors", start + entries[name].begin, entries[name]) == pytest.approx(
+            exact, rel=rel)
 
 
 def test_a_transform_overflow_is_blamed_on_the_transform(tmp_path, models):
@@ -442,6 +538,19 @@ def test_a_bad_workflow_config_is_one_line_naming_the_key(config, message):
         checked_config(config)
     assert str(info.value).startswith(f"workflow config (config/config.yaml, then each --configfile, then --config): "
                                       f"{message}"), str(info.value)
+
+
+@pytest.mark.parametrize(("config", "key"), [
+    ({"smoke": {"memory_gb": float("nan")}}, "smoke.memory_gb: nan"),
+    ({"smoke": {"memory_gb": float("inf")}}, "smoke.memory_gb: inf"),
+])
+def test_a_nonfinite_workflow_config_number_names_its_key(config, key):
+    """NaN passes JSON Schema's exclusiveMinimum; it is refused by key."""
+    from moeforge.plan.workflow_config import checked_config
+
+    with pytest.raises(RecipeError) as info:
+        checked_config(config)
+    assert f"{key} is not a finite number" in str(info.value), str(info.value)
 
 
 def test_a_whole_number_in_the_workflow_config_is_an_integer():

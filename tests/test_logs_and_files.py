@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import re
 import shutil
 import subprocess
 import sys
@@ -16,6 +18,7 @@ from hfcache import offline_env, populate
 from moeforge.demo.tiny_models import build_dense_model
 from moeforge.errors import ModelError, RecipeError
 from moeforge.io.fetch import fetch_metadata
+from moeforge.io.files import write_text
 from moeforge.io.hf_load import load_tokenizer
 from moeforge.plan.recipe import load_recipe
 from moeforge.plan.sources import load_source
@@ -76,6 +79,48 @@ def test_a_directory_that_may_not_be_changed_is_one_line(tmp_path):
     assert len(errors) == 1 and errors[0].startswith("ERROR moeforge: results/m/.class_check.json.tmp-1: "
                                                      "Operation not permitted -> ")
     assert "Traceback" not in log
+
+
+def test_a_full_disk_names_the_outputs_file_system_not_the_file_being_read(tmp_path):
+    """ENOSPC can carry the name of a source file being read; the message names where the job writes."""
+    source = tmp_path / "resources" / "base" / "model.safetensors"
+    source.parent.mkdir(parents=True)
+    source.write_bytes(b"x")
+    (tmp_path / "results" / "m").mkdir(parents=True)
+    job = types.SimpleNamespace(log=[str(tmp_path / "logs" / "shard.log")],
+                                output=[str(tmp_path / "results" / "m" / "shards" / "layers-0-1.safetensors")])
+
+    def step(smk):
+        raise OSError(errno.ENOSPC, "No space left on device", str(source))
+
+    with pytest.raises(SystemExit):
+        run(job, step)
+    errors = [line for line in (tmp_path / "logs" / "shard.log").read_text().splitlines() if line.startswith("ERROR")]
+    free = shutil.disk_usage(tmp_path).free / 2**20
+    assert len(errors) == 1, errors
+    assert errors[0].startswith(f"ERROR moeforge: {tmp_path / 'results' / 'm'}: No space left on device (the file "
+                                "system of this job's outputs; "), errors
+    assert re.search(r"; (\d+\.\d) MiB free now\) -> free disk space", errors[0]), errors
+    assert abs(float(re.search(r"(\d+\.\d) MiB free", errors[0]).group(1)) - free) < 64
+    assert str(source) not in errors[0]
+
+
+def test_a_really_full_file_system_is_named(tmp_path):
+    """A 1 MiB tmpfs (root only; skipped elsewhere) filled by a job's output: one line naming its directory."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        job = types.SimpleNamespace(log=[str(tmp_path / "job.log")], output=[str(disk / "results" / "m" / "out.txt")])
+        with pytest.raises(SystemExit):
+            run(job, lambda smk: write_text(Path(smk.output[0]), "x" * (2 << 20)))
+        errors = [line for line in (tmp_path / "job.log").read_text().splitlines() if line.startswith("ERROR")]
+        assert len(errors) == 1 and errors[0].startswith(f"ERROR moeforge: {disk / 'results' / 'm'}: No space left on "
+                                                         "device (the file system of this job's outputs; "), errors
+        assert not (disk / "results" / "m" / "out.txt").exists()
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
 
 
 #: A job as Snakemake runs a ``script:``: the module-level ``snakemake`` object in ``__main__``.

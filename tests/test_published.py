@@ -12,6 +12,7 @@ import json
 import shutil
 import subprocess
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
@@ -21,10 +22,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from hfcache import offline_env, populate
+from moeforge.check.layouts import Reader, classic_view
 from moeforge.check.published import reproduce_published
-from moeforge.errors import RecipeError
+from moeforge.errors import ModelError, RecipeError
 from moeforge.io.published import RECIPE_NAME, find_recipe
 from moeforge.plan.published_merge import merge_from_published, write_published_recipe
+from moeforge.plan.templates import output_family_for
 from pipeline import build
 
 REPO = Path(__file__).resolve().parents[1]
@@ -274,3 +277,48 @@ def test_hidden_routers_agree_with_mergekit_moe_within_float_noise(models, merge
     assert report["next_token"]["top1_agreement"] == 1 and report["next_token"]["kl_mean"] < 1e-4
     assert any(n.startswith("routers differ as expected for gate_mode hidden: mergekit-moe 0.1.5 runs the base in "
                             "bfloat16") for n in report["notes"])
+
+
+# ---- fused expert tensors of impossible shapes (no mergekit-moe needed) -----------------------------
+
+E, I, H = 2, 6, 4
+
+
+def _fused_model(directory: Path, gate_up: list[int], down: list[int]) -> Path:
+    """A one-layer Mixtral in the fused layout, with its fused expert tensors of the given shapes."""
+    directory.mkdir()
+    save_file({"model.layers.0.mlp.gate.weight": torch.zeros(E, H),
+               "model.layers.0.mlp.experts.gate_up_proj": torch.arange(float(torch.Size(gate_up).numel())).reshape(
+                   gate_up),
+               "model.layers.0.mlp.experts.down_proj": torch.zeros(down)}, directory / "model.safetensors")
+    return directory
+
+
+def test_a_well_formed_fused_layout_splits_into_classic_pieces(tmp_path):
+    view = classic_view(_fused_model(tmp_path / "m", [E, 2 * I, H], [E, H, I]), output_family_for("mixtral"))
+    with ExitStack() as stack:
+        reader = Reader(stack)
+        w3 = reader.read(view["model.layers.0.block_sparse_moe.experts.1.w3.weight"])
+        w2 = reader.read(view["model.layers.0.block_sparse_moe.experts.0.w2.weight"])
+    assert w3.shape == (I, H) and w3[0, 0].item() == 2 * I * H + I * H  # expert 1's up rows follow its gate rows
+    assert w2.shape == (H, I)
+
+
+@pytest.mark.parametrize("gate_up,down,named,fragment", [
+    ([E, 2 * I + 1, H], [E, H, I], "gate_up_proj", f"has shape [{E}, {2 * I + 1}, {H}], which does not split as "
+                                                   "[experts, 2 x intermediate, hidden] into 2 piece(s) per expert"),
+    ([E * 2 * I * H], [E, H, I], "gate_up_proj", f"has shape [{E * 2 * I * H}]"),
+    ([E, 2 * I, H], [E, H * I], "down_proj", f"has shape [{E}, {H * I}]"),
+    ([E, 2 * I, H], [E, I, H], "down_proj", f"holds {E} pieces of shape [{I}, {H}], but "
+                                            f"'model.layers.0.mlp.experts.gate_up_proj' implies {E} of [{H}, {I}]"),
+    ([E, 2 * I, H], [E + 1, H, I], "down_proj", f"holds {E + 1} pieces"),
+    ([E, 2 * I, H], [E, H, I + 2], "down_proj", f"holds {E} pieces of shape [{H}, {I + 2}]"),
+])
+def test_a_fused_expert_tensor_of_an_impossible_shape_is_named(tmp_path, gate_up, down, named, fragment):
+    model = _fused_model(tmp_path / "m", gate_up, down)
+    with pytest.raises(ModelError) as info:
+        classic_view(model, output_family_for("mixtral"))
+    message = str(info.value)
+    assert message.startswith(f"published model ({model / 'model.safetensors'}): fused expert tensor "
+                              f"'model.layers.0.mlp.experts.{named}' "), message
+    assert fragment in message and "-> the published weights are damaged" in message, message

@@ -66,6 +66,28 @@ BAD_RECIPES = [
 ]
 
 
+@pytest.mark.parametrize("text,key,value", [
+    ("residual_scale: .nan", "experts[0].residual_scale", "nan"),
+    ("noise_scale: .inf", "experts[0].noise_scale", "inf"),
+    ("noise_scale: .NaN", "experts[0].noise_scale", "nan"),
+    ("residual_scale: -.inf", "experts[0].residual_scale", "-inf"),
+])
+def test_a_nonfinite_recipe_number_names_its_key(tmp_path, text, key, value):
+    """JSON Schema's minimum/maximum let NaN through; the YAML spellings of NaN and inf are refused by key."""
+    path = tmp_path / "r.yaml"
+    path.write_text(f"base_model: a/b\nexperts:\n  - source_model: x/y\n    positive_prompts: [hi]\n    {text}\n"
+                    "  - source_model: x/z\n    positive_prompts: [ho]\n")
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    assert f"{key}: {value} is not a finite number" in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_a_nonfinite_router_scale_names_it(value):
+    with pytest.raises(RecipeError, match=rf"router_scale: {value!r} is not a finite number"):
+        parse_recipe(ok_recipe(router_scale=value), "r.yaml")
+
+
 @pytest.mark.parametrize("case,data,message", BAD_RECIPES, ids=[c[0] for c in BAD_RECIPES])
 def test_bad_recipe_messages(case, data, message):
     with pytest.raises(RecipeError) as info:
@@ -269,6 +291,70 @@ def test_tokenizer_vocabulary_mismatch(tmp_path, zoo):
     (other / "tokenizer.json").write_text(json.dumps(data))
     expect(tmp_path, recipe(zoo["base"], other, zoo["expert"]), ModelError,
            "tokenizer vocabulary differs from the base's", str(other))
+
+
+WRONG_CONFIG_VALUES = [
+    ("hidden_size", "128x", "hidden_size is '128x', not a positive integer"),
+    ("num_hidden_layers", 2.5, "num_hidden_layers is 2.5, not a positive integer up to 100000"),
+    ("num_hidden_layers", 1e300, "num_hidden_layers is 1e+300, not a positive integer up to 100000"),
+    ("rope_theta", None, "rope_theta is null, not a positive finite number"),
+    ("rope_scaling", "linear", "rope_scaling is 'linear', not an object"),
+    ("rope_scaling", {"type": "linear", "factor": "2"}, "rope_scaling.factor is '2', not a positive finite number"),
+    ("num_attention_heads", -4, "num_attention_heads is -4, not a positive integer"),
+    ("vocab_size", True, "vocab_size is True, not a positive integer"),
+    ("rms_norm_eps", "1e-5", "rms_norm_eps is '1e-5', not a positive finite number"),
+    ("tie_word_embeddings", "yes", "tie_word_embeddings is 'yes', not true or false"),
+    ("max_window_layers", [4], "max_window_layers is [4], not an integer >= 0"),
+    ("eos_token_id", "</s>", "eos_token_id is '</s>', not a token id or a list of token ids"),
+]
+
+
+@pytest.mark.parametrize("key,value,message", WRONG_CONFIG_VALUES, ids=[f"{c[0]}={c[1]!r}" for c in WRONG_CONFIG_VALUES])
+def test_a_config_value_of_the_wrong_type_names_model_file_and_key(tmp_path, zoo, key, value, message):
+    bad = variant(zoo["expert"], tmp_path / "bad", lambda c: c.update({key: value}))
+    text = expect(tmp_path, recipe(zoo["base"], bad, zoo["expert"]), ModelError,
+                  f"model {bad} ({bad / 'config.json'}): {message}", "-> fix or re-download the model's config.json")
+    assert "\n" not in text
+
+
+@pytest.mark.parametrize("name,document,message", [
+    ("config.json", [1, 2], "config.json holds a list, not a JSON object"),
+    ("config.json", "llama", "config.json holds a string, not a JSON object"),
+    ("config.json", 7, "config.json holds a number, not a JSON object"),
+    ("tokenizer_config.json", ["<s>"], "tokenizer_config.json holds a list, not a JSON object"),
+    ("tokenizer_config.json", {"eos_token": 2}, "eos_token is 2, not a token string or an object with its content"),
+    ("tokenizer_config.json", {"chat_template": 5}, "chat_template is 5, not a template string"),
+    ("generation_config.json", "greedy", "generation_config.json holds a string, not a JSON object"),
+    ("generation_config.json", {"eos_token_id": [2, "x"]}, "eos_token_id is [2, 'x'], not a token id"),
+    ("special_tokens_map.json", None, "special_tokens_map.json holds null, not a JSON object"),
+    ("model.safetensors.index.json", {"weight_map": ["model.safetensors"]},
+     "weight_map is ['model.safetensors'], not an object of tensor names to file names"),
+])
+def test_a_metadata_file_of_the_wrong_shape_names_model_and_file(tmp_path, zoo, name, document, message):
+    bad = variant(zoo["expert"], tmp_path / "bad")
+    (bad / name).write_text(json.dumps(document))
+    expect(tmp_path, recipe(zoo["base"], bad, zoo["expert"]), ModelError, f"model {bad} ({bad / name}): {message}",
+           f"-> fix or re-download the model's {name}")
+
+
+def test_a_fetched_config_edited_to_the_wrong_type_is_named_when_planned(tmp_path, zoo):
+    fetch_metadata(str(zoo["expert"]), tmp_path / "meta")
+    config = json.loads((tmp_path / "meta" / "config.json").read_text())
+    (tmp_path / "meta" / "config.json").write_text(json.dumps({**config, "hidden_size": "128x"}))
+    with pytest.raises(ModelError, match=rf"^model {zoo['expert']} \(config.json\): hidden_size is '128x', not a "
+                                         "positive integer -> fix or re-download"):
+        load_source(str(zoo["expert"]), tmp_path / "meta")
+
+
+@pytest.mark.parametrize("edit", [lambda d: d.update(model=["BPE"]), lambda d: d["model"].update(vocab="abc"),
+                                  lambda d: d.update(added_tokens=[["<s>", 1]])], ids=["model", "vocab", "added"])
+def test_a_tokenizer_json_of_the_wrong_shape_names_it(tmp_path, zoo, edit):
+    bad = variant(zoo["expert"], tmp_path / "bad")
+    data = json.loads((bad / "tokenizer.json").read_text())
+    edit(data)
+    (bad / "tokenizer.json").write_text(json.dumps(data))
+    expect(tmp_path, recipe(zoo["base"], bad, zoo["expert"]), ModelError, f"model {bad} (tokenizer.json): model.vocab "
+           "or added_tokens is not in the tokenizers library's format")
 
 
 def _drop_tensor(model_dir: Path, name: str) -> None:

@@ -13,6 +13,7 @@ import contextlib
 import errno
 import io
 import logging
+import shutil
 import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator, TextIO
@@ -29,6 +30,8 @@ _ENVIRONMENT_ERRNOS = {
     errno.EPERM: "the file or directory may not be changed (immutable, or owned by another user): check it with "
                  "lsattr and ls -l, or run from a working directory of your own",
 }
+#: The conditions of a full file system: named by the directory that filled, not by the file involved.
+_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 _FORMAT = "%(levelname)s moeforge: %(message)s"
 
 
@@ -147,11 +150,42 @@ def _log_only_into(log: TextIO) -> Iterator[None]:
         logger.setLevel(saved[2])
 
 
+def _existing(path: Path) -> Path:
+    """``path`` or its nearest existing ancestor (an output's directory may not exist yet)."""
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _free(path: Path) -> str:
+    return f"{shutil.disk_usage(path).free / 2**20:.1f} MiB free now"
+
+
+def _full_file_system(exc: OSError, smk: Any) -> str:
+    """Where space ran out: the directory of the job's first output (results/, resources/ or .snakemake/ as the
+    rule declares it), with the space left there now.
+
+    ``exc.filename`` may be a file the job was reading when the write behind it failed, so it is named only
+    as a second place, and only when it lies on another file system than the outputs.
+    """
+    output = next(iter(getattr(smk, "output", None) or []), None)
+    directory = _existing(Path(output).parent if output else Path.cwd())
+    text = f"{directory}: {exc.strerror} (the file system of this job's outputs; {_free(directory)})"
+    if exc.filename:
+        other = _existing(Path(str(exc.filename)))
+        if other.stat().st_dev != directory.stat().st_dev:
+            text += f"; the failing operation was on {exc.filename} ({_free(other)} on its file system)"
+    return text
+
+
 def _report(exc: Exception, smk: Any) -> None:
     """One line for a problem the user fixes; the full traceback for anything else (a bug to report)."""
     log = logging.getLogger("moeforge")
     if isinstance(exc, MoeforgeError):
         log.error("%s", exc)
+    elif isinstance(exc, OSError) and exc.errno in _FULL_ERRNOS:
+        log.error("%s -> %s", _full_file_system(exc, smk), _ENVIRONMENT_ERRNOS[exc.errno])
     elif isinstance(exc, OSError) and exc.errno in _ENVIRONMENT_ERRNOS:
         where = exc.filename or next(iter(getattr(smk, "output", None) or []), "output")
         log.error("%s: %s -> %s", where, exc.strerror, _ENVIRONMENT_ERRNOS[exc.errno])

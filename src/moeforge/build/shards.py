@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from moeforge.build.finite import NonfiniteTally, blame_nonfinite
+from moeforge.build.scales import check_expert_scales
 from moeforge.errors import BuildError
 from moeforge.io.fetch import weight_dirs_from
 from moeforge.io.files import write_text
@@ -47,6 +48,12 @@ class _Headers:
             raise BuildError(f"tensor {name!r} is not in the file", str(path),
                              "the weights changed since validation; rerun from fetch_metadata")
         return start, entries[name]
+
+    def locate(self, source: str, file: str, name: str) -> tuple[Path, int, TensorEntry]:
+        """A source tensor's file, the absolute offset of its data, and its header entry."""
+        path = self.path(source, file)
+        start, entry = self.entry(path, name)
+        return path, start + entry.begin, entry
 
 
 def _apply(transform: str, tensor: Any, dtype_out: str) -> Any:
@@ -141,7 +148,8 @@ def write_shard(rows: list[dict[str, str]], weight_dirs: Mapping[str, Path], gat
 
     The file is hashed as it is written (in parallel with the other shard jobs), so assembly need
     not read the whole model again for the lock file; the same pass refuses NaN/inf, naming the
-    source model and file they came from.
+    source model and file they came from. Before anything is written, each expert matrix's scale is
+    compared with its base counterpart's (``check_expert_scales``).
     """
     if not rows:
         raise BuildError("no plan rows for this shard", str(out), "rerun the validate step")
@@ -153,6 +161,7 @@ def write_shard(rows: list[dict[str, str]], weight_dirs: Mapping[str, Path], gat
     for row in rows:
         grouped.setdefault(row["target_name"], []).append(row)
     tensors = [_out_tensor(sorted(parts, key=lambda p: int(p["part"])), headers) for parts in grouped.values()]
+    check_expert_scales(rows, headers.locate)
     tally = NonfiniteTally()
     digest = write_safetensors(out, tensors, {"format": "pt"}, scan=tally.scan)
     if tally.bad:

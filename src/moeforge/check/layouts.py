@@ -19,6 +19,7 @@ from typing import Any, Iterator
 import torch
 from safetensors import safe_open
 
+from moeforge.errors import ModelError
 from moeforge.plan.templates import OutputFamily
 
 ROLES = ("embeddings", "attention", "norms", "expert MLPs", "routers", "lm_head", "other")
@@ -61,11 +62,47 @@ def _fused_shape(path: Path, name: str) -> list[int]:
         return list(fh.get_slice(name).get_shape())
 
 
+def _checked_fused(path: Path, name: str, parts: int) -> list[int]:
+    """A fused expert tensor's shape: 3-D, [experts, parts x rows, columns], each dimension non-zero.
+
+    Anything else cannot be split into per-expert pieces (mergekit-moe's gate_up_proj is [E, 2I, H], its
+    down_proj [E, H, I]): the published model is damaged or in a layout this check does not know.
+    """
+    shape = _fused_shape(path, name)
+    if len(shape) != 3 or 0 in shape or shape[1] % parts:
+        layout = f"[experts, {parts} x intermediate, hidden]" if parts > 1 else "[experts, rows, columns]"
+        raise ModelError(f"fused expert tensor {name!r} has shape {shape}, which does not split as {layout} into "
+                         f"{parts} piece(s) per expert", f"published model ({path})",
+                         "the published weights are damaged or not in transformers 5's fused expert layout; "
+                         "re-download them, or compare against a merge in the classic layout")
+    return shape
+
+
+def _check_pieces_fit(pieces: dict[str, tuple[str, Path, tuple[int, int, int]]], family: OutputFamily) -> None:
+    """The pieces of one layer, as [experts, rows, columns]: gate/up projections [E, I, H], down [E, H, I]."""
+    down = family.experts.get("down_proj")
+    projection = next((pieces[family.experts[role]] for role in ("gate_proj", "up_proj")
+                       if family.experts.get(role) in pieces), None)
+    if projection is None:
+        return
+    experts, inner, hidden = projection[2]
+    for source, (name, path, shape) in pieces.items():
+        want = (experts, hidden, inner) if source == down else (experts, inner, hidden)
+        if shape != want:
+            raise ModelError(f"fused expert tensor {name!r} holds {shape[0]} pieces of shape {list(shape[1:])}, but "
+                             f"{projection[0]!r} implies {experts} of {list(want[1:])} (gate/up [E, 2I, H], down "
+                             "[E, H, I])", f"published model ({path})",
+                             "the published weights are damaged or not in transformers 5's fused expert layout; "
+                             "re-download them")
+
+
 def classic_view(model_dir: Path, family: OutputFamily) -> dict[str, Entry]:
-    """Every tensor of a model directory under its classic name; fused tensors become one entry per piece."""
+    """Every tensor of a model directory under its classic name; fused tensors become one entry per piece,
+    after their shapes are checked to split into pieces that fit together."""
     prefix = _pattern(family.layer_prefix)
     fused = [(re.compile(f"^{prefix}{re.escape(rule.target)}(?:\\.weight)?$"), rule) for rule in family.in_memory_5x]
     view: dict[str, Entry] = {}
+    pieces: dict[int, dict[str, tuple[str, Path, tuple[int, int, int]]]] = {}
     for name, path in _stored_names(model_dir).items():
         hit = next(((m, rule) for regex, rule in fused if (m := regex.match(name))), None)
         if hit is None:
@@ -76,9 +113,14 @@ def classic_view(model_dir: Path, family: OutputFamily) -> dict[str, Entry]:
         if rule.op == "rename":
             view[family.layer_name(layer, rule.sources[0])] = Entry(name, path)
             continue
-        for expert in range(_fused_shape(path, name)[0]):
+        experts, rows, columns = _checked_fused(path, name, len(rule.sources))
+        for source in rule.sources:
+            pieces.setdefault(layer, {})[source] = (name, path, (experts, rows // len(rule.sources), columns))
+        for expert in range(experts):
             for part, source in enumerate(rule.sources):
                 view[family.layer_name(layer, source, expert)] = Entry(name, path, expert, part, len(rule.sources))
+    for layer_pieces in pieces.values():
+        _check_pieces_fit(layer_pieces, family)
     return view
 
 

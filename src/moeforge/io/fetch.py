@@ -24,6 +24,7 @@ from typing import Any, Collection, Iterator, Mapping
 from moeforge.errors import FetchError, ModelError, MoeforgeError
 from moeforge.io.files import atomic_dir, read_json, sha256_file, write_json
 from moeforge.io.hashcache import HashCache
+from moeforge.io.model_config import checked_metadata
 from moeforge.io.refs import ModelRef, parse_ref
 from moeforge.io.safetensors_file import read_header
 
@@ -75,10 +76,12 @@ REFETCH_FIX = "delete the fetched copy (the model's meta directory under results
 
 
 def _copy_meta_file(src: Path, dst: Path, ref: ModelRef) -> None:
-    """Copy one metadata file; a JSON one must parse, so a damaged file is named where it lies (the local
-    directory or the Hugging Face cache) instead of failing as a traceback in a later step."""
+    """Copy one metadata file; a JSON one must parse and be an object whose fields that are read have their
+    types, so a damaged file is named where it lies (the local directory or the Hugging Face cache) instead of
+    failing as a traceback in a later step."""
     if src.suffix == ".json":
-        read_json(src, f"model {ref.raw}", ModelError, DAMAGED_FILE_FIX)
+        checked_metadata(read_json(src, f"model {ref.raw}", ModelError, DAMAGED_FILE_FIX), dst.name,
+                         f"model {ref.raw} ({src})")
     shutil.copyfile(src, dst)
 
 

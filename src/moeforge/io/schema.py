@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import math
 from importlib import resources
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
@@ -117,3 +118,20 @@ def integral_floats_as_int(document: Any, schema: Mapping[str, Any], root: Mappi
     if isinstance(document, list) and isinstance(schema.get("items"), dict):
         return [integral_floats_as_int(value, schema["items"], root) for value in document]
     return document
+
+
+def nonfinite_problems(document: Any, path: tuple[Any, ...] = ()) -> list[str]:
+    """One line for every NaN or infinity in ``document`` (YAML's ``.nan``, ``.inf``, ``-.inf``), by key path.
+
+    JSON Schema cannot refuse them: every comparison with NaN is false, so ``minimum``/``maximum`` let
+    ``.nan`` through, and a NaN scale would only show as a broken model after the weights are read. No key
+    of a recipe or the workflow config means anything by a non-finite number, so the whole document is
+    walked, whatever the schema says of each key.
+    """
+    if isinstance(document, float) and not math.isfinite(document):
+        return [f"{key_path(path)}: {document!r} is not a finite number"]
+    if isinstance(document, dict):
+        return [line for key, value in document.items() for line in nonfinite_problems(value, (*path, key))]
+    if isinstance(document, (list, tuple)):
+        return [line for index, value in enumerate(document) for line in nonfinite_problems(value, (*path, index))]
+    return []

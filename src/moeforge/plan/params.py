@@ -14,6 +14,7 @@ from typing import Any, Mapping
 from moeforge.errors import ModelError
 from moeforge.io.fetch import REFETCH_FIX
 from moeforge.io.files import read_json
+from moeforge.io.model_config import checked_metadata
 from moeforge.plan import templates as arch
 from moeforge.plan.templates import INTEGER_PARAMS, InputFamily
 from moeforge.plan.window import window_layers_of
@@ -23,8 +24,9 @@ REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attent
 
 def read_params(ref: str, meta_dir: Path) -> tuple[dict[str, Any], InputFamily, dict[str, Any]]:
     """A fetched source's config.json, its architecture family (by model_type) and normalised parameters."""
-    config = read_json(meta_dir / "config.json", f"model {ref}", ModelError, REFETCH_FIX)
     where = f"model {ref} (config.json)"
+    config = checked_metadata(read_json(meta_dir / "config.json", f"model {ref}", ModelError, REFETCH_FIX),
+                              "config.json", where)
     model_type = config.get("model_type")
     if not model_type:
         raise ModelError("config.json has no model_type", where, "is this a transformers causal LM?")

@@ -16,7 +16,13 @@ from typing import Any, Mapping
 
 from moeforge.errors import RecipeError
 from moeforge.io.files import read_text
-from moeforge.io.schema import first_and_more, integral_floats_as_int, package_schema, schema_errors
+from moeforge.io.schema import (
+    first_and_more,
+    integral_floats_as_int,
+    nonfinite_problems,
+    package_schema,
+    schema_errors,
+)
 from moeforge.io.yaml_doc import parse_yaml
 from moeforge.plan.templates import output_candidates
 
@@ -184,7 +190,7 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
                           "see config/recipes/ for examples")
     data = without_nulls(data)
     _refuse_tokenizer_keys(data, source)
-    problems = schema_errors(data, package_schema("recipe"))
+    problems = schema_errors(data, package_schema("recipe")) + nonfinite_problems(data)
     if problems:
         raise RecipeError(first_and_more(problems), source, "fix the recipe (docs/recipe.md lists every key and its type)")
     data = integral_floats_as_int(data, package_schema("recipe"))

@@ -18,7 +18,7 @@ from moeforge.io.safetensors_file import ITEMSIZE, shape_of
 from moeforge.plan import templates as arch
 from moeforge.plan.recipe import ExpertSpec, Recipe
 from moeforge.plan.sources import FLOAT_DTYPES, Source
-from moeforge.plan.table import GATES_SOURCE, PLAN_COLUMNS, ROUTERS_SHARD, ZEROS_SOURCE
+from moeforge.plan.table import GATES_SOURCE, PLAN_COLUMNS, ROUTERS_SHARD, ZEROS_SOURCE, scale_ref
 from moeforge.plan.templates import OutputFamily
 
 #: Width of the all-zero shared expert written when a Qwen2-MoE recipe has none: small, and
@@ -47,6 +47,7 @@ PLAN_SCHEMA = pa.DataFrameSchema(
         "dtype_out": pa.Column(str, pa.Check.isin(FLOAT_DTYPES)),
         "shape": pa.Column(str, pa.Check.str_matches(r"^\d+(,\d+)*$")),
         "transform": pa.Column(str, pa.Check.str_matches(rf"^(copy|{_OP}(;{_OP})*)$")),
+        "scale_ref": pa.Column(str),
     },
     checks=[pa.Check(lambda df: (df.groupby("shard")["target_name"].count()
                                  .drop("globals", errors="ignore").nunique() <= 1),
@@ -72,24 +73,35 @@ def _transform(dtype_in: str, dtype_out: str, ops: list[str]) -> str:
 
 
 def _row(target: str, shard: str, source: Source, name: str, dtype_out: str, ops: list[str] = (),
-         part: int = 0, concat_dim: int = 0) -> dict[str, Any]:
+         part: int = 0, concat_dim: int = 0, reference: str = "") -> dict[str, Any]:
     entry = source.inventory[name]
     return {"target_name": target, "part": part, "concat_dim": concat_dim, "shard": shard, "source": source.slug,
             "source_name": name, "source_file": entry.file, "dtype_in": entry.dtype, "dtype_out": dtype_out,
-            "shape": ",".join(map(str, entry.shape)), "transform": _transform(entry.dtype, dtype_out, list(ops))}
+            "shape": ",".join(map(str, entry.shape)), "transform": _transform(entry.dtype, dtype_out, list(ops)),
+            "scale_ref": reference}
+
+
+def _base_counterpart(base: Source, source: Source, layer: int, role: str) -> str:
+    """The ``scale_ref`` of an expert's MLP matrix: the base's same-role matrix of that layer, whose scale the
+    shard job compares with the expert's (a relabelled dtype makes an expert orders of magnitude off). Empty
+    for the base's own matrices: they are their own counterpart."""
+    name = base.family.layer_name(layer, base.family.mlp[role])
+    if source.slug == base.slug or name not in base.inventory:
+        return ""
+    return scale_ref(base.slug, base.inventory[name].file, name)
 
 
 def _zeros_row(target: str, shard: str, shape: tuple[int, ...], dtype_out: str) -> dict[str, Any]:
     return {"target_name": target, "part": 0, "concat_dim": 0, "shard": shard, "source": ZEROS_SOURCE,
             "source_name": "", "source_file": "", "dtype_in": dtype_out, "dtype_out": dtype_out,
-            "shape": ",".join(map(str, shape)), "transform": "zeros"}
+            "shape": ",".join(map(str, shape)), "transform": "zeros", "scale_ref": ""}
 
 
 def _gates_row(target: str, shard: str, name: str, shape: tuple[int, ...], dtype_out: str) -> dict[str, Any]:
     # The gates rule writes routers in the output dtype: these rows are plain byte copies.
     return {"target_name": target, "part": 0, "concat_dim": 0, "shard": shard, "source": GATES_SOURCE,
             "source_name": name, "source_file": "gates.safetensors", "dtype_in": dtype_out, "dtype_out": dtype_out,
-            "shape": ",".join(map(str, shape)), "transform": "copy"}
+            "shape": ",".join(map(str, shape)), "transform": "copy", "scale_ref": ""}
 
 
 def _mlp_ops(expert: ExpertSpec, role: str, target: str, seed: int, extra_scale: float = 1.0) -> list[str]:
@@ -117,8 +129,8 @@ def _attention_rows(layer: int, shard: str, base: Source, out: OutputFamily, dty
     return rows
 
 
-def _shared_rows(layer: int, shard: str, recipe: Recipe, shared: list[Source], out: OutputFamily, dtype_out: str,
-                 hidden: int) -> list[dict[str, Any]]:
+def _shared_rows(layer: int, shard: str, recipe: Recipe, base: Source, shared: list[Source], out: OutputFamily,
+                 dtype_out: str, hidden: int) -> list[dict[str, Any]]:
     """Qwen2-MoE's one shared expert from 0..N recipe shared experts.
 
     N shared MLPs sum to one MLP of N-fold width (gate/up rows and down columns concatenated);
@@ -141,7 +153,8 @@ def _shared_rows(layer: int, shard: str, recipe: Recipe, shared: list[Source], o
             src_name = source.family.layer_name(layer, source.family.mlp[role])
             ops = _mlp_ops(spec_e, role, f"{target}#{part}", recipe.seed, 2.0 if always else 1.0)
             rows.append(_row(target, shard, source, src_name, dtype_out, ops, part=part,
-                             concat_dim=1 if role == "down_proj" else 0))
+                             concat_dim=1 if role == "down_proj" else 0,
+                             reference=_base_counterpart(base, source, layer, role)))
     if always:
         rows.append(_zeros_row(gate_target, shard, (1, hidden), dtype_out))
     else:
@@ -169,9 +182,10 @@ def build_rows(recipe: Recipe, base: Source, experts: list[Source], shared: list
             for role, out_name in out.experts.items():
                 target = out.layer_name(layer, out_name, expert=index)
                 rows.append(_row(target, shard, source, source.family.layer_name(layer, source.family.mlp[role]),
-                                 dtype_out, _mlp_ops(spec_e, role, target, recipe.seed)))
+                                 dtype_out, _mlp_ops(spec_e, role, target, recipe.seed),
+                                 reference=_base_counterpart(base, source, layer, role)))
         if out.shared_expert:
-            rows += _shared_rows(layer, shard, recipe, shared, out, dtype_out, hidden)
+            rows += _shared_rows(layer, shard, recipe, base, shared, out, dtype_out, hidden)
     return rows
 
 

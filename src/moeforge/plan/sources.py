@@ -15,6 +15,7 @@ from moeforge.errors import ModelError
 from moeforge.io.fetch import REFETCH_FIX
 from moeforge.io.files import read_json
 from moeforge.io.inventory_table import read_inventory
+from moeforge.io.model_config import fix_for, require_object
 from moeforge.io.refs import parse_ref
 from moeforge.io.safetensors_file import TensorEntry
 from moeforge.plan import templates as arch
@@ -97,10 +98,25 @@ def _tokenizer_vocab(source: Source) -> dict[str, int] | None:
     path = source.meta_dir / "tokenizer.json"
     if not path.is_file():
         return None
-    data = read_json(path, f"model {source.ref}", ModelError, REFETCH_FIX)
-    vocab = dict(data.get("model", {}).get("vocab") or {})
-    for tok in data.get("added_tokens", []):
-        vocab[tok["content"]] = tok["id"]
+    where = f"model {source.ref} (tokenizer.json)"
+    data = require_object(read_json(path, f"model {source.ref}", ModelError, REFETCH_FIX), "tokenizer.json", where,
+                          fix_for("tokenizer.json"))
+    vocab = _vocab_of(data)
+    if vocab is None:
+        raise ModelError("model.vocab or added_tokens is not in the tokenizers library's format (a mapping of "
+                         "tokens to ids, and a list of {content, id} objects)", where, fix_for("tokenizer.json"))
+    return vocab
+
+
+def _vocab_of(data: Mapping[str, Any]) -> dict[Any, Any] | None:
+    """Token -> id (or score) of a parsed tokenizer.json, added tokens included; None when it has another shape."""
+    model = data.get("model") or {}
+    try:
+        vocab = dict(model.get("vocab") or {})
+        for tok in data.get("added_tokens") or []:
+            vocab[tok["content"]] = tok["id"]
+    except (TypeError, ValueError, KeyError, AttributeError):
+        return None
     return vocab
 
 

@@ -13,7 +13,25 @@ from typing import Any, Iterable, Mapping
 from moeforge.io.safetensors_file import shape_of
 
 PLAN_COLUMNS = ["target_name", "part", "concat_dim", "shard", "source", "source_name", "source_file", "dtype_in",
-                "dtype_out", "shape", "transform"]
+                "dtype_out", "shape", "transform", "scale_ref"]
+
+#: ``scale_ref`` of an expert row: the base model's counterpart of its source tensor, as
+#: ``slug/file/tensor name`` (slugs and weight file names hold no "/"), whose scale the shard job compares
+#: with the expert's; empty on every other row.
+SCALE_REF_SEPARATOR = "/"
+
+
+def scale_ref(slug: str, file: str, name: str) -> str:
+    """The ``scale_ref`` value naming tensor ``name`` in ``file`` of the source model ``slug``."""
+    return SCALE_REF_SEPARATOR.join((slug, file, name))
+
+
+def parse_scale_ref(value: str) -> tuple[str, str, str] | None:
+    """(slug, file, tensor name) of a ``scale_ref`` value; None for an empty one."""
+    if not value:
+        return None
+    slug, file, name = value.split(SCALE_REF_SEPARATOR, 2)
+    return slug, file, name
 
 
 ZEROS_SOURCE = "zeros"

@@ -16,6 +16,7 @@ from typing import Any, Mapping
 from moeforge.errors import ModelError, RecipeError
 from moeforge.io.fetch import REFETCH_FIX
 from moeforge.io.files import read_json, write_json
+from moeforge.io.model_config import checked_metadata
 from moeforge.io.safetensors_file import TORCH_NAME
 from moeforge.plan import templates as arch
 from moeforge.plan.plan_json import Plan, read_plan
@@ -152,14 +153,16 @@ def generation_config(base_meta: Path, config: Mapping[str, Any]) -> dict[str, A
     """The base's generation_config.json, or a minimal one from the config's special tokens."""
     path = base_meta / "generation_config.json"
     if path.is_file():
-        return read_json(path, "the base model", ModelError, REFETCH_FIX)
+        return checked_metadata(read_json(path, "the base model", ModelError, REFETCH_FIX), path.name,
+                                f"the base model ({path})")
     return {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if config.get(k) is not None}
 
 
 def translate(plan_json: Path, base_meta: Path, out_dir: Path) -> dict[str, Any]:
     """Write config.json, generation_config.json and translation.json into out_dir."""
     plan = read_plan(plan_json)
-    base_config = read_json(base_meta / "config.json", "the base model", ModelError, REFETCH_FIX)
+    base_config = checked_metadata(read_json(base_meta / "config.json", "the base model", ModelError, REFETCH_FIX),
+                                   "config.json", f"the base model ({base_meta / 'config.json'})")
     config, decisions = build_config(plan, base_config)
     write_json(out_dir / "config.json", config)
     write_json(out_dir / "generation_config.json", generation_config(base_meta, config))

@@ -11,7 +11,13 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from moeforge.errors import RecipeError
-from moeforge.io.schema import first_and_more, integral_floats_as_int, package_schema, schema_errors
+from moeforge.io.schema import (
+    first_and_more,
+    integral_floats_as_int,
+    nonfinite_problems,
+    package_schema,
+    schema_errors,
+)
 from moeforge.io.yaml_doc import check_bounded
 
 WHERE = "workflow config (config/config.yaml, then each --configfile, then --config)"
@@ -27,7 +33,7 @@ def checked_config(config: Mapping[str, Any]) -> dict[str, Any]:
         raise RecipeError("merges: lists no merge", WHERE,
                           "list each merge as name: {recipe: path/to/recipe.yaml} (or lock: / published:), or "
                           "leave merges: out to build the offline demo")
-    problems = schema_errors(dict(config), package_schema("config"))
+    problems = schema_errors(dict(config), package_schema("config")) + nonfinite_problems(dict(config))
     if problems:
         raise RecipeError(first_and_more(problems), WHERE,
                           "fix that key: each merge is name: {recipe: PATH}, {lock: ...} or {published: ...}; every "
