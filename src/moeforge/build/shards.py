@@ -18,6 +18,7 @@ from moeforge.build.scales import check_expert_scales
 from moeforge.errors import BuildError
 from moeforge.io.fetch import weight_dirs_from
 from moeforge.io.files import write_text
+from moeforge.io.progress import Progress
 from moeforge.io.safetensors_file import (
     ITEMSIZE,
     TORCH_NAME,
@@ -142,6 +143,9 @@ def _out_tensor(parts: list[Mapping[str, Any]], headers: _Headers) -> OutTensor:
                      produce=_producer(path, row["source_name"], row["transform"], dtype))
 
 
+MIB = 1 << 20
+
+
 def write_shard(rows: list[dict[str, str]], weight_dirs: Mapping[str, Path], gates_path: Path | None,
                 out: Path) -> str:
     """Write one shard file from its plan rows; returns its sha256.
@@ -163,7 +167,13 @@ def write_shard(rows: list[dict[str, str]], weight_dirs: Mapping[str, Path], gat
     tensors = [_out_tensor(sorted(parts, key=lambda p: int(p["part"])), headers) for parts in grouped.values()]
     check_expert_scales(rows, headers.locate)
     tally = NonfiniteTally()
-    digest = write_safetensors(out, tensors, {"format": "pt"}, scan=tally.scan)
+    progress = Progress(f"shard {out.stem}", round(sum(t.nbytes for t in tensors) / MIB, 1), "MiB written")
+
+    def scan(tensor: OutTensor, piece: memoryview) -> None:
+        tally.scan(tensor, piece)
+        progress.advance(len(piece) / MIB)
+
+    digest = write_safetensors(out, tensors, {"format": "pt"}, scan=scan)
     if tally.bad:
         out.unlink()
         blame_nonfinite(tally.bad, rows, weight_dirs, out)

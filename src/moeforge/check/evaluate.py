@@ -98,7 +98,7 @@ def score(model_dir: Path, windows: Mapping[str, torch.Tensor], opts: EvalOption
     top_k = int(getattr(config, "num_experts_per_tok", 1))
     chunks = [(domain, chunk) for domain, ids in windows.items() for chunk in ids.split(per_chunk)]
     streamed = stream_logits(model_dir, [(chunk, torch.ones_like(chunk)) for _, chunk in chunks],
-                             device=opts.device, progress=False,
+                             device=opts.device,
                              reduce=lambda b, logits: _nll(logits, chunks[b][1]))
     totals = {domain: Scores(nll=0.0, predicted=0) for domain in windows}
     for (domain, chunk), nll, routers in zip(chunks, streamed.logits, streamed.router_logits, strict=True):

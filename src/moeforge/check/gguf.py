@@ -182,7 +182,7 @@ def reference_logits(model_dir: Path, ids: Sequence[Sequence[int]]) -> list[Any]
 
     from moeforge.runtime.layerwise import stream_sequences
 
-    streamed = stream_sequences(model_dir, [torch.tensor(seq) for seq in ids], progress=False)
+    streamed = stream_sequences(model_dir, [torch.tensor(seq) for seq in ids])
     return [logits[0].numpy() for logits in streamed.logits]
 
 

@@ -234,12 +234,12 @@ def next_token_comparison(rebuilt_dir: Path, published_dir: Path, prompts: list[
         notes.append("next-token comparison skipped: no prompt has a token")
         return None
     try:
-        published = stream_sequences(published_dir, ids, progress=False).logits
+        published = stream_sequences(published_dir, ids).logits
     except Exception as exc:  # whatever the published files hold, the report still stands
         notes.append(f"next-token comparison skipped: the published model cannot be run ({type(exc).__name__}: "
                      f"{exc})")
         return None
-    rebuilt = stream_sequences(rebuilt_dir, ids, progress=False).logits
+    rebuilt = stream_sequences(rebuilt_dir, ids).logits
     return compare_logits([b[0] for b in published], [b[0] for b in rebuilt])
 
 

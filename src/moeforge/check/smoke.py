@@ -275,8 +275,7 @@ def _run_model(model_dir: Path, ids: list[torch.Tensor], prompts: int, opts: Smo
     """
     keep = generation is not None and plan.mode == "whole" and opts.dtype == COMPARISON_DTYPE
     started = time.perf_counter()
-    streamed = stream_sequences(model_dir, ids, device=opts.device, dtype=getattr(torch, COMPARISON_DTYPE),
-                                progress=False, keep=keep)
+    streamed = stream_sequences(model_dir, ids, device=opts.device, dtype=getattr(torch, COMPARISON_DTYPE), keep=keep)
     _log.info("ran %d texts through %s one layer at a time in %.1f s%s", len(ids), model_dir,
               time.perf_counter() - started, ", keeping the layers to generate with" if keep else "")
     routers = streamed.router_logits if streamed.sparse_layers else None

@@ -473,7 +473,7 @@ def gates_for_plan(plan_json: Path, base_weights: Path, out_tensors: Path, out_s
     torch.set_num_threads(max(1, threads))
     plan = read_plan(plan_json)
     require_device(plan.recipe.gate_device, "gate_device")
-    tensors, stats = compute_gates(weights_dir_of(base_weights), plan.recipe, progress=False)
+    tensors, stats = compute_gates(weights_dir_of(base_weights), plan.recipe)
     # Stored in the output dtype, so shard jobs copy router bytes as they are (no torch there);
     # gates.json's statistics are computed in float32 before this cast.
     dtype = getattr(torch, TORCH_NAME[plan.dtype_out])

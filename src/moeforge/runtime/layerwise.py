@@ -36,11 +36,11 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from tqdm import tqdm
 
 from moeforge.errors import ModelError
 from moeforge.io.fetch import DAMAGED_FILE_FIX
 from moeforge.io.files import read_json
+from moeforge.io.progress import tracked
 from moeforge.io.safetensors_file import TensorEntry, read_header
 from moeforge.runtime.cpu_matmul import with_cpu_matmul
 from moeforge.runtime.key_conversion import KeyConversion, LoadOutcome
@@ -571,7 +571,7 @@ def iter_layer_hidden_states(
     if not 0 < count <= total:
         raise ValueError(f"num_layers must be in 1..{total}, got {num_layers}")
     prepared = _embed_batches(runner, batches)
-    for index in tqdm(range(count), desc="layers", unit="layer", disable=not progress):
+    for index in tracked(range(count), f"{Path(base_dir).name}: layer-streamed pass", count, "layers", progress):
         residual_in = [b.hidden for b in prepared] if "residual_in" in want else None
         if "mlp_in" not in want and index == count - 1:
             yield LayerStates(index, residual_in, None)
@@ -666,7 +666,8 @@ def stream_logits(
     sparse = [i for i, layer in enumerate(runner.base.layers) if router_of(layer) is not None]
     prepared = _embed_batches(runner, batches)
     routers: list[list[torch.Tensor]] = [[] for _ in prepared]
-    for index in tqdm(range(runner.config.num_hidden_layers), desc="layers", unit="layer", disable=not progress):
+    layers = runner.config.num_hidden_layers
+    for index in tracked(range(layers), f"{Path(model_dir).name}: layer-streamed pass", layers, "layers", progress):
         if index not in sparse:
             _run_layer(runner, index, prepared)
             continue

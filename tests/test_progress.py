@@ -1,0 +1,42 @@
+"""Long jobs say how far they are: counts, time so far, time left; short ones stay quiet."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from moeforge.io import progress as progress_module
+from moeforge.io.progress import Progress, tracked
+from moeforge.runtime.layerwise import stream_sequences
+
+
+def test_a_progress_line_counts_and_estimates(monkeypatch):
+    clock = iter([0.0, 6.0, 12.0, 30.0])
+    monkeypatch.setattr(progress_module.time, "monotonic", lambda: next(clock))
+    p = Progress("gates", 4, "layers")
+    assert p.line(6.0) == "gates: 0/4 layers (0%), 6 s so far"
+    p.done = 1
+    assert p.line(6.0) == "gates: 1/4 layers (25%), 6 s so far, about 18 s left"
+    p.done = 4
+    assert p.line(30.0) == "gates: 4 layers done in 30 s"
+
+
+def test_a_short_job_writes_nothing_and_a_long_one_writes_as_it_goes(caplog, monkeypatch):
+    caplog.set_level(logging.INFO, logger="moeforge.progress")
+    list(tracked(range(3), "quick", 3, "items"))
+    assert not caplog.records
+    monkeypatch.setattr(progress_module, "EVERY", 0.0)
+    list(tracked(range(3), "slow", 3, "items"))
+    assert [r.getMessage().split(",")[0] for r in caplog.records] == [
+        "slow: 1/3 items (33%)", "slow: 2/3 items (67%)", "slow: 3 items done in 0 s"]
+
+
+def test_the_layer_streamed_engine_reports_per_layer(base_and_experts, caplog, monkeypatch):
+    """Every job that streams a model's layers (gates, smoke test, evaluation, verify) reports through it."""
+    caplog.set_level(logging.INFO, logger="moeforge.progress")
+    monkeypatch.setattr(progress_module, "EVERY", 0.0)
+    stream_sequences(base_and_experts["base"], [torch.tensor([1, 2, 3])])
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0].startswith("base: layer-streamed pass: 1/") and lines[-1].startswith("base: layer-streamed pass: ")
+    assert "layers done in" in lines[-1]
