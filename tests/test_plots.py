@@ -55,3 +55,14 @@ def test_titles_stay_inside_their_figures(tmp_path, monkeypatch):
         assert title is not None
         extent = title.get_window_extent(renderer)
         assert extent.x0 >= box.x0 - 1 and extent.x1 <= box.x1 + 1, title.get_text()
+
+
+def test_the_expert_load_figure_gives_the_verdict(tmp_path, monkeypatch):
+    figures = []
+    save = plots._save
+    monkeypatch.setattr(plots, "_save", lambda fig, path: (figures.append(fig), save(fig, path)))
+    report = {"passed": True, "build": {"merge": "m"},
+              "routing": {"experts": ["a", "b"], "top_k": 1, "layers": [{"layer": 0, "load_share": [0.5, 0.5]}]}}
+    plots.plot_expert_load(report, tmp_path / "load.png")
+    (axes,) = figures[0].axes[:1]
+    assert axes.get_title().replace("\n", " ").startswith("m: smoke test passed; share of top-1 slots")

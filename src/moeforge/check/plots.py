@@ -51,7 +51,11 @@ def plot_expert_load(report: dict[str, Any], out_png: Path) -> None:
         ax.set_yticks(range(len(layers)), [str(i) for i in layers])
         ax.set_xlabel("expert")
         ax.set_ylabel("layer")
-        ax.set_title(f"share of top-{routing['top_k']} slots (uniform {1 / len(names):.2f})")
+        merge = (report.get("build") or {}).get("merge", "")
+        verdict = "smoke test passed" if report.get("passed") else "smoke test FAILED"
+        ax.set_title(textwrap.fill(f"{merge}: {verdict}; share of top-{routing['top_k']} slots per layer "
+                                   f"(uniform {1 / len(names):.2f})", max(30, int(13 * (1.6 + 0.7 * len(names))))),
+                     fontsize=9)
         if len(names) * len(layers) <= _ANNOTATE_MAX_CELLS:
             for r, row in enumerate(share):
                 for c, value in enumerate(row):
