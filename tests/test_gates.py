@@ -19,9 +19,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from moeforge.demo.tiny_models import build_dense_model
 from moeforge.errors import ModelError, RecipeError
-from moeforge.gates import layerwise
 from moeforge.gates.compute import ExpertPrompts, GateSpec, compute_gates, write_gates
 from moeforge.plan.recipe import GATE_MODES
+from moeforge.runtime import layerwise
 from moeforge.runtime.layerwise import PackedSequences, iter_layer_hidden_states, position_ids_for, stream_sequences
 
 TOPICS = {
