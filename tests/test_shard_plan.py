@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
-import torch
 
 from moeforge.plan.plan_json import Plan
 from moeforge.plan.recipe import ExpertSpec, Recipe
 from moeforge.plan.rows import SHARD_TARGET_BYTES, _layer_groups, group_shards, layer_bytes
 from moeforge.plan.table import GATES_SOURCE, ROUTERS_SHARD
 from moeforge.resources import GATE_THREADS, gates_threads, shard_mem_mb, smoke_dtype, smoke_mem_mb
-from moeforge.runtime.cpu_matmul import computes_natively
+from moeforge.runtime.devices import computes_16bit
 from moeforge.runtime.memory_budget import whole_model_mb
 
 SMOLLM2 = {"hidden_size": 576, "intermediate_size": 1536, "kv": 192, "num_hidden_layers": 30, "vocab": 49152}
@@ -122,14 +121,14 @@ def _smoke_plan(expert_sources: list[str], gib_out: float) -> Plan:
                       0, {"globals": int(gib_out * 2**30)})
 
 
-def test_the_smoke_test_generates_in_the_models_dtype_where_the_device_computes_it_else_float32_while_small():
+def test_the_smoke_test_holds_the_model_in_its_dtype_on_accelerators_and_in_float32_on_cpus_while_small():
     merge, identity = _smoke_plan(["base", "code", "math"], 0.5), _smoke_plan(["base", "base"], 0.5)
     large = _smoke_plan(["base", "code"], 5)  # 10 GiB in float32
-    assert smoke_dtype(merge, "auto", native_16bit=True) == smoke_dtype(identity, "auto", native_16bit=True) == "bfloat16"
-    assert smoke_dtype(merge, "auto", native_16bit=False) == "float32"
-    assert smoke_dtype(large, "auto", native_16bit=False) == "bfloat16"
-    assert smoke_dtype(merge, "float32", native_16bit=True) == "float32"
-    assert smoke_dtype(merge, "bfloat16", native_16bit=False) == "bfloat16"
+    assert smoke_dtype(merge, "auto", computes_16bit=True) == smoke_dtype(identity, "auto", computes_16bit=True) == "bfloat16"
+    assert smoke_dtype(merge, "auto", computes_16bit=False) == "float32"
+    assert smoke_dtype(large, "auto", computes_16bit=False) == "bfloat16"
+    assert smoke_dtype(merge, "float32", computes_16bit=True) == "float32"
+    assert smoke_dtype(merge, "bfloat16", computes_16bit=False) == "bfloat16"
     # the memory request covers the whole model in the dtype the job may choose on any device: float32 while
     # small (twice the bytes), the model's own dtype above the limit
     assert smoke_mem_mb(merge, "auto") == smoke_mem_mb(identity, "auto") == whole_model_mb(2**30)
@@ -137,7 +136,6 @@ def test_the_smoke_test_generates_in_the_models_dtype_where_the_device_computes_
     assert smoke_mem_mb(large, "auto") == whole_model_mb(5 * 2**30)
 
 
-def test_a_cpu_without_16bit_arithmetic_is_told_apart_from_an_accelerator():
-    assert computes_natively("float32", "cpu") and computes_natively("bfloat16", "cuda")
-    assert computes_natively("bfloat16", "cpu") == (torch.cpu._is_avx512_bf16_supported()
-                                                    or torch.cpu._is_amx_tile_supported())
+def test_cpus_compute_in_float32_and_accelerators_in_16_bits():
+    """Whatever 16-bit instructions a CPU has: its forward passes do not depend on them."""
+    assert not computes_16bit("cpu") and computes_16bit("cuda") and computes_16bit("cuda:1") and computes_16bit("mps")

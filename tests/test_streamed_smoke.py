@@ -30,10 +30,11 @@ from moeforge.check.smoke import (
 from moeforge.check.verify import verify_model
 from moeforge.demo.tiny_models import build_dense_model
 from moeforge.runtime import generation, layerwise
-from moeforge.runtime.cpu_matmul import computes_natively, cpu_matmul
+from moeforge.runtime.float32_linear import weight_major_linear
 from moeforge.runtime.generation import Generation, over_budget
 from moeforge.runtime.layerwise import stream_logits
 from moeforge.runtime.memory_budget import GIB, cgroup_memory_limit, memory_budget
+from moeforge.runtime.upcast import compute_in_float32
 from pipeline import build
 
 PROMPTS = ["The quick brown fox", "def add(a, b):", "Two plus two equals"]
@@ -86,13 +87,13 @@ def _ids(texts: list[str], model_dir: Path) -> list[torch.Tensor]:
 @torch.no_grad()
 def _whole_model(model_dir: Path, ids: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[list[torch.Tensor]]]:
     """Logits [T, V] and router logits per text from the model loaded whole, as a user loads it, computed
-    with the matrix products the streamed passes use (``cpu_matmul``; test_cpu_matmul compares those with
-    torch's own), so that what differs here is only one layer at a time against the whole model."""
+    with the products the streamed passes use (``weight_major_linear``; test_float32_linear compares those
+    with torch's own), so that what differs here is only one layer at a time against the whole model."""
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     moe = hasattr(model.config, "num_experts_per_tok")
     logits, routers = [], []
     for i in ids:
-        with cpu_matmul():
+        with weight_major_linear():
             out = model(input_ids=i, attention_mask=torch.ones_like(i), use_cache=False,
                         **({"output_router_logits": True} if moe else {}))
         logits.append(out.logits[0].float())
@@ -242,7 +243,7 @@ def test_a_kept_model_is_whole_and_owns_its_memory(builds, tied):
     assert tensors and not [n for n, t in tensors.items() if t.is_meta]
     assert not [n for n, t in tensors.items() if not t.untyped_storage().resizable()]
     assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
-    with torch.no_grad(), cpu_matmul():  # the streamed pass's products
+    with torch.no_grad(), weight_major_linear():  # the streamed pass's products
         whole = model(input_ids=ids[0]).logits[0]
     torch.testing.assert_close(whole, streamed.logits[0][0].to(whole.dtype), atol=0, rtol=0)
 
@@ -368,7 +369,7 @@ def test_without_a_cgroup_limit_the_job_request_is_the_budget(tmp_path):
 
 def test_verify_takes_the_smoke_tests_dtype_policy_from_the_models_headers(tmp_path, tokenizer_dir):
     """A downloaded merge has no plan: `verify` reads dtype and size from the headers, honours smoke.dtype,
-    and for auto generates a bfloat16 model in float32 unless the CPU computes bfloat16 natively."""
+    and for auto holds a small bfloat16 model in float32 on a CPU, whatever 16-bit instructions it has."""
     base = build_dense_model(tmp_path / "base", "llama", seed=1, tokenizer_dir=tokenizer_dir)
     expert = build_dense_model(tmp_path / "e1", derive_from=base, seed=21, mlp_noise=0.2)
     recipe = _recipe(base, [base, expert], shared=False) | {"dtype": "bfloat16"}
@@ -389,9 +390,8 @@ def test_verify_takes_the_smoke_tests_dtype_policy_from_the_models_headers(tmp_p
         auto = verify_model(model_dir, tmp_path / "auto", device="cpu", max_new_tokens=2, memory_gb=8,
                             models_root=sources)
     assert asked["passed"] and asked["options"]["dtype"] == "float16"
-    native = computes_natively("bfloat16", "cpu")
-    assert auto["passed"] and auto["options"]["dtype"] == ("bfloat16" if native else "float32")
-    assert generated == [{torch.float16}, {torch.bfloat16 if native else torch.float32}]
+    assert auto["passed"] and auto["options"]["dtype"] == "float32"
+    assert generated == [{torch.float16}, {torch.float32}]
 
 
 # --------------------------------------------------------------------------- generation one layer at a time
@@ -420,6 +420,29 @@ def test_generation_one_layer_at_a_time_continues_as_the_whole_model(builds, fam
     assert loaded() == tuple(range(resident))  # the streamed ones all freed after the last token
     loaded_model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     expected = generation.generate_all(loaded_model, ids, tokenizer, eos, 6, name="loaded")
+    assert [g.new_tokens for g in streamed] == [g.new_tokens for g in expected]
+
+
+@pytest.mark.parametrize(("family", "resident"), [("llama", 1), ("qwen2", 0)])
+def test_a_model_held_in_bfloat16_computes_in_float32_one_layer_upcast_at_a_time(builds, family, resident):
+    """Streamed or resident, each decoder layer computes with float32 weights during its call and holds its
+    bfloat16 ones (or, streamed, none) between calls; the continuations are those of the model loaded in
+    bfloat16 and computed in float32."""
+    model_dir, _ = builds(family, False)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    ids, eos = _ids(PROMPTS, model_dir), [tokenizer.eos_token_id]
+    model = compute_in_float32(layerwise.streamed_model(model_dir, "cpu", torch.bfloat16, resident_layers=resident))
+    layers = list(model.model.layers)
+    in_call: set[torch.dtype] = set()
+    for layer in layers:  # registered after the upcasting hooks
+        layer.register_forward_pre_hook(lambda module, _args: in_call.update(p.dtype for p in module.parameters()))
+    streamed = generation.generate_all(model, ids, tokenizer, eos, 6, name="streamed")
+    assert in_call == {torch.float32}
+    held = [{p.dtype if not p.is_meta else "meta" for p in layer.parameters()} for layer in layers]
+    assert held == [{torch.bfloat16}] * resident + [{"meta"}] * (len(layers) - resident)
+    assert {p.dtype for p in model.model.embed_tokens.parameters()} == {torch.bfloat16}
+    rounded = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.bfloat16).float().eval()
+    expected = generation.generate_all(rounded, ids, tokenizer, eos, 6, name="loaded")
     assert [g.new_tokens for g in streamed] == [g.new_tokens for g in expected]
 
 
@@ -453,3 +476,18 @@ def test_resident_layers_are_those_the_room_holds_and_leave_one_to_stream():
     sizes = generation.LayerSizes(outside=100, layers=[10, 10, 20, 10])
     assert [sizes.resident(room) for room in (0, 9, 10, 39, 40, 10**9)] == [0, 0, 1, 2, 3, 3]
     assert sizes.streamed() == generation.STREAMED_OVERHEAD + 100 + 3 * 20
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_a_16bit_model_computed_upcast_needs_the_float32_copy_of_its_largest_module(builds, tied):
+    """Streamed generation of a bfloat16-held model on a CPU holds, beside one layer, the float32 copy of the
+    largest module while it runs: a decoder layer, or the embedding or head."""
+    model_dir, _ = builds("llama", tied)
+    entries = layerwise.CheckpointTensors(model_dir).entries()
+    outside = max(e.nbytes for n, e in entries.items() if ".layers." not in n) // 2  # float32 on disk, in bfloat16
+    held = generation.LayerSizes.of(model_dir, "bfloat16")
+    upcast = generation.LayerSizes.of(model_dir, "bfloat16", upcast=True)
+    largest = max(*held.layers, outside)
+    assert held.upcast == 0 and upcast.upcast == 2 * largest
+    assert upcast.streamed() == held.streamed() + 2 * largest
+    assert generation.LayerSizes.of(model_dir, "float32", upcast=True).upcast == 0  # float32 is not upcast

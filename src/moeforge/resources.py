@@ -17,28 +17,29 @@ MIB = 2**20
 EVAL_LOGITS_CHUNK_BYTES = 256 * MIB
 
 
-def smoke_dtype(plan: Plan, requested: str, native_16bit: bool = False) -> str:
-    """The dtype the smoke test of the merge ``plan`` describes generates in (see ``generation_dtype``)."""
-    return generation_dtype(plan.dtype_out, plan.total_bytes, requested, native_16bit)
+def smoke_dtype(plan: Plan, requested: str, computes_16bit: bool = False) -> str:
+    """The dtype the smoke test of the merge ``plan`` describes holds its model in (see ``generation_dtype``)."""
+    return generation_dtype(plan.dtype_out, plan.total_bytes, requested, computes_16bit)
 
 
-def generation_dtype(stored: str, stored_bytes: int, requested: str, native_16bit: bool = False) -> str:
-    """The dtype greedy generation loads a whole model in, for weights of ``stored_bytes`` in the
+def generation_dtype(stored: str, stored_bytes: int, requested: str, computes_16bit: bool = False) -> str:
+    """The dtype greedy generation holds a whole model in, for weights of ``stored_bytes`` in the
     safetensors dtype ``stored`` (the comparison runs in float32, one layer at a time, whatever this is):
-    ``requested``, or for ``auto`` the model's own dtype, as users run it, where the device computes that
-    dtype natively; else float32 while the float32 copy stays under FLOAT32_SMOKE_LIMIT.
+    ``requested``, or for ``auto`` the model's own dtype, as users run it, on a device that computes in
+    it (an accelerator: ``runtime.devices.computes_16bit``); on a CPU float32 while the float32 copy
+    stays under FLOAT32_SMOKE_LIMIT, else the model's own dtype.
 
-    Without native 16-bit arithmetic (CPUs without AVX512-BF16 or AMX: most workstations) torch's
-    bfloat16 product over a few dozen tokens is several times slower than a float32 one; moeforge's own
-    (``cpu_matmul``, float32 copies of a few weight rows at a time) is still slower than float32, and
-    a float32 model is the one the comparison's streamed pass keeps, read once. So float32 while it fits.
+    A CPU computes in float32 whatever the model is held in (a 16-bit model one decoder layer upcast at
+    a time, ``runtime.upcast``), so every CPU generates the same tokens; holding the model in float32
+    while it fits saves that upcast on every new token, and that model is the one the comparison's
+    streamed pass keeps, read once.
 
-    Called without ``native_16bit`` (at parse time, where the job's device is unknown), the answer is
+    Called without ``computes_16bit`` (at parse time, where the job's device is unknown), the answer is
     the dtype the job's memory is requested for: float32 while small.
     """
     if requested != "auto":
         return requested
-    if native_16bit:
+    if computes_16bit:
         return TORCH_NAME[stored]
     return "float32" if stored_bytes * 4 // ITEMSIZE[stored] <= FLOAT32_SMOKE_LIMIT else TORCH_NAME[stored]
 

@@ -8,8 +8,8 @@ few prompts and compares it with the base model, so such builds fail here instea
 
 Memory stays bounded at any model size: the strict load check reads only the safetensors headers,
 and the logits and router logits behind every comparison and routing figure are computed one
-module at a time (``gates.layerwise.stream_logits``). Only greedy generation loads a whole model,
-and only when it fits the job's memory budget (see ``check.generation``); otherwise it runs one
+module at a time (``runtime.layerwise.stream_logits``). Only greedy generation loads a whole model,
+and only when it fits the job's memory budget (see ``runtime.generation``); otherwise it runs one
 decoder layer at a time, or, under a budget too small even for that, is skipped, and the report
 says which and why.
 
@@ -57,7 +57,7 @@ from moeforge.io.hf_load import load_tokenizer
 from moeforge.io.safetensors_file import ITEMSIZE, TORCH_NAME, read_header
 from moeforge.numbers import report_number
 from moeforge.plan.prompts import prompt_ids
-from moeforge.runtime.devices import require_device
+from moeforge.runtime.devices import computes_16bit, require_device
 from moeforge.runtime.generation import Generation, GenerationPlan, eos_ids, generate_all, plan_generation
 from moeforge.runtime.layerwise import (
     CheckpointTensors,
@@ -69,6 +69,7 @@ from moeforge.runtime.layerwise import (
     whole_model,
 )
 from moeforge.runtime.memory_budget import GIB, MemoryBudget, gib, memory_budget, peak_rss
+from moeforge.runtime.upcast import compute_in_float32
 
 DISTINCT_RATIO_MIN = 1 / 3
 DIVERSITY_MIN_TOKENS = 8
@@ -103,7 +104,8 @@ class SmokeOptions:
     ``identity`` is set when every expert is the base model, so the build must reproduce the
     base exactly. ``expert_prompts`` maps an expert name to its positive prompts and
     ``expert_names`` lists experts in router row order; both feed the routing statistics.
-    ``dtype`` is what greedy generation loads a whole model in; the comparison and routing figures
+    ``dtype`` is what greedy generation holds a whole model in (on a CPU it computes in float32 whatever
+    this is: see ``runtime.upcast``); the comparison and routing figures
     are computed in ``COMPARISON_DTYPE`` whatever it is, so the identity check holds to
     ``identity_atol`` at any size, unless the build stored the base's weights in a narrower dtype:
     the tolerance is then ``LOW_PRECISION_IDENTITY`` times the largest base logit of the prompt.
@@ -195,7 +197,8 @@ def run_smoke(model_dir: Path, base_dir: Path | None, opts: SmokeOptions) -> dic
     config = load_config(model_dir)
     prompt_ids = [_encode(tokenizer, p) for p in opts.prompts]
     budget = memory_budget(opts.memory_gb, opts.job_mem_mb)
-    plan = plan_generation([model_dir] if base_dir is None else [model_dir, base_dir], budget, opts.dtype)
+    plan = plan_generation([model_dir] if base_dir is None else [model_dir, base_dir], budget, opts.dtype,
+                           upcast=not computes_16bit(opts.device))
     _log_plan(budget, plan)
     texts = _routing_texts(opts)
     eos = eos_ids(model_dir, config, tokenizer)
@@ -296,11 +299,13 @@ def _run_model(model_dir: Path, ids: list[torch.Tensor], prompts: int, opts: Smo
 
 def _generation_model(model_dir: Path, opts: SmokeOptions, plan: GenerationPlan) -> torch.nn.Module:
     """The model to generate with, read in the generation dtype: whole, or with the layers the plan keeps
-    loaded and the others read one at a time."""
+    loaded and the others read one at a time; on a CPU computing in float32 whatever it is held in."""
     dtype = getattr(torch, opts.dtype)
     if plan.mode == "whole":
-        return whole_model(model_dir, opts.device, dtype)
-    return streamed_model(model_dir, opts.device, dtype, plan.resident.get(model_dir, 0))
+        model = whole_model(model_dir, opts.device, dtype)
+    else:
+        model = streamed_model(model_dir, opts.device, dtype, plan.resident.get(model_dir, 0))
+    return model if computes_16bit(opts.device) or dtype == torch.float32 else compute_in_float32(model)
 
 
 def _fill_report(report: dict[str, Any], runs: _Runs, opts: SmokeOptions) -> list[tuple[str, str]]:

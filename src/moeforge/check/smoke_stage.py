@@ -17,20 +17,19 @@ from moeforge.check.report import write_report
 from moeforge.check.smoke import SmokeFailure, SmokeOptions, run_smoke
 from moeforge.io.fetch import weights_dir_of
 from moeforge.io.files import write_text
-from moeforge.io.safetensors_file import TORCH_NAME
 from moeforge.plan.identity import is_identity_build
 from moeforge.plan.plan_json import Plan, read_plan
 from moeforge.plan.prompts import smoke_prompts
 from moeforge.resources import smoke_dtype
-from moeforge.runtime.cpu_matmul import computes_natively
+from moeforge.runtime.devices import computes_16bit
 
 
 def smoke_options(plan: Plan, device: str, max_new_tokens: int, dtype: str = "auto",
                   memory_gb: float | None = None, job_mem_mb: int | None = None) -> SmokeOptions:
     recipe = plan.recipe
-    native = computes_natively(TORCH_NAME[plan.dtype_out], device)
     return SmokeOptions(prompts=smoke_prompts(recipe), max_new_tokens=recipe.max_new_tokens or max_new_tokens,
-                        device=device, identity=is_identity_build(plan), dtype=smoke_dtype(plan, dtype, native),
+                        device=device, identity=is_identity_build(plan),
+                        dtype=smoke_dtype(plan, dtype, computes_16bit(device)),
                         expert_prompts={e.name: list(e.positive_prompts) for e in recipe.experts if e.positive_prompts},
                         expert_names=[e.name for e in recipe.experts],
                         memory_gb=memory_gb, job_mem_mb=job_mem_mb, scanned_when_written=True)

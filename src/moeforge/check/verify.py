@@ -19,11 +19,10 @@ from moeforge.errors import BuildError
 from moeforge.io.files import sha256_file, write_json
 from moeforge.io.hashcache import HashCache
 from moeforge.io.lockfile import LOCK_NAME, read_lock, source_file
-from moeforge.io.safetensors_file import TORCH_NAME
 from moeforge.plan.prompts import smoke_prompts
 from moeforge.plan.recipe import parse_recipe
 from moeforge.resources import generation_dtype
-from moeforge.runtime.cpu_matmul import computes_natively
+from moeforge.runtime.devices import computes_16bit
 from moeforge.runtime.layerwise import CheckpointTensors
 
 
@@ -97,7 +96,7 @@ def verify_model(model_dir: Path, out_dir: Path, *, device: str, max_new_tokens:
     opts = SmokeOptions(prompts=smoke_prompts(recipe), max_new_tokens=max_new_tokens, device=device,
                         expert_prompts=expert_prompts, expert_names=[e.name for e in recipe.experts],
                         memory_gb=memory_gb,
-                        dtype=generation_dtype(stored, size, dtype, computes_natively(TORCH_NAME[stored], device)))
+                        dtype=generation_dtype(stored, size, dtype, computes_16bit(device)))
     report = run_smoke(model_dir, None, opts)
     report["lock"] = files
     write_report(report, out_dir / "report.json", out_dir / "report.md")

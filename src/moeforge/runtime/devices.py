@@ -13,6 +13,16 @@ import torch
 from moeforge.errors import RecipeError
 
 
+def computes_16bit(device: str) -> bool:
+    """Whether moeforge's forward passes on ``device`` compute in a model's 16-bit dtype: on accelerators.
+
+    On a CPU they compute in float32 (a 16-bit model's layers upcast one at a time, see
+    ``runtime.upcast``): torch's 16-bit CPU kernels round differently with and without AVX512-BF16 or
+    AMX, so 16-bit numbers would depend on which CPU ran the job.
+    """
+    return torch.device(device).type != "cpu"
+
+
 def require_device(device: str, key: str) -> None:
     """Raise unless torch can compute on ``device`` here; ``key`` is the recipe or config key that set it."""
     parsed = torch.device(device)

@@ -1,6 +1,6 @@
 """Greedy generation for the smoke test: on the whole model when it fits, else one layer at a time.
 
-Every other smoke figure is computed one decoder layer at a time (``gates.layerwise``), but greedy
+Every other smoke figure is computed one decoder layer at a time (``runtime.layerwise``), but greedy
 decoding re-reads every weight for every new token. Generation therefore runs on a whole model, one
 model at a time, when the memory budget holds it; the model is then the one the streamed comparison
 loaded as it went (it keeps every module when generation follows), so the checkpoint is read once.
@@ -25,7 +25,6 @@ import torch
 from transformers import GenerationConfig
 
 from moeforge.io.safetensors_file import ITEMSIZE
-from moeforge.runtime.cpu_matmul import with_cpu_matmul
 from moeforge.runtime.layerwise import CheckpointTensors
 from moeforge.runtime.memory_budget import MIB, MemoryBudget, gib, peak_rss, whole_model_mb
 
@@ -49,17 +48,20 @@ _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 @dataclass(frozen=True)
 class LayerSizes:
     """A checkpoint's weights in some dtype, split as streamed generation holds them: ``outside`` the decoder
-    layers (embedding, norm, head) and each decoder layer's bytes, by layer index."""
+    layers (embedding, norm, head) and each decoder layer's bytes, by layer index; ``upcast``: the float32
+    copy of the largest module (a decoder layer, or the embedding or head) held while it runs, for a 16-bit
+    model computed in float32 (``runtime.upcast``), else 0."""
 
     outside: int
     layers: list[int]
+    upcast: int = 0
 
     @classmethod
-    def of(cls, model_dir: Path, dtype: str) -> LayerSizes:
-        """From the safetensors headers alone (no tensor read)."""
+    def of(cls, model_dir: Path, dtype: str, upcast: bool = False) -> LayerSizes:
+        """From the safetensors headers alone (no tensor read); ``upcast``: the model computes in float32."""
         itemsize = torch.empty(0, dtype=getattr(torch, dtype)).element_size()
         layers: dict[int, int] = {}
-        outside = 0
+        outside, largest_outside = 0, 0
         for name, entry in CheckpointTensors(model_dir).entries().items():
             size = entry.nbytes // ITEMSIZE[entry.dtype] * itemsize
             match = _LAYER.search(name)
@@ -67,7 +69,10 @@ class LayerSizes:
                 layers[int(match.group(1))] = layers.get(int(match.group(1)), 0) + size
             else:
                 outside += size
-        return cls(outside, [layers[i] for i in sorted(layers)])
+                largest_outside = max(largest_outside, size)
+        sizes = [layers[i] for i in sorted(layers)]
+        copy = max([*sizes, largest_outside]) * 4 // itemsize if upcast and itemsize < 4 else 0
+        return cls(outside, sizes, copy)
 
     def whole(self) -> int:
         """Memory to load the whole model and generate with it (``memory_budget.whole_model_mb``)."""
@@ -77,8 +82,9 @@ class LayerSizes:
         """Memory to generate one decoder layer at a time (``layerwise.streamed_model``): all that lies outside
         the decoder layers (the embedding and norm, kept; an untied head, while it runs), the largest layer
         three times over (the file pages it is read from, the copies made while its experts are fused, its
-        weights: a 1B-class MoE measured 2.6 layers in bfloat16, 1.8 in float32), and the overhead."""
-        return STREAMED_OVERHEAD + self.outside + 3 * max(self.layers, default=0)
+        weights: a 1B-class MoE measured 2.6 layers in bfloat16, 1.8 in float32), the float32 copy of a module
+        computed upcast, and the overhead."""
+        return STREAMED_OVERHEAD + self.outside + 3 * max(self.layers, default=0) + self.upcast
 
     def resident(self, room: int) -> int:
         """How many decoder layers, from the first, stay loaded in ``room`` bytes beside streamed generation;
@@ -101,10 +107,11 @@ class GenerationPlan:
     resident: Mapping[Path, int] = field(default_factory=dict)
 
 
-def plan_generation(model_dirs: list[Path], budget: MemoryBudget, dtype: str) -> GenerationPlan:
+def plan_generation(model_dirs: list[Path], budget: MemoryBudget, dtype: str, upcast: bool = False) -> GenerationPlan:
     """The whole model when it fits ``budget``; else one layer at a time, with as many layers kept loaded as
-    the rest of the budget holds, when that fits; else no generation."""
-    sizes = {d: LayerSizes.of(d, dtype) for d in model_dirs}
+    the rest of the budget holds, when that fits; else no generation. ``upcast``: a 16-bit ``dtype`` is
+    computed in float32, one module upcast at a time (on a CPU)."""
+    sizes = {d: LayerSizes.of(d, dtype, upcast) for d in model_dirs}
     whole = max(s.whole() for s in sizes.values())  # one model at a time, never two at once
     if budget.allows(whole):
         return GenerationPlan("whole", None, whole)
@@ -120,7 +127,7 @@ def plan_generation(model_dirs: list[Path], budget: MemoryBudget, dtype: str) ->
             f"{ran}, reading the weights again for every new token, because generating with the whole model loaded "
             f"needs about {gib(whole)} in {dtype}, over the {over}; to load it whole (faster), {how}"), whole, streamed,
             resident)
-    smaller = _smaller_dtype_hint(model_dirs, budget, dtype)
+    smaller = _smaller_dtype_hint(model_dirs, budget, dtype, upcast)
     _, how = over_budget(budget, streamed)
     return GenerationPlan(None, (
         f"greedy generation skipped: even one decoder layer at a time it needs about {gib(streamed)} in {dtype} "
@@ -128,12 +135,13 @@ def plan_generation(model_dirs: list[Path], budget: MemoryBudget, dtype: str) ->
         f"layer by layer regardless. To generate, {how}{smaller}"), whole, streamed)
 
 
-def _smaller_dtype_hint(model_dirs: list[Path], budget: MemoryBudget, dtype: str) -> str:
+def _smaller_dtype_hint(model_dirs: list[Path], budget: MemoryBudget, dtype: str, upcast: bool) -> str:
     """Suggest bfloat16 only where it would let generation run: for a small model the fixed overhead of streamed
-    generation, not the weights, is what exceeds the budget."""
+    generation, not the weights, is what exceeds the budget. ``upcast``: the device computes 16-bit models in
+    float32 (whatever ``dtype`` says, which float32 does not upcast)."""
     if dtype != "float32":
         return ""
-    half = max(LayerSizes.of(d, "bfloat16").streamed() for d in model_dirs)
+    half = max(LayerSizes.of(d, "bfloat16", upcast).streamed() for d in model_dirs)
     return f" (or set smoke.dtype: bfloat16, which needs about {gib(half)})" if budget.allows(half) else ""
 
 
@@ -178,7 +186,6 @@ def generate_all(model: torch.nn.Module, prompt_ids: list[torch.Tensor], tokeniz
 
 
 @torch.inference_mode()
-@with_cpu_matmul
 def _generate(model: torch.nn.Module, tokenizer: Any, prompt_ids: list[torch.Tensor], eos: list[int],
               max_new_tokens: int) -> list[Generation]:
     """Plain greedy continuation of every prompt, in one left-padded batch.

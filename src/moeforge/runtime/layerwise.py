@@ -42,7 +42,7 @@ from moeforge.io.fetch import DAMAGED_FILE_FIX
 from moeforge.io.files import read_json
 from moeforge.io.progress import tracked
 from moeforge.io.safetensors_file import TensorEntry, read_header
-from moeforge.runtime.cpu_matmul import with_cpu_matmul
+from moeforge.runtime.float32_linear import with_weight_major_linear
 from moeforge.runtime.key_conversion import KeyConversion, LoadOutcome
 
 WANTS = ("residual_in", "mlp_in")
@@ -581,7 +581,7 @@ def iter_layer_hidden_states(
 
 
 @torch.no_grad()
-@with_cpu_matmul
+@with_weight_major_linear
 def _run_layer(runner: _Runner, index: int, prepared: list[_Batch],
                capture: Sequence[str] = ()) -> dict[str, list[torch.Tensor]]:
     """Run every batch through layer ``index`` in place; capture per batch what ``capture`` names.
@@ -698,7 +698,7 @@ def stream_sequences(
 
 
 @torch.no_grad()
-@with_cpu_matmul
+@with_weight_major_linear
 def _head_logits(runner: _Runner, prepared: list[_Batch], reduce: Callable[[int, torch.Tensor], Any]) -> list[Any]:
     """Final norm and output head over every batch's last hidden states, each batch's logits
     reduced at once; norm and head dropped afterwards."""
