@@ -218,6 +218,10 @@ def test_verify_detects_a_flipped_byte(demo, tmp_path, victim):
     report = json.loads((demo / "results/verify/downloaded/report.json").read_text())
     assert report["passed"] and report["lock"]["files_verified"] == 10
     assert report["lock"]["source_files_verified"] == 4  # the demo's sources, hashed again
+    md = (demo / "results/verify/downloaded/report.md").read_text()
+    assert md.startswith("# Verify ") and md.splitlines()[0].endswith(": PASS")
+    assert "## Lock check\n\n- model files: all 10 match the sha256 the lock records" in md
+    assert "- base: not compared" in md and "base: `None`" not in md
     assert "all 10 files match the lock; smoke test passed" in ok.stdout + ok.stderr
     size = (copy / victim).stat().st_size
     _flip_byte(copy / victim, size // 2)

@@ -20,14 +20,26 @@ def render_markdown(report: dict[str, Any]) -> str:
     """A readable report: verdict and warnings first, then generations, comparison, routing."""
     status = "FAIL" if not report.get("passed", False) else (
         f"PASS with {len(report['warnings'])} warning(s)" if report["warnings"] else "PASS")
-    lines = [f"# Smoke test: {status}", ""]
+    lock = report.get("lock")  # a verify report: the lock check came first
+    lines = [f"# Verify {report['model_dir']}: {status}" if lock else f"# Smoke test: {status}", ""]
     lines += _md_list("Errors", report.get("errors", [])) + _md_list("Warnings", report["warnings"])
+    if lock:
+        lines += _md_lock(lock)
     lines += _md_model(report) + _md_generations(report["generations"], report["memory"])
     if report["comparison"] is not None:
         lines += _md_comparison(report["comparison"])
     if report["routing"] is not None:
         lines += _md_routing(report["routing"])
     return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def _md_lock(lock: dict[str, Any]) -> list[str]:
+    """What verify checked against the model's lock before its smoke test."""
+    lines = ["## Lock check", "", f"- model files: all {lock['files_verified']} match the sha256 the lock records"]
+    if "source_files_verified" in lock:
+        lines.append(f"- source files: {lock['source_files_verified']} on this machine match the lock; "
+                     f"{lock['source_files_not_here']} not on this machine (not checked)")
+    return lines + ["- smoke test: the model alone (a downloaded merge has no base at hand to compare with)", ""]
 
 
 def _md_list(title: str, items: list[str]) -> list[str]:
@@ -37,7 +49,8 @@ def _md_list(title: str, items: list[str]) -> list[str]:
 def _md_model(report: dict[str, Any]) -> list[str]:
     versions = ", ".join(f"{k} {v}" for k, v in sorted(report["versions"].items()))
     load = report["load"]
-    lines = ["## Model", "", f"- model: `{report['model_dir']}`", f"- base: `{report['base_dir']}`",
+    base = f"`{report['base_dir']}`" if report["base_dir"] else "not compared"
+    lines = ["## Model", "", f"- model: `{report['model_dir']}`", f"- base: {base}",
              f"- versions: {versions}",
              f"- loaded strictly: {load['parameters']} parameters, {load['tensors_scanned']} tensors "
              f"in {len(load['files'])} file(s), all finite (scanned by {load.get('scanned_by', 'this check')})",
