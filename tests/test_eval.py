@@ -171,3 +171,29 @@ def test_the_demo_experts_are_close_to_the_bases_scale(demo):
     ratios = [rms / base[name] for expert in DEMO_EXPERTS for name, rms in rms_of(demo[expert]).items()]
     assert len(ratios) == len(DEMO_EXPERTS) * len(base) and len(base) >= 3
     assert all(1 / 1.2 < ratio < 1.2 for ratio in ratios) and 1.2 < WARN_RATIO, (min(ratios), max(ratios))
+
+
+def test_eval_texts_are_read_in_bounded_memory(tokenizer_dir, tmp_path):
+    """max_tokens applies before the file is tokenized: a 64 MiB text is read no further than its first tokens
+    need, and those are the tokens the whole text gives."""
+    import time
+
+    from moeforge.check.evaluate import domain_ids
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    sentence = "Preheat the oven to 180 degrees, then slice the onions thinly. "
+    small = tmp_path / "small.txt"
+    small.write_text(sentence * 400)
+    assert domain_ids(tokenizer, "s", small, 500) == tokenizer(sentence * 400, add_special_tokens=False).input_ids[:500]
+    big = tmp_path / "big.txt"
+    with open(big, "w") as fh:
+        for _ in range(64):
+            fh.write(sentence * (2**20 // len(sentence)))
+    start = time.perf_counter()
+    ids = domain_ids(tokenizer, "b", big, 1000)
+    assert time.perf_counter() - start < 5 and len(ids) == 1000
+    assert ids == tokenizer(sentence * 200, add_special_tokens=False).input_ids[:1000]
+    cut = tmp_path / "latin1.txt"
+    cut.write_bytes(sentence.encode() * 10 + b"caf\xe9")
+    with pytest.raises(RecipeError, match=r"eval domain c \(.*latin1.txt\): not UTF-8 text \(byte 0xe9"):
+        domain_ids(tokenizer, "c", cut, 10000)

@@ -381,6 +381,35 @@ def test_a_prompt_longer_than_the_base_context_is_refused_at_validation(tmp_path
     assert not (tmp_path / "results" / "m" / "plan.json").exists()
 
 
+def test_smoke_prompts_and_new_tokens_past_the_positions_are_refused_at_validation(tmp_path, models):
+    """In every gate mode: a smoke prompt longer than the base's positions (it passed the smoke test before),
+    and one that the recipe's max_new_tokens takes past them."""
+    limit = json.loads((models["base"] / "config.json").read_text())["max_position_embeddings"]
+    too_long = recipe_for(models, smoke_prompts=["ok", " ".join(["hello world"] * limit)])
+    with pytest.raises(RecipeError, match=rf"smoke_prompts\[1\]: the prompt is \d+ tokens, more than the base "
+                                          rf"model's max_position_embeddings \({limit}\)"):
+        plan_only(tmp_path / "a", too_long)
+    generous = recipe_for(models, smoke_prompts=["hello world"], max_new_tokens=limit)
+    with pytest.raises(RecipeError, match=r"smoke_prompts\[0\]: the prompt is \d+ tokens and max_new_tokens "
+                                          rf"{limit}, more than .* -> shorten it by at least \d+ token\(s\) or lower "
+                                          "max_new_tokens"):
+        plan_only(tmp_path / "b", generous)
+
+
+def test_the_smoke_tests_new_tokens_past_the_positions_are_refused_before_any_model_is_read(tmp_path, models):
+    """smoke.max_new_tokens comes from the workflow config: the smoke test refuses it first (100000000 generated
+    until the job was killed)."""
+    from moeforge.check.smoke import SmokeOptions, run_smoke
+
+    result = build(tmp_path, recipe_for(models))
+    limit = json.loads((result.model_dir / "config.json").read_text())["max_position_embeddings"]
+    with pytest.raises(RecipeError) as info:
+        run_smoke(result.model_dir, None, SmokeOptions(prompts=["hello world"], max_new_tokens=100_000_000))
+    assert info.value.where == "smoke.max_new_tokens"
+    assert f"past the model's max_position_embeddings ({limit})" in info.value.what
+    assert info.value.fix.startswith("set max_new_tokens to at most ")
+
+
 def test_the_prompt_check_names_the_prompt_and_the_tokenizer(tmp_path, models):
     """The validate job's token check (moeforge.plan.prompt_check) says which prompt to shorten and by how much,
     and names a base whose tokenizer cannot be read."""

@@ -190,12 +190,13 @@ def run_smoke(model_dir: Path, base_dir: Path | None, opts: SmokeOptions) -> dic
     base_dir = None if base_dir is None else Path(base_dir)
     _check_options(base_dir, opts)
     require_device(opts.device, "smoke.device")
-    scan = written_scan(model_dir) if opts.scanned_when_written else scan_tensors(model_dir)
-    load_info = check_keys(model_dir)
     tokenizer = load_tokenizer(model_dir, BuildError, "the tokenizer",
                                "rerun the assemble step (it copies the tokenizer)")
     config = load_config(model_dir)
     prompt_ids = [_encode(tokenizer, p) for p in opts.prompts]
+    _check_generation_fits(prompt_ids, opts, config.max_position_embeddings)
+    scan = written_scan(model_dir) if opts.scanned_when_written else scan_tensors(model_dir)
+    load_info = check_keys(model_dir)
     budget = memory_budget(opts.memory_gb, opts.job_mem_mb)
     plan = plan_generation([model_dir] if base_dir is None else [model_dir, base_dir], budget, opts.dtype,
                            upcast=not computes_16bit(opts.device))
@@ -341,6 +342,20 @@ def _check_options(base_dir: Path | None, opts: SmokeOptions) -> None:
     if unknown:
         raise RecipeError(f"prompts given for unknown experts {unknown}", "smoke.expert_prompts",
                           f"use names from {opts.expert_names}")
+
+
+def _check_generation_fits(prompt_ids: list[torch.Tensor], opts: SmokeOptions, positions: int | None) -> None:
+    """Refuse, before any model is read, a generation that would run past the model's positions (a prompt
+    that alone is longer, or ``max_new_tokens`` that takes the longest prompt past them)."""
+    if not positions:
+        return
+    longest = max(ids.shape[-1] for ids in prompt_ids)
+    if longest + opts.max_new_tokens > positions:
+        room = positions - longest
+        raise RecipeError(
+            f"the longest smoke prompt is {longest} tokens; with max_new_tokens {opts.max_new_tokens} generation "
+            f"would run past the model's max_position_embeddings ({positions})", "smoke.max_new_tokens",
+            f"set max_new_tokens to at most {room}" if room > 0 else "shorten the smoke prompts")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ def check_prompts(recipe: Recipe, base_meta: Path) -> None:
     tokenizer = load_tokenizer(base_meta, ModelError, "the base model's tokenizer",
                                "the gates and the smoke test read the prompts with it: check the base's tokenizer "
                                "files", generic=True)
+    max_positions = read_params(recipe.base_model, base_meta)[2].get("max_position_embeddings")
     if recipe.gate_mode not in PROMPTLESS_GATE_MODES:
-        max_positions = read_params(recipe.base_model, base_meta)[2].get("max_position_embeddings")
         check_prompt_tokens(recipe, tokenizer, max_positions)
-    check_smoke_prompts(recipe, tokenizer)
+    check_smoke_prompts(recipe, tokenizer, max_positions)

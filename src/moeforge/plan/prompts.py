@@ -32,17 +32,27 @@ def prompt_ids(tokenizer: Any, text: str) -> list[int]:
     return ids
 
 
-def check_smoke_prompts(recipe: Recipe, tokenizer: Any) -> None:
-    """Refuse, by recipe key, a prompt the smoke test would read as no tokens: every smoke prompt, and
-    every expert prompt (the routing statistics run those too)."""
+def check_smoke_prompts(recipe: Recipe, tokenizer: Any, max_positions: int | None = None) -> None:
+    """Refuse, by recipe key, a prompt the smoke test would read as no tokens, or whose tokens and the recipe's
+    ``max_new_tokens`` would run past the base's positions: every smoke prompt, and every expert prompt (the
+    routing statistics run those too). The workflow config's ``smoke.max_new_tokens`` is checked by the smoke
+    test itself, before it reads a model."""
     keyed = [(f"smoke_prompts[{i}]", p) for i, p in enumerate(recipe.smoke_prompts)]
     keyed += [(f"experts[{i}].positive_prompts[{j}]", p) for i, e in enumerate(recipe.experts)
               for j, p in enumerate(e.positive_prompts)]
+    new = recipe.max_new_tokens or 0
     for key, prompt in keyed:
-        if not prompt_ids(tokenizer, prompt):
+        count = len(prompt_ids(tokenizer, prompt))
+        if not count:
             raise RecipeError(f"{prompt!r} gives no tokens with the base model's tokenizer (which has no bos token "
                               "to stand for an empty prompt), so the smoke test could not run it", where=key,
                               fix="write some text in the prompt, or remove it")
+        if max_positions and count + new > max_positions:
+            with_new = f" and max_new_tokens {new}" if new else ""
+            raise RecipeError(f"the prompt is {count} tokens{with_new}, more than the base model's "
+                              f"max_position_embeddings ({max_positions}), so the smoke test would run past them",
+                              where=key, fix=f"shorten it by at least {count + new - max_positions} token(s)"
+                              + (" or lower max_new_tokens" if new else ""))
 
 
 def render_prompt(tokenizer: Any, prompt: str, template: str) -> str:
