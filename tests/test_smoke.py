@@ -388,3 +388,38 @@ def test_gate_plot_rejects_other_shapes(gates, tmp_path):
     with pytest.raises(BuildError, match="gates.json"):
         plot_gate_similarity(gates, tmp_path / "bad.png")
     assert not (tmp_path / "bad.png").exists()
+
+
+def test_a_parting_at_a_near_tie_is_named_as_noise():
+    """Continuations that part where a model's two best logits were within numerical noise are a near tie, not a
+    difference of the merge; a clear choice that differs stays a difference."""
+    from moeforge.check import report as report_module
+    from moeforge.check.smoke import near_tie
+    from moeforge.runtime.generation import Generation
+
+    merged = Generation([5, 6, 7], "a b c", [(9.0, 1.0), (21.31, 21.3099), (4.0, 1.0)])
+    base = Generation([5, 8, 9], "a x y", [(9.0, 1.0), (21.3101, 21.31), (4.0, 1.0)])
+    assert near_tie(merged, base) == {"step": 1, "model": "merged", "logits": [21.31, 21.3099]}
+    clear = Generation([5, 8, 9], "a x y", [(9.0, 1.0), (25.0, 20.0), (4.0, 1.0)])
+    assert near_tie(Generation([5, 6, 7], "a b c", [(9.0, 1.0), (25.0, 20.0), (4.0, 1.0)]), clear) is None
+    row = {"prompt": "p", "text": "a b c", "new_tokens": 3, "distinct_tokens": 3, "flags": [], "base_text": "a x y",
+           "base_flags": [], "matches_base": False, "near_tie": near_tie(merged, base)}
+    text = "\n".join(report_module._md_generations([row], {"generation": "whole"}))
+    assert "parts from the merged model at new token 1, where the merged model's two best logits were a near tie " \
+           "(21.31 vs 21.3099): within numerical noise" in text
+
+
+def test_generation_records_the_two_best_logits_of_each_step(tmp_path, base_and_experts):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from moeforge.runtime.generation import generate_all
+
+    model = AutoModelForCausalLM.from_pretrained(str(base_and_experts["base"])).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(base_and_experts["base"]))
+    ids = [torch.tensor([tokenizer("hello world").input_ids]), torch.tensor([tokenizer("a").input_ids])]
+    runs = generate_all(model, ids, tokenizer, [], 4, "base")
+    for run, prompt in zip(runs, ids):
+        assert len(run.top2) == len(run.new_tokens) == 4 and all(a >= b for a, b in run.top2)
+        with torch.no_grad():
+            first = model(input_ids=prompt).logits[0, -1]
+        assert run.new_tokens[0] == int(first.argmax()) and abs(run.top2[0][0] - float(first.max())) < 1e-4

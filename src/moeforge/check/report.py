@@ -104,7 +104,11 @@ def _md_generations(rows: list[dict[str, Any]] | None, memory: dict[str, Any]) -
                   f"Merged model ({row['new_tokens']} new tokens, {row['distinct_tokens']} distinct; "
                   f"degeneracy flags: {flags}):", "", *_fence(row["text"]), ""]
         if "base_text" in row:
-            same = "identical to the merged model" if row["matches_base"] else "differs"
+            tie = row.get("near_tie")
+            same = ("identical to the merged model" if row["matches_base"] else
+                    f"parts from the merged model at new token {tie['step']}, where the {tie['model']} model's two "
+                    f"best logits were a near tie ({fmt(tie['logits'][0], '.6g')} vs {fmt(tie['logits'][1], '.6g')}): "
+                    "within numerical noise, not a difference of the merge" if tie else "differs")
             lines += [f"Base model ({same}; flags: {', '.join(row['base_flags']) or 'none'}):", "",
                       *_fence(row["base_text"]), ""]
     return lines

@@ -470,6 +470,23 @@ def _finite_errors(logits: list[torch.Tensor], prompts: list[str]) -> list[str]:
             for i, values in enumerate(logits) if not torch.isfinite(values).all()]
 
 
+#: A gap between the two best logits below this share of the best one is within numerical noise: two engines
+#: (or one batched and one alone) may pick either token there, and the continuations part from that step on.
+TIE_SHARE = 1e-3
+
+
+def near_tie(merged: Generation, base: Generation) -> dict[str, Any] | None:
+    """Where two continuations first part, when either model's choice there was a near tie (its two best
+    logits within TIE_SHARE of each other); else None."""
+    step = next((k for k, (a, b) in enumerate(zip(merged.new_tokens, base.new_tokens)) if a != b), None)
+    if step is None or step >= min(len(merged.top2), len(base.top2)):
+        return None
+    for who, (best, second) in (("merged", merged.top2[step]), ("base", base.top2[step])):
+        if best - second <= TIE_SHARE * max(1.0, abs(best)):
+            return {"step": step, "model": who, "logits": [report_number(best), report_number(second)]}
+    return None
+
+
 def _generations(merged: list[Generation], base: list[Generation] | None, prompts: list[str],
                  eos_ids: list[int], warnings: list[str]) -> list[dict[str, Any]]:
     """Per-prompt generated text and flags; warn when every prompt degenerates."""
@@ -483,7 +500,7 @@ def _generations(merged: list[Generation], base: list[Generation] | None, prompt
         if base is not None:
             base_flags = degeneracy_flags(base[i].new_tokens, base[i].text, eos_ids)
             row |= {"base_text": base[i].text, "base_flags": base_flags,
-                    "matches_base": base[i].new_tokens == run.new_tokens}
+                    "matches_base": base[i].new_tokens == run.new_tokens, "near_tie": near_tie(run, base[i])}
         rows.append(row)
     if all(r["degenerate"] for r in rows):
         also = ""

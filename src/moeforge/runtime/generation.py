@@ -33,10 +33,14 @@ _log = logging.getLogger("moeforge")
 
 @dataclass(frozen=True)
 class Generation:
-    """A greedy continuation: its new token ids and their text."""
+    """A greedy continuation: its new token ids, their text, and at each step how far the chosen token's logit
+    was above the runner-up's (a gap within numerical noise is a near tie, which another engine may break the
+    other way)."""
 
     new_tokens: list[int]
     text: str
+    #: At each step, the chosen token's logit and the runner-up's.
+    top2: list[tuple[float, float]] = field(default_factory=list)
 
 
 #: Beside the weights, a job generating one layer at a time holds torch, the tokenizer, the cache and
@@ -207,11 +211,14 @@ def _generate(model: torch.nn.Module, tokenizer: Any, prompt_ids: list[torch.Ten
         batch[row, width - ids.shape[1]:] = ids[0]
         mask[row, width - ids.shape[1]:] = 1
     device = next(model.parameters()).device
-    out = model.generate(input_ids=batch.to(device), attention_mask=mask.to(device), generation_config=config)
-    return [_until_eos(row[width:].tolist(), eos, tokenizer) for row in out]
+    out = model.generate(input_ids=batch.to(device), attention_mask=mask.to(device), generation_config=config,
+                         output_logits=True, return_dict_in_generate=True)
+    best = [step.float().topk(2, dim=-1).values.tolist() for step in out.logits]  # per step: [B][2]
+    top2 = [[(step[row][0], step[row][1]) for step in best] for row in range(len(prompt_ids))]
+    return [_until_eos(seq[width:].tolist(), row_top2, eos, tokenizer) for seq, row_top2 in zip(out.sequences, top2)]
 
 
-def _until_eos(new: list[int], eos: list[int], tokenizer: Any) -> Generation:
+def _until_eos(new: list[int], top2: list[tuple[float, float]], eos: list[int], tokenizer: Any) -> Generation:
     """A row's new tokens up to and including its first end-of-sequence id (the batch pads after it)."""
     end = next((i + 1 for i, token in enumerate(new) if token in eos), len(new))
-    return Generation(new[:end], tokenizer.decode(new[:end], skip_special_tokens=True))
+    return Generation(new[:end], tokenizer.decode(new[:end], skip_special_tokens=True), top2[:end])
