@@ -473,7 +473,7 @@ def test_expert_without_positive_prompts_is_named():
 @pytest.mark.parametrize(("mode", "experts", "scale", "match"), [
     ("random", SMALL_EXPERTS, 1.0, "gate_mode 'random' has none"),
     ("hidden", SMALL_EXPERTS[:1], 1.0, "router_scale needs at least two experts"),
-    ("hidden", SMALL_EXPERTS, float("inf"), "router_scale must be a finite positive number"),
+    ("hidden", SMALL_EXPERTS, float("inf"), "router_scale: inf is not a finite number"),
     ("hidden", SMALL_EXPERTS, 0, r"router_scale: 0 is less than or equal to the minimum of 0"),
 ])
 def test_router_scale_needs_prompts_experts_and_a_positive_value(mode, experts, scale, match):

@@ -157,7 +157,7 @@ def test_llama_to_qwen2_moe_zero_biases(tmp_path, zoo):
 def test_architecture_is_read_as_mergekit_moe_reads_it(tmp_path, zoo, architecture):
     """A case-insensitive prefix of an output name: `qwen` on a Qwen3 base is Qwen3-MoE, as in mergekit-moe."""
     q = zoo["qwen3"]
-    assert plan_only(tmp_path, recipe(q, [(q, {})] * 2, architecture=architecture))["output_family"] == "qwen3_moe"
+    assert plan_only(tmp_path, recipe(q, [(q, {})] * 2, architecture=architecture)).output_family == "qwen3_moe"
 
 
 def test_llama_cannot_become_qwen3_moe(tmp_path, zoo):

@@ -8,7 +8,6 @@ that can be seen in the recipe alone is reported here, before any model is fetch
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -246,9 +245,6 @@ def _check_positive_prompts(recipe: Recipe, source: str) -> None:
 def _check_router_scale(recipe: Recipe, source: str) -> None:
     """router_scale calibrates the logits' spread across experts on the prompts' router inputs."""
     where = f"{source}: router_scale"
-    if not math.isfinite(recipe.router_scale):
-        raise RecipeError(f"router_scale must be a finite positive number, got {recipe.router_scale!r}", where,
-                          "set router_scale to a positive number such as 1.0, or remove it")
     if recipe.gate_mode in PROMPTLESS_GATE_MODES:
         raise RecipeError(
             f"router_scale is calibrated on the prompts' router inputs; gate_mode {recipe.gate_mode!r} has none",
