@@ -171,7 +171,8 @@ def _full_file_system(exc: OSError, smk: Any) -> str:
     """
     output = next(iter(getattr(smk, "output", None) or []), None)
     directory = _existing(Path(output).parent if output else Path.cwd())
-    text = f"{directory}: {exc.strerror} (the file system of this job's outputs; {_free(directory)})"
+    shown = directory.relative_to(Path.cwd()) if directory.is_relative_to(Path.cwd()) else directory
+    text = f"{shown}: {exc.strerror} (the file system of this job's outputs; {_free(directory)})"
     if exc.filename:
         other = _existing(Path(str(exc.filename)))
         if other.stat().st_dev != directory.stat().st_dev:
