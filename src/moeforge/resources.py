@@ -8,11 +8,10 @@ from __future__ import annotations
 
 from moeforge.io.safetensors_file import ITEMSIZE, TORCH_NAME
 from moeforge.plan.plan_json import Plan
-from moeforge.runtime.memory_budget import whole_model_mb
+from moeforge.runtime.memory_budget import MIB, whole_model_mb
 
 #: Above this float32 footprint the smoke test generates in the model's own dtype.
 FLOAT32_SMOKE_LIMIT = 8 << 30
-MIB = 2**20
 #: The evaluation streams its windows in chunks whose float32 logits stay under this size.
 EVAL_LOGITS_CHUNK_BYTES = 256 * MIB
 

@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterator, TextIO
 
 from moeforge.errors import MoeforgeError
 from moeforge.killed_job import Watcher
+from moeforge.runtime.memory_budget import MIB
 
 #: File-system conditions a user fixes outside moeforge: reported in one line, not a traceback.
 _ENVIRONMENT_ERRNOS = {
@@ -159,7 +160,7 @@ def _existing(path: Path) -> Path:
 
 
 def _free(path: Path) -> str:
-    return f"{shutil.disk_usage(path).free / 2**20:.1f} MiB free now"
+    return f"{shutil.disk_usage(path).free / MIB:.1f} MiB free now"
 
 
 def _full_file_system(exc: OSError, smk: Any) -> str:

@@ -29,6 +29,7 @@ from moeforge.io.safetensors_file import (
     write_safetensors,
 )
 from moeforge.plan.table import GATES_SOURCE, read_rows, tensor_shape
+from moeforge.runtime.memory_budget import MIB
 
 
 class _Headers:
@@ -142,8 +143,6 @@ def _out_tensor(parts: list[Mapping[str, Any]], headers: _Headers) -> OutTensor:
     return OutTensor(name, dtype, shape, nbytes,
                      produce=_producer(path, row["source_name"], row["transform"], dtype))
 
-
-MIB = 1 << 20
 
 
 def write_shard(rows: list[dict[str, str]], weight_dirs: Mapping[str, Path], gates_path: Path | None,
