@@ -291,7 +291,7 @@ def fetch_metadata(raw: str, out_dir: Path) -> dict[str, Any]:
             raise ModelError("no weights found (*.safetensors or pytorch_model*.bin)", ref.raw,
                              "check that the repository/directory holds a full model")
         headers = meta.pop("headers")
-        meta["warnings"] = index_warnings(tmp, meta["weight_files"], ref) if meta["weight_format"] == "safetensors" \
+        meta["warnings"] = index_warnings(tmp, meta["weight_files"]) if meta["weight_format"] == "safetensors" \
             else []
         for warning in meta["warnings"]:
             log.warning("model %s: %s", ref.raw, warning)
@@ -304,7 +304,7 @@ def fetch_metadata(raw: str, out_dir: Path) -> dict[str, Any]:
     return source
 
 
-def index_warnings(meta_dir: Path, weight_files: list[str], ref: ModelRef) -> list[str]:
+def index_warnings(meta_dir: Path, weight_files: list[str]) -> list[str]:
     """What the model's safetensors index says that its files do not: shards it names that are not there.
 
     The weights are read from the files present (their headers say which tensors each holds), so a stale or
@@ -315,11 +315,12 @@ def index_warnings(meta_dir: Path, weight_files: list[str], ref: ModelRef) -> li
     index = meta_dir / SAFETENSORS_INDEX
     if not index.is_file():
         return []
-    data = read_json(index, f"model {ref.raw}", ModelError, DAMAGED_FILE_FIX)
-    weight_map = data.get("weight_map") if isinstance(data, dict) else None
-    if not isinstance(weight_map, dict):
+    # The copy in meta_dir was checked when made (_copy_meta_file): an object whose weight_map, if any, maps
+    # tensor names to file names.
+    weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
+    if weight_map is None:
         return [f"{SAFETENSORS_INDEX} has no weight_map, so it is not used: the weight files are read as found"]
-    named = [str(file) for file in weight_map.values()]
+    named = list(weight_map.values())
     missing = sorted(set(named) - set(weight_files))
     if not missing:
         return []
