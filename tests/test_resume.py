@@ -70,15 +70,16 @@ def test_killed_during_shards_keeps_finished_shards(tmp_path, reference):
     wd = workdir(tmp_path)
     # Kill as the last of the demo's three shards (globals, layers, routers) writes its digest, a job's last
     # act: with two cores, at most two jobs are in flight, so at least one shard job has completed.
-    run_until(wd, "results/demo/shards/*.sha256", count=3)
-    shards = wd / "results/demo/shards"
-    done = {p.name: p.stat().st_ino for p in shards.glob("*.safetensors")}
+    # The globals and layers shards are keyed by content (results/shards/), the routers the merge's.
+    run_until(wd, "results/**/shards/*.sha256", count=3)
+    done = {p.name: p.stat().st_ino for p in wd.glob("results/**/shards/*.safetensors")}
     assert len(done) == 3, done
     proc = resume(wd)
     assert sha256_tree(wd / MODEL) == reference
     # Assembly hard-links shards into the staging model, and publishing its files into model/: a shard that
     # was not redone keeps its inode there.
-    order = [f"{shard}.safetensors" for shard in read_plan(wd / "results/demo/plan.json").shards]
+    plan = read_plan(wd / "results/demo/plan.json")
+    order = [f"{plan.shard_keys.get(shard, shard)}.safetensors" for shard in plan.shards]
     kept = [name for name, inode in done.items()
             if (wd / MODEL / f"model-{order.index(name) + 1:05d}-of-{len(order):05d}.safetensors").stat().st_ino == inode]
     in_flight_at_kill = 2  # with --cores 2, at most two shard jobs may have been cut off mid-registration

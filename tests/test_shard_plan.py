@@ -83,7 +83,7 @@ def typed_plan(recipe: Recipe, base_params: dict, layer_bytes: int, shard_bytes:
                 num_layers=base_params.get("num_hidden_layers", 1), num_experts=len(recipe.experts),
                 hidden_size=base_params.get("hidden_size", 1), shared_intermediate_size=None, dtype_out="BF16",
                 tie_output=False, experts=(), shared_experts=(), sources={}, base_params=base_params,
-                window_layers=(), shards=tuple(shard_bytes), shard_bytes=shard_bytes, layer_bytes=layer_bytes,
+                window_layers=(), shards=tuple(shard_bytes), shard_keys={}, shard_bytes=shard_bytes, layer_bytes=layer_bytes,
                 decisions=(), warnings=())
 
 

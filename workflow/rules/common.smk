@@ -17,6 +17,7 @@ from moeforge.plan.merges import merges_to_build
 from moeforge.plan.plan_json import read_plan
 from moeforge.plan.published_merge import merge_from_published
 from moeforge.plan.recipe import load_recipe
+from moeforge.plan.shard_keys import KEY_PATTERN, shard_of_key
 from moeforge.plan.table import ROUTERS_SHARD
 
 
@@ -80,8 +81,8 @@ def one_of(names):
 wildcard_constraints:
     merge=one_of(MERGES),
     slug="|".join(re.escape(s) for s in REFS),
-    # The shard rule's (plan.json names them).
-    shard=rf"globals|layers-\d+-\d+|{re.escape(ROUTERS_SHARD)}",
+    # The shard rule's: a shard read from the sources, by what it holds (plan.json's shard_keys).
+    key=KEY_PATTERN,
 
 
 def slug(ref):
@@ -96,19 +97,13 @@ def meta_dirs(wildcards):
     return [f"resources/models/{s}/meta" for s in merge_slugs(wildcards)]
 
 
+def weight_records_of(merge):
+    """A merge's fetch_weights records of its models: where each one's weights are, sizes and sha256."""
+    return [f"results/{merge}/weights/{slug(ref)}.json" for ref in RECIPES[merge].source_models]
+
+
 def weight_records(wildcards):
-    """This merge's fetch_weights records of its models: where each one's weights are, sizes and sha256."""
-    return [f"results/{wildcards.merge}/weights/{s}.json" for s in merge_slugs(wildcards)]
-
-
-def shard_weight_records(wildcards):
-    """The source models' weight records a shard reads: none for the routers, which come from the gates."""
-    return [] if wildcards.shard == ROUTERS_SHARD else weight_records(wildcards)
-
-
-def shard_gates(wildcards):
-    """The gates file, for the routers shard alone."""
-    return [f"results/{wildcards.merge}/gates.safetensors"] if wildcards.shard == ROUTERS_SHARD else []
+    return weight_records_of(wildcards.merge)
 
 
 def verify_inputs(wildcards):
@@ -132,11 +127,33 @@ def weight_hashes(wildcards):
 
 
 def base_slug(wildcards):
-    return slug(RECIPES[wildcards.merge].base_model)
+    return base_slug_of(wildcards.merge)
 
 
 def base_weight_record(wildcards):
     return f"results/{wildcards.merge}/weights/{base_slug(wildcards)}.json"
+
+
+def base_slug_of(merge):
+    return slug(RECIPES[merge].base_model)
+
+
+def dense_provider(wildcards):
+    """The merge whose fetched weights a dense model is scored from: the first (in the config's order) that has
+    the model as a source and the tokenizer's model as its base."""
+    return next(
+        m
+        for m in MERGES
+        if base_slug_of(m) == wildcards.tokenizer and wildcards.slug in map(slug, RECIPES[m].source_models)
+    )
+
+
+def dense_scores(wildcards):
+    """The score_dense records of a merge's base and experts (by slug), on windows of the base's tokenizer."""
+    recipe = RECIPES[wildcards.merge]
+    tokenizer = base_slug(wildcards)
+    models = [slug(recipe.base_model), *(slug(e.source_model) for e in recipe.experts)]
+    return {s: f"resources/models/{s}/eval/{tokenizer}/{EVAL_KEY}.json" for s in models}
 
 
 def fetch_weights_priority(wildcards):
@@ -176,12 +193,33 @@ def plan_of(merge):
 
 
 def all_shards(wildcards):
-    """The merge's shard files, in the order assembly numbers them."""
-    return [f"results/{wildcards.merge}/shards/{shard}.safetensors" for shard in plan_of(wildcards.merge).shards]
+    """The merge's shard files, in the order assembly numbers them: those read from the sources under their key
+    (shared by every merge that needs them), the routers under the merge."""
+    plan = plan_of(wildcards.merge)
+    return [
+        (
+            f"results/shards/{plan.shard_keys[shard]}.safetensors"
+            if shard in plan.shard_keys
+            else f"results/{wildcards.merge}/shards/{shard}.safetensors"
+        )
+        for shard in plan.shards
+    ]
 
 
 def all_shard_digests(wildcards):
     return [path.replace(".safetensors", ".sha256") for path in all_shards(wildcards)]
+
+
+def shard_provider(wildcards):
+    """The merge whose plan rows and fetched weights make a keyed shard: the first merge (in the config's order)
+    that needs it, so the choice does not depend on which plans happen to be written already."""
+    for merge in MERGES:
+        if wildcards.key in plan_of(merge).shard_keys.values():
+            return merge
+    raise WorkflowError(
+        f"moeforge: results/shards/{wildcards.key}.safetensors: no merge of this run needs this shard "
+        "(its key is not in any merge's plan.json); ask for a merge's model instead"
+    )
 
 
 def _plan_beside(path):
@@ -191,7 +229,11 @@ def _plan_beside(path):
 
 
 def shard_mem_mb(wildcards, input, attempt):
-    return job_resources.shard_mem_mb(_plan_beside(input.plan), wildcards.shard) * attempt
+    return job_resources.shard_mem_mb(_plan_beside(input.plan), shard_of_key(wildcards.key)) * attempt
+
+
+def routers_mem_mb(wildcards, input, attempt):
+    return job_resources.shard_mem_mb(_plan_beside(input.plan), ROUTERS_SHARD) * attempt
 
 
 def smoke_mem_mb(wildcards, input, attempt):
@@ -200,6 +242,11 @@ def smoke_mem_mb(wildcards, input, attempt):
 
 def eval_mem_mb(wildcards, input, attempt):
     return job_resources.eval_mem_mb(_plan_beside(input.plan)) * attempt
+
+
+def dense_eval_mem_mb(wildcards, input, attempt):
+    """Sized by the plan of the merge whose weights are scored (its MoE layers are larger than a dense one's)."""
+    return job_resources.eval_mem_mb(_plan_beside(f"results/{dense_provider(wildcards)}/plan.json")) * attempt
 
 
 def reproduce_mem_mb(wildcards, input, attempt):

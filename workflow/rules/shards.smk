@@ -1,23 +1,46 @@
-# The merge shards (plan.json names them): the globals and runs of consecutive decoder layers, which read
-# the source models, and the routers, which read the gates file.
+# The merge shards (plan.json names them). The globals and runs of consecutive decoder layers read the
+# source models and are keyed by what they hold (plan.json's shard_keys): merges that need the same shard
+# share one job and one file, linked into each model. The routers shard reads the merge's gates.
 
 
 rule shard:
     input:
-        # plan.json sizes the job's memory request (shard_mem_mb).
-        plan="results/{merge}/plan.json",
-        tensors="results/{merge}/plan.tensors.tsv",
-        weights=shard_weight_records,
-        gates=shard_gates,
+        # The plan rows and fetched weights of the first merge that needs the shard (shard_provider); plan.json
+        # sizes the job's memory request (shard_mem_mb).
+        plan=lambda wc: f"results/{shard_provider(wc)}/plan.json",
+        tensors=lambda wc: f"results/{shard_provider(wc)}/plan.tensors.tsv",
+        weights=lambda wc: weight_records_of(shard_provider(wc)),
     output:
-        shard=temp("results/{merge}/shards/{shard}.safetensors"),
-        digest=temp("results/{merge}/shards/{shard}.sha256"),
+        # Removed once every merge that links it is assembled.
+        shard=temp("results/shards/{key}.safetensors"),
+        digest=temp("results/shards/{key}.sha256"),
     log:
-        "logs/{merge}/shards/{shard}.log",
+        "logs/shards/{key}.log",
     benchmark:
-        "results/{merge}/benchmarks/shard-{shard}.tsv"
+        "results/shards/benchmarks/{key}.tsv"
     resources:
         mem_mb=shard_mem_mb,
         runtime=60,
+    params:
+        shard=lambda wc: shard_of_key(wc.key),
     script:
         "../scripts/shard.py"
+
+
+rule routers_shard:
+    input:
+        plan="results/{merge}/plan.json",
+        tensors="results/{merge}/plan.tensors.tsv",
+        gates="results/{merge}/gates.safetensors",
+    output:
+        shard=temp(f"results/{{merge}}/shards/{ROUTERS_SHARD}.safetensors"),
+        digest=temp(f"results/{{merge}}/shards/{ROUTERS_SHARD}.sha256"),
+    log:
+        f"logs/{{merge}}/shards/{ROUTERS_SHARD}.log",
+    benchmark:
+        f"results/{{merge}}/benchmarks/shard-{ROUTERS_SHARD}.tsv"
+    resources:
+        mem_mb=routers_mem_mb,
+        runtime=60,
+    script:
+        "../scripts/routers_shard.py"

@@ -6,9 +6,8 @@ from moeforge.runner import run
 
 
 def main(s):
-    eval_stage(Path(s.input.lock).parent, Path(s.input.plan), [Path(p) for p in s.input.weights],
-               {name: Path(path) for name, path in s.params.domains.items()},
-               EvalOptions(context=s.params.context, max_tokens=s.params.max_tokens, device=s.params.device),
+    eval_stage(Path(s.input.lock).parent, Path(s.input.plan), {slug: Path(p) for slug, p in s.params.dense.items()},
+               {name: Path(path) for name, path in s.params.domains.items()}, EvalOptions(**s.params.options),
                Path(s.output.json), Path(s.output.md), Path(s.output.png))
 
 

@@ -1,10 +1,9 @@
-"""Execute the plan rows of one shard: the globals, a run of layers, or the routers (from the gates file)."""
+"""Execute the plan rows of one shard read from the source models: the globals or a run of layers."""
 from pathlib import Path
 
 from moeforge.build.shards import shard_step
 from moeforge.runner import run
 
-run(snakemake, lambda s: shard_step(Path(s.input.tensors), s.wildcards.shard,  # noqa: F821
-                                    [Path(p) for p in s.input.weights],
-                                    Path(s.input.gates[0]) if s.input.gates else None,
+run(snakemake, lambda s: shard_step(Path(s.input.tensors), s.params.shard,  # noqa: F821
+                                    [Path(p) for p in s.input.weights], None,
                                     Path(s.output.shard), Path(s.output.digest)))

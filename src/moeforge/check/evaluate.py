@@ -9,6 +9,10 @@ Memory stays bounded as in the smoke test: every model runs one module at a time
 (``gates.layerwise.stream_logits``), once for all domains; the windows go through in chunks whose
 logits fit ``moeforge.resources.EVAL_LOGITS_CHUNK_BYTES``, one chunk's logits at a time.
 
+The dense models' scores depend only on the model, the windows and the options, not on the merge: the
+workflow computes them once per model (``dense_stage``, shared by every merge over the same experts and
+base) and each merge's evaluation scores its MoE and reads them (``eval_stage``).
+
 Perplexity is over fixed windows: each domain's text is tokenised once (no special tokens), cut
 into windows of ``context - 1`` tokens, each read after the bos token (as a user's
 ``tokenizer(text)`` would give it for a Llama-style tokenizer) and scored on every token it
@@ -18,6 +22,7 @@ predicts. A tail shorter than a window is left out, so every model sees exactly 
 from __future__ import annotations
 
 import codecs
+import hashlib
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -30,7 +35,7 @@ from moeforge import __version__
 from moeforge.check.plots import plot_evaluation
 from moeforge.errors import BuildError, RecipeError
 from moeforge.io.fetch import weight_dirs_from
-from moeforge.io.files import shown_path, write_json, write_text
+from moeforge.io.files import read_json, shown_path, write_json, write_text
 from moeforge.io.hf_load import load_tokenizer
 from moeforge.numbers import fmt, report_number
 from moeforge.plan.plan_json import read_plan
@@ -153,20 +158,36 @@ def _count_routing(total: Scores, router: torch.Tensor, top_k: int) -> None:
     total.slots = slots if total.slots is None else total.slots + slots
 
 
+def eval_windows(model_dir: Path, tokenizer_dir: Path, domains: Mapping[str, Path],
+                 opts: EvalOptions) -> dict[str, torch.Tensor]:
+    """Every domain's windows, tokenized by ``tokenizer_dir``'s tokenizer, once the device and the context are
+    known to suit ``model_dir`` (the model about to be scored)."""
+    require_device(opts.device, "eval.device")
+    positions = load_config(model_dir).max_position_embeddings
+    if opts.context > positions:
+        raise RecipeError(f"context {opts.context} is longer than the model's {positions} positions", "eval.context",
+                          f"use at most {positions}")
+    tokenizer = load_tokenizer(tokenizer_dir, BuildError, "the tokenizer", "rerun the assemble step")
+    return {name: domain_windows(domain_ids(tokenizer, name, Path(path), opts.max_tokens), tokenizer.bos_token_id,
+                                 opts, f"eval domain {name} ({path})") for name, path in domains.items()}
+
+
+def windows_digest(windows: Mapping[str, torch.Tensor]) -> str:
+    """The sha256 of every domain's windows: dense scores are used only for the windows they were taken on."""
+    digest = hashlib.sha256()
+    for name, ids in windows.items():
+        digest.update(f"{name}:{list(ids.shape)}:".encode())
+        digest.update(ids.numpy().tobytes())
+    return digest.hexdigest()
+
+
 def evaluate(moe_dir: Path, base_dir: Path, experts: Mapping[str, Path], domains: Mapping[str, Path],
              opts: EvalOptions) -> dict[str, Any]:
     """Per-domain perplexity of base, dense experts (in router row order), MoE and oracle; routing shares.
 
     A model directory named several times (an expert that is the base) is run once.
     """
-    require_device(opts.device, "eval.device")
-    tokenizer = load_tokenizer(moe_dir, BuildError, "the tokenizer", "rerun the assemble step")
-    positions = load_config(moe_dir).max_position_embeddings
-    if opts.context > positions:
-        raise RecipeError(f"context {opts.context} is longer than the model's {positions} positions", "eval.context",
-                          f"use at most {positions}")
-    windows = {name: domain_windows(domain_ids(tokenizer, name, Path(path), opts.max_tokens), tokenizer.bos_token_id,
-                                    opts, f"eval domain {name} ({path})") for name, path in domains.items()}
+    windows = eval_windows(moe_dir, moe_dir, domains, opts)
     models = {"base": Path(base_dir), **{name: Path(path) for name, path in experts.items()}, "moe": Path(moe_dir)}
     by_dir: dict[Path, dict[str, Scores]] = {}
     for directory in dict.fromkeys(models.values()):
@@ -235,13 +256,40 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def eval_stage(model_dir: Path, plan_json: Path, weight_records: list[Path], domains: Mapping[str, Path],
+_RESCORE_FIX = "delete it and rerun: the score_dense step writes it again"
+
+
+def dense_stage(weight_record: Path, tokenizer_dir: Path, domains: Mapping[str, Path], opts: EvalOptions,
+                out_json: Path) -> dict[str, Any]:
+    """The score_dense rule: one dense model's summed log-likelihood on every domain's windows, tokenized by
+    the merge base's tokenizer (the one the MoE carries), with the digest of those windows."""
+    (model_dir,) = weight_dirs_from([weight_record]).values()
+    windows = eval_windows(model_dir, tokenizer_dir, domains, opts)
+    record = {"windows": windows_digest(windows),
+              "scores": {d: {"nll": s.nll, "predicted": s.predicted} for d, s in score(model_dir, windows, opts).items()}}
+    write_json(out_json, record)
+    return record
+
+
+def _dense_scores(path: Path, digest: str) -> dict[str, Scores]:
+    """A dense model's scores from its score_dense record, which must be of these windows."""
+    record = read_json(path, "dense scores", BuildError, _RESCORE_FIX)
+    if record.get("windows") != digest:
+        raise BuildError("scored on other windows than the merged model's", str(path), _RESCORE_FIX)
+    return {d: Scores(nll=s["nll"], predicted=s["predicted"]) for d, s in record["scores"].items()}
+
+
+def eval_stage(model_dir: Path, plan_json: Path, dense: Mapping[str, Path], domains: Mapping[str, Path],
                opts: EvalOptions, out_json: Path, out_md: Path, out_png: Path) -> dict[str, Any]:
-    """The eval rule: the merge's base and experts found from plan.json and the fetch records."""
+    """The eval rule: the MoE scored here, its base and experts (by slug, from plan.json) read from their
+    score_dense records; the report is the one ``evaluate`` gives."""
     plan = read_plan(plan_json)
-    dirs = weight_dirs_from(weight_records)
-    experts = {e.name: dirs[e.slug] for e in plan.experts}
-    report = evaluate(model_dir, dirs[plan.base], experts, domains, opts)
+    windows = eval_windows(model_dir, model_dir, domains, opts)
+    digest = windows_digest(windows)
+    scores = {"base": _dense_scores(dense[plan.base], digest),
+              **{e.name: _dense_scores(dense[e.slug], digest) for e in plan.experts},
+              "moe": score(model_dir, windows, opts)}
+    report = _report(scores, [e.name for e in plan.experts], windows, domains, opts)
     report["merge"] = plan.merge
     write_json(out_json, report)
     write_text(out_md, render_markdown(report))

@@ -8,9 +8,12 @@ templates with varied names, numbers and structure); each block is separated by 
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from moeforge.errors import RecipeError
 
@@ -47,3 +50,10 @@ def eval_domains(configured: Mapping[str, str] | None) -> dict[str, str]:
                               "directory)")
         return dict(configured)
     return {name: str(path) for name, path in heldout_paths().items()}
+
+
+def eval_key(domains: Mapping[str, str], options: Mapping[str, Any]) -> str:
+    """16 hex digits naming one evaluation setting (each domain's text file, and the options): a dense model's
+    scores are kept under it, so two settings never share a file, and one setting's scores serve every merge."""
+    setting = {"domains": dict(domains), "options": dict(options)}
+    return hashlib.sha256(json.dumps(setting, sort_keys=True).encode()).hexdigest()[:16]

@@ -11,6 +11,7 @@ the Hugging Face cache (no second copy per merge; a model another merge fetched 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -268,8 +269,29 @@ def _dir_metadata(src_dir: Path, out_dir: Path, ref: ModelRef, hash_small: bool)
             "headers": None, "local_path": str(src_dir)}
 
 
-def fetch_metadata(raw: str, out_dir: Path) -> dict[str, Any]:
-    """Write ``out_dir`` (atomically): source.json, config.json, tokenizer files, inventory.tsv."""
+def content_id(ref: ModelRef, resolved_revision: str | None, content_record: Path | None) -> str:
+    """What a source's bytes are known by, whatever its path or slug: a Hub model's commit; a local model's
+    file names, sizes and sha256 (its content record, rule hash_source's, else hashed now), hashed.
+
+    Plans key the shards read from a source by it, so a changed source gives new shard files, never an old one.
+    """
+    if ref.kind == "hub":
+        return f"{ref.repo_id}@{resolved_revision}"
+    if content_record is not None:
+        files = json.loads(content_record.read_text())["files"]
+    else:
+        directory = local_model_dir(ref)
+        files = [{"name": p.name, "size": p.stat().st_size, "sha256": sha256_file(p)}
+                 for p in sorted(directory.iterdir()) if p.is_file()]
+    return "sha256:" + hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+
+
+def fetch_metadata(raw: str, out_dir: Path, content_record: Path | None = None) -> dict[str, Any]:
+    """Write ``out_dir`` (atomically): source.json, config.json, tokenizer files, inventory.tsv.
+
+    ``content_record``: a local model's content record (moeforge.io.source_content), from which its
+    ``content_id`` is taken without reading the files again.
+    """
     from moeforge.io.inventory import write_inventory
 
     ref = parse_ref(raw)
@@ -298,7 +320,8 @@ def fetch_metadata(raw: str, out_dir: Path) -> dict[str, Any]:
         if meta["weight_format"] == "bin":
             headers = _convert_bin(ref, meta, tmp)
         source = {"ref": ref.raw, "kind": ref.kind, "repo_id": ref.repo_id, "requested_revision": ref.revision,
-                  "slug": ref.slug, **meta}
+                  "slug": ref.slug, **meta,
+                  "content_id": content_id(ref, meta["resolved_revision"], content_record)}
         write_inventory(source, headers, tmp / "inventory.tsv")
         write_json(tmp / "source.json", source)
     return source

@@ -11,7 +11,7 @@ from typing import Mapping
 
 import pandas as pd
 
-from moeforge.errors import RecipeError
+from moeforge.errors import ModelError, RecipeError
 from moeforge.io.files import write_text
 from moeforge.io.safetensors_file import SAFETENSORS_NAME, TORCH_NAME
 from moeforge.plan.identity import identity_skipped_warning
@@ -25,6 +25,7 @@ from moeforge.plan.rows import (
     row_bytes,
     validate_rows,
 )
+from moeforge.plan.shard_keys import shard_keys
 from moeforge.plan.sources import (
     PlanContext,
     Source,
@@ -61,9 +62,12 @@ def _tie_output(recipe: Recipe, base: Source, ctx: PlanContext) -> bool:
 
 def _source_entry(source: Source, roles: list[str]) -> PlannedSource:
     sj = source.source_json
+    if "content_id" not in sj:
+        raise ModelError("fetched by an older moeforge: its source.json has no content_id", str(source.meta_dir),
+                         "delete that directory and rerun: fetch_metadata writes it again")
     return PlannedSource(ref=source.ref, slug=source.slug, roles=tuple(roles), family=source.family.name,
                          model_type=source.params["model_type"], kind=sj["kind"],
-                         resolved_revision=sj["resolved_revision"])
+                         resolved_revision=sj["resolved_revision"], content_id=sj["content_id"])
 
 
 def make_plan(merge: str, recipe: Recipe, meta_dirs: Mapping[str, Path]) -> tuple[Plan, pd.DataFrame]:
@@ -121,6 +125,8 @@ def make_plan(merge: str, recipe: Recipe, meta_dirs: Mapping[str, Path]) -> tupl
         base_params=base.params,
         window_layers=tuple(window_layers),
         shards=tuple(shards),
+        shard_keys=shard_keys(frame.to_csv(sep="\t", index=False),
+                              {s.slug: s.source_json["content_id"] for s in sources.values()}),
         shard_bytes=_shard_bytes(frame),
         layer_bytes=largest_layer,
         decisions=tuple(ctx.decisions),

@@ -41,6 +41,7 @@ class PlannedSource:
     model_type: str
     kind: str
     resolved_revision: str | None
+    content_id: str
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,8 @@ class Plan:
     """Everything decided about a merge from its recipe and its sources' metadata, before any weight is read.
 
     ``base_params`` are the base config's normalised parameters (moeforge.plan.params); ``window_layers``
-    the decoder layers that attend within the recipe's sliding_window; ``shard_bytes`` each shard's output
+    the decoder layers that attend within the recipe's sliding_window; ``shard_keys`` the key of each shard
+    read from the sources, which names its file (moeforge.plan.shard_keys); ``shard_bytes`` each shard's output
     bytes and ``layer_bytes`` one decoder layer's (what a layer-streamed job holds at a time): the basis of
     the jobs' resource requests.
     """
@@ -70,6 +72,7 @@ class Plan:
     base_params: Mapping[str, Any]
     window_layers: tuple[int, ...]
     shards: tuple[str, ...]
+    shard_keys: Mapping[str, str]
     shard_bytes: Mapping[str, int]
     layer_bytes: int
     decisions: tuple[Mapping[str, str], ...]

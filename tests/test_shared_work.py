@@ -1,0 +1,109 @@
+"""Work that merges share is done once: shards keyed by what they hold, dense evaluation scores per model."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from moeforge.check.evaluate import EvalOptions, evaluate
+from moeforge.demo.tiny_models import DEMO_EXPERTS
+from moeforge.io.domains import heldout_paths
+from moeforge.io.files import dumps_json
+from moeforge.io.safetensors_file import read_header
+from moeforge.plan.plan_json import read_plan
+from moeforge.plan.table import ROUTERS_SHARD
+from pipeline import build, logits, plan_only, sha256_tree
+from test_workflow import REPO, snakemake
+
+
+def recipe_of(models: dict[str, Path], **changes) -> dict:
+    return {"base_model": str(models["base"]), "gate_mode": "random",
+            "experts": [{"source_model": str(models["e0"])}, {"source_model": str(models["e1"])}], **changes}
+
+
+def test_shard_keys_follow_what_a_shard_holds(base_and_experts, tmp_path):
+    """Merges that differ only in gate mode and experts per token share every keyed shard; a changed plan row
+    or a changed source gives the shards that hold it a new key, and only those."""
+    keys = plan_only(tmp_path / "a", recipe_of(base_and_experts)).shard_keys
+    plan = plan_only(tmp_path / "b", recipe_of(base_and_experts, gate_mode="uniform_random", experts_per_token=1))
+    assert plan.shard_keys == keys and set(keys) == set(plan.shards) - {ROUTERS_SHARD}
+    assert all(key.startswith(f"{shard}-") for shard, key in keys.items())
+
+    noisy = recipe_of(base_and_experts)
+    noisy["experts"][1]["noise_scale"] = 0.01
+    changed = plan_only(tmp_path / "noisy", noisy).shard_keys
+    layers = [shard for shard in keys if shard != "globals"]
+    assert changed["globals"] == keys["globals"] and all(changed[s] != keys[s] for s in layers)
+
+    # Same path, other bytes (one weight byte, the header as it was): the layers that read the expert change key.
+    copy = shutil.copytree(base_and_experts["e1"], tmp_path / "e1")
+    models = {**base_and_experts, "e1": copy}
+    before = plan_only(tmp_path / "copy", recipe_of(models)).shard_keys
+    assert before == keys  # a copy holds the same bytes: its shards are the original's
+    weights = copy / "model.safetensors"
+    start, _ = read_header(weights)
+    data = bytearray(weights.read_bytes())
+    data[start + 1] ^= 1
+    weights.write_bytes(bytes(data))
+    after = plan_only(tmp_path / "edited", recipe_of(models)).shard_keys
+    assert after["globals"] == keys["globals"] and all(after[s] != keys[s] for s in layers)
+
+
+@pytest.fixture(scope="module")
+def two_merges(tmp_path_factory) -> tuple[Path, str]:
+    """The demo recipe and its variant with other gates and one expert per token, evaluated in one run."""
+    wd = tmp_path_factory.mktemp("two_merges")
+    demo = yaml.safe_load((REPO / "config/recipes/demo.yaml").read_text())
+    other = {**{k: v for k, v in demo.items() if k != "token_reduction"}, "gate_mode": "hidden", "experts_per_token": 1}
+    for name, recipe in (("a", demo), ("b", other)):
+        (wd / f"{name}.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    (wd / "config.yaml").write_text(yaml.safe_dump({"merges": {m: {"recipe": f"{m}.yaml"} for m in "ab"}}))
+    proc = snakemake(wd, "eval", "--cores", "2")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return wd, proc.stdout + proc.stderr
+
+
+def jobs_of(output: str, rule: str) -> int:
+    return len(re.findall(rf"^(?:local)?rule {rule}:$", output, flags=re.MULTILINE))
+
+
+@pytest.mark.slow
+def test_two_merges_share_their_shards(two_merges, tmp_path, monkeypatch):
+    wd, output = two_merges
+    plans = {m: read_plan(wd / f"results/{m}/plan.json") for m in "ab"}
+    keys = plans["a"].shard_keys
+    assert plans["b"].shard_keys == keys and len(keys) == len(plans["a"].shards) - 1
+    assert jobs_of(output, "shard") == len(keys) and jobs_of(output, "routers_shard") == 2
+    assert not list((wd / "results").glob("**/shards/*.safetensors"))  # every temporary shard removed
+    for index, shard in enumerate(plans["a"].shards, start=1):
+        name = f"model-{index:05d}-of-{len(plans['a'].shards):05d}.safetensors"
+        a, b = wd / "results/a/model" / name, wd / "results/b/model" / name
+        # One file, hard-linked into both models (the routers differ: each merge has its own).
+        assert (a.stat().st_ino == b.stat().st_ino) is (shard in keys), shard
+    ids = torch.tensor([[1, 5, 9, 200, 33]])
+    monkeypatch.chdir(wd)  # the recipes name the demo's models relative to the working directory
+    for merge in "ab":
+        logits(wd / f"results/{merge}/model", ids)  # strict load: no missing, unexpected or mismatched key
+        alone = build(tmp_path / merge, yaml.safe_load((wd / f"{merge}.yaml").read_text()), merge=merge)
+        assert sha256_tree(alone.model_dir) == sha256_tree(wd / f"results/{merge}/model"), merge
+
+
+@pytest.mark.slow
+def test_dense_models_are_scored_once_for_both_merges(two_merges, monkeypatch):
+    wd, output = two_merges
+    assert jobs_of(output, "score_dense") == 1 + len(DEMO_EXPERTS) and jobs_of(output, "evaluate") == 2
+    reports = {m: json.loads((wd / f"results/{m}/eval/report.json").read_text()) for m in "ab"}
+    dense = ["base", *DEMO_EXPERTS]
+    assert all(reports["a"]["perplexity"][m] == reports["b"]["perplexity"][m] for m in dense)
+    assert reports["a"]["perplexity"]["moe"] != reports["b"]["perplexity"]["moe"]
+    # The report is the one the evaluation gives in one process.
+    demo = wd / "resources/demo"
+    alone = evaluate(wd / "results/a/model", demo / "base", {name: demo / name for name in DEMO_EXPERTS},
+                     heldout_paths(), EvalOptions())
+    assert dumps_json({**alone, "merge": "a"}) == dumps_json(reports["a"])
