@@ -2,10 +2,10 @@
 
 A shard that reads the source models (the globals, a run of decoder layers) holds exactly what its plan
 rows say, read from sources whose bytes are known by their content id (``moeforge.io.fetch.content_id``: a
-Hub commit, a local model's file hashes). Its key hashes both, so merges and search candidates that need
-the same shard (merges that differ only in gate mode or experts per token need every one of them) share
-one job and one file, and a changed source or a changed row gives a new key: an old file is never taken
-for a new one. The routers shard reads the merge's own gates and stays the merge's.
+Hub commit, a local model's file hashes). Its key hashes those rows with each source named by its content
+id, so merges and search candidates that need the same shard (merges that differ only in gate mode or
+experts per token need every one of them) share one job and one file, and a changed source or a changed
+row gives a new key: an old file is never taken for a new one. The routers shard reads the merge's own gates and stays the merge's.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import io
 import json
 from typing import Mapping
 
-from moeforge.plan.table import GATES_SOURCE, PLAN_COLUMNS, ROUTERS_SHARD, ZEROS_SOURCE, parse_scale_ref
+from moeforge.plan.table import PLAN_COLUMNS, ROUTERS_SHARD, parse_scale_ref, scale_ref
 
 #: A shard key: the shard's name, then 16 hex digits of the hash (64 bits: no collision among the shards of
 #: any set of merges).
@@ -27,24 +27,21 @@ _KEY_FORMAT = "moeforge shard 1"
 
 def shard_keys(table: str, content_ids: Mapping[str, str]) -> dict[str, str]:
     """The key of every shard that reads the sources, from plan.tensors.tsv's text (the bytes the shard jobs
-    read) and each source slug's content id."""
+    read) with each source slug replaced by its content id: a model reached by another path or name holds the
+    same bytes, so its shards are the same files."""
     rows: dict[str, list[list[str]]] = {}
-    slugs: dict[str, set[str]] = {}
     for row in csv.DictReader(io.StringIO(table), delimiter="\t"):
         if row["shard"] == ROUTERS_SHARD:
             continue
-        rows.setdefault(row["shard"], []).append([row[column] for column in PLAN_COLUMNS])
-        read = slugs.setdefault(row["shard"], set())
-        if row["source"] not in (ZEROS_SOURCE, GATES_SOURCE):
-            read.add(row["source"])
+        row["source"] = content_ids.get(row["source"], row["source"])  # zeros stay zeros
         ref = parse_scale_ref(row["scale_ref"])
         if ref is not None:
-            read.add(ref[0])
+            row["scale_ref"] = scale_ref(content_ids[ref[0]], *ref[1:])
+        rows.setdefault(row["shard"], []).append([row[column] for column in PLAN_COLUMNS])
     keys = {}
     for shard, shard_rows in rows.items():
-        content = {"format": _KEY_FORMAT, "columns": PLAN_COLUMNS, "rows": shard_rows,
-                   "sources": {slug: content_ids[slug] for slug in sorted(slugs[shard])}}
-        digest = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+        content = {"format": _KEY_FORMAT, "columns": PLAN_COLUMNS, "rows": shard_rows}
+        digest = hashlib.sha256(json.dumps(content).encode()).hexdigest()
         keys[shard] = f"{shard}-{digest[:16]}"
     return keys
 
