@@ -64,7 +64,7 @@ def two_merges(tmp_path_factory) -> tuple[Path, str]:
     for name, recipe in (("a", demo), ("b", other)):
         (wd / f"{name}.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
     (wd / "config.yaml").write_text(yaml.safe_dump({"merges": {m: {"recipe": f"{m}.yaml"} for m in "ab"}}))
-    proc = snakemake(wd, "eval", "--cores", "2")
+    proc = snakemake(wd, "--cores", "2", "eval")  # a target after an option: --configfile takes several values
     assert proc.returncode == 0, proc.stderr[-4000:]
     return wd, proc.stdout + proc.stderr
 
@@ -102,7 +102,9 @@ def test_dense_models_are_scored_once_for_both_merges(two_merges, monkeypatch):
     dense = ["base", *DEMO_EXPERTS]
     assert all(reports["a"]["perplexity"][m] == reports["b"]["perplexity"][m] for m in dense)
     assert reports["a"]["perplexity"]["moe"] != reports["b"]["perplexity"]["moe"]
-    # The report is the one the evaluation gives in one process.
+    # The report is the one the evaluation gives in one process (in the working directory: it names the texts
+    # relative to it).
+    monkeypatch.chdir(wd)
     demo = wd / "resources/demo"
     alone = evaluate(wd / "results/a/model", demo / "base", {name: demo / name for name in DEMO_EXPERTS},
                      heldout_paths(), EvalOptions())

@@ -39,7 +39,7 @@ TARGET = "results/demo/smoke/report.json"
 # Rules that run on the submit host (`localrule: True` in workflow/rules/); everything else is a
 # SLURM job.
 LOCAL_RULES = {"demo_models", "fetch_metadata", "locate_weights", "fetch_weights", "translate_config"}
-REMOTE_RULES = {"hash_source", "validate", "gates", "shard", "assemble", "smoke_test"}
+REMOTE_RULES = {"hash_source", "validate", "gates", "shard", "routers_shard", "assemble", "smoke_test"}
 # Rules with one job per source model (the demo merges a base and three experts).
 PER_SOURCE_RULES = {"hash_source": 4}
 # The profile's polling suits a shared cluster (first status check 20 s after submission); on this
@@ -247,7 +247,8 @@ def test_every_compute_job_ran_through_slurm(slurm_build: Run, cluster: Cluster)
     assert set(remote.values()) == REMOTE_RULES, remote
     plan = read_plan(slurm_build.wd / "results/demo/plan.json")
     # every shard is a job of its own, the routers' included
-    assert sorted(remote.values()).count("shard") == len(plan.shards)
+    assert sorted(remote.values()).count("shard") == len(plan.shard_keys) == len(plan.shards) - 1
+    assert sorted(remote.values()).count("routers_shard") == 1
 
     submitted = submissions(slurm_build.log)
     assert set(submitted) == set(remote), "jobs run outside SLURM or submitted twice"
