@@ -15,7 +15,11 @@ EVAL_BY_DEFAULT = [] if config.get("merges") or config.get("recipe") else MERGES
 
 rule score_dense:
     input:
-        weights=lambda wc: f"results/{dense_provider(wc)}/weights/{wc.slug}.json",
+        # Where the model's weights are: a changed model reruns the job (its located record is rewritten).
+        located="resources/models/{slug}/weights.json",
+        # Fetched (downloaded, for the Hub) by a merge: the job waits for it, but that merge's revalidation,
+        # which fetches again, does not make the scores stale.
+        weights=lambda wc: ancient(f"results/{dense_provider(wc)}/weights/{wc.slug}.json"),
         tokenizer="resources/models/{tokenizer}/meta",
         domains=list(EVAL_DOMAINS.values()),
     output:
