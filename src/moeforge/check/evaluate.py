@@ -32,7 +32,6 @@ from typing import Any
 import torch
 
 from moeforge import __version__
-from moeforge.check.plots import plot_evaluation
 from moeforge.errors import BuildError, RecipeError
 from moeforge.io.fetch import weight_dirs_from
 from moeforge.io.files import read_json, shown_path, write_json, write_text
@@ -283,6 +282,8 @@ def eval_stage(model_dir: Path, plan_json: Path, dense: Mapping[str, Path], doma
                opts: EvalOptions, out_json: Path, out_md: Path, out_png: Path) -> dict[str, Any]:
     """The eval rule: the MoE scored here, its base and experts (by slug, from plan.json) read from their
     score_dense records; the report is the one ``evaluate`` gives."""
+    from moeforge.check.plots import plot_evaluation  # here: the score_dense jobs draw nothing
+
     plan = read_plan(plan_json)
     windows = eval_windows(model_dir, model_dir, domains, opts)
     digest = windows_digest(windows)
