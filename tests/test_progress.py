@@ -8,7 +8,9 @@ import types
 import torch
 from transformers import AutoTokenizer
 
+from moeforge.check.smoke import scan_tensors
 from moeforge.io import progress as progress_module
+from moeforge.io.files import sha256_file
 from moeforge.io.progress import Progress, tracked
 from moeforge.runner import run
 from moeforge.runtime.generation import generate_all
@@ -60,3 +62,19 @@ def test_generation_reports_per_token_in_the_job_log(base_and_experts, tmp_path,
     assert [line.split(",")[0] for line in lines] == [
         "base: greedy generation: 2/6 new tokens (33%)", "base: greedy generation: 4/6 new tokens (67%)",
         "base: greedy generation: 6 new tokens done in 0 s"]
+
+
+def test_reading_a_whole_model_reports_the_mib_read(base_and_experts, tmp_path, caplog, monkeypatch):
+    """Hashing a file (verify, reproduce, a local source) and the NaN/Inf scan (verify) read every byte."""
+    caplog.set_level(logging.INFO, logger="moeforge.progress")
+    monkeypatch.setattr(progress_module, "EVERY", 0.0)
+    weights = tmp_path / "big.bin"
+    weights.write_bytes(bytes(40 << 20))
+    sha256_file(weights)
+    scan_tensors(base_and_experts["base"])
+    lines = [r.getMessage() for r in caplog.records]
+    size = (base_and_experts["base"] / "model.safetensors").stat().st_size / (1 << 20)
+    assert [line.split(",")[0] for line in lines[:2]] == [
+        "sha256 of big.bin: 16/40 MiB hashed (40%)", "sha256 of big.bin: 32/40 MiB hashed (80%)"]
+    assert lines[2].startswith("sha256 of big.bin: 40 MiB hashed done in")
+    assert lines[-1].startswith(f"base: NaN/Inf scan: {size:.1f} MiB read done in")
