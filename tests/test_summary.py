@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from moeforge.check.summary import run_summary
+from moeforge.check.summary import eval_label, run_summary, smoke_label
 
 
 def write(path: Path, data: dict) -> None:
@@ -52,3 +52,17 @@ def test_reports_name_paths_without_the_machines_directories(tmp_path, monkeypat
     packaged = Path(moeforge.__file__).parent / "data" / "domains" / "code" / "heldout.txt"
     assert shown_path(packaged) == "moeforge/data/domains/code/heldout.txt"
     assert shown_path("/srv/models/llama") == "…/models/llama"
+
+
+def test_figure_labels_give_the_verdict_and_its_numbers(tmp_path):
+    """`snakemake --report` labels each figure with these, read from the job's report when the page is made."""
+    write(tmp_path / "smoke.json", {"passed": True, "comparison": {"kl_mean": 0.01234, "top1_agreement": 0.974},
+                                    "warnings": ["dead expert 'x'"]})
+    write(tmp_path / "failed.json", {"passed": False, "errors": ["identity mismatch"], "comparison": None})
+    write(tmp_path / "eval.json", {"oracle": {"code": {"moe_ratio": 1.04}, "math": {"moe_ratio": 1.21}}})
+    assert smoke_label(tmp_path / "smoke.json") == (
+        "passed; mean KL(base || merged) 0.0123 nats; top-1 agreement with the base 97%; 1 warning(s)")
+    assert smoke_label(tmp_path / "failed.json") == "FAILED: identity mismatch; 0 warning(s)"
+    assert eval_label(tmp_path / "eval.json") == (
+        "worst domain math: MoE perplexity 1.210x the best dense expert's (2 domain(s))")
+    assert smoke_label(tmp_path / "missing.json") == "no report"

@@ -258,6 +258,9 @@ def test_html_report_holds_the_plots(demo, tmp_path):
         encoded = base64.b64encode((demo / "results/demo/smoke" / png).read_bytes()).decode()
         assert encoded[:2000] in html, f"{png} is not embedded in the report"
     assert "Share of tokens each expert receives" in html
+    # Each figure's verdict label holds this run's verdict and numbers, read from its report.
+    report = json.loads((demo / "results/demo/smoke/report.json").read_text())
+    assert f"passed; mean KL(base || merged) {report['comparison']['kl_mean']:.3g} nats" in html
 
 
 @pytest.mark.slow

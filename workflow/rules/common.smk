@@ -13,6 +13,7 @@ from moeforge.io.names import relative_file_problem
 from moeforge.io.published import RECIPE_FILES
 from moeforge.io.refs import parse_ref
 from moeforge.io.source_content import refresh_source_content
+from moeforge.check.summary import eval_label, smoke_label
 from moeforge.plan.lock_merge import merge_from_lock
 from moeforge.plan.merges import merges_to_build
 from moeforge.plan.plan_json import read_plan
@@ -236,3 +237,13 @@ def gates_threads(wildcards, input):
 
 def layer_mem_mb(wildcards, input, attempt):
     return job_resources.layer_mem_mb(_plan_beside(input.plan)) * attempt
+
+
+def figure_labels(figure, verdict):
+    """A figure's labels in `snakemake --report`, which calls this with the job's output when it makes the page
+    (after the run): the merge, the figure, and ``verdict`` (moeforge.check.summary) of the job's report."""
+
+    def labels(wildcards, output):
+        return {"merge": wildcards.merge, "figure": figure, "verdict": verdict(Path(output.json))}
+
+    return labels
