@@ -107,9 +107,9 @@ def pretrain(model: torch.nn.Module, tokens: dict[str, torch.Tensor], plan: Trai
 
 
 def finetune_mlp(model: torch.nn.Module, stream: torch.Tensor, plan: TrainingPlan, bos_id: int, seed: int,
-                 name: str) -> None:
+                 expert: str) -> None:
     """Train only the MLP matrices on one domain; everything a merge takes from the base stays as it is.
-    ``name``: the expert's, for the progress lines."""
+    ``expert``: its name, for the progress lines."""
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(bool(MLP_MATRIX.match(name)))
-    train(model, [stream], plan.finetune_steps, plan.finetune_lr, plan, bos_id, seed, f"fine-tuning {name}")
+    train(model, [stream], plan.finetune_steps, plan.finetune_lr, plan, bos_id, seed, f"fine-tuning {expert}")
