@@ -18,10 +18,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from moeforge.errors import MoeforgeError
-from moeforge.io.progress import Progress
+from moeforge.io.progress import MIB, Progress
 
 _HASH_CHUNK = 16 << 20
-_MIB = 1 << 20
 
 
 def sha256_file(path: Path) -> str:
@@ -31,12 +30,12 @@ def sha256_file(path: Path) -> str:
     minutes at 7B: a file that takes longer than a few seconds reports its progress."""
     digest = hashlib.sha256()
     with open(path, "rb", buffering=0) as fh, ThreadPoolExecutor(max_workers=1) as reader:
-        progress = Progress(f"sha256 of {path.name}", os.fstat(fh.fileno()).st_size / _MIB, "MiB hashed")
+        progress = Progress(f"sha256 of {path.name}", os.fstat(fh.fileno()).st_size / MIB, "MiB hashed")
         pending = reader.submit(fh.read, _HASH_CHUNK)
         while chunk := pending.result():
             pending = reader.submit(fh.read, _HASH_CHUNK)
             digest.update(chunk)
-            progress.advance(len(chunk) / _MIB)
+            progress.advance(len(chunk) / MIB)
     return digest.hexdigest()
 
 
