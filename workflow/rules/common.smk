@@ -7,13 +7,13 @@ from snakemake.exceptions import IncompleteCheckpointException
 from snakemake.logging import logger
 
 from moeforge import resources as job_resources
+from moeforge.check.summary import eval_label, smoke_label
 from moeforge.errors import MoeforgeError
 from moeforge.io.lockfile import sources_state
 from moeforge.io.names import relative_file_problem
 from moeforge.io.published import RECIPE_FILES
 from moeforge.io.refs import parse_ref
 from moeforge.io.source_content import refresh_source_content
-from moeforge.check.summary import eval_label, smoke_label
 from moeforge.plan.lock_merge import merge_from_lock
 from moeforge.plan.merges import merges_to_build
 from moeforge.plan.plan_json import read_plan
