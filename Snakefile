@@ -44,6 +44,7 @@ include: "workflow/rules/gguf.smk"
 include: "workflow/rules/verify.smk"
 include: "workflow/rules/reproduce.smk"
 include: "workflow/rules/eval.smk"
+include: "workflow/rules/search.smk"
 
 
 # A model not fetched yet whose local path does not exist (or is one typo away from one) is refused now, so a
@@ -71,3 +72,4 @@ rule all:
         expand("results/{merge}/smoke/report.json", merge=MERGES),
         expand("results/{merge}/reproduce/report.json", merge=REBUILDS),
         expand("results/{merge}/eval/report.json", merge=EVAL_BY_DEFAULT),
+        expand("results/search/{name}/ranking.json", name=SEARCHES),
