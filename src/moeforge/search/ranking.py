@@ -29,6 +29,7 @@ def rank(record: Mapping[str, Any], reports: Mapping[str, Mapping[str, Any]],
         report = reports[merge]
         value = metric.read(report)
         rows.append({
+            "rank": 0,
             "merge": merge,
             "settings": candidate["settings"],
             "metric": report_number(value),
