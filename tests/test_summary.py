@@ -52,3 +52,12 @@ def test_reports_name_paths_without_the_machines_directories(tmp_path, monkeypat
     packaged = Path(moeforge.__file__).parent / "data" / "domains" / "code" / "heldout.txt"
     assert shown_path(packaged) == "moeforge/data/domains/code/heldout.txt"
     assert shown_path("/srv/models/llama") == "…/models/llama"
+
+
+def test_a_search_is_one_line_with_its_best_candidate(tmp_path):
+    results = tmp_path / "results"
+    write(results / "search" / "s" / "ranking.json",
+          {"metric": {"name": "worst_moe_ratio"}, "candidates": [{"merge": "s-k2", "metric": 1.1}, {"merge": "s-k1"}]})
+    lines = run_summary([], results, searches=["s", "unranked"]).splitlines()
+    assert lines[1] == f"search s: best s-k2 (worst_moe_ratio 1.1) of 2 candidates  [{results}/search/s/ranking.md]"
+    assert lines[2] == "search unranked: not ranked (its candidates are not all evaluated)"
