@@ -12,8 +12,10 @@ import pytest
 import yaml
 
 from moeforge.errors import RecipeError
+from moeforge.search.figure import plot_ranking
 from moeforge.search.grid import expand_search, searches_to_build
 from moeforge.search.metrics import METRICS
+from moeforge.search.ranking import rank
 
 REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
@@ -108,6 +110,26 @@ def test_the_config_schema_names_every_metric():
     schema = yaml.safe_load((REPO / "src/moeforge/schemas/config.schema.yaml").read_text())
     described = schema["properties"]["searches"]["additionalProperties"]["properties"]["metric"]["description"]
     assert all(name in described for name in METRICS)
+
+
+def _report(ratios: dict[str, float | None]) -> dict:
+    return {"oracle": {d: {"moe_ratio": r} for d, r in ratios.items()},
+            "perplexity": {"moe": {d: 2.0 for d in ratios}}}
+
+
+def test_ties_rank_by_name_and_a_non_finite_number_ranks_last(tmp_path):
+    record = {"search": "s", "metric": "worst_moe_ratio", "start": {"recipe": "r.yaml"}, "grid": {"seed": [1, 2, 3]},
+              "candidates": [{"merge": m, "settings": {}} for m in ("s-c", "s-b", "s-a", "s-d")]}
+    reports = {"s-c": _report({"x": 1.2, "y": 1.1}), "s-b": _report({"x": 1.0, "y": 1.2}),
+               "s-a": _report({"x": None, "y": 1.0}), "s-d": _report({"x": 1.3, "y": 1.0})}
+    ranking = rank(record, reports, {m: {"passed": True} for m in reports})
+    assert [(row["merge"], row["metric"]) for row in ranking["candidates"]] == [
+        ("s-b", 1.2), ("s-c", 1.2), ("s-d", 1.3), ("s-a", None)]
+    assert ranking["best"] == "s-b" and [row["rank"] for row in ranking["candidates"]] == [1, 2, 3, 4]
+    plot_ranking(ranking, tmp_path / "ranking.png")  # a null number is drawn as a gap
+    assert (tmp_path / "ranking.png").read_bytes()[:4] == b"\x89PNG"
+    record["metric"] = "mean_moe_ratio"
+    assert rank(record, reports, {m: {} for m in reports})["best"] == "s-b"
 
 
 def search_workdir(wd: Path, grid: dict, metric: str | None = None) -> Path:
