@@ -4,6 +4,7 @@
 #   snakemake --cores 8 --configfile my.yaml              the merges listed in my.yaml
 #                                                         (recipe: a YAML recipe, lock: a build to rerun,
 #                                                          or published: a published merge to rebuild)
+#   snakemake search --cores 8 --configfile my.yaml       the searches in my.yaml (docs/search.md)
 # Targets go before --configfile/--config, which take several values.
 import os
 import sys
