@@ -66,3 +66,12 @@ def test_figure_labels_give_the_verdict_and_its_numbers(tmp_path):
     assert eval_label(tmp_path / "eval.json") == (
         "worst domain math: MoE perplexity 1.210x the best dense expert's (2 domain(s))")
     assert smoke_label(tmp_path / "missing.json") == "no report"
+
+
+def test_a_search_is_one_line_with_its_best_candidate(tmp_path):
+    results = tmp_path / "results"
+    write(results / "search" / "s" / "ranking.json",
+          {"metric": {"name": "worst_moe_ratio"}, "candidates": [{"merge": "s-k2", "metric": 1.1}, {"merge": "s-k1"}]})
+    lines = run_summary([], results, searches=["s", "unranked"]).splitlines()
+    assert lines[1] == f"search s: best s-k2 (worst_moe_ratio 1.1) of 2 candidates  [{results}/search/s/ranking.md]"
+    assert lines[2] == "search unranked: not ranked (its candidates are not all evaluated)"

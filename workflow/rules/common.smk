@@ -20,6 +20,7 @@ from moeforge.plan.plan_json import read_plan
 from moeforge.plan.published_merge import merge_from_published
 from moeforge.plan.recipe import load_recipe
 from moeforge.plan.table import ROUTERS_SHARD
+from moeforge.search.grid import searches_to_build
 
 
 def _load_recipes():
@@ -44,6 +45,15 @@ REBUILDS = {**LOCKS, **PUBLISHED}
 for _merge in REBUILDS:
     MERGE_TABLE[_merge] = {**MERGE_TABLE[_merge], "recipe": f"results/{_merge}/reproduce/recipe.yaml"}
 RECIPES = _load_recipes()
+# Searches: each candidate is a merge of its own, whose recipe the search_recipe rule writes out.
+try:
+    SEARCHES = searches_to_build(config, set(MERGE_TABLE))
+except MoeforgeError as exc:
+    raise WorkflowError(f"moeforge: {exc}") from None
+CANDIDATES = {c.name: c for search in SEARCHES.values() for c in search.candidates}
+for _name, _candidate in CANDIDATES.items():
+    MERGE_TABLE[_name] = {"recipe": f"results/{_name}/search/recipe.yaml"}
+    RECIPES[_name] = _candidate.recipe
 MERGES = list(RECIPES)
 REFS = {parse_ref(ref).slug: ref for r in RECIPES.values() for ref in r.source_models}
 DEMO_ROOT = "resources/demo"

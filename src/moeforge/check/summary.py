@@ -94,7 +94,19 @@ def merge_summary(merge: str, results: Path = Path("results")) -> list[str]:
     return lines
 
 
-def run_summary(merges: Sequence[str], results: Path = Path("results")) -> str:
-    """The whole summary, one block per merge."""
-    blocks = ["\n".join(merge_summary(m, results)) for m in merges]
+def search_summary(search: str, results: Path = Path("results")) -> str:
+    """One line for a search: its best candidate by its metric, and where the ranking is."""
+    path = results / "search" / search / "ranking.json"
+    ranking = _read(path)
+    if ranking is None or not ranking.get("candidates"):
+        return f"search {search}: not ranked (its candidates are not all evaluated)"
+    best = ranking["candidates"][0]
+    metric = (ranking.get("metric") or {}).get("name", "metric")
+    return (f"search {search}: best {best.get('merge')} ({metric} {best.get('metric')}) of "
+            f"{len(ranking['candidates'])} candidates  [{path.with_suffix('.md')}]")
+
+
+def run_summary(merges: Sequence[str], results: Path = Path("results"), searches: Sequence[str] = ()) -> str:
+    """The whole summary, one block per merge, then one line per search."""
+    blocks = ["\n".join(merge_summary(m, results)) for m in merges] + [search_summary(s, results) for s in searches]
     return "moeforge summary (paths relative to the working directory):\n" + "\n".join(blocks)
