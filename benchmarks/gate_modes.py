@@ -109,7 +109,7 @@ def train_routers(work: Path, source: Path, steps: int) -> Path:
         for name, parameter in model.named_parameters():
             parameter.requires_grad_(name.endswith(ROUTER_PARAMETER))
         train(model, [tokens[d] for d in DOMAINS], steps, plan.finetune_lr, plan, model.config.bos_token_id,
-              plan.seed)
+              plan.seed, "training the routers")
         model.save_pretrained(str(out))
     for name in TOKENIZER_FILES:
         shutil.copyfile(source / name, out / name)
