@@ -19,8 +19,8 @@ from moeforge.plan.merges import merges_to_build
 from moeforge.plan.plan_json import read_plan
 from moeforge.plan.published_merge import merge_from_published
 from moeforge.plan.recipe import load_recipe
-from moeforge.plan.shard_keys import KEY_PATTERN, shard_of_key
-from moeforge.plan.table import ROUTERS_SHARD
+from moeforge.plan.shard_keys import KEY_PATTERN, shard_of_key, sources_read
+from moeforge.plan.table import ROUTERS_SHARD, read_rows
 from moeforge.search.grid import searches_to_build
 
 
@@ -109,13 +109,9 @@ def meta_dirs(wildcards):
     return [f"resources/models/{s}/meta" for s in merge_slugs(wildcards)]
 
 
-def weight_records_of(merge):
-    """A merge's fetch_weights records of its models: where each one's weights are, sizes and sha256."""
-    return [f"results/{merge}/weights/{slug(ref)}.json" for ref in RECIPES[merge].source_models]
-
-
 def weight_records(wildcards):
-    return weight_records_of(wildcards.merge)
+    """This merge's fetch_weights records of its models: where each one's weights are, sizes and sha256."""
+    return [f"results/{wildcards.merge}/weights/{s}.json" for s in merge_slugs(wildcards)]
 
 
 def verify_inputs(wildcards):
@@ -241,8 +237,8 @@ def all_shard_digests(wildcards):
 
 
 def shard_provider(wildcards):
-    """The merge whose plan rows and fetched weights make a keyed shard: the first merge (in the config's order)
-    that needs it, so the choice does not depend on which plans happen to be written already."""
+    """The merge whose plan gives a keyed shard its rows: the first merge (in the config's order) that needs it,
+    so the choice does not depend on which plans happen to be written already."""
     for merge in MERGES:
         if wildcards.key in plan_of(merge).shard_keys.values():
             return merge
@@ -252,6 +248,27 @@ def shard_provider(wildcards):
     )
 
 
+def shard_rows(wildcards):
+    """A keyed shard's plan rows, passed to its job as a parameter: its inputs are then no merge's files, so a
+    run with other merges that need it (another config) finds it as it left it (the same rows, the same inputs)."""
+    return read_rows(Path(f"results/{shard_provider(wildcards)}/plan.tensors.tsv"), shard_of_key(wildcards.key))
+
+
+def shard_weight_records(wildcards):
+    """Where the sources a keyed shard reads are: a local model's located record (every merge's), a Hub model's
+    weights as the first merge that needs them fetched them (downloaded, on the submit host)."""
+    merge = shard_provider(wildcards)
+    plan = plan_of(merge)
+    return [
+        (
+            f"resources/models/{s}/weights.json"
+            if plan.sources[s].kind == "local"
+            else f"results/{merge}/weights/{s}.json"
+        )
+        for s in sources_read(shard_rows(wildcards))
+    ]
+
+
 def _plan_beside(path):
     """plan.json next to a rule input, or None before the validate checkpoint has run (dry runs)."""
     plan = Path(path).with_name("plan.json")
@@ -259,7 +276,8 @@ def _plan_beside(path):
 
 
 def shard_mem_mb(wildcards, input, attempt):
-    return job_resources.shard_mem_mb(_plan_beside(input.plan), shard_of_key(wildcards.key)) * attempt
+    plan = _plan_beside(f"results/{shard_provider(wildcards)}/plan.json")
+    return job_resources.shard_mem_mb(plan, shard_of_key(wildcards.key)) * attempt
 
 
 def routers_mem_mb(wildcards, input, attempt):

@@ -5,11 +5,8 @@
 
 rule shard:
     input:
-        # The plan rows and fetched weights of the first merge that needs the shard (shard_provider); plan.json
-        # sizes the job's memory request (shard_mem_mb).
-        plan=lambda wc: f"results/{shard_provider(wc)}/plan.json",
-        tensors=lambda wc: f"results/{shard_provider(wc)}/plan.tensors.tsv",
-        weights=lambda wc: weight_records_of(shard_provider(wc)),
+        # Where its sources' weights are; its plan rows are a parameter (shard_rows).
+        weights=shard_weight_records,
     output:
         # Removed once every merge that links it is assembled.
         shard=temp("results/shards/{key}.safetensors"),
@@ -22,7 +19,7 @@ rule shard:
         mem_mb=shard_mem_mb,
         runtime=60,
     params:
-        shard=lambda wc: shard_of_key(wc.key),
+        rows=shard_rows,
     script:
         "../scripts/shard.py"
 

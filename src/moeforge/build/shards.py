@@ -182,6 +182,13 @@ def write_shard(rows: list[dict[str, str]], weight_dirs: Mapping[str, Path], gat
 def shard_step(plan_tsv: Path, shard: str, weight_records: list[Path], gates_path: Path | None, out: Path,
                out_digest: Path) -> str:
     """The shard step: one shard file and its sha256 beside it."""
-    digest = write_shard(read_rows(plan_tsv, shard), weight_dirs_from(weight_records), gates_path, out)
+    return rows_step(read_rows(plan_tsv, shard), weight_records, gates_path, out, out_digest)
+
+
+def rows_step(rows: list[dict[str, str]], weight_records: list[Path], gates_path: Path | None, out: Path,
+              out_digest: Path) -> str:
+    """The shard step from its plan rows as given: a shard keyed by what it holds gets them from the workflow,
+    not from one merge's plan.tensors.tsv, so no merge's files are its inputs."""
+    digest = write_shard(rows, weight_dirs_from(weight_records), gates_path, out)
     write_text(out_digest, digest + "\n")
     return digest

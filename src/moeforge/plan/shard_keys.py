@@ -16,7 +16,14 @@ import io
 import json
 from typing import Mapping
 
-from moeforge.plan.table import PLAN_COLUMNS, ROUTERS_SHARD, parse_scale_ref, scale_ref
+from moeforge.plan.table import (
+    GATES_SOURCE,
+    PLAN_COLUMNS,
+    ROUTERS_SHARD,
+    ZEROS_SOURCE,
+    parse_scale_ref,
+    scale_ref,
+)
 
 #: A shard key: the shard's name, then 16 hex digits of the hash (64 bits: no collision among the shards of
 #: any set of merges).
@@ -49,3 +56,10 @@ def shard_keys(table: str, content_ids: Mapping[str, str]) -> dict[str, str]:
 def shard_of_key(key: str) -> str:
     """The shard name a key starts with (``layers-0-3`` of ``layers-0-3-<hash>``)."""
     return key.rsplit("-", 1)[0]
+
+
+def sources_read(rows: list[dict[str, str]]) -> list[str]:
+    """The source slugs a shard's rows read, the base named by an expert row's scale check included."""
+    slugs = {row["source"] for row in rows if row["source"] not in (ZEROS_SOURCE, GATES_SOURCE)}
+    slugs |= {ref[0] for row in rows if (ref := parse_scale_ref(row["scale_ref"])) is not None}
+    return sorted(slugs)
