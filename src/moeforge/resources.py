@@ -106,3 +106,17 @@ def reproduce_mem_mb(plan: Plan | None) -> int:
         return 1000
     largest = max(plan.shard_bytes["globals"], plan.layer_bytes / max(1, plan.num_experts))
     return int(1000 + 2.5 * largest / MIB)
+
+
+def train_mem_mb(plan: Plan | None) -> int:
+    """Router training: ``layerwise`` streams like the gates and holds its windows' activations (hidden states,
+    the captured router inputs and their float32 copy: 4 x tokens x hidden); ``end_to_end`` holds the whole model
+    in float32 (the job refuses itself, with the numbers, when its budget is smaller)."""
+    if not plan or plan.recipe.router_training is None:
+        return layer_mem_mb(plan)
+    settings = plan.recipe.router_training
+    groups = len(plan.recipe.gate_groups())
+    activations = 4 * 4 * settings.tokens_per_expert * groups * plan.hidden_size
+    if settings.method == "end_to_end":
+        return whole_model_mb(plan.total_bytes * 4 // ITEMSIZE[plan.dtype_out]) + int(activations / MIB)
+    return layer_mem_mb(plan) + int(activations / MIB)

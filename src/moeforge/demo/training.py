@@ -78,13 +78,15 @@ def sample_batch(streams: list[torch.Tensor], plan: TrainingPlan, bos_id: int,
 
 
 def train(model: torch.nn.Module, streams: list[torch.Tensor], steps: int, lr: float, plan: TrainingPlan,
-          bos_id: int, seed: int) -> None:
-    """Next-token training of the parameters that require gradients, with AdamW and a linear decay."""
+          bos_id: int, seed: int) -> list[float]:
+    """Next-token training of the parameters that require gradients, with AdamW and a linear decay; the loss
+    at every step."""
     generator = torch.Generator().manual_seed(seed)
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / steps)
     model.train()
+    losses = []
     for _ in range(steps):
         ids = sample_batch(streams, plan, bos_id, generator)
         loss = model(input_ids=ids, labels=ids).loss
@@ -93,7 +95,9 @@ def train(model: torch.nn.Module, streams: list[torch.Tensor], steps: int, lr: f
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
         schedule.step()
+        losses.append(float(loss))
     model.eval()
+    return losses
 
 
 def pretrain(model: torch.nn.Module, tokens: dict[str, torch.Tensor], plan: TrainingPlan, bos_id: int) -> None:
