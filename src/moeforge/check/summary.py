@@ -62,8 +62,8 @@ def _reproduce(report: dict[str, Any]) -> str:
 
 #: (label, report under results/<merge>/, how its verdict reads)
 CHECKS: tuple[tuple[str, str, Callable[[dict[str, Any]], str]], ...] = (
-    ("routers", "routers/report.json", _routers),
     ("smoke test", "smoke/report.json", _smoke),
+    ("routers", "routers/report.json", _routers),
     ("evaluation", "eval/report.json", _eval),
     ("gguf", "gguf/report.json", _gguf),
     ("reproduce", "reproduce/report.json", _reproduce),

@@ -95,7 +95,7 @@ def train(model: torch.nn.Module, streams: list[torch.Tensor], steps: int, lr: f
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
         schedule.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     model.eval()
     return losses
 

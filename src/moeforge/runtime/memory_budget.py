@@ -175,6 +175,19 @@ def whole_model_mb(weight_bytes: int) -> int:
     return int(2000 + 1.1 * weight_bytes / MIB)
 
 
+#: Bytes of activations kept for the backward pass, per token, per decoder layer and hidden unit (float32
+#: attention and MLP intermediates, the experts' outputs); a generous bound, as a kill is worse than a refusal.
+_TRAINING_ACTIVATION_BYTES = 4 * 24
+
+
+def end_to_end_training_bytes(float32_weight_bytes: int, hidden_size: int, num_layers: int, vocab_size: int,
+                              batch_tokens: int) -> int:
+    """Memory to train the routers through the whole model: its weights in float32, loaded as the smoke test
+    loads them (``whole_model_mb``), and one batch's activations and logits kept for the backward pass."""
+    activations = batch_tokens * (_TRAINING_ACTIVATION_BYTES * hidden_size * num_layers + 3 * 4 * vocab_size)
+    return whole_model_mb(float32_weight_bytes) * MIB + activations
+
+
 def peak_rss() -> int:
     """This process's peak resident set size so far, in bytes."""
     import resource  # Unix only; the workflow imports this module at parse time

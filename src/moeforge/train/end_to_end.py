@@ -18,23 +18,16 @@ from moeforge.demo.training import TrainingPlan, train
 from moeforge.errors import ModelError
 from moeforge.plan.recipe import RouterTraining
 from moeforge.runtime.layerwise import CheckpointTensors, router_of, shared_gate_of, whole_model_of
-from moeforge.runtime.memory_budget import MIB, gib, memory_budget, whole_model_mb
+from moeforge.runtime.memory_budget import end_to_end_training_bytes, gib, memory_budget
 from moeforge.train.layerwise import accuracy
 from moeforge.train.texts import TrainingWindows
 
-#: Bytes of activations kept for the backward pass, per token, per decoder layer and hidden unit (float32
-#: attention and MLP intermediates, the experts' outputs); a generous bound, as a kill is worse than a refusal.
-_ACTIVATION_BYTES = 4 * 24
-
 
 def needed_bytes(store: CheckpointTensors, config: Any, settings: RouterTraining) -> int:
-    """Memory to train the routers through the whole model: its weights in float32, loaded as the smoke test
-    loads them, and one batch's activations and logits kept for the backward pass."""
+    """Memory to train the routers through the whole model (``end_to_end_training_bytes``)."""
     weights = sum(4 * math.prod(entry.shape) for entry in store.entries().values())
-    tokens = settings.batch_size * settings.seq_len
-    activations = tokens * (_ACTIVATION_BYTES * config.hidden_size * config.num_hidden_layers
-                            + 3 * 4 * config.vocab_size)
-    return whole_model_mb(weights) * MIB + activations
+    return end_to_end_training_bytes(weights, config.hidden_size, config.num_hidden_layers, config.vocab_size,
+                                     settings.batch_size * settings.seq_len)
 
 
 def check_memory(store: CheckpointTensors, config: Any, settings: RouterTraining, job_mem_mb: int | None) -> None:

@@ -36,7 +36,7 @@ def _fit(weight: torch.Tensor, features: torch.Tensor, target: torch.Tensor, set
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return trained.detach(), losses
 
 
