@@ -42,8 +42,12 @@ class ExpertSpec:
     train_texts: tuple[str, ...] = ()
 
 
-#: How routers are trained when a recipe asks for it; each default is what ``router_training: {}`` resolves to.
-ROUTER_TRAINING_METHODS = ("layerwise", "end_to_end")
+#: Per-method defaults of the settings the recipe leaves unset: ``layerwise`` converges in a few hundred
+#: full-batch steps per layer (its loss moves by under 5% after step 100 on the demo) and holds its tokens'
+#: router inputs, so it reads fewer; ``end_to_end`` takes one small batch per step and streams its tokens, and
+#: gains from more of both (docs/training.md has the measurements).
+METHOD_DEFAULTS = {"layerwise": {"steps": 200, "tokens_per_expert": 8192},
+                   "end_to_end": {"steps": 800, "tokens_per_expert": 65536}}
 
 
 @dataclass(frozen=True)
@@ -51,7 +55,8 @@ class RouterTraining:
     """moeforge's ``router_training:`` settings, every default explicit (docs/recipe.md says what each does).
 
     ``steps`` and ``learning_rate`` are per layer for ``layerwise`` (full-batch steps on the layer's router
-    inputs) and for the whole model for ``end_to_end`` (one batch of ``batch_size`` windows per step).
+    inputs) and for the whole model for ``end_to_end`` (one batch of ``batch_size`` windows per step), so an
+    unset ``steps`` and ``tokens_per_expert`` default per method (``METHOD_DEFAULTS``).
     ``tokens_per_expert`` bounds what is read of each expert's texts; a ``heldout_fraction`` of its windows
     is kept out of training to measure routing accuracy.
     """
@@ -236,7 +241,9 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
         kwargs["tie_word_embeddings"] = _normalise_tie(kwargs["tie_word_embeddings"])
     kwargs = {k: v for k, v in kwargs.items() if v is not None or k in ("dtype", "router_scale")}
     if "router_training" in kwargs:
-        kwargs["router_training"] = RouterTraining(**kwargs["router_training"])
+        settings = kwargs["router_training"]
+        method = settings.get("method", RouterTraining.method)
+        kwargs["router_training"] = RouterTraining(**{**METHOD_DEFAULTS[method], **settings})
     recipe = Recipe(experts=_experts(data["experts"]), shared_experts=_experts(data.get("shared_experts") or []),
                     **kwargs)
     check_recipe(recipe, source)
