@@ -309,8 +309,9 @@ def _check_train_texts(recipe: Recipe, source: str) -> None:
 
 def _refuse_unused_train_texts(recipe: Recipe, source: str) -> None:
     """train_texts without router_training would be read by nothing: most likely router_training was forgotten."""
-    for key, i, expert in [("experts", i, e) for i, e in enumerate(recipe.experts)] + \
-            [("shared_experts", i, e) for i, e in enumerate(recipe.shared_experts)]:
+    experts = [("experts", i, e) for i, e in enumerate(recipe.experts)]
+    experts += [("shared_experts", i, e) for i, e in enumerate(recipe.shared_experts)]
+    for key, i, expert in experts:
         if expert.train_texts:
             raise RecipeError(f"{expert.name!r} has train_texts, but the recipe has no router_training to read them",
                               f"{source}: {key}[{i}] ({expert.name})",
