@@ -66,19 +66,22 @@ def domain_tokens(tokenizer_dir: Path) -> dict[str, torch.Tensor]:
     return {d: torch.tensor(tokenizer.encode(domain_text(d, "train")).ids, dtype=torch.long) for d in DOMAINS}
 
 
-def sample_batch(streams: list[torch.Tensor], plan: TrainingPlan, bos_id: int,
+def sample_batch(streams: list[torch.Tensor], plan: TrainingPlan, bos_id: int | None,
                  generator: torch.Generator) -> torch.Tensor:
-    """``batch_size`` windows, each from a stream chosen at random, at a random offset, after a bos."""
+    """``batch_size`` windows, each from a stream chosen at random, at a random offset, after a bos (for a
+    tokenizer that has one: Qwen's has none)."""
+    prefix = torch.tensor([] if bos_id is None else [bos_id], dtype=torch.long)
+    body = plan.seq_len - len(prefix)
     rows = []
     for _ in range(plan.batch_size):
         stream = streams[int(torch.randint(len(streams), (1,), generator=generator))]
         start = int(torch.randint(len(stream) - plan.seq_len + 1, (1,), generator=generator))
-        rows.append(torch.cat([torch.tensor([bos_id]), stream[start:start + plan.seq_len - 1]]))
+        rows.append(torch.cat([prefix, stream[start:start + body]]))
     return torch.stack(rows)
 
 
 def train(model: torch.nn.Module, streams: list[torch.Tensor], steps: int, lr: float, plan: TrainingPlan,
-          bos_id: int, seed: int) -> list[float]:
+          bos_id: int | None, seed: int) -> list[float]:
     """Next-token training of the parameters that require gradients, with AdamW and a linear decay; the loss
     at every step."""
     generator = torch.Generator().manual_seed(seed)

@@ -72,7 +72,7 @@ def heldout_accuracy(model: torch.nn.Module, windows: TrainingWindows, num_route
 
 
 def train_end_to_end(config_dir: Path, store: CheckpointTensors, windows: TrainingWindows, settings: RouterTraining,
-                     num_routed: int, bos_id: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+                     num_routed: int, bos_id: int | None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The routers trained through the whole model; the tensors under the gates file's names and the record
     (loss per step, held-out accuracy per sparse layer before and after)."""
     model = whole_model_of(config_dir, store, settings.device, torch.float32)
@@ -81,7 +81,7 @@ def train_end_to_end(config_dir: Path, store: CheckpointTensors, windows: Traini
     for parameter in model.parameters():
         parameter.requires_grad_(id(parameter) in trainable)
     before = heldout_accuracy(model, windows, num_routed, settings.batch_size)
-    train_ids = windows.ids[~windows.heldout][:, 1:]
+    train_ids = windows.ids[~windows.heldout][:, 0 if bos_id is None else 1:]
     train_group = windows.group[~windows.heldout]
     streams = [train_ids[train_group == g].reshape(-1) for g in range(len(windows.groups))]
     plan = TrainingPlan(seed=settings.seed, seq_len=settings.seq_len, batch_size=settings.batch_size,

@@ -3,7 +3,8 @@
 Every way a text can be unusable is one message naming the expert and the file: missing, empty, not UTF-8,
 too short for one training and one held-out window, or written in another vocabulary than the base
 tokenizer's (mostly tokens that are not a whole character: unknown tokens, or the single bytes a byte-level
-tokenizer falls back to). Windows are the evaluation's: ``seq_len - 1`` tokens read after the bos token.
+tokenizer falls back to). Windows are the evaluation's: ``seq_len - 1`` tokens read after the bos token
+(``seq_len`` where the tokenizer has none); the first position, which has no context, trains nothing.
 Every ``1 / heldout_fraction``-th window is held out, spread over the text, to measure routing accuracy.
 """
 
@@ -92,9 +93,9 @@ def group_tokens(recipe: Recipe, tokenizer: Any, settings: RouterTraining, sourc
 def training_windows(recipe: Recipe, tokenizer: Any, settings: RouterTraining, source: str) -> TrainingWindows:
     """Every gate row's windows, checked: each row has at least one training and one held-out window."""
     streams, records = group_tokens(recipe, tokenizer, settings, source)
-    body = settings.seq_len - 1
+    prefix = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+    body = settings.seq_len - len(prefix)
     every = max(2, round(1 / settings.heldout_fraction))
-    bos = tokenizer.bos_token_id
     rows, groups, heldout = [], [], []
     for index, (group, stream) in enumerate(zip(recipe.gate_groups(), streams, strict=True)):
         count = len(stream) // body
@@ -105,7 +106,7 @@ def training_windows(recipe: Recipe, tokenizer: Any, settings: RouterTraining, s
                 f"{source}: {group.name}: train_texts", "give longer texts, or lower router_training.seq_len")
         for w in range(count):
             piece = stream[w * body:(w + 1) * body]
-            rows.append(([bos] if bos is not None else [stream[0]]) + piece)
+            rows.append(prefix + piece)
             groups.append(index)
             heldout.append(w % every == every - 1 or (count < every and w == count - 1))
     return TrainingWindows(torch.tensor(rows), torch.tensor(groups), torch.tensor(heldout),
