@@ -45,9 +45,10 @@ class ExpertSpec:
 #: Per-method defaults of the settings the recipe leaves unset: ``layerwise`` converges in a few hundred
 #: full-batch steps per layer (its loss moves by under 5% after step 100 on the demo) and holds its tokens'
 #: router inputs, so it reads fewer; ``end_to_end`` takes one small batch per step and streams its tokens, and
-#: gains from more of both (docs/training.md has the measurements).
-METHOD_DEFAULTS = {"layerwise": {"steps": 200, "tokens_per_expert": 8192},
-                   "end_to_end": {"steps": 800, "tokens_per_expert": 65536}}
+#: gains from more of both; ``label_smoothing`` keeps the layerwise classifier from routing text of another style
+#: more confidently than prompt routers do, and means nothing to next-token training (docs/training.md).
+METHOD_DEFAULTS = {"layerwise": {"steps": 200, "tokens_per_expert": 8192, "label_smoothing": 0.3},
+                   "end_to_end": {"steps": 800, "tokens_per_expert": 65536, "label_smoothing": 0.0}}
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,7 @@ class RouterTraining:
     method: str = "layerwise"
     steps: int = 200
     learning_rate: float = 0.01
+    label_smoothing: float = 0.3
     seed: int = 0
     tokens_per_expert: int = 8192
     seq_len: int = 64
@@ -270,6 +272,7 @@ def check_recipe(recipe: Recipe, source: str) -> None:
         _check_router_scale(recipe, source)
     if recipe.router_training is not None:
         _check_train_texts(recipe, source)
+        _check_label_smoothing(recipe.router_training, source)
     else:
         _refuse_unused_train_texts(recipe, source)
 
@@ -305,6 +308,13 @@ def _check_train_texts(recipe: Recipe, source: str) -> None:
                 f"router_training is on, but {expert.name!r} ({expert.source_model}) has no train_texts",
                 f"{source}: {key}[{i}] ({expert.name})",
                 "give every expert train_texts: [paths of UTF-8 text of its domain], or remove router_training")
+
+
+def _check_label_smoothing(settings: RouterTraining, source: str) -> None:
+    """Label smoothing is the layerwise classifier's; end_to_end trains on next-token loss, which has no labels."""
+    if settings.method == "end_to_end" and settings.label_smoothing:
+        raise RecipeError("label_smoothing applies to method layerwise, not end_to_end (next-token loss)",
+                          f"{source}: router_training.label_smoothing", "remove label_smoothing, or use layerwise")
 
 
 def _refuse_unused_train_texts(recipe: Recipe, source: str) -> None:

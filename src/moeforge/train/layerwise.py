@@ -5,8 +5,9 @@ router sees the hidden states of the MoE whose routers below ``i`` are already t
 weights are in memory, whatever the model's size; what grows with the settings is the windows' activations.
 
 The objective is a linear classifier on the router input: route each token of an expert's text to that
-expert (cross-entropy of the router logits against the text's expert), full-batch AdamW for ``steps``
-steps from the gates' rows. docs/gates.md gives the measurements it was chosen on. Qwen2-MoE's shared
+expert (cross-entropy of the router logits against the text's expert, with ``label_smoothing``), full-batch
+AdamW for ``steps`` steps from the gates' rows. docs/training.md gives the measurements it was chosen on:
+without smoothing the routers grow confident enough to do worse than prompt routers on text of another style. Qwen2-MoE's shared
 expert gate is a logistic classifier of the same inputs: its own texts against the routed experts'.
 The first position of each window (the bos token, the same for every text) is left out.
 """
@@ -28,11 +29,15 @@ def _fit(weight: torch.Tensor, features: torch.Tensor, target: torch.Tensor, set
     """``weight`` trained on (features, target) full-batch; the trained weight and the loss at every step."""
     trained = weight.detach().float().clone().requires_grad_(True)
     optimizer = torch.optim.AdamW([trained], lr=settings.learning_rate, weight_decay=0.0)
-    loss_of = torch.nn.functional.binary_cross_entropy_with_logits if binary else torch.nn.functional.cross_entropy
+    smoothing = settings.label_smoothing
     losses = []
     for _ in range(settings.steps):
         logits = features @ trained.T
-        loss = loss_of(logits[:, 0], target.float()) if binary else loss_of(logits, target)
+        if binary:
+            soft = target.float() * (1 - smoothing) + smoothing / 2
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits[:, 0], soft)
+        else:
+            loss = torch.nn.functional.cross_entropy(logits, target, label_smoothing=smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
