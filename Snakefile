@@ -4,6 +4,7 @@
 #   snakemake --cores 8 --configfile my.yaml              the merges listed in my.yaml
 #                                                         (recipe: a YAML recipe, lock: a build to rerun,
 #                                                          or published: a published merge to rebuild)
+#   snakemake search --cores 8 --configfile my.yaml       the searches in my.yaml (docs/search.md)
 # Targets go before --configfile/--config, which take several values.
 import os
 import sys
@@ -45,6 +46,7 @@ include: "workflow/rules/gguf.smk"
 include: "workflow/rules/verify.smk"
 include: "workflow/rules/reproduce.smk"
 include: "workflow/rules/eval.smk"
+include: "workflow/rules/search.smk"
 
 
 # A model not fetched yet whose local path does not exist (or is one typo away from one) is refused now, so a
@@ -57,11 +59,11 @@ except MoeforgeError as exc:
 
 # At the end of every run: where each merge's model and reports are, and one line per check.
 onsuccess:
-    print(run_summary(MERGES), file=sys.stderr)
+    print(run_summary(MERGES, searches=list(SEARCHES)), file=sys.stderr)
 
 
 onerror:
-    print(run_summary(MERGES), file=sys.stderr)
+    print(run_summary(MERGES, searches=list(SEARCHES)), file=sys.stderr)
 
 
 rule all:
@@ -72,3 +74,4 @@ rule all:
         expand("results/{merge}/smoke/report.json", merge=MERGES),
         expand("results/{merge}/reproduce/report.json", merge=REBUILDS),
         expand("results/{merge}/eval/report.json", merge=EVAL_BY_DEFAULT),
+        expand("results/search/{name}/ranking.json", name=SEARCHES),

@@ -22,7 +22,7 @@ from moeforge.io.schema import YAML_LOADER, key_path, schema_errors
 DRAFT = "https://json-schema.org/draft/2020-12/schema"
 SCHEMAS = "src/moeforge/schemas"
 #: The documents shipped with the workflow (globs under the root), by the schema each must satisfy.
-DOCUMENTS = {"config": ["config/config.yaml"], "recipe": ["config/recipes/*.yaml"]}
+DOCUMENTS = {"config": ["config/config.yaml", "config/search.yaml"], "recipe": ["config/recipes/*.yaml"]}
 REPOSITORY = Path(__file__).resolve().parents[1]
 
 

@@ -9,26 +9,41 @@ PY=${PYTHON:-.venv/bin/python}
 VERSION=$(sed -n 's/^llama-cpp-python==//p' envs/requirements-llamacpp.txt)
 DEST=$("$PY" -c "import sys; print(sys.prefix)")/share/llama.cpp-convert
 
-# While a long step runs, one line a minute says it is still working and for how long (pip -q is silent).
-heartbeat() {
-    local what=$1 start=$SECONDS
-    while sleep 60; do
-        echo "setup_llamacpp: $what: $(( (SECONDS - start) / 60 )) min so far (about 10 min on 2 cores)" >&2
+# While the build runs, a line every 30 s says how far it is: the build steps done of the total (ninja's
+# "[12/98]" lines in pip's verbose output, which goes to a log), the time so far and an estimate of the time left.
+progress() {
+    local what=$1 log=$2 start=$SECONDS steps built total spent
+    while sleep 30; do
+        spent=$((SECONDS - start))
+        steps=$(grep -o '\[[0-9]\+/[0-9]\+\]' "$log" | tail -n 1 | tr -d '[]' || true)
+        built=${steps%/*} total=${steps#*/}
+        if [ -n "$steps" ] && [ "$built" -gt 0 ]; then
+            echo "setup_llamacpp: $what: $built/$total build steps ($((100 * built / total))%), $((spent / 60)) min so far," \
+                "about $(( (spent * (total - built) / built + 59) / 60 )) min left" >&2
+        else
+            echo "setup_llamacpp: $what: $((spent / 60)) min so far (about 10 min on 2 cores)" >&2
+        fi
     done
 }
 
 # Portable CPU build (no -march=native), library only: about 10 min on 2 cores.
 if ! "$PY" -c "import llama_cpp, sys; sys.exit(llama_cpp.__version__ != '$VERSION')" 2>/dev/null; then
     echo "setup_llamacpp: building llama-cpp-python $VERSION for the CPU (about 10 min on 2 cores)" >&2
-    heartbeat "building llama-cpp-python $VERSION" &
+    build_log=$(mktemp)
+    progress "building llama-cpp-python $VERSION" "$build_log" &
     beat=$!
     trap 'kill $beat 2>/dev/null' EXIT
-    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_CUDA=OFF -DGGML_BLAS=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+    if ! CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_CUDA=OFF -DGGML_BLAS=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
 -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF" \
-    CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
-        "$PY" -m pip install -q --no-binary llama-cpp-python -r envs/requirements-llamacpp.txt
+        CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
+        "$PY" -m pip install -v --no-binary llama-cpp-python -r envs/requirements-llamacpp.txt >"$build_log" 2>&1; then
+        tail -n 40 "$build_log" >&2
+        echo "setup_llamacpp: the build failed (above: the end of its output; all of it: $build_log)" >&2
+        exit 1
+    fi
     kill $beat 2>/dev/null
     trap - EXIT
+    rm -f "$build_log"
     echo "setup_llamacpp: llama-cpp-python $VERSION built in $(( SECONDS / 60 )) min" >&2
 fi
 

@@ -6,7 +6,9 @@ Needs tests/setup_llamacpp.sh (skipped without it, except under CI). Deselect wi
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import types
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +24,7 @@ from moeforge.check.gguf import (
     convert,
     converter_dir,
     encode_prompts,
+    expected_gguf_bytes,
     gguf_stage,
     known_differences,
     reference_logits,
@@ -29,6 +32,8 @@ from moeforge.check.gguf import (
 from moeforge.check.gguf_convert import QWEN2_PATTERN, pre_tokenizer_by_definition
 from moeforge.demo.tiny_models import build_dense_model, build_preset
 from moeforge.errors import BuildError
+from moeforge.io import progress as progress_module
+from moeforge.runner import run
 from pipeline import build
 
 PROMPTS = ["The quick brown fox", "Once upon a time", "def add(a, b): return a + b", "1234 apples\nand pears"]
@@ -248,3 +253,18 @@ def test_the_converter_and_llama_cpp_talk_to_the_log_and_the_console_gets_a_line
     assert any("converted to GGUF (f16)" in line for line in console)
     if "Unknown RoPE type: default" in log:
         assert any("transformers 5 names unscaled RoPE 'default'" in line for line in console)
+
+
+@pytest.mark.gguf
+def test_conversion_reports_what_it_has_written_in_the_job_log(tmp_path, base_and_experts, llamacpp_converter,
+                                                               monkeypatch):
+    """The converter says nothing until it ends (minutes at 7B): the job reports the GGUF's size so far against
+    the size estimated from the safetensors headers, and at the end the size written."""
+    monkeypatch.setattr(progress_module, "EVERY", 0.0)
+    result = build(tmp_path, recipe(base_and_experts["base"], [base_and_experts["e0"], base_and_experts["e1"]]))
+    gguf, log = tmp_path / "model-f32.gguf", tmp_path / "gguf.log"
+    run(types.SimpleNamespace(log=[log]), lambda _: convert(result.model_dir, gguf, "f32", llamacpp_converter))
+    lines = [line.split("moeforge: ", 1)[1] for line in log.read_text().splitlines() if "GGUF conversion" in line]
+    written = gguf.stat().st_size / (1 << 20)
+    assert re.fullmatch(rf"GGUF conversion \(f32\): {written:.1f} MiB written done in \d+ s", lines[-1]), lines
+    assert 0.9 * gguf.stat().st_size < expected_gguf_bytes(result.model_dir, "f32") <= gguf.stat().st_size

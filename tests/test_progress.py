@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import logging
+import types
 
 import torch
+from transformers import AutoTokenizer
 
+from moeforge.check.smoke import scan_tensors
 from moeforge.io import progress as progress_module
+from moeforge.io.files import sha256_file
 from moeforge.io.progress import Progress, tracked
-from moeforge.runtime.layerwise import stream_sequences
+from moeforge.runner import run
+from moeforge.runtime.generation import generate_all
+from moeforge.runtime.layerwise import stream_sequences, streamed_model
 
 
 def test_a_progress_line_counts_and_estimates(monkeypatch):
@@ -40,3 +46,35 @@ def test_the_layer_streamed_engine_reports_per_layer(base_and_experts, caplog, m
     lines = [r.getMessage() for r in caplog.records]
     assert lines[0].startswith("base: layer-streamed pass: 1/") and lines[-1].startswith("base: layer-streamed pass: ")
     assert "layers done in" in lines[-1]
+
+
+def test_generation_reports_per_token_in_the_job_log(base_and_experts, tmp_path, monkeypatch):
+    """Greedy generation, a whole forward pass per new token (a streamed one here), reports the tokens so far
+    in the job's log: 2 prompts x 3 new tokens, counted for the batch at each step."""
+    monkeypatch.setattr(progress_module, "EVERY", 0.0)
+    base = base_and_experts["base"]
+    tokenizer = AutoTokenizer.from_pretrained(str(base))
+    prompts = [torch.tensor([tokenizer("The cat").input_ids]), torch.tensor([tokenizer("Two and two").input_ids])]
+    model = streamed_model(base, "cpu", torch.float32)
+    log = tmp_path / "smoke.log"
+    run(types.SimpleNamespace(log=[log]), lambda _: generate_all(model, prompts, tokenizer, [], 3, name=str(base)))
+    lines = [line.split("moeforge: ", 1)[1] for line in log.read_text().splitlines() if "greedy generation" in line]
+    assert [line.split(",")[0] for line in lines] == [
+        "base: greedy generation: 2/6 new tokens (33%)", "base: greedy generation: 4/6 new tokens (67%)",
+        "base: greedy generation: 6 new tokens done in 0 s"]
+
+
+def test_reading_a_whole_model_reports_the_mib_read(base_and_experts, tmp_path, caplog, monkeypatch):
+    """Hashing a file (verify, reproduce, a local source) and the NaN/Inf scan (verify) read every byte."""
+    caplog.set_level(logging.INFO, logger="moeforge.progress")
+    monkeypatch.setattr(progress_module, "EVERY", 0.0)
+    weights = tmp_path / "big.bin"
+    weights.write_bytes(bytes(40 << 20))
+    sha256_file(weights)
+    scan_tensors(base_and_experts["base"])
+    lines = [r.getMessage() for r in caplog.records]
+    size = (base_and_experts["base"] / "model.safetensors").stat().st_size / (1 << 20)
+    assert [line.split(",")[0] for line in lines[:2]] == [
+        "sha256 of big.bin: 16/40 MiB hashed (40%)", "sha256 of big.bin: 32/40 MiB hashed (80%)"]
+    assert lines[2].startswith("sha256 of big.bin: 40 MiB hashed done in")
+    assert lines[-1].startswith(f"base: NaN/Inf scan: {size:.1f} MiB read done in")

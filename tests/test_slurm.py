@@ -4,7 +4,7 @@ A unit test cannot show that a profile works: the SLURM executor plugin, sbatch,
 nested srun and the shared working directory only meet on a real scheduler. tests/slurm/cluster.sh
 starts one on this machine (no accounting daemon, like many small sites), and these tests build the
 demo merge through it, prove that every non-local job went through SLURM, and that the bytes equal
-a local build's.
+a local build's; and a two-candidate search, whose candidates run as parallel SLURM jobs.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -299,3 +300,41 @@ def test_grouped_shards_share_one_allocation(cluster: Cluster, local_build: Run,
     assert len(logs) == len(per_merge) + sum(PER_SOURCE_RULES.values()) + 1, logs
     assert assert_lock_matches_files(wd / MODEL) == sha256_tree(local_build.wd / STAGING)
     print(f"\ngrouped SLURM build: {run.seconds:.1f} s wall, {len(logs)} SLURM jobs")
+
+
+def jobcomp_times(state_dir: Path) -> dict[str, tuple[datetime, datetime]]:
+    """Job id -> (start, end) from slurmctld's job completion log."""
+    path = state_dir / "log" / "jobcomp.log"
+    text = path.read_text() if path.is_file() else ""
+    return {job: (datetime.fromisoformat(start), datetime.fromisoformat(end))
+            for job, start, end in re.findall(r"JobId=(\d+) .*?StartTime=(\S+) EndTime=(\S+)", text)}
+
+
+def test_a_search_runs_its_candidates_as_parallel_slurm_jobs(cluster: Cluster,
+                                                             tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Two candidates of a search: each one's compute jobs are SLURM jobs, the two candidates' jobs run at the
+    same time, and the ranking (a local job) ranks both."""
+    wd = tmp_path_factory.mktemp("search")
+    shutil.copyfile(REPO / "config" / "recipes" / "demo.yaml", wd / "demo.yaml")
+    search = {"recipe": "demo.yaml", "grid": {"experts_per_token": [1, 2]}}
+    (wd / "config.yaml").write_text(yaml.safe_dump({"searches": {"two": search}}))
+    run = snakemake(wd, ["search"], ["--executor", "slurm", "--workflow-profile", str(PROFILE), *ON_THIS_NODE,
+                                     *FAST_POLLING, "--slurm-keep-successful-logs"], env=cluster.env)
+    assert run.returncode == 0, run.log[-6000:]
+    submitted = submissions(run.log)
+    remote = {job: rule for job, (kind, rule) in jobs_in(run.log).items() if not kind.startswith("local")}
+    assert set(submitted) == set(remote), "jobs run outside SLURM or submitted twice"
+    assert "rank_search" not in remote.values() and "evaluate" in remote.values()
+    times = jobcomp_times(cluster.state_dir)
+    # The plugin names each job's log directory after its wildcard values, joined by "_".
+    per_candidate = {merge: [times[slurm_id] for slurm_id, log in submitted.values()
+                             if log.parent.name == merge or log.parent.name.startswith(f"{merge}_")]
+                     for merge in ("two-k1", "two-k2")}
+    for merge, spans in per_candidate.items():
+        # validate, gates, the shards, assemble, smoke test, evaluation: each candidate's own SLURM jobs
+        assert len(spans) >= 6, (merge, submitted)
+    assert any(a_start < b_end and b_start < a_end for a_start, a_end in per_candidate["two-k1"]
+               for b_start, b_end in per_candidate["two-k2"]), f"the candidates' jobs never overlapped: {per_candidate}"
+    ranking = json.loads((wd / "results/search/two/ranking.json").read_text())
+    assert sorted(row["merge"] for row in ranking["candidates"]) == ["two-k1", "two-k2"]
+    print(f"\nSLURM search of 2 candidates: {run.seconds:.1f} s wall, {len(submitted)} SLURM jobs")

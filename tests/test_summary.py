@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from moeforge.check.summary import run_summary
+from moeforge.check.summary import eval_label, run_summary, smoke_label
 
 
 def write(path: Path, data: dict) -> None:
@@ -52,3 +52,26 @@ def test_reports_name_paths_without_the_machines_directories(tmp_path, monkeypat
     packaged = Path(moeforge.__file__).parent / "data" / "domains" / "code" / "heldout.txt"
     assert shown_path(packaged) == "moeforge/data/domains/code/heldout.txt"
     assert shown_path("/srv/models/llama") == "…/models/llama"
+
+
+def test_figure_labels_give_the_verdict_and_its_numbers(tmp_path):
+    """`snakemake --report` labels each figure with these, read from the job's report when the page is made."""
+    write(tmp_path / "smoke.json", {"passed": True, "comparison": {"kl_mean": 0.01234, "top1_agreement": 0.974},
+                                    "warnings": ["dead expert 'x'"]})
+    write(tmp_path / "failed.json", {"passed": False, "errors": ["identity mismatch"], "comparison": None})
+    write(tmp_path / "eval.json", {"oracle": {"code": {"moe_ratio": 1.04}, "math": {"moe_ratio": 1.21}}})
+    assert smoke_label(tmp_path / "smoke.json") == (
+        "passed; mean KL(base || merged) 0.0123 nats; top-1 agreement with the base 97%; 1 warning(s)")
+    assert smoke_label(tmp_path / "failed.json") == "FAILED: identity mismatch; 0 warning(s)"
+    assert eval_label(tmp_path / "eval.json") == (
+        "worst domain math: MoE perplexity 1.210x the best dense expert's (2 domain(s))")
+    assert smoke_label(tmp_path / "missing.json") == "no report"
+
+
+def test_a_search_is_one_line_with_its_best_candidate(tmp_path):
+    results = tmp_path / "results"
+    write(results / "search" / "s" / "ranking.json",
+          {"metric": {"name": "worst_moe_ratio"}, "candidates": [{"merge": "s-k2", "metric": 1.1}, {"merge": "s-k1"}]})
+    lines = run_summary([], results, searches=["s", "unranked"]).splitlines()
+    assert lines[1] == f"search s: best s-k2 (worst_moe_ratio 1.1) of 2 candidates  [{results}/search/s/ranking.md]"
+    assert lines[2] == "search unranked: not ranked (its candidates are not all evaluated)"

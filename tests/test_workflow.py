@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -20,6 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 MODEL = "results/demo/model"
 STAGING = "results/demo/staging/model"
+UNCOUNTED_NOTE = "moeforge: demo: the step count leaves out this merge's shard jobs"
 
 
 def workdir(tmp: Path, recipe: dict | None = None) -> Path:
@@ -64,6 +66,10 @@ def test_dry_run_shows_the_dag(tmp_path):
     for rule in ("demo_models", "hash_source", "fetch_metadata", "validate", "locate_weights", "fetch_weights", "gates",
                  "translate_config", "assemble", "smoke_test", "publish"):
         assert rule in proc.stdout
+    # The shard jobs are known once validate has run; the count shown says it leaves them out, once, before it.
+    lines = proc.stdout.splitlines()
+    notes = [i for i, line in enumerate(lines) if line.startswith(UNCOUNTED_NOTE)]
+    assert len(notes) == 1 and notes[0] < lines.index("Job stats:"), proc.stdout[:3000]
 
 
 @pytest.mark.slow
@@ -75,6 +81,15 @@ def test_a_run_ends_with_a_summary_and_its_reports_hold_no_machine_paths(demo):
     for name in ("report.json", "report.md"):
         text = (demo / "results/demo/smoke" / name).read_text()
         assert str(demo) not in text and str(REPO) not in text and "/tmp/" not in text
+
+
+@pytest.mark.slow
+def test_the_step_count_grows_by_the_shard_jobs_it_said_it_left_out(demo):
+    text = (demo / "first-run.stderr").read_text()
+    assert text.count(UNCOUNTED_NOTE) == 1
+    totals = [int(total) for total in re.findall(r"^\d+ of (\d+) steps", text, re.MULTILINE)]
+    shards = json.loads((demo / "results/demo/plan.json").read_text())["shards"]
+    assert totals[-1] == totals[0] + len(shards), totals
 
 
 @pytest.mark.slow
@@ -259,6 +274,9 @@ def test_html_report_holds_the_plots(demo, tmp_path):
         encoded = base64.b64encode((demo / "results/demo/smoke" / png).read_bytes()).decode()
         assert encoded[:2000] in html, f"{png} is not embedded in the report"
     assert "Share of tokens each expert receives" in html
+    # Each figure's verdict label holds this run's verdict and numbers, read from its report.
+    report = json.loads((demo / "results/demo/smoke/report.json").read_text())
+    assert f"passed; mean KL(base || merged) {report['comparison']['kl_mean']:.3g} nats" in html
 
 
 @pytest.mark.slow

@@ -3,9 +3,11 @@ import json
 import os
 import re
 
+from snakemake.exceptions import IncompleteCheckpointException
 from snakemake.logging import logger
 
 from moeforge import resources as job_resources
+from moeforge.check.summary import eval_label, smoke_label
 from moeforge.errors import MoeforgeError
 from moeforge.io.lockfile import sources_state
 from moeforge.io.names import relative_file_problem
@@ -18,6 +20,7 @@ from moeforge.plan.plan_json import read_plan
 from moeforge.plan.published_merge import merge_from_published
 from moeforge.plan.recipe import load_recipe
 from moeforge.plan.table import ROUTERS_SHARD
+from moeforge.search.grid import searches_to_build
 
 
 def _load_recipes():
@@ -42,6 +45,15 @@ REBUILDS = {**LOCKS, **PUBLISHED}
 for _merge in REBUILDS:
     MERGE_TABLE[_merge] = {**MERGE_TABLE[_merge], "recipe": f"results/{_merge}/reproduce/recipe.yaml"}
 RECIPES = _load_recipes()
+# Searches: each candidate is a merge of its own, whose recipe the search_recipe rule writes out.
+try:
+    SEARCHES = searches_to_build(config, set(MERGE_TABLE))
+except MoeforgeError as exc:
+    raise WorkflowError(f"moeforge: {exc}") from None
+CANDIDATES = {c.name: c for search in SEARCHES.values() for c in search.candidates}
+for _name, _candidate in CANDIDATES.items():
+    MERGE_TABLE[_name] = {"recipe": f"results/{_name}/search/recipe.yaml"}
+    RECIPES[_name] = _candidate.recipe
 MERGES = list(RECIPES)
 REFS = {parse_ref(ref).slug: ref for r in RECIPES.values() for ref in r.source_models}
 DEMO_ROOT = "resources/demo"
@@ -191,9 +203,27 @@ def merge_title(wildcards):
     return LOCKS[wildcards.merge].name if wildcards.merge in LOCKS else wildcards.merge
 
 
+# Merges whose uncounted shard jobs the run has already mentioned.
+_UNCOUNTED = set()
+
+
 def plan_of(merge):
-    """plan.json of a merge, available once the validate checkpoint has run."""
-    return read_plan(Path(checkpoints.validate.get(merge=merge).output.plan))
+    """plan.json of a merge, available once the validate checkpoint has run.
+
+    Until then Snakemake can count none of the merge's shard jobs (how many depends on the models' layers
+    and sizes, which validate reads), so the step count it shows grows by them once validate has run: the run
+    says so once, as the count is first shown, so a dry run's count and a growing one surprise no one."""
+    try:
+        return read_plan(Path(checkpoints.validate.get(merge=merge).output.plan))
+    except IncompleteCheckpointException:
+        if merge not in _UNCOUNTED:
+            _UNCOUNTED.add(merge)
+            logger.info(
+                f"moeforge: {merge}: the step count leaves out this merge's shard jobs (3 or more: the globals, the "
+                "routers, one per run of decoder layers); validate names them once it has read the models, and "
+                "the count grows by them then"
+            )
+        raise
 
 
 def all_shards(wildcards):
@@ -248,3 +278,13 @@ def train_mem_mb(wildcards, input, attempt):
 
 def layer_mem_mb(wildcards, input, attempt):
     return job_resources.layer_mem_mb(_plan_beside(input.plan)) * attempt
+
+
+def figure_labels(figure, verdict):
+    """A figure's labels in `snakemake --report`, which calls this with the job's output when it makes the page
+    (after the run): the merge, the figure, and ``verdict`` (moeforge.check.summary) of the job's report."""
+
+    def labels(wildcards, output):
+        return {"merge": wildcards.merge, "figure": figure, "verdict": verdict(Path(output.json))}
+
+    return labels

@@ -23,7 +23,7 @@ rule evaluate:
             "results/{merge}/eval/perplexity.png",
             caption="../report/evaluation.rst",
             category="{merge}",
-            labels={"merge": "{merge}", "figure": "perplexity per domain"},
+            labels=figure_labels("perplexity per domain", eval_label),
         ),
     log:
         "logs/{merge}/eval.log",

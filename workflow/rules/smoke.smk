@@ -16,13 +16,13 @@ rule smoke_test:
             "results/{merge}/smoke/expert_load.png",
             caption="../report/expert_load.rst",
             category="{merge}",
-            labels={"merge": "{merge}", "figure": "expert load"},
+            labels=figure_labels("expert load", smoke_label),
         ),
         similarity=report(
             "results/{merge}/smoke/gate_similarity.png",
             caption="../report/gate_similarity.rst",
             category="{merge}",
-            labels={"merge": "{merge}", "figure": "gate similarity"},
+            labels=figure_labels("gate similarity", smoke_label),
         ),
     log:
         log="logs/{merge}/smoke_test.log",

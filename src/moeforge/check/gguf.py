@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import shutil
 import subprocess
@@ -27,10 +28,13 @@ from typing import IO, Any, Iterator, Mapping, Sequence
 from moeforge.check.gguf_convert import UNKNOWN_TOKENIZER, UNSUPPORTED
 from moeforge.errors import BuildError
 from moeforge.io.files import atomic_path, sha256_file, write_json, write_text
+from moeforge.io.progress import Progress
+from moeforge.io.safetensors_file import read_header
 from moeforge.numbers import fmt, report_number
 from moeforge.plan.params import rope_of, sliding_window_of
 from moeforge.plan.plan_json import Plan, read_plan
 from moeforge.runner import LOG_ONLY
+from moeforge.runtime.memory_budget import MIB
 
 _log = logging.getLogger("moeforge.gguf")
 
@@ -99,7 +103,7 @@ def converter_version(converter: Path) -> str:
 
 def gguf_mem_mb(plan: Plan | None) -> int:
     """The f32 GGUF, which llama.cpp maps and reads whole, plus one transformers layer in float32."""
-    from moeforge.resources import ITEMSIZE, MIB, layer_mem_mb
+    from moeforge.resources import ITEMSIZE, layer_mem_mb
 
     if not plan:
         return 2000
@@ -117,11 +121,11 @@ def convert(model_dir: Path, outfile: Path, outtype: str, converter: Path) -> fl
     The file appears complete or not at all. The converter's output goes to the log.
     """
     started = time.monotonic()
+    progress = Progress(f"GGUF conversion ({outtype})", expected_gguf_bytes(model_dir, outtype) / MIB, "MiB written")
     with atomic_path(outfile) as tmp:
-        proc = subprocess.run(
+        proc = _run_reporting_size(
             [sys.executable, "-m", "moeforge.check.gguf_convert", str(converter), str(model_dir),
-             "--outtype", outtype, "--outfile", str(tmp)],
-            capture_output=True, text=True, stdin=subprocess.DEVNULL, check=False)
+             "--outtype", outtype, "--outfile", str(tmp)], Path(tmp), progress)
         logging.getLogger(LOG_ONLY).info("llama.cpp converter (%s, %s):\n%s", converter_version(converter), outtype,
                                          proc.stderr.strip())
         if proc.returncode:
@@ -131,6 +135,34 @@ def convert(model_dir: Path, outfile: Path, outtype: str, converter: Path) -> fl
     _log.info("converted to GGUF (%s) in %.1f s with llama.cpp's converter (%s); its output is in the log",
               outtype, seconds, converter_version(converter))
     return seconds
+
+
+def expected_gguf_bytes(model_dir: Path, outtype: str) -> int:
+    """About the size of the converter's GGUF, from the safetensors headers: every tensor in ``outtype``, but
+    vectors (norms, biases), which it keeps in float32. Metadata and the routers it keeps in float32 are left
+    out: an estimate, for the time left."""
+    itemsize = 4 if outtype == "f32" else 2
+    return sum(math.prod(entry.shape) * (4 if len(entry.shape) <= 1 else itemsize)
+               for path in sorted(model_dir.glob("*.safetensors")) for entry in read_header(path)[1].values())
+
+
+def _run_reporting_size(cmd: list[str], out: Path, progress: Progress) -> subprocess.CompletedProcess:
+    """Run the converter, its output captured; while it runs (minutes at 7B, silently), advance ``progress``
+    to the size ``out`` has reached, held under the estimated total until the converter has succeeded; the
+    last line gives the size written."""
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          stdin=subprocess.DEVNULL) as proc:
+        while True:
+            try:
+                stdout, stderr = proc.communicate(timeout=1)
+                break
+            except subprocess.TimeoutExpired:  # retrying communicate loses no output
+                written = out.stat().st_size / MIB if out.exists() else 0.0
+                progress.advance(min(written, 0.99 * progress.total) - progress.done)
+    if proc.returncode == 0:
+        progress.total = out.stat().st_size / MIB
+        progress.advance(progress.total - progress.done)
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
 #: Converter warnings that look alarming and are not, each with what it means for this model.

@@ -38,7 +38,7 @@ def plot_expert_load(report: dict[str, Any], out_png: Path) -> None:
         if not routing or not routing["layers"]:
             fig = Figure(figsize=(4, 1.5))
             fig.text(0.5, 0.5, "no routing statistics", ha="center", va="center")
-            _save(fig, Path(out_png))
+            save_png(fig, Path(out_png))
             return
         names = routing["experts"]
         layers = [row["layer"] for row in routing["layers"]]
@@ -62,7 +62,7 @@ def plot_expert_load(report: dict[str, Any], out_png: Path) -> None:
                     ax.text(c, r, f"{value:.2f}", ha="center", va="center", fontsize=7,
                             color="white" if value < 0.5 * image.norm.vmax else "black")
         fig.colorbar(image, ax=ax, label="share")
-        _save(fig, Path(out_png))
+        save_png(fig, Path(out_png))
 
 
 def plot_gate_similarity(gates_json: dict[str, Any], out_png: Path) -> None:
@@ -99,7 +99,7 @@ def plot_gate_similarity(gates_json: dict[str, Any], out_png: Path) -> None:
         legend = textwrap.fill(", ".join(f"{i}: {name}" for i, name in enumerate(names)), width)
         fig.suptitle(title + (f"\n{legend}" if legend else ""), fontsize=8)
         fig.colorbar(image, ax=ax, shrink=0.8, label="cosine")
-        _save(fig, Path(out_png))
+        save_png(fig, Path(out_png))
 
 
 def _gate_layers(gates_json: dict[str, Any]) -> list[dict[str, Any]]:
@@ -124,7 +124,7 @@ def _gate_layers(gates_json: dict[str, Any]) -> list[dict[str, Any]]:
     return layers
 
 
-def _save(fig: Figure, path: Path) -> None:
+def save_png(fig: Figure, path: Path) -> None:
     """Write the PNG atomically, without the Software tag (so the bytes are stable)."""
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100, metadata={"Software": None})
@@ -173,7 +173,7 @@ def plot_evaluation(report: dict[str, Any], out_png: Path) -> None:
                     axes[1].text(c, r, f"{value:.2f}", ha="center", va="center", fontsize=7,
                                  color="white" if value < 0.5 else "black")
             fig.colorbar(image, ax=axes[1], label="share")
-        _save(fig, Path(out_png))
+        save_png(fig, Path(out_png))
 
 
 def _evaluation_title(report: dict[str, Any], domains: list[str]) -> str:

@@ -23,6 +23,7 @@ from moeforge.check.layouts import ROLES, Reader, classic_view, natural_order, p
 from moeforge.check.reproduce import differing_elements
 from moeforge.errors import ModelError
 from moeforge.io.files import read_json, write_json, write_text
+from moeforge.io.progress import tracked
 from moeforge.io.published import PublishedRef
 from moeforge.numbers import fmt, report_number
 from moeforge.plan.plan_json import Plan, read_plan
@@ -75,7 +76,8 @@ def compare_models(rebuilt_dir: Path, published_dir: Path, family: OutputFamily)
     differing, routers = [], []
     with ExitStack() as stack:
         new_reader, old_reader = Reader(stack), Reader(stack)
-        for name in natural_order(set(new_view) | set(old_view)):
+        names = list(natural_order(set(new_view) | set(old_view)))
+        for name in tracked(names, "tensor comparison with the published model", len(names), "tensors"):
             place = place_of(name, patterns)
             group = groups[place.role]
             group["tensors"] += 1

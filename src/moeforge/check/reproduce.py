@@ -24,6 +24,7 @@ from safetensors import safe_open
 from moeforge.errors import BuildError
 from moeforge.io.files import read_json, sha256_file, shown_path, write_json, write_text
 from moeforge.io.lockfile import LOCK_NAME, LockRef, load_lock, read_lock
+from moeforge.io.progress import tracked
 from moeforge.numbers import fmt, report_number
 
 log = logging.getLogger(__name__)
@@ -94,7 +95,8 @@ def compare_tensors(rebuilt: Mapping[str, Path], recorded: Mapping[str, Path]) -
                 handles[path] = stack.enter_context(safe_open(str(path), framework="pt"))
             return handles[path].get_tensor(name)
 
-        for name in sorted(set(rebuilt) | set(recorded)):
+        names = sorted(set(rebuilt) | set(recorded))
+        for name in tracked(names, "tensor comparison with the recorded model", len(names), "tensors"):
             if name not in recorded:
                 differing.append({"tensor": name, "problem": "not in the recorded model"})
             elif name not in rebuilt:

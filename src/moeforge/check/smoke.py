@@ -54,6 +54,7 @@ from moeforge.build.finite import nonfinite_counts
 from moeforge.errors import BuildError, ModelError, RecipeError
 from moeforge.io.files import shown_path
 from moeforge.io.hf_load import load_tokenizer
+from moeforge.io.progress import Progress
 from moeforge.io.safetensors_file import ITEMSIZE, TORCH_NAME, read_header
 from moeforge.numbers import report_number
 from moeforge.plan.prompts import prompt_ids
@@ -68,7 +69,7 @@ from moeforge.runtime.layerwise import (
     streamed_model,
     whole_model,
 )
-from moeforge.runtime.memory_budget import GIB, MemoryBudget, gib, memory_budget, peak_rss
+from moeforge.runtime.memory_budget import GIB, MIB, MemoryBudget, gib, memory_budget, peak_rss
 from moeforge.runtime.upcast import compute_in_float32
 
 DISTINCT_RATIO_MIN = 1 / 3
@@ -367,14 +368,17 @@ def scan_tensors(model_dir: Path) -> dict[str, Any]:
 
     Loading alone does not catch them: a non-finite weight loads fine and only shows as NaN
     logits, or not at all if the tensor is never used. The shard jobs ran the same scan on what
-    they wrote; this one also covers a model checked by ``verify`` that was built elsewhere.
+    they wrote; this one also covers a model checked by ``verify`` that was built elsewhere. It reads
+    the whole model, so it reports its progress.
     """
     files = _weight_files(model_dir)
     bad: list[str] = []
     count = 0
+    progress = Progress(f"{model_dir.name}: NaN/Inf scan", sum(p.stat().st_size for p in files) / MIB, "MiB read")
     for path in files:
         count += len(read_header(path)[1])
-        bad += [f"{name} in {path.name} ({n_bad} values)" for name, n_bad in sorted(nonfinite_counts(path).items())]
+        found = nonfinite_counts(path, lambda chunk: progress.advance(len(chunk) / MIB))
+        bad += [f"{name} in {path.name} ({n_bad} values)" for name, n_bad in sorted(found.items())]
     if bad:
         raise BuildError(
             f"{len(bad)} tensor(s) contain NaN or Inf: {_first(bad)}", str(model_dir),

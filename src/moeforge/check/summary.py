@@ -3,7 +3,7 @@
 The reports are read as they stand on disk when the run ends (a check that did not run this time but ran
 before is shown as it was), so the summary is the same whether a step was built now or earlier. A report
 that is missing says so; nothing here raises, since the summary must never turn a finished run into a
-failed one.
+failed one. The same verdicts, with their numbers, label the figures of `snakemake --report`.
 """
 
 from __future__ import annotations
@@ -70,6 +70,25 @@ CHECKS: tuple[tuple[str, str, Callable[[dict[str, Any]], str]], ...] = (
 )
 
 
+def smoke_label(path: Path) -> str:
+    """The smoke test's verdict with its numbers (how far the merge is from its base), as its figures' label in
+    `snakemake --report`: the report is read when the page is made, after the run, so the label is this run's."""
+    report = _read(path)
+    if report is None:
+        return "no report"
+    verdict = "passed" if report.get("passed") else f"FAILED: {(report.get('errors') or ['see the report'])[0]}"
+    comparison = report.get("comparison") or {}
+    numbers = [f"mean KL(base || merged) {comparison['kl_mean']:.3g} nats",
+               f"top-1 agreement with the base {comparison['top1_agreement']:.0%}"] if comparison else []
+    return "; ".join([verdict, *numbers, f"{len(report.get('warnings') or [])} warning(s)"])
+
+
+def eval_label(path: Path) -> str:
+    """The evaluation's verdict (the worst domain against its best dense expert), as its figure's label."""
+    report = _read(path)
+    return "no report" if report is None else _eval(report)
+
+
 def merge_summary(merge: str, results: Path = Path("results")) -> list[str]:
     """The lines for one merge: the model's place, then each check that has a report."""
     root = results / merge
@@ -86,7 +105,19 @@ def merge_summary(merge: str, results: Path = Path("results")) -> list[str]:
     return lines
 
 
-def run_summary(merges: Sequence[str], results: Path = Path("results")) -> str:
-    """The whole summary, one block per merge."""
-    blocks = ["\n".join(merge_summary(m, results)) for m in merges]
+def search_summary(search: str, results: Path = Path("results")) -> str:
+    """One line for a search: its best candidate by its metric, and where the ranking is."""
+    path = results / "search" / search / "ranking.json"
+    ranking = _read(path)
+    if ranking is None or not ranking.get("candidates"):
+        return f"search {search}: not ranked (its candidates are not all evaluated)"
+    best = ranking["candidates"][0]
+    metric = (ranking.get("metric") or {}).get("name", "metric")
+    return (f"search {search}: best {best.get('merge')} ({metric} {best.get('metric')}) of "
+            f"{len(ranking['candidates'])} candidates  [{path.with_suffix('.md')}]")
+
+
+def run_summary(merges: Sequence[str], results: Path = Path("results"), searches: Sequence[str] = ()) -> str:
+    """The whole summary, one block per merge, then one line per search."""
+    blocks = ["\n".join(merge_summary(m, results)) for m in merges] + [search_summary(s, results) for s in searches]
     return "moeforge summary (paths relative to the working directory):\n" + "\n".join(blocks)

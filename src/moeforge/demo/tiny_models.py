@@ -682,7 +682,7 @@ def build_demo(out_root: Path, plan: TrainingPlan | None = None) -> dict[str, Pa
         write_weights(base, trained)
         for offset, (name, domain) in enumerate(DEMO_EXPERTS.items(), start=1):
             model.load_state_dict(trained)
-            finetune_mlp(model, tokens[domain], plan, bos_id, plan.seed + offset)
+            finetune_mlp(model, tokens[domain], plan, bos_id, plan.seed + offset, name)
             paths[name] = derive_checkpoint(out_root / name, base, _disk_tensors(model))
     return paths
 

@@ -24,6 +24,7 @@ from tokenizers import Tokenizer
 
 from moeforge.demo.tiny_models import MLP_MATRIX
 from moeforge.io.domains import DOMAINS, domain_text
+from moeforge.io.progress import tracked
 
 
 @dataclass(frozen=True)
@@ -81,16 +82,17 @@ def sample_batch(streams: list[torch.Tensor], plan: TrainingPlan, bos_id: int | 
 
 
 def train(model: torch.nn.Module, streams: list[torch.Tensor], steps: int, lr: float, plan: TrainingPlan,
-          bos_id: int | None, seed: int) -> list[float]:
+          bos_id: int | None, seed: int, what: str) -> list[float]:
     """Next-token training of the parameters that require gradients, with AdamW and a linear decay; the loss
-    at every step."""
+    at every step. ``what`` names it in the progress lines (the demo's four trainings take most of its first
+    minute)."""
     generator = torch.Generator().manual_seed(seed)
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / steps)
     model.train()
     losses = []
-    for _ in range(steps):
+    for _ in tracked(range(steps), what, steps, "steps"):
         ids = sample_batch(streams, plan, bos_id, generator)
         loss = model(input_ids=ids, labels=ids).loss
         optimizer.zero_grad(set_to_none=True)
@@ -107,11 +109,14 @@ def pretrain(model: torch.nn.Module, tokens: dict[str, torch.Tensor], plan: Trai
     """Train every parameter on batches drawn from all domains alike."""
     for parameter in model.parameters():
         parameter.requires_grad_(True)
-    train(model, [tokens[d] for d in DOMAINS], plan.pretrain_steps, plan.pretrain_lr, plan, bos_id, plan.seed)
+    train(model, [tokens[d] for d in DOMAINS], plan.pretrain_steps, plan.pretrain_lr, plan, bos_id, plan.seed,
+          "pretraining the demo base")
 
 
-def finetune_mlp(model: torch.nn.Module, stream: torch.Tensor, plan: TrainingPlan, bos_id: int, seed: int) -> None:
-    """Train only the MLP matrices on one domain; everything a merge takes from the base stays as it is."""
+def finetune_mlp(model: torch.nn.Module, stream: torch.Tensor, plan: TrainingPlan, bos_id: int, seed: int,
+                 expert: str) -> None:
+    """Train only the MLP matrices on one domain; everything a merge takes from the base stays as it is.
+    ``expert``: its name, for the progress lines."""
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(bool(MLP_MATRIX.match(name)))
-    train(model, [stream], plan.finetune_steps, plan.finetune_lr, plan, bos_id, seed)
+    train(model, [stream], plan.finetune_steps, plan.finetune_lr, plan, bos_id, seed, f"fine-tuning {expert}")

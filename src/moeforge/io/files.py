@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from moeforge.errors import MoeforgeError
+from moeforge.io.progress import MIB, Progress
 
 _HASH_CHUNK = 16 << 20
 
@@ -25,13 +26,16 @@ _HASH_CHUNK = 16 << 20
 def sha256_file(path: Path) -> str:
     """The file's sha256. The next chunk is read on a second thread while this one is hashed (both
     release the GIL): a file not in the page cache hashes in about the longer of reading and hashing
-    it, not their sum."""
+    it, not their sum. Hashing a model's weights (verify, reproduce, a local source's first use) takes
+    minutes at 7B: a file that takes longer than a few seconds reports its progress."""
     digest = hashlib.sha256()
     with open(path, "rb", buffering=0) as fh, ThreadPoolExecutor(max_workers=1) as reader:
+        progress = Progress(f"sha256 of {path.name}", os.fstat(fh.fileno()).st_size / MIB, "MiB hashed")
         pending = reader.submit(fh.read, _HASH_CHUNK)
         while chunk := pending.result():
             pending = reader.submit(fh.read, _HASH_CHUNK)
             digest.update(chunk)
+            progress.advance(len(chunk) / MIB)
     return digest.hexdigest()
 
 

@@ -17,6 +17,8 @@ T = TypeVar("T")
 
 #: Seconds between two progress lines of one job.
 EVERY = 5.0
+#: Bytes in a MiB, the unit progress lines count bytes in (and the workflow's memory requests are in).
+MIB = 1 << 20
 
 
 class Progress:

@@ -27,7 +27,7 @@ def merge_from_recipe_path(path: str) -> tuple[str, dict[str, str]]:
 
 def merges_to_build(config: Mapping[str, Any], workflow_dir: Path = Path(".")) -> dict[str, dict[str, str]]:
     """The user's merges (``merges:``, each a ``recipe:``, a ``lock:`` or a ``published:``, plus ``recipe=``), or
-    the demo when the user names none and no model to ``verify:`` either.
+    the demo when the user names none, no model to ``verify:`` and no search either.
 
     The demo's recipe ships with the workflow: its path is relative to ``workflow_dir``, so the demo runs in
     any working directory (``-d``), its models built there.
@@ -39,7 +39,9 @@ def merges_to_build(config: Mapping[str, Any], workflow_dir: Path = Path(".")) -
             raise RecipeError(f"merge {name!r} is named twice: by recipe={config['recipe']} and under merges:",
                               "config", "rename the recipe file or the entry under merges:")
         merges[name] = spec
-    if not merges and config.get("verify"):  # a config that only checks models built elsewhere builds nothing
+    # A config that only checks models built elsewhere, or only searches (whose candidates are merges of their
+    # own), builds no merge of its own.
+    if not merges and (config.get("verify") or config.get("searches")):
         return {}
     if not merges and not config.get("demo"):
         raise RecipeError("no merges to build", "config",

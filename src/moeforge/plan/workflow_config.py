@@ -33,6 +33,10 @@ def checked_config(config: Mapping[str, Any]) -> dict[str, Any]:
         raise RecipeError("merges: lists no merge", WHERE,
                           "list each merge as name: {recipe: path/to/recipe.yaml} (or lock: / published:), or "
                           "leave merges: out to build the offline demo")
+    if "searches" in config and not config["searches"]:
+        raise RecipeError("searches: lists no search", WHERE,
+                          "list each search as name: {recipe: path/to/recipe.yaml, grid: {key: [value, ...]}}, or "
+                          "leave searches: out")
     problems = schema_errors(dict(config), package_schema("config")) + nonfinite_problems(dict(config))
     if problems:
         raise RecipeError(first_and_more(problems), WHERE,

@@ -23,7 +23,9 @@ from typing import Any
 
 import torch
 from transformers import GenerationConfig
+from transformers.generation import BaseStreamer
 
+from moeforge.io.progress import Progress
 from moeforge.io.safetensors_file import ITEMSIZE
 from moeforge.runtime.layerwise import CheckpointTensors
 from moeforge.runtime.memory_budget import MIB, MemoryBudget, gib, peak_rss, whole_model_mb
@@ -183,15 +185,37 @@ def generate_all(model: torch.nn.Module, prompt_ids: list[torch.Tensor], tokeniz
     """Continue every prompt greedily with ``model`` (the whole model, loaded), then log how long it took
     and the peak memory, so a slow or large smoke test's log shows where its time and memory went."""
     started = time.perf_counter()
-    generated = _generate(model, tokenizer, prompt_ids, eos, max_new_tokens)
+    progress = Progress(f"{Path(name).name}: greedy generation", len(prompt_ids) * max_new_tokens, "new tokens")
+    generated = _generate(model, tokenizer, prompt_ids, eos, max_new_tokens, _TokenCount(progress))
     _log.info("generated up to %d new tokens for %d prompts with %s in %.1f s; peak memory so far %s", max_new_tokens,
               len(prompt_ids), name, time.perf_counter() - started, gib(peak_rss()))
     return generated
 
 
+class _TokenCount(BaseStreamer):
+    """Advances a Progress by the tokens each decoding step adds (one per prompt of the batch).
+
+    Each new token is a forward pass over the whole model, a streamed one when it is read a layer at a
+    time: a 1B-class merge spends minutes here, and without this the job would say nothing until the end.
+    ``generate`` hands a streamer the prompts first, then each step's new tokens; the prompts are not counted.
+    """
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.prompts_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if self.prompts_seen:
+            self.progress.advance(value.numel())
+        self.prompts_seen = True
+
+    def end(self) -> None:
+        """Nothing to flush: ``generate_all`` logs the end, an early one (every prompt at its EOS) included."""
+
+
 @torch.inference_mode()
 def _generate(model: torch.nn.Module, tokenizer: Any, prompt_ids: list[torch.Tensor], eos: list[int],
-              max_new_tokens: int) -> list[Generation]:
+              max_new_tokens: int, streamer: BaseStreamer) -> list[Generation]:
     """Plain greedy continuation of every prompt, in one left-padded batch.
 
     One batch, not one ``generate`` per prompt: each decoding step then runs every weight once for
@@ -212,7 +236,7 @@ def _generate(model: torch.nn.Module, tokenizer: Any, prompt_ids: list[torch.Ten
         mask[row, width - ids.shape[1]:] = 1
     device = next(model.parameters()).device
     out = model.generate(input_ids=batch.to(device), attention_mask=mask.to(device), generation_config=config,
-                         output_logits=True, return_dict_in_generate=True)
+                         output_logits=True, return_dict_in_generate=True, streamer=streamer)
     best = [step.float().topk(2, dim=-1).values.tolist() for step in out.logits]  # per step: [B][2]
     top2 = [[(step[row][0], step[row][1]) for step in best] for row in range(len(prompt_ids))]
     return [_until_eos(seq[width:].tolist(), row_top2, eos, tokenizer) for seq, row_top2 in zip(out.sequences, top2)]

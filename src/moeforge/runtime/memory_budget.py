@@ -19,8 +19,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-MIB = 1 << 20
-GIB = 1 << 30
+from moeforge.io.progress import MIB
+
+GIB = 1024 * MIB
 #: cgroup v1 writes "no limit" as 2**63-1 rounded down to a page; anything this large is none.
 _UNLIMITED = 1 << 60
 

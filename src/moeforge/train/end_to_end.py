@@ -86,7 +86,8 @@ def train_end_to_end(config_dir: Path, store: CheckpointTensors, windows: Traini
     streams = [train_ids[train_group == g].reshape(-1) for g in range(len(windows.groups))]
     plan = TrainingPlan(seed=settings.seed, seq_len=settings.seq_len, batch_size=settings.batch_size,
                         threads=torch.get_num_threads())
-    losses = train(model, streams, settings.steps, settings.learning_rate, plan, bos_id, settings.seed)
+    losses = train(model, streams, settings.steps, settings.learning_rate, plan, bos_id, settings.seed,
+                   "router training (end_to_end)")
     after = heldout_accuracy(model, windows, num_routed, settings.batch_size)
     tensors = {name: module.weight.detach().float().cpu() for name, module in routers.items()}
     return tensors, {"losses": losses, "heldout_before": before, "heldout_after": after}

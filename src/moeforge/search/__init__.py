@@ -1,0 +1,1 @@
+"""Grids of candidate merges and their ranking by the evaluation's numbers."""

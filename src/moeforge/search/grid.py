@@ -1,0 +1,250 @@
+"""A search's grid expanded into candidate merges: each combination of values is one recipe.
+
+A grid maps recipe keys to lists of values. A key is any recipe key, or a dotted path into a nested
+recipe mapping (``router_training.method``); the values are put into the starting recipe's document
+and each candidate is validated by the recipe's own parsing, so a grid can search any key the recipe
+has, and an unknown key or an invalid value is refused as the recipe would refuse it, naming the
+search and the candidate. ``experts`` is the one key whose values are not recipe values but subsets of
+the starting recipe's experts: ``{choose: k}`` (every k of them, in recipe order) or a list of subsets,
+each a list of expert names or 0-based indices.
+
+Candidate names are ``<search>-<label>-<label>...``, one label per grid key in the grid's order, so a
+name says what the candidate is and stays the same when other values are added to the grid.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import yaml
+
+from moeforge.errors import RecipeError
+from moeforge.io.files import write_text
+from moeforge.io.names import PERIODIC_END, check_merge_name, is_merge_name
+from moeforge.plan.recipe import Recipe, parse_recipe
+from moeforge.search.metrics import DEFAULT_METRIC, METRICS
+from moeforge.search.start import START_KEYS, start_document
+
+#: The grid key whose values are subsets of the starting recipe's experts.
+EXPERTS_KEY = "experts"
+#: Short labels of keys whose values are numbers (``k2``); any other number is labelled ``<key>_<value>``.
+SHORT_LABELS = {"experts_per_token": "k"}
+#: More candidates than this is a grid written by mistake (each candidate is a whole build and evaluation).
+MAX_CANDIDATES = 256
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.]")
+
+
+@dataclass(frozen=True)
+class Option:
+    """One value of one grid key: what the ranking records, its label in names, and how it edits a recipe."""
+
+    key: str
+    setting: Any
+    label: str
+    apply: Callable[[dict[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One merge of a search: its name, the grid values that made it, its recipe document and Recipe."""
+
+    name: str
+    settings: dict[str, Any]
+    document: dict[str, Any]
+    recipe: Recipe
+
+
+@dataclass(frozen=True)
+class Search:
+    """A search as configured, with its candidates expanded and validated."""
+
+    name: str
+    metric: str
+    start: dict[str, str]
+    grid: dict[str, Any]
+    candidates: tuple[Candidate, ...]
+
+    @property
+    def names(self) -> list[str]:
+        return [c.name for c in self.candidates]
+
+    def record(self) -> dict[str, Any]:
+        """What the ranking job needs (JSON types): the search, its metric and each candidate's settings."""
+        return {"search": self.name, "metric": self.metric, "start": self.start, "grid": self.grid,
+                "candidates": [{"merge": c.name, "settings": c.settings} for c in self.candidates]}
+
+
+def searches_to_build(config: Mapping[str, Any], merges: set[str]) -> dict[str, Search]:
+    """Every configured search, expanded; a candidate may not take the name of a merge or of another's."""
+    searches = {name: expand_search(name, spec) for name, spec in (config.get("searches") or {}).items()}
+    taken = {m: "merges" for m in merges}
+    for search in searches.values():
+        for candidate in search.candidates:
+            if candidate.name in taken:
+                raise RecipeError(f"candidate {candidate.name!r} has the name of a merge under {taken[candidate.name]}",
+                                  f"searches: {search.name}", "rename the search or the merge")
+            taken[candidate.name] = f"searches: {search.name}"
+    return searches
+
+
+def expand_search(name: str, spec: Mapping[str, Any]) -> Search:
+    """The search's candidates, each validated as a recipe; the first problem is one message naming the search."""
+    where = f"searches: {name}"
+    check_merge_name(name, "searches", RecipeError)
+    metric = spec.get("metric", DEFAULT_METRIC)
+    if metric not in METRICS:
+        raise RecipeError(f"unknown metric {metric!r}", f"{where}: metric", f"use one of {', '.join(METRICS)}")
+    document, recipe = start_document(spec, where)
+    grid = spec.get("grid") or {}
+    if not grid:
+        raise RecipeError("the grid lists no key", f"{where}: grid",
+                          "give grid: {key: [value, ...]}, e.g. gate_mode: [hidden, router_input]")
+    options = [_options(where, key, values, document, recipe) for key, values in grid.items()]
+    count = 1
+    for column in options:
+        count *= len(column)
+    if count > MAX_CANDIDATES:
+        raise RecipeError(f"the grid makes {count} candidates, more than {MAX_CANDIDATES}", f"{where}: grid",
+                          "search fewer values at once")
+    combos = list(itertools.product(*options))
+    names = _names(name, combos)
+    candidates = tuple(_candidate(where, candidate, combo, document) for candidate, combo in zip(names, combos))
+    start = {key: spec[key] for key in START_KEYS if key in spec}
+    return Search(name=name, metric=metric, start=start, grid=dict(grid), candidates=candidates)
+
+
+def _candidate(where: str, name: str, combo: tuple[Option, ...], start: dict[str, Any]) -> Candidate:
+    document = copy.deepcopy(start)
+    for option in combo:
+        option.apply(document)
+    settings = {option.key: option.setting for option in combo}
+    shown = ", ".join(f"{key}={json.dumps(value)}" for key, value in settings.items())
+    recipe = parse_recipe(document, f"{where}: candidate {name} ({shown})")
+    return Candidate(name=name, settings=settings, document=document, recipe=recipe)
+
+
+def _options(where: str, key: str, values: Any, document: dict[str, Any], recipe: Recipe) -> list[Option]:
+    where = f"{where}: grid: {key}"
+    if key == EXPERTS_KEY:
+        return _expert_options(where, values, document, recipe)
+    if not isinstance(values, list):
+        raise RecipeError(f"the values of {key} must be a list, not {type(values).__name__}", where,
+                          f"write {key}: [value, ...]")
+    if not values:
+        raise RecipeError(f"{key} lists no value", where, f"give {key} at least one value, or leave it out")
+    path = key.split(".")
+    if not all(path):
+        raise RecipeError(f"{key!r} is not a recipe key", where, "use a recipe key, or a dotted path such as a.b")
+    _check_path(where, path, document)
+    return [Option(key, value, _label(path[-1], value), _setter(path, value)) for value in values]
+
+
+def _check_path(where: str, path: list[str], document: Mapping[str, Any]) -> None:
+    """Every mapping a dotted key goes through is a mapping in the starting recipe (or absent: created)."""
+    node: Any = document
+    for depth, part in enumerate(path[:-1]):
+        node = node.get(part) if isinstance(node, dict) else None
+        if node is not None and not isinstance(node, dict):
+            raise RecipeError(f"{'.'.join(path[:depth + 1])} is not a mapping in the starting recipe, so "
+                              f"{'.'.join(path)} cannot be set", where, "use a key of a nested mapping")
+
+
+def _setter(path: list[str], value: Any) -> Callable[[dict[str, Any]], None]:
+    def apply(document: dict[str, Any]) -> None:
+        node = document
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = copy.deepcopy(value)
+    return apply
+
+
+def _label(key: str, value: Any) -> str:
+    """A value's part of a candidate name: a string as it is, a number after its key's short label."""
+    if isinstance(value, str):
+        return _UNSAFE.sub("_", value)
+    if value is None or isinstance(value, (bool, int, float)):
+        shown = json.dumps(value)
+        return f"{SHORT_LABELS[key]}{shown}" if key in SHORT_LABELS else f"{key}_{_UNSAFE.sub('_', shown)}"
+    return f"{key}_{_digest(value)}"
+
+
+def _expert_options(where: str, values: Any, document: dict[str, Any], recipe: Recipe) -> list[Option]:
+    """Subsets of the starting recipe's experts, each an Option setting ``experts`` to those experts."""
+    names = [e.name for e in recipe.experts]
+    if isinstance(values, dict):
+        if set(values) != {"choose"} or not isinstance(values["choose"], int) or isinstance(values["choose"], bool) \
+                or values["choose"] < 1:
+            raise RecipeError(f"{values!r} is not a subset rule", where,
+                              "write experts: {choose: k} with k >= 1, or a list of subsets of expert names")
+        k = values["choose"]
+        if k > len(names):
+            raise RecipeError(f"choose {k} of the starting recipe's {len(names)} experts: there are not that many",
+                              where, f"choose at most {len(names)}")
+        subsets = [list(c) for c in itertools.combinations(range(len(names)), k)]
+    elif isinstance(values, list):
+        if not values:
+            raise RecipeError("experts lists no subset", where, "give at least one subset, or leave experts out")
+        subsets = [_subset(where, item, names) for item in values]
+    else:
+        raise RecipeError(f"{values!r} is not a list of subsets", where,
+                          "write experts: {choose: k}, or experts: [[name, name], [name, name]]")
+    short = _short_names(names)
+    return [Option(EXPERTS_KEY, [names[i] for i in subset], ".".join(short[i] for i in subset),
+                   _setter([EXPERTS_KEY], [document[EXPERTS_KEY][i] for i in subset])) for subset in subsets]
+
+
+def _subset(where: str, item: Any, names: list[str]) -> list[int]:
+    """One subset as indices into the starting recipe's experts, in the order given."""
+    if not isinstance(item, list) or not item:
+        raise RecipeError(f"{item!r} is not a non-empty list of experts", where,
+                          f"each subset lists expert names ({', '.join(names)}) or 0-based indices")
+    indices = []
+    for entry in item:
+        if isinstance(entry, int) and not isinstance(entry, bool) and 0 <= entry < len(names):
+            indices.append(entry)
+        elif isinstance(entry, str) and entry in names:
+            indices.append(names.index(entry))
+        else:
+            raise RecipeError(f"{entry!r} is not one of the starting recipe's experts", where,
+                              f"use an expert name ({', '.join(names)}) or an index below {len(names)}")
+    if len(set(indices)) != len(indices):
+        raise RecipeError(f"the subset {item!r} names an expert twice", where, "name each expert once")
+    return indices
+
+
+def _short_names(names: list[str]) -> list[str]:
+    """Expert names without the prefix they all share (``expert_code`` -> ``code``), safe in a merge name."""
+    prefix = os.path.commonprefix(names) if len(names) > 1 else ""
+    cut = max(prefix.rfind(c) for c in "_.-") + 1 if prefix else 0
+    return [_UNSAFE.sub("_", n[cut:] or n) for n in names]
+
+
+def _names(search: str, combos: list[tuple[Option, ...]]) -> list[str]:
+    """Readable names; a name that is not a valid merge name, or is not unique, is the search's name and a
+    digest of the settings instead (stable too)."""
+    readable = ["-".join([search, *(o.label for o in combo)]) for combo in combos]
+    counts = {n: readable.count(n) for n in readable}
+    out = []
+    for name, combo in zip(readable, combos):
+        if counts[name] > 1 or not is_merge_name(name) or PERIODIC_END.search(name):
+            name = f"{search}-{_digest({o.key: o.setting for o in combo})}"
+        check_merge_name(name, f"searches: {search}", RecipeError)
+        out.append(name)
+    return out
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def write_candidate_recipe(document: Mapping[str, Any], out: Path) -> None:
+    """The candidate's recipe file: the validate rule reads it as it reads any merge's recipe."""
+    write_text(out, yaml.safe_dump(dict(document), sort_keys=False, allow_unicode=True))

@@ -1,0 +1,211 @@
+"""Searches: a grid expanded into named candidate merges, bad grids refused before any work, and a search
+over the demo built with `snakemake search` and ranked by its candidates' eval reports."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from moeforge.errors import RecipeError
+from moeforge.search.figure import plot_ranking
+from moeforge.search.grid import expand_search, searches_to_build
+from moeforge.search.metrics import METRICS
+from moeforge.search.ranking import rank
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+
+
+def recipe_file(tmp_path: Path, **changes) -> str:
+    """A three-expert recipe (expert_code, expert_math, expert_cooking) with hidden gates: only parsed here."""
+    recipe = yaml.safe_load((REPO / "config/recipes/demo.yaml").read_text())
+    recipe.pop("token_reduction")
+    recipe["gate_mode"] = "hidden"
+    recipe.update(changes)
+    path = tmp_path / "start.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return str(path)
+
+
+def test_a_grid_is_every_combination_with_readable_names(tmp_path):
+    search = expand_search("s", {"recipe": recipe_file(tmp_path),
+                                 "grid": {"gate_mode": ["hidden", "cheap_embed"], "experts_per_token": [1, 2]}})
+    assert search.names == ["s-hidden-k1", "s-hidden-k2", "s-cheap_embed-k1", "s-cheap_embed-k2"]
+    by_name = {c.name: c for c in search.candidates}
+    assert by_name["s-cheap_embed-k1"].settings == {"gate_mode": "cheap_embed", "experts_per_token": 1}
+    assert by_name["s-cheap_embed-k1"].recipe.gate_mode == "cheap_embed"
+    assert by_name["s-cheap_embed-k1"].recipe.experts_per_token == 1
+    # Every other key is the starting recipe's.
+    assert by_name["s-hidden-k2"].document["experts"] == yaml.safe_load(Path(recipe_file(tmp_path)).read_text())["experts"]
+
+
+def test_names_are_stable_when_the_grid_grows(tmp_path):
+    start = recipe_file(tmp_path)
+    small = expand_search("s", {"recipe": start, "grid": {"experts_per_token": [1], "seed": [0]}})
+    large = expand_search("s", {"recipe": start, "grid": {"experts_per_token": [1, 2], "seed": [0, 7]}})
+    assert small.names == ["s-k1-seed_0"]
+    assert set(small.names) < set(large.names) and "s-k2-seed_7" in large.names
+
+
+def test_expert_subsets_choose_k_and_listed(tmp_path):
+    start = recipe_file(tmp_path, experts_per_token=1)
+    chosen = expand_search("s", {"recipe": start, "grid": {"experts": {"choose": 2}}})
+    assert chosen.names == ["s-code.math", "s-code.cooking", "s-math.cooking"]
+    assert [c.settings["experts"] for c in chosen.candidates] == [
+        ["expert_code", "expert_math"], ["expert_code", "expert_cooking"], ["expert_math", "expert_cooking"]]
+    assert [e.source_model for e in chosen.candidates[1].recipe.experts] == [
+        "resources/demo/expert_code", "resources/demo/expert_cooking"]
+    listed = expand_search("s", {"recipe": start, "grid": {"experts": [["expert_cooking", 0], [1]]}})
+    assert listed.names == ["s-cooking.code", "s-math"]
+    assert [e.name for e in listed.candidates[0].recipe.experts] == ["expert_cooking", "expert_code"]
+
+
+def test_a_null_value_unsets_a_key_and_an_unreadable_name_becomes_a_digest(tmp_path):
+    start = recipe_file(tmp_path, gate_mode="router_input", token_reduction="mean")
+    search = expand_search("s", {"recipe": start, "grid": {"token_reduction": [None, "mean"],
+                                                           "smoke_prompts": [["a b"], ["c"]]}})
+    assert search.candidates[0].recipe.token_reduction == "last"
+    names = search.names
+    assert len(set(names)) == 4 and all(n.startswith("s-") for n in names)
+    assert names == expand_search("s", {"recipe": start, "grid": {"token_reduction": [None, "mean"],
+                                                                  "smoke_prompts": [["a b"], ["c"]]}}).names
+
+
+@pytest.mark.parametrize("grid, key, words", [
+    ({"gate_mod": ["hidden"]}, "gate_mod", "unknown key 'gate_mod'; did you mean 'gate_mode'?"),
+    ({"gate_mode": ["hidden", "bogus"]}, "gate_mode", "'bogus' is not one of"),
+    ({"experts_per_token": []}, "experts_per_token", "experts_per_token lists no value"),
+    ({"experts_per_token": 2}, "experts_per_token", "must be a list"),
+    ({"experts_per_token": [1, 4]}, "experts_per_token", "experts_per_token is 4 but the recipe has only 3"),
+    ({"experts": {"choose": 4}}, "experts", "choose 4 of the starting recipe's 3 experts"),
+    ({"experts": [["expert_code", "expert_baking"]]}, "experts", "'expert_baking' is not one of the starting"),
+    ({"experts": {"choose": 1}, "experts_per_token": [2]}, "experts_per_token", "has only 1 expert"),
+    ({"gate_mode.kind": ["x"]}, "gate_mode.kind", "gate_mode is not a mapping"),
+    ({"no_such.method": ["x"]}, "no_such", "unknown key 'no_such'"),
+    ({}, "grid", "the grid lists no key"),
+])
+def test_a_bad_grid_is_one_message_naming_the_search_and_the_key(tmp_path, grid, key, words):
+    with pytest.raises(RecipeError) as caught:
+        expand_search("mysearch", {"recipe": recipe_file(tmp_path), "grid": grid})
+    message = str(caught.value)
+    assert "searches: mysearch" in message and key in message and words in message, message
+    assert "\n" not in message
+
+
+def test_an_unknown_metric_and_a_taken_name_are_refused(tmp_path):
+    start = recipe_file(tmp_path)
+    with pytest.raises(RecipeError, match=r"searches: s: metric: unknown metric 'best'.*worst_moe_ratio"):
+        expand_search("s", {"recipe": start, "grid": {"seed": [1]}, "metric": "best"})
+    with pytest.raises(RecipeError, match=r"candidate 's-seed_1' has the name of a merge under merges"):
+        searches_to_build({"searches": {"s": {"recipe": start, "grid": {"seed": [1]}}}}, {"s-seed_1"})
+
+
+def test_the_config_schema_names_every_metric():
+    """The config schema describes the metric key; it must offer exactly the metrics the ranking knows."""
+    schema = yaml.safe_load((REPO / "src/moeforge/schemas/config.schema.yaml").read_text())
+    described = schema["properties"]["searches"]["additionalProperties"]["properties"]["metric"]["description"]
+    assert all(name in described for name in METRICS)
+
+
+def _report(ratios: dict[str, float | None]) -> dict:
+    return {"oracle": {d: {"moe_ratio": r} for d, r in ratios.items()},
+            "perplexity": {"moe": {d: 2.0 for d in ratios}}}
+
+
+def test_ties_rank_by_name_and_a_non_finite_number_ranks_last(tmp_path):
+    record = {"search": "s", "metric": "worst_moe_ratio", "start": {"recipe": "r.yaml"}, "grid": {"seed": [1, 2, 3]},
+              "candidates": [{"merge": m, "settings": {}} for m in ("s-c", "s-b", "s-a", "s-d")]}
+    reports = {"s-c": _report({"x": 1.2, "y": 1.1}), "s-b": _report({"x": 1.0, "y": 1.2}),
+               "s-a": _report({"x": None, "y": 1.0}), "s-d": _report({"x": 1.3, "y": 1.0})}
+    ranking = rank(record, reports, {m: {"passed": True} for m in reports})
+    assert [(row["merge"], row["metric"]) for row in ranking["candidates"]] == [
+        ("s-b", 1.2), ("s-c", 1.2), ("s-d", 1.3), ("s-a", None)]
+    assert ranking["best"] == "s-b" and [row["rank"] for row in ranking["candidates"]] == [1, 2, 3, 4]
+    plot_ranking(ranking, tmp_path / "ranking.png")  # a null number is drawn as a gap
+    assert (tmp_path / "ranking.png").read_bytes()[:4] == b"\x89PNG"
+    record["metric"] = "mean_moe_ratio"
+    assert rank(record, reports, {m: {} for m in reports})["best"] == "s-b"
+
+
+def search_workdir(wd: Path, grid: dict, metric: str | None = None) -> Path:
+    wd.mkdir(parents=True, exist_ok=True)
+    (wd / "demo.yaml").write_text((REPO / "config/recipes/demo.yaml").read_text())
+    spec = {"recipe": "demo.yaml", "grid": grid, **({"metric": metric} if metric else {})}
+    (wd / "config.yaml").write_text(yaml.safe_dump({"searches": {"ds": spec}}))
+    return wd
+
+
+def snakemake(wd: Path, *args: str) -> subprocess.CompletedProcess:
+    cmd = [*SNAKEMAKE, *args, "-s", str(REPO / "Snakefile"), "-d", str(wd), "--configfile", str(wd / "config.yaml")]
+    return subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=900)
+
+
+def test_a_bad_grid_stops_the_workflow_before_any_job(tmp_path):
+    wd = search_workdir(tmp_path, {"experts": {"choose": 5}})
+    proc = snakemake(wd, "search", "--cores", "1")
+    assert proc.returncode != 0
+    assert "searches: ds: grid: experts: choose 5 of the starting recipe's 3 experts" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (wd / "resources").exists() and not (wd / "results").exists()
+
+
+def test_searches_alone_build_no_demo_and_join_the_default_target(tmp_path):
+    wd = search_workdir(tmp_path, {"experts_per_token": [1, 2]})
+    proc = snakemake(wd, "-n", "--cores", "1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "results/search/ds/ranking.json" in proc.stdout
+    assert "results/ds-k1/search/recipe.yaml" in proc.stdout and "results/ds-k2/search/recipe.yaml" in proc.stdout
+    assert "results/demo/" not in proc.stdout
+
+
+@pytest.fixture(scope="module")
+def demo_search(tmp_path_factory) -> Path:
+    wd = search_workdir(tmp_path_factory.mktemp("search"), {"experts_per_token": [1, 2]})
+    proc = snakemake(wd, "search", "--cores", "2")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return wd
+
+
+def _eval(wd: Path, merge: str) -> dict:
+    return json.loads((wd / "results" / merge / "eval" / "report.json").read_text())
+
+
+@pytest.mark.slow
+def test_snakemake_search_ranks_the_candidates_by_their_eval_reports(demo_search):
+    ranking = json.loads((demo_search / "results/search/ds/ranking.json").read_text())
+    worst = {m: max(e["moe_ratio"] for e in _eval(demo_search, m)["oracle"].values()) for m in ("ds-k1", "ds-k2")}
+    assert [row["merge"] for row in ranking["candidates"]] == sorted(worst, key=worst.__getitem__)
+    assert ranking["best"] == ranking["candidates"][0]["merge"]
+    assert ranking["metric"]["name"] == "worst_moe_ratio"
+    for place, row in enumerate(ranking["candidates"], start=1):
+        report = _eval(demo_search, row["merge"])
+        assert row["rank"] == place and row["smoke_passed"] is True
+        assert row["metric"] == worst[row["merge"]]
+        assert row["moe_ratio"] == {d: e["moe_ratio"] for d, e in report["oracle"].items()}
+        assert row["settings"] == {"experts_per_token": int(row["merge"][-1])}
+        assert (demo_search / row["model"] / "moeforge.lock.json").is_file()
+        recipe = yaml.safe_load((demo_search / "results" / row["merge"] / "search/recipe.yaml").read_text())
+        assert recipe["experts_per_token"] == row["settings"]["experts_per_token"]
+    md = (demo_search / "results/search/ds/ranking.md").read_text().splitlines()
+    table = [line for line in md if line.startswith("| 1 ") or line.startswith("| 2 ")]
+    assert [line.split(" | ")[1] for line in table] == [row["merge"] for row in ranking["candidates"]]
+    assert f"**{worst[ranking['best']]:.4f}**" in table[0]
+    assert (demo_search / "results/search/ds/ranking.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_another_metric_reranks_without_rebuilding(demo_search):
+    search_workdir(demo_search, {"experts_per_token": [1, 2]}, metric="mean_moe_perplexity")
+    proc = snakemake(demo_search, "search", "--cores", "2")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ran = {line.split()[-1].rstrip(":") for line in proc.stderr.splitlines() if line.strip().startswith(("rule ", "localrule "))}
+    assert ran == {"rank_search", "search"}, ran
+    ranking = json.loads((demo_search / "results/search/ds/ranking.json").read_text())
+    mean = {m: sum(_eval(demo_search, m)["perplexity"]["moe"].values()) / 3 for m in ("ds-k1", "ds-k2")}
+    assert [row["merge"] for row in ranking["candidates"]] == sorted(mean, key=mean.__getitem__)
+    assert ranking["metric"]["name"] == "mean_moe_perplexity"
