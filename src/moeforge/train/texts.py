@@ -17,11 +17,14 @@ from typing import Any
 import torch
 
 from moeforge.errors import RecipeError
-from moeforge.io.files import read_text, sha256_file
+from moeforge.io.files import sha256_file
+from moeforge.io.text_prefix import prefix_ids
 from moeforge.plan.recipe import Recipe, RouterTraining
 
 #: A text whose share of tokens that are no whole character exceeds this is in another vocabulary.
 MAX_UNKNOWN_SHARE = 0.5
+#: Tokens of every text read to check it (empty, vocabulary), even one whose expert has enough tokens already.
+CHECKED_TOKENS = 256
 _TEXT_FIX = "give each expert train_texts: UTF-8 text files of its domain (relative paths from the working directory)"
 
 
@@ -33,7 +36,7 @@ class TextRecord:
     path: str
     size: int
     sha256: str
-    tokens: int
+    tokens: int  # of this text used for training (tokens_per_expert bounds what is read)
 
 
 @dataclass(frozen=True)
@@ -58,35 +61,39 @@ def unknown_share(tokenizer: Any, ids: list[int]) -> float:
     return sum(token in unknown for token in ids) / len(ids)
 
 
-def _read(path: str, where: str) -> str:
+def _read_ids(tokenizer: Any, path: str, max_tokens: int, where: str) -> list[int]:
+    """The text's first ``max_tokens`` tokens, reading only as much of the file as they need."""
     file = Path(path)
     if not file.is_file():
         raise RecipeError(f"train text {path} not found" + (" (it is a directory)" if file.is_dir() else ""),
                           where, _TEXT_FIX)
-    text = read_text(file, where, RecipeError, "save the text as UTF-8")
-    if not text.strip():
+    ids = prefix_ids(tokenizer, file, max_tokens, f"{where}: {path}", RecipeError, "save the text as UTF-8")
+    if not tokenizer.decode(ids).strip():
         raise RecipeError(f"train text {path} is empty", where, _TEXT_FIX)
-    return text
+    return ids
 
 
 def group_tokens(recipe: Recipe, tokenizer: Any, settings: RouterTraining, source: str
                  ) -> tuple[list[list[int]], list[TextRecord]]:
-    """Each gate row's tokens (its texts in order, the first ``tokens_per_expert``) and the texts' records."""
+    """Each gate row's tokens (its texts in order, the first ``tokens_per_expert``) and the texts' records (a
+    text past what is needed is hashed, never tokenised)."""
     streams, records = [], []
     for group in recipe.gate_groups():
         stream: list[int] = []
         for path in group.train_texts:
             where = f"{source}: {group.name}: train_texts"
-            ids = tokenizer(_read(path, where), add_special_tokens=False)["input_ids"]
+            remaining = settings.tokens_per_expert - len(stream)
+            ids = _read_ids(tokenizer, path, max(CHECKED_TOKENS, remaining), where)
             share = unknown_share(tokenizer, ids)
             if share > MAX_UNKNOWN_SHARE:
                 raise RecipeError(
-                    f"train text {path} is mostly in another vocabulary: {share:.0%} of its {len(ids)} tokens are "
-                    "not whole characters for the base model's tokenizer", where,
+                    f"train text {path} is mostly in another vocabulary: {share:.0%} of its first {len(ids)} tokens "
+                    "are not whole characters for the base model's tokenizer", where,
                     "give text in a language and script the base model was trained on")
-            records.append(TextRecord(group.name, path, Path(path).stat().st_size, sha256_file(Path(path)), len(ids)))
-            stream += ids
-        streams.append(stream[:settings.tokens_per_expert])
+            used = ids[:remaining]
+            records.append(TextRecord(group.name, path, Path(path).stat().st_size, sha256_file(Path(path)), len(used)))
+            stream += used
+        streams.append(stream)
     return streams, records
 
 
