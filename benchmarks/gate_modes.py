@@ -1,10 +1,13 @@
-"""Which gate mode routes best? The demo recipe built under every gate mode, evaluated per domain.
+"""Which gate mode routes best, and what router training adds? The demo recipe built every way, per domain.
 
 For each gate mode the demo recipe (three tiny experts fine-tuned on code, arithmetic and cooking
-texts) is built by the real workflow (``snakemake eval``) and its MoE's held-out perplexity is
-divided by the oracle's (on each domain, the best dense expert): 1.0 means the routers lose
-nothing. mergekit-moe's routers for the same recipe, and routers trained on the train splits
-(every other weight frozen), are evaluated the same way for comparison.
+texts) is built by the real workflow (``snakemake eval``) without router training, and the best prompt
+mode's routers trained by the workflow's own stage (``router_training``: ``layerwise`` and
+``end_to_end``); each MoE's held-out perplexity is divided by the oracle's (on each domain, the best
+dense expert): 1.0 means the routers lose nothing. mergekit-moe's routers for the same recipe are
+evaluated the same way for comparison. The prompt-based and trained routers are also evaluated on the
+same domains written in another style (``benchmarks/restyled/``: code in another idiom, arithmetic
+as question and working, recipes in prose), where trained routers must not do worse.
 
     python benchmarks/gate_modes.py                    # writes the table into benchmarks/README.md
     python benchmarks/gate_modes.py --no-peer          # without mergekit-moe
@@ -31,26 +34,34 @@ README = REPO / "benchmarks" / "README.md"
 RESULTS = REPO / "benchmarks" / "results" / "gate_modes.json"
 BEGIN, END = "<!-- gate-modes:begin -->", "<!-- gate-modes:end -->"
 PEER = REPO / ".venv-mergekit" / "bin" / "mergekit-moe"
-#: merge name -> recipe changes; every other key is the demo recipe's.
+#: The best prompt mode: the starting point of the trained routers.
+TRAINED_FROM = {"gate_mode": "router_input", "token_reduction": "mean"}
+#: merge name -> recipe changes; every other key is the demo recipe's (its router training only where named).
 MODES: dict[str, dict[str, Any]] = {
     "hidden": {"gate_mode": "hidden"},
     "hidden_avg": {"gate_mode": "hidden_avg"},
     "cheap_embed": {"gate_mode": "cheap_embed"},
     "router_input-last": {"gate_mode": "router_input", "token_reduction": "last"},
-    "router_input-mean": {"gate_mode": "router_input", "token_reduction": "mean"},
+    "router_input-mean": TRAINED_FROM,
     "random": {"gate_mode": "random"},
+    "trained-layerwise": {**TRAINED_FROM, "router_training": {"method": "layerwise"}},
+    "trained-end_to_end": {**TRAINED_FROM, "router_training": {"method": "end_to_end"}},
 }
 #: The modes mergekit-moe has, built by it from the same recipe.
 PEER_MODES = ("hidden", "hidden_avg", "cheap_embed")
-#: Routers trained from the best prompt mode's MoE: how much better routing can get.
-TRAINED_FROM = "router_input-mean"
-ROUTER_PARAMETER = "mlp.gate.weight"
+#: The routers compared on the restyled texts: the best prompt mode and its trained versions.
+RESTYLED_MODES = ("router_input-mean", "trained-layerwise", "trained-end_to_end")
+RESTYLED = REPO / "benchmarks" / "restyled"
 
 
 def recipe_for(changes: dict[str, Any]) -> dict[str, Any]:
     """The demo recipe with one gate mode's settings (token_reduction only where it applies)."""
     recipe = yaml.safe_load(DEMO_RECIPE.read_text())
     recipe.pop("token_reduction", None)
+    if "router_training" not in changes:
+        recipe.pop("router_training", None)
+        for expert in recipe["experts"]:
+            expert.pop("train_texts", None)
     return {**recipe, **changes}
 
 
@@ -69,15 +80,15 @@ def build_all(work: Path, cores: int) -> None:
     subprocess.run(command, check=True, stdin=subprocess.DEVNULL)
 
 
-def evaluate_dir(work: Path, model_dir: Path) -> dict[str, Any]:
-    """The evaluation report of a model directory built outside the workflow, against the demo's models."""
+def evaluate_dir(work: Path, model_dir: Path, domains: dict[str, Path] | None = None) -> dict[str, Any]:
+    """The evaluation report of a model directory against the demo's models, on the held-out texts or others."""
     from moeforge.check.evaluate import EvalOptions, evaluate
     from moeforge.demo.tiny_models import DEMO_EXPERTS
     from moeforge.io.domains import heldout_paths
 
     demo = work / "resources" / "demo"
-    return evaluate(model_dir, demo / "base", {name: demo / name for name in DEMO_EXPERTS}, heldout_paths(),
-                    EvalOptions())
+    return evaluate(model_dir, demo / "base", {name: demo / name for name in DEMO_EXPERTS},
+                    domains or heldout_paths(), EvalOptions())
 
 
 def peer_merge(work: Path, peer: Path, mode: str) -> Path:
@@ -89,30 +100,6 @@ def peer_merge(work: Path, peer: Path, mode: str) -> Path:
     subprocess.run([str(peer), str(recipe), str(out), "--device", "cpu", "--quiet",
                     "--i-understand-this-is-not-useful-without-training"],
                    check=True, cwd=work, stdin=subprocess.DEVNULL)
-    return out
-
-
-def train_routers(work: Path, source: Path, steps: int) -> Path:
-    """``source`` with only its routers trained on the domains' train splits (next-token loss), saved."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from moeforge.demo.tiny_models import TOKENIZER_FILES
-    from moeforge.demo.training import TrainingPlan, domain_tokens, reproducible, train
-    from moeforge.io.domains import DOMAINS
-
-    plan = TrainingPlan()
-    tokens = domain_tokens(source)
-    out = work / "trained-routers"
-    with reproducible(plan.threads):
-        model = AutoModelForCausalLM.from_pretrained(str(source), dtype=torch.float32)
-        for name, parameter in model.named_parameters():
-            parameter.requires_grad_(name.endswith(ROUTER_PARAMETER))
-        train(model, [tokens[d] for d in DOMAINS], steps, plan.finetune_lr, plan, model.config.bos_token_id,
-              plan.seed, "training the routers")
-        model.save_pretrained(str(out))
-    for name in TOKENIZER_FILES:
-        shutil.copyfile(source / name, out / name)
     return out
 
 
@@ -130,17 +117,19 @@ def table(rows: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines) + f"\n\nOracle perplexity: {oracle}. Base: {base}.\n"
 
 
-def section(rows: dict[str, dict[str, Any]], router_steps: int) -> str:
-    """The README section: what was measured, how to rerun it, the table."""
+def section(rows: dict[str, dict[str, Any]], restyled: dict[str, dict[str, Any]]) -> str:
+    """The README section: what was measured, how to rerun it, the tables."""
     return (
         "## Gate modes compared\n\n"
         "`python benchmarks/gate_modes.py` builds the demo recipe (`config/recipes/demo.yaml`: three tiny experts, "
         "each the demo base with its MLP fine-tuned on one domain) under every gate mode with the real workflow "
         "(`snakemake eval`), mergekit-moe 0.1.5's routers for the same recipe (`.venv-mergekit`), and the "
-        f"`{TRAINED_FROM}` MoE with only its routers trained for {router_steps} steps on the domains' train splits "
-        "(next-token loss, every other weight frozen). Each cell is the MoE's held-out perplexity divided by the "
-        "oracle's (on that domain, the best dense expert): 1.000 means the routers lose nothing. Sorted by the "
-        "worst domain.\n\n" + table(rows)
+        "`router_input-mean` MoE with its routers trained by the workflow's `router_training` stage on the "
+        "domains' train splits (`trained-layerwise`, `trained-end_to_end`, default settings). Each cell is the "
+        "MoE's held-out perplexity divided by the oracle's (on that domain, the best dense expert): 1.000 means "
+        "the routers lose nothing. Sorted by the worst domain.\n\n" + table(rows) +
+        "\nThe same domains written in another style (`benchmarks/restyled/`: code in another idiom, arithmetic "
+        "as question and working, recipes in prose), MoE / oracle as above:\n\n" + table(restyled)
     )
 
 
@@ -174,7 +163,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--work", type=Path, default=REPO / "benchmarks" / ".data" / "gate_modes")
     parser.add_argument("--cores", type=int, default=2)
     parser.add_argument("--no-peer", action="store_true", help="skip mergekit-moe")
-    parser.add_argument("--router-steps", type=int, default=800, help="training steps of the trained routers")
     args = parser.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
@@ -184,11 +172,14 @@ def main(argv: list[str] | None = None) -> None:
     if not args.no_peer:
         for mode in PEER_MODES:
             rows[f"mergekit-moe {mode}"] = evaluate_dir(args.work, peer_merge(args.work, PEER, mode))
-    trained = train_routers(args.work, args.work / f"results/{TRAINED_FROM}/model", args.router_steps)
-    rows[f"{TRAINED_FROM}, routers trained {args.router_steps} steps"] = evaluate_dir(args.work, trained)
-    RESULTS.write_text(json.dumps(portable(rows), indent=2, sort_keys=True) + "\n")
-    write_readme_section(section(rows, args.router_steps))
+    restyled_texts = {path.stem: path for path in sorted(RESTYLED.glob("*.txt"))}
+    restyled = {f"moeforge {name}": evaluate_dir(args.work, args.work / f"results/{name}/model", restyled_texts)
+                for name in RESTYLED_MODES}
+    RESULTS.write_text(json.dumps({"heldout": portable(rows), "restyled": portable(restyled)}, indent=2,
+                                  sort_keys=True) + "\n")
+    write_readme_section(section(rows, restyled))
     print(table(rows))
+    print(table(restyled))
     print(f"done in {time.monotonic() - started:.0f} s")
 
 

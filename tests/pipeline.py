@@ -26,6 +26,7 @@ from moeforge.plan.plan_json import Plan
 from moeforge.plan.table import ROUTERS_SHARD
 from moeforge.plan.translate import translate
 from moeforge.plan.validate import validate_merge
+from moeforge.train.stage import train_routers
 
 
 @dataclass
@@ -82,14 +83,22 @@ def build(root: Path, recipe: dict[str, Any], merge: str = "m") -> Build:
         fetch_weights(model / "weights.json", weights[-1], cache)
     base_weights = meta[recipe["base_model"]].parent / "weights.json"
     gates_for_plan(out / "plan.json", base_weights, out / "gates.safetensors", out / "gates.json")
-    shards, digests = [], []
-    for shard in plan.shards:
-        path = out / "shards" / f"{shard}.safetensors"
-        digests.append(shard_step(out / "plan.tensors.tsv", shard, weights,
-                                  out / "gates.safetensors" if shard == ROUTERS_SHARD else None, path,
-                                  path.with_suffix(".sha256")))
-        shards.append(path)
-    assemble(out / "plan.json", shards, digests, out / "config", meta[recipe["base_model"]], weights, out / "model")
+    paths = {shard: out / "shards" / f"{shard}.safetensors" for shard in plan.shards}
+    digests = {}
+    for shard in [s for s in plan.shards if s != ROUTERS_SHARD]:
+        digests[shard] = shard_step(out / "plan.tensors.tsv", shard, weights, None, paths[shard],
+                                    paths[shard].with_suffix(".sha256"))
+    routers, training = out / "gates.safetensors", []
+    if plan.recipe.router_training is not None:
+        routers, training = out / "routers" / "trained.safetensors", [out / "routers" / "report.json"]
+        train_routers(
+            out / "plan.json", out / "plan.tensors.tsv", out / "gates.safetensors", [paths[s] for s in digests],
+            out / "config", meta[recipe["base_model"]], routers, training[0], training[0].with_suffix(".md"),
+            out / "routers" / "training.png")
+    digests[ROUTERS_SHARD] = shard_step(out / "plan.tensors.tsv", ROUTERS_SHARD, weights, routers,
+                                        paths[ROUTERS_SHARD], paths[ROUTERS_SHARD].with_suffix(".sha256"))
+    assemble(out / "plan.json", [paths[s] for s in plan.shards], [digests[s] for s in plan.shards], out / "config",
+             meta[recipe["base_model"]], weights, out / "model", training)
     return Build(root=root, plan=plan, model_dir=out / "model", meta=meta)
 
 

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from moeforge.check.evaluate import EvalOptions, evaluate, render_markdown
 from moeforge.demo.tiny_models import DEMO_EXPERTS, build_demo
 from moeforge.errors import RecipeError
-from moeforge.io.domains import DOMAINS, domain_text, heldout_paths
+from moeforge.io.domains import DOMAINS, domain_path, domain_text, heldout_paths
 from moeforge.io.files import dumps_json
 from pipeline import build
 
@@ -30,11 +30,13 @@ OWN_VS_OTHERS = 0.5
 
 
 def demo_recipe(demo: dict[str, Path], **changes) -> dict:
-    """The shipped demo recipe with its model paths pointing at ``demo``."""
+    """The shipped demo recipe with its model paths pointing at ``demo`` and its train texts at the packaged
+    train splits (which the workflow's demo_texts rule writes where the recipe names them)."""
     recipe = yaml.safe_load((REPO / "config/recipes/demo.yaml").read_text())
     recipe["base_model"] = str(demo["base"])
-    for expert, name in zip(recipe["experts"], DEMO_EXPERTS, strict=True):
+    for expert, name, domain in zip(recipe["experts"], DEMO_EXPERTS, DOMAINS, strict=True):
         expert["source_model"] = str(demo[name])
+        expert["train_texts"] = [str(domain_path(domain, "train"))]
     return {**recipe, **changes}
 
 

@@ -115,6 +115,22 @@ def test_demo_builds_a_loadable_checked_model(demo):
 
 
 @pytest.mark.slow
+def test_the_demo_trains_its_routers_and_its_lock_holds_the_texts(demo):
+    from moeforge.io.files import sha256_file
+
+    out = demo / "results/demo"
+    report = json.loads((out / "routers/report.json").read_text())
+    assert report["settings"]["method"] == "layerwise" and len(report["layers"]) == 4
+    assert all(row["heldout_after"]["all"] > row["heldout_before"]["all"] for row in report["layers"])
+    assert (out / "routers/report.md").is_file() and (out / "routers/training.png").stat().st_size > 1000
+    texts = {f"resources/demo/texts/{d}.txt" for d in ("code", "math", "cooking")}
+    lock = json.loads((demo / MODEL / "moeforge.lock.json").read_text())
+    assert {t["path"]: t["sha256"] for t in lock["train_texts"]} == {t: sha256_file(demo / t) for t in texts}
+    summary = (demo / "first-run.stderr").read_text().split("moeforge summary", 1)[1]
+    assert "  routers     trained (layerwise): held-out routing accuracy" in summary
+
+
+@pytest.mark.slow
 def test_the_checked_model_is_published_as_hard_links(demo):
     """model/ holds the staging model's files themselves (same inodes, no byte copied), and a copy of the lock,
     the publish step's own output; the smoke test read the staging model."""

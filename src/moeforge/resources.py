@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from moeforge.io.safetensors_file import ITEMSIZE, TORCH_NAME
 from moeforge.plan.plan_json import Plan
-from moeforge.runtime.memory_budget import MIB, whole_model_mb
+from moeforge.runtime.memory_budget import MIB, end_to_end_training_bytes, whole_model_mb
 
 #: Above this float32 footprint the smoke test generates in the model's own dtype.
 FLOAT32_SMOKE_LIMIT = 8 << 30
@@ -106,3 +106,19 @@ def reproduce_mem_mb(plan: Plan | None) -> int:
         return 1000
     largest = max(plan.shard_bytes["globals"], plan.layer_bytes / max(1, plan.num_experts))
     return int(1000 + 2.5 * largest / MIB)
+
+
+def train_mem_mb(plan: Plan | None) -> int:
+    """Router training: ``layerwise`` streams like the gates and holds its windows' activations (hidden states,
+    the captured router inputs and their float32 copy: 4 x tokens x hidden); ``end_to_end`` holds the whole model
+    in float32 (the job refuses itself, with the numbers, when its budget is smaller)."""
+    if not plan or plan.recipe.router_training is None:
+        return layer_mem_mb(plan)
+    settings = plan.recipe.router_training
+    if settings.method == "end_to_end":
+        need = end_to_end_training_bytes(plan.total_bytes * 4 // ITEMSIZE[plan.dtype_out], plan.hidden_size,
+                                         plan.num_layers, plan.base_params["vocab_size"],
+                                         settings.batch_size * settings.seq_len)
+        return int(need / MIB) + 1
+    activations = 4 * 4 * settings.tokens_per_expert * len(plan.recipe.gate_groups()) * plan.hidden_size
+    return layer_mem_mb(plan) + int(activations / MIB)

@@ -11,6 +11,8 @@ rule assemble:
         translation="results/{merge}/config/translation.json",
         base_meta=lambda wc: f"resources/models/{base_slug(wc)}/meta",
         hashes=weight_hashes,
+        # The training texts' sha256, for the lock (router_training only).
+        training=router_training_report,
         # No model directory unless the plan passed the check against the transformers class.
         checked="results/{merge}/class_check.json",
     output:

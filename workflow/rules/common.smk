@@ -114,6 +114,27 @@ def weight_records(wildcards):
     return [f"results/{wildcards.merge}/weights/{s}.json" for s in merge_slugs(wildcards)]
 
 
+def routers_source(merge):
+    """The routers' file: the trained routers when the recipe trains them, else the gates."""
+    trained = RECIPES[merge].router_training is not None
+    return f"results/{merge}/routers/trained.safetensors" if trained else f"results/{merge}/gates.safetensors"
+
+
+def train_texts(wildcards):
+    """The recipe's train_texts that are there or that the demo writes; one missing is the training job's to
+    report (naming its expert), not a missing-input error."""
+    demo = set(map(str, rules.demo_texts.output))
+    recipe = RECIPES[wildcards.merge]
+    paths = [path for group in recipe.gate_groups() for path in group.train_texts]
+    return [path for path in dict.fromkeys(paths) if os.path.normpath(path) in demo or Path(path).is_file()]
+
+
+def router_training_report(wildcards):
+    """The router training report, whose text records the lock keeps; nothing without router_training."""
+    trained = RECIPES[wildcards.merge].router_training is not None
+    return [f"results/{wildcards.merge}/routers/report.json"] if trained else []
+
+
 def verify_inputs(wildcards):
     """A model to verify: its lock, and every file the lock lists that is there (a missing file, or a lock
     that cannot be read, is the verify job's to report, naming it)."""
@@ -232,6 +253,12 @@ def all_shards(wildcards):
     ]
 
 
+def shards_but_routers(wildcards):
+    """The merge's shards that router training reads: all but the routers shard, which it comes before."""
+    shards = plan_of(wildcards.merge).shards
+    return [path for shard, path in zip(shards, all_shards(wildcards), strict=True) if shard != ROUTERS_SHARD]
+
+
 def all_shard_digests(wildcards):
     return [path.replace(".safetensors", ".sha256") for path in all_shards(wildcards)]
 
@@ -308,6 +335,10 @@ def published_compare_mem_mb(wildcards, input, attempt):
 
 def gates_threads(wildcards, input):
     return job_resources.gates_threads(_plan_beside(input.plan))
+
+
+def train_mem_mb(wildcards, input, attempt):
+    return job_resources.train_mem_mb(_plan_beside(input.plan)) * attempt
 
 
 def layer_mem_mb(wildcards, input, attempt):

@@ -18,3 +18,21 @@ rule demo_models:
         root=lambda wc, output: Path(output.base).parent,
     script:
         "../scripts/demo_models.py"
+
+
+# The demo experts' training texts (the packaged train splits), where the demo recipe's train_texts name them.
+rule demo_texts:
+    output:
+        code=f"{DEMO_ROOT}/texts/code.txt",
+        math=f"{DEMO_ROOT}/texts/math.txt",
+        cooking=f"{DEMO_ROOT}/texts/cooking.txt",
+    log:
+        "logs/demo_texts.log",
+    localrule: True
+    resources:
+        mem_mb=500,
+        runtime=5,
+    params:
+        root=lambda wc, output: Path(output.code).parent,
+    script:
+        "../scripts/demo_texts.py"

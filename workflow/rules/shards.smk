@@ -28,7 +28,8 @@ rule routers_shard:
     input:
         plan="results/{merge}/plan.json",
         tensors="results/{merge}/plan.tensors.tsv",
-        gates="results/{merge}/gates.safetensors",
+        # The trained routers when the recipe trains them, else the gates.
+        gates=lambda wc: routers_source(wc.merge),
     output:
         shard=temp(f"results/{{merge}}/shards/{ROUTERS_SHARD}.safetensors"),
         digest=temp(f"results/{{merge}}/shards/{ROUTERS_SHARD}.sha256"),

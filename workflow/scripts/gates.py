@@ -12,8 +12,7 @@ from moeforge.runner import run
 
 def _step(s) -> None:
     class_check(Path(s.input.plan), Path(s.input.tensors), Path(s.input.config), Path(s.output.checked))
-    gates_for_plan(Path(s.input.plan), Path(s.input.base_weights), Path(s.output.tensors), Path(s.output.stats),
-                   threads=s.threads)
+    gates_for_plan(Path(s.input.plan), Path(s.input.base_weights), Path(s.output.tensors), Path(s.output.stats))
 
 
 run(snakemake, _step)  # noqa: F821

@@ -132,14 +132,23 @@ def model_card(plan: Plan, translation: Mapping[str, Any], sources: Mapping[str,
     for i, e in enumerate(recipe["experts"]):
         lines.append(f"| {i} | {cell(e['name'])} | {code(e['source_model'], in_table=True)} | "
                      f"{_prompts_cell(e['positive_prompts'])} | {_prompts_cell(e['negative_prompts'])} |")
-    lines += ["", "## Routing", "", f"Gate mode: `{recipe['gate_mode']}`, seed {recipe['seed']}.", "",
-              "## Config translation", ""]
+    lines += ["", "## Routing", "", f"Gate mode: `{recipe['gate_mode']}`, seed {recipe['seed']}." + _training_line(recipe),
+              "", "## Config translation", ""]
     for d in translation["decisions"]:
         lines.append(f"- {code(d['field'])} = {code(json.dumps(d['value']))}: {d['why']}")
     lines += ["", "## Recipe", "", *fenced(yaml.safe_dump(recipe, sort_keys=False, allow_unicode=True).rstrip(), "yaml"),
               ""]
     lines += _card_lock(plan.merge, sources, names)
     return "\n".join(lines)
+
+
+def _training_line(recipe: Mapping[str, Any]) -> str:
+    """The router training, when the recipe has it: the routers are not the gate mode's any more."""
+    training = recipe.get("router_training")
+    if not training:
+        return ""
+    return (f" The routers were then trained on the experts' texts (`{training['method']}`, {training['steps']} "
+            "steps, every other weight frozen; the lock records each text's sha256).")
 
 
 def _prompts_cell(prompts: Sequence[str]) -> str:
@@ -159,11 +168,13 @@ def _sources_lock(plan: Plan, hashes: Sequence[Path]) -> dict[str, Any]:
 
 
 def assemble(plan_json: Path, shards: Sequence[Path], shard_digests: Sequence[str], config_dir: Path,
-             base_meta: Path, hashes: Sequence[Path], out_dir: Path) -> dict[str, Any]:
+             base_meta: Path, hashes: Sequence[Path], out_dir: Path,
+             training_reports: Sequence[Path] = ()) -> dict[str, Any]:
     """Build out_dir atomically; returns the lock record.
 
     `shard_digests` are the shards' sha256 as their jobs computed them; `hashes` are the
-    weights.sha256.json records of the sources.
+    weights.sha256.json records of the sources; `training_reports` the router training's report (when the
+    recipe trains the routers), whose record of each training text (path, size, sha256) the lock keeps.
     """
     plan = read_plan(plan_json)
     translation = json.loads((config_dir / "translation.json").read_text())
@@ -182,6 +193,9 @@ def assemble(plan_json: Path, shards: Sequence[Path], shard_digests: Sequence[st
         lock = {"moeforge_lock_version": LOCK_VERSION, "merge": plan.merge, "recipe": plan.recipe.to_dict(),
                 "seed": plan.recipe.seed, "output_family": plan.output_family,
                 "sources": sources, "libraries": library_versions(), "files": files}
+        for report in training_reports:
+            lock["train_texts"] = [{k: text[k] for k in ("expert", "path", "size", "sha256")}
+                                   for text in json.loads(Path(report).read_text())["texts"]]
         for path in tmp.iterdir():
             path.chmod(0o444)
         # Writable: the lock is the staging model's declared output, which Snakemake refuses to replace when

@@ -21,7 +21,6 @@ predicts. A tail shorter than a window is left out, so every model sees exactly 
 
 from __future__ import annotations
 
-import codecs
 import hashlib
 import math
 from collections.abc import Mapping
@@ -36,6 +35,7 @@ from moeforge.errors import BuildError, RecipeError
 from moeforge.io.fetch import weight_dirs_from
 from moeforge.io.files import read_json, shown_path, write_json, write_text
 from moeforge.io.hf_load import load_tokenizer
+from moeforge.io.text_prefix import prefix_ids
 from moeforge.numbers import fmt, report_number
 from moeforge.plan.plan_json import read_plan
 from moeforge.resources import EVAL_LOGITS_CHUNK_BYTES
@@ -83,40 +83,13 @@ def domain_windows(ids: list[int], bos: int | None, opts: EvalOptions, where: st
     return torch.tensor([prefix + ids[i * width:(i + 1) * width] for i in range(count)], dtype=torch.long)
 
 
-#: Tokens read past ``max_tokens`` before the first ``max_tokens`` are taken: a text cut mid-word tokenizes
-#: differently only at its end, so these make the kept tokens the ones the whole text gives.
-TOKEN_MARGIN = 64
-#: Bytes first read per token wanted; the read grows fourfold until enough tokens come (or the file ends).
-BYTES_PER_TOKEN = 8
-
-
 def domain_ids(tokenizer: Any, name: str, path: Path, max_tokens: int) -> list[int]:
     """The first ``max_tokens`` tokens of a domain's text, reading only as much of the file as they need, so
     the memory and time of the stage do not grow with the file (a missing or undecodable file is one error
     naming the domain)."""
     if not path.is_file():
         raise RecipeError("no such file", f"eval domain {name} ({path})", _DOMAIN_FIX)
-    want = max_tokens + TOKEN_MARGIN
-    nbytes = want * BYTES_PER_TOKEN
-    while True:
-        text, complete = _utf8_prefix(path, nbytes, f"eval domain {name} ({path})")
-        ids = tokenizer(text, add_special_tokens=False).input_ids
-        if complete or len(ids) >= want:
-            return ids[:max_tokens]
-        nbytes *= 4
-
-
-def _utf8_prefix(path: Path, nbytes: int, where: str) -> tuple[str, bool]:
-    """The file's first ``nbytes`` bytes as text (a character cut at the end left out), and whether that is all."""
-    with open(path, "rb") as fh:
-        data = fh.read(nbytes)
-        complete = len(data) < nbytes or not fh.read(1)
-    try:
-        return codecs.getincrementaldecoder("utf-8")().decode(data, final=complete), complete
-    except UnicodeDecodeError as exc:
-        line = data.count(b"\n", 0, exc.start) + 1
-        raise RecipeError(f"not UTF-8 text (byte 0x{data[exc.start]:02x} at position {exc.start}, line {line})",
-                          where, _DOMAIN_FIX) from None
+    return prefix_ids(tokenizer, path, max_tokens, f"eval domain {name} ({path})", RecipeError, _DOMAIN_FIX)
 
 
 def score(model_dir: Path, windows: Mapping[str, torch.Tensor], opts: EvalOptions) -> dict[str, Scores]:

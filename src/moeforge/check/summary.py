@@ -46,6 +46,16 @@ def _gguf(report: dict[str, Any]) -> str:
             "unsupported": "not supported for this architecture"}.get(status, str(status))
 
 
+def _routers(report: dict[str, Any]) -> str:
+    layers = report.get("layers") or []
+    if not layers:
+        return "no layer trained"
+    before = min(row["heldout_before"]["all"] for row in layers)
+    after = min(row["heldout_after"]["all"] for row in layers)
+    return (f"trained ({report['settings']['method']}): held-out routing accuracy {before:.2f} -> {after:.2f} "
+            f"(worst layer, {len(layers)} layer(s))")
+
+
 def _reproduce(report: dict[str, Any]) -> str:
     return str(report.get("verdict", "no verdict"))
 
@@ -53,6 +63,7 @@ def _reproduce(report: dict[str, Any]) -> str:
 #: (label, report under results/<merge>/, how its verdict reads)
 CHECKS: tuple[tuple[str, str, Callable[[dict[str, Any]], str]], ...] = (
     ("smoke test", "smoke/report.json", _smoke),
+    ("routers", "routers/report.json", _routers),
     ("evaluation", "eval/report.json", _eval),
     ("gguf", "gguf/report.json", _gguf),
     ("reproduce", "reproduce/report.json", _reproduce),

@@ -67,26 +67,31 @@ def domain_tokens(tokenizer_dir: Path) -> dict[str, torch.Tensor]:
     return {d: torch.tensor(tokenizer.encode(domain_text(d, "train")).ids, dtype=torch.long) for d in DOMAINS}
 
 
-def sample_batch(streams: list[torch.Tensor], plan: TrainingPlan, bos_id: int,
+def sample_batch(streams: list[torch.Tensor], plan: TrainingPlan, bos_id: int | None,
                  generator: torch.Generator) -> torch.Tensor:
-    """``batch_size`` windows, each from a stream chosen at random, at a random offset, after a bos."""
+    """``batch_size`` windows, each from a stream chosen at random, at a random offset, after a bos (for a
+    tokenizer that has one: Qwen's has none)."""
+    prefix = torch.tensor([] if bos_id is None else [bos_id], dtype=torch.long)
+    body = plan.seq_len - len(prefix)
     rows = []
     for _ in range(plan.batch_size):
         stream = streams[int(torch.randint(len(streams), (1,), generator=generator))]
         start = int(torch.randint(len(stream) - plan.seq_len + 1, (1,), generator=generator))
-        rows.append(torch.cat([torch.tensor([bos_id]), stream[start:start + plan.seq_len - 1]]))
+        rows.append(torch.cat([prefix, stream[start:start + body]]))
     return torch.stack(rows)
 
 
 def train(model: torch.nn.Module, streams: list[torch.Tensor], steps: int, lr: float, plan: TrainingPlan,
-          bos_id: int, seed: int, what: str) -> None:
-    """Next-token training of the parameters that require gradients, with AdamW and a linear decay; ``what``
-    names it in the progress lines (the demo's four trainings take most of its first minute)."""
+          bos_id: int | None, seed: int, what: str) -> list[float]:
+    """Next-token training of the parameters that require gradients, with AdamW and a linear decay; the loss
+    at every step. ``what`` names it in the progress lines (the demo's four trainings take most of its first
+    minute)."""
     generator = torch.Generator().manual_seed(seed)
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / steps)
     model.train()
+    losses = []
     for _ in tracked(range(steps), what, steps, "steps"):
         ids = sample_batch(streams, plan, bos_id, generator)
         loss = model(input_ids=ids, labels=ids).loss
@@ -95,7 +100,9 @@ def train(model: torch.nn.Module, streams: list[torch.Tensor], steps: int, lr: f
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
         schedule.step()
+        losses.append(float(loss.detach()))
     model.eval()
+    return losses
 
 
 def pretrain(model: torch.nn.Module, tokens: dict[str, torch.Tensor], plan: TrainingPlan, bos_id: int) -> None:

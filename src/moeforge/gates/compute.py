@@ -72,6 +72,7 @@ from moeforge.numbers import report_number
 from moeforge.plan.plan_json import read_plan
 from moeforge.plan.prompts import render_prompt
 from moeforge.plan.recipe import PROMPTLESS_GATE_MODES, Recipe
+from moeforge.resources import gates_threads
 from moeforge.runtime.devices import require_device
 from moeforge.runtime.layerwise import (
     input_embeddings,
@@ -468,10 +469,14 @@ def _tensor_sort_key(name: str) -> tuple:
     return tuple((0, int(p)) if p.isdigit() else (1, p) for p in name.split("."))
 
 
-def gates_for_plan(plan_json: Path, base_weights: Path, out_tensors: Path, out_stats: Path, threads: int = 1) -> None:
-    """The gates step: the routers a plan's recipe asks for, from the base model's weights."""
-    torch.set_num_threads(max(1, threads))
+def gates_for_plan(plan_json: Path, base_weights: Path, out_tensors: Path, out_stats: Path) -> None:
+    """The gates step: the routers a plan's recipe asks for, from the base model's weights.
+
+    The thread count follows from the plan alone, never from the cores the job was given (``--cores``):
+    another count may sum in another order, and a rerun must give the same bytes.
+    """
     plan = read_plan(plan_json)
+    torch.set_num_threads(gates_threads(plan))
     require_device(plan.recipe.gate_device, "gate_device")
     tensors, stats = compute_gates(weights_dir_of(base_weights), plan.recipe)
     # Stored in the output dtype, so shard jobs copy router bytes as they are (no torch there);

@@ -35,6 +35,17 @@ def domain_text(domain: str, split: str) -> str:
     return domain_path(domain, split).read_text(encoding="utf-8")
 
 
+def write_train_splits(out_dir: Path) -> list[Path]:
+    """Each domain's train split as ``{out_dir}/{domain}.txt``: files a recipe's train_texts can name."""
+    from moeforge.io.files import write_text
+
+    paths = []
+    for domain in DOMAINS:
+        paths.append(Path(out_dir) / f"{domain}.txt")
+        write_text(paths[-1], domain_text(domain, "train"))
+    return paths
+
+
 def heldout_paths() -> dict[str, Path]:
     """Domain name -> held-out text: the evaluation's default domains."""
     return {domain: domain_path(domain, "heldout") for domain in DOMAINS}

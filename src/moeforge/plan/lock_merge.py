@@ -66,11 +66,14 @@ def pinned_recipe(lock: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _local_files(lock: Mapping[str, Any]) -> Iterator[tuple[str, Path, Mapping[str, Any]]]:
-    """(reference, path on this machine, recorded file) for every weight file of every local source."""
+    """(reference, path on this machine, recorded file) for every weight file of every local source, and every
+    router training text (which trains the routers as much as the weights make the experts)."""
     for source in lock["sources"].values():
         if source["kind"] == "local":
             for record in source["files"]:
                 yield source["ref"], Path(source["ref"]).expanduser() / record["name"], record
+    for record in lock.get("train_texts", []):
+        yield f"{record['expert']}'s train_texts", Path(record["path"]).expanduser(), record
 
 
 def check_local_sizes(lock: Mapping[str, Any], where: str) -> None:

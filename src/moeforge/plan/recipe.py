@@ -39,6 +39,40 @@ class ExpertSpec:
     negative_prompts: tuple[str, ...] = ()
     noise_scale: float | None = None
     residual_scale: float | None = None
+    train_texts: tuple[str, ...] = ()
+
+
+#: Per-method defaults of the settings the recipe leaves unset: ``layerwise`` converges in a few hundred
+#: full-batch steps per layer (its loss moves by under 5% after step 100 on the demo) and holds its tokens'
+#: router inputs, so it reads fewer; ``end_to_end`` takes one small batch per step and streams its tokens, and
+#: gains from more of both; ``label_smoothing`` keeps the layerwise classifier from routing text of another style
+#: more confidently than prompt routers do, and means nothing to next-token training (docs/training.md).
+METHOD_DEFAULTS = {"layerwise": {"steps": 200, "tokens_per_expert": 8192, "label_smoothing": 0.3},
+                   "end_to_end": {"steps": 800, "tokens_per_expert": 65536, "label_smoothing": 0.0}}
+
+
+@dataclass(frozen=True)
+class RouterTraining:
+    """moeforge's ``router_training:`` settings, every default explicit (docs/recipe.md says what each does).
+
+    ``steps`` and ``learning_rate`` are per layer for ``layerwise`` (full-batch steps on the layer's router
+    inputs) and for the whole model for ``end_to_end`` (one batch of ``batch_size`` windows per step), so an
+    unset ``steps`` and ``tokens_per_expert`` default per method (``METHOD_DEFAULTS``).
+    ``tokens_per_expert`` bounds what is read of each expert's texts; a ``heldout_fraction`` of its windows
+    is kept out of training to measure routing accuracy.
+    """
+
+    method: str = "layerwise"
+    steps: int = 200
+    learning_rate: float = 0.01
+    label_smoothing: float = 0.3
+    seed: int = 0
+    tokens_per_expert: int = 8192
+    seq_len: int = 64
+    batch_size: int = 16
+    heldout_fraction: float = 0.1
+    device: str = "cpu"
+    memory_gb: float | None = None
 
 
 @dataclass(frozen=True)
@@ -67,6 +101,7 @@ class Recipe:
     trust_remote_code: bool = False
     smoke_prompts: tuple[str, ...] = ()
     max_new_tokens: int | None = None
+    router_training: RouterTraining | None = None
     source_models: tuple[str, ...] = field(init=False, default=())
 
     def __post_init__(self) -> None:
@@ -85,6 +120,8 @@ class Recipe:
         """The Recipe that ``to_dict`` wrote (plan.json checks its form against the plan schema first)."""
         fields = {k: v for k, v in data.items() if k not in ("experts", "shared_experts")}
         fields["smoke_prompts"] = tuple(fields.get("smoke_prompts", ()))
+        if fields.get("router_training") is not None:
+            fields["router_training"] = RouterTraining(**fields["router_training"])
         return cls(experts=_typed_experts(data["experts"]), shared_experts=_typed_experts(data["shared_experts"]),
                    **fields)
 
@@ -98,7 +135,8 @@ class Recipe:
             return None
         return ExpertSpec(source_model=", ".join(e.source_model for e in self.shared_experts), name="shared",
                           positive_prompts=tuple(p for e in self.shared_experts for p in e.positive_prompts),
-                          negative_prompts=tuple(p for e in self.shared_experts for p in e.negative_prompts))
+                          negative_prompts=tuple(p for e in self.shared_experts for p in e.negative_prompts),
+                          train_texts=tuple(t for e in self.shared_experts for t in e.train_texts))
 
     def gate_groups(self) -> tuple[ExpertSpec, ...]:
         """The gate's rows in order: the routed experts, then the fused shared group (when it has a gate)."""
@@ -116,7 +154,8 @@ def _as_lists(value: Any) -> Any:
 
 def _typed_experts(items: list[Mapping[str, Any]]) -> tuple[ExpertSpec, ...]:
     return tuple(ExpertSpec(**{**e, "positive_prompts": tuple(e["positive_prompts"]),
-                               "negative_prompts": tuple(e["negative_prompts"])}) for e in items)
+                               "negative_prompts": tuple(e["negative_prompts"]),
+                               "train_texts": tuple(e.get("train_texts", ()))}) for e in items)
 
 
 #: Every gate mode, in the schema's order: the schema is the one place that lists them.
@@ -142,6 +181,7 @@ def _experts(raw: list[Mapping[str, Any]]) -> tuple[ExpertSpec, ...]:
             positive_prompts=tuple(item.get("positive_prompts") or ()),
             negative_prompts=tuple(item.get("negative_prompts") or ()),
             noise_scale=item.get("noise_scale"), residual_scale=item.get("residual_scale"),
+            train_texts=tuple(item.get("train_texts") or ()),
         ))
     return tuple(out)
 
@@ -202,6 +242,10 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
     if "tie_word_embeddings" in kwargs:
         kwargs["tie_word_embeddings"] = _normalise_tie(kwargs["tie_word_embeddings"])
     kwargs = {k: v for k, v in kwargs.items() if v is not None or k in ("dtype", "router_scale")}
+    if "router_training" in kwargs:
+        settings = kwargs["router_training"]
+        method = settings.get("method", RouterTraining.method)
+        kwargs["router_training"] = RouterTraining(**{**METHOD_DEFAULTS[method], **settings})
     recipe = Recipe(experts=_experts(data["experts"]), shared_experts=_experts(data.get("shared_experts") or []),
                     **kwargs)
     check_recipe(recipe, source)
@@ -226,6 +270,11 @@ def check_recipe(recipe: Recipe, source: str) -> None:
                           f"{source}: token_reduction", "remove token_reduction or use gate_mode router_input")
     if recipe.router_scale is not None:
         _check_router_scale(recipe, source)
+    if recipe.router_training is not None:
+        _check_train_texts(recipe, source)
+        _check_label_smoothing(recipe.router_training, source)
+    else:
+        _refuse_unused_train_texts(recipe, source)
 
 
 def _check_positive_prompts(recipe: Recipe, source: str) -> None:
@@ -240,6 +289,43 @@ def _check_positive_prompts(recipe: Recipe, source: str) -> None:
                 f"({expert.source_model}) has no positive_prompts", f"{source}: {key}[{i}] ({expert.name})",
                 "add positive_prompts to every expert, or use a gate_mode that needs none "
                 f"({', '.join(PROMPTLESS_GATE_MODES)})")
+
+
+def _trained_groups(recipe: Recipe) -> list[tuple[str, int, ExpertSpec]]:
+    """The experts whose texts train a gate row: every routed expert, and the shared experts when their gate
+    has a row (``shared_gate: prompts``)."""
+    groups = [("experts", i, e) for i, e in enumerate(recipe.experts)]
+    if recipe.shared_gate == "prompts":
+        groups += [("shared_experts", i, e) for i, e in enumerate(recipe.shared_experts)]
+    return groups
+
+
+def _check_train_texts(recipe: Recipe, source: str) -> None:
+    """Router training learns each gate row from its expert's texts: an expert without any has no row to learn."""
+    for key, i, expert in _trained_groups(recipe):
+        if not expert.train_texts:
+            raise RecipeError(
+                f"router_training is on, but {expert.name!r} ({expert.source_model}) has no train_texts",
+                f"{source}: {key}[{i}] ({expert.name})",
+                "give every expert train_texts: [paths of UTF-8 text of its domain], or remove router_training")
+
+
+def _check_label_smoothing(settings: RouterTraining, source: str) -> None:
+    """Label smoothing is the layerwise classifier's; end_to_end trains on next-token loss, which has no labels."""
+    if settings.method == "end_to_end" and settings.label_smoothing:
+        raise RecipeError("label_smoothing applies to method layerwise, not end_to_end (next-token loss)",
+                          f"{source}: router_training.label_smoothing", "remove label_smoothing, or use layerwise")
+
+
+def _refuse_unused_train_texts(recipe: Recipe, source: str) -> None:
+    """train_texts without router_training would be read by nothing: most likely router_training was forgotten."""
+    experts = [("experts", i, e) for i, e in enumerate(recipe.experts)]
+    experts += [("shared_experts", i, e) for i, e in enumerate(recipe.shared_experts)]
+    for key, i, expert in experts:
+        if expert.train_texts:
+            raise RecipeError(f"{expert.name!r} has train_texts, but the recipe has no router_training to read them",
+                              f"{source}: {key}[{i}] ({expert.name})",
+                              "add router_training: {method: layerwise} (docs/recipe.md), or remove train_texts")
 
 
 def _check_router_scale(recipe: Recipe, source: str) -> None:

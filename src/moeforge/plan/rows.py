@@ -18,7 +18,7 @@ from moeforge.io.safetensors_file import ITEMSIZE, shape_of
 from moeforge.plan import templates as arch
 from moeforge.plan.recipe import ExpertSpec, Recipe
 from moeforge.plan.sources import FLOAT_DTYPES, Source
-from moeforge.plan.table import GATES_SOURCE, PLAN_COLUMNS, ROUTERS_SHARD, ZEROS_SOURCE, scale_ref
+from moeforge.plan.table import GATES_SOURCE, PLAN_COLUMNS, ROUTERS_SHARD, ZEROS_SOURCE, routers_file, scale_ref
 from moeforge.plan.templates import OutputFamily
 
 #: Width of the all-zero shared expert written when a Qwen2-MoE recipe has none: small, and
@@ -97,10 +97,12 @@ def _zeros_row(target: str, shard: str, shape: tuple[int, ...], dtype_out: str) 
             "shape": ",".join(map(str, shape)), "transform": "zeros", "scale_ref": ""}
 
 
-def _gates_row(target: str, shard: str, name: str, shape: tuple[int, ...], dtype_out: str) -> dict[str, Any]:
-    # The gates rule writes routers in the output dtype: these rows are plain byte copies.
+def _gates_row(target: str, shard: str, name: str, shape: tuple[int, ...], dtype_out: str,
+               recipe: Recipe) -> dict[str, Any]:
+    # The gates rule (and router training) write routers in the output dtype: these rows are plain byte copies.
     return {"target_name": target, "part": 0, "concat_dim": 0, "shard": shard, "source": GATES_SOURCE,
-            "source_name": name, "source_file": "gates.safetensors", "dtype_in": dtype_out, "dtype_out": dtype_out,
+            "source_name": name, "source_file": routers_file(recipe.router_training is not None),
+            "dtype_in": dtype_out, "dtype_out": dtype_out,
             "shape": ",".join(map(str, shape)), "transform": "copy", "scale_ref": ""}
 
 
@@ -158,7 +160,8 @@ def _shared_rows(layer: int, shard: str, recipe: Recipe, base: Source, shared: l
     if always:
         rows.append(_zeros_row(gate_target, shard, (1, hidden), dtype_out))
     else:
-        rows.append(_gates_row(gate_target, shard, f"layer.{layer}.shared_expert_gate", (1, hidden), dtype_out))
+        rows.append(_gates_row(gate_target, shard, f"layer.{layer}.shared_expert_gate", (1, hidden), dtype_out,
+                               recipe))
     return rows
 
 
@@ -177,7 +180,7 @@ def build_rows(recipe: Recipe, base: Source, experts: list[Source], shared: list
         shard = f"layer-{layer}"
         rows += _attention_rows(layer, shard, base, out, dtype_out)
         rows.append(_gates_row(out.layer_name(layer, out.router), shard, f"layer.{layer}.router",
-                               (len(experts), hidden), dtype_out))
+                               (len(experts), hidden), dtype_out, recipe))
         for index, (spec_e, source) in enumerate(zip(recipe.experts, experts)):
             for role, out_name in out.experts.items():
                 target = out.layer_name(layer, out_name, expert=index)

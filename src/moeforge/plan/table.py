@@ -38,6 +38,15 @@ ZEROS_SOURCE = "zeros"
 
 
 GATES_SOURCE = "gates"
+#: The file gates rows read: the gates step's routers, or, when the recipe trains them, the trained ones (the
+#: same tensor names; see moeforge.train).
+GATES_FILE = "gates.safetensors"
+TRAINED_ROUTERS_FILE = "trained.safetensors"
+
+
+def routers_file(trained: bool) -> str:
+    """The file name the gates rows of a plan read."""
+    return TRAINED_ROUTERS_FILE if trained else GATES_FILE
 
 
 #: The shard of every router (and shared-expert gate) matrix: the only rows that read gates.safetensors,

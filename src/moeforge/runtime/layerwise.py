@@ -29,7 +29,7 @@ import ctypes
 import inspect
 import logging
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,7 +59,33 @@ class CheckpointTensors:
     def __init__(self, base_dir: Path) -> None:
         self.base_dir = Path(base_dir)
         self.files = self._map_files()
+        #: model name -> the name the file stores it under, for tensors stored under other names
+        self.stored_names: dict[str, str] = {}
         self._headers: dict[Path, tuple[int, dict[str, TensorEntry]]] = {}
+
+    @classmethod
+    def from_files(cls, files: Sequence[Path], renamed: Mapping[Path, Mapping[str, str]] | None = None
+                   ) -> CheckpointTensors:
+        """A checkpoint made of safetensors files named one by one, such as a merge's shards before assembly.
+
+        ``renamed`` gives, for a file whose tensors are stored under other names than the model's (the gates
+        file's ``layer.{i}.router``), stored name -> model name; only the tensors it names are taken from that
+        file.
+        """
+        self = cls.__new__(cls)
+        self.base_dir = Path(files[0]).parent if files else Path(".")
+        self.files, self.stored_names, self._headers = {}, {}, {}
+        renamed = renamed or {}
+        for file in map(Path, files):
+            names = read_header(file)[1]
+            table = renamed.get(file)
+            for stored in names:
+                name = stored if table is None else table.get(stored)
+                if name is not None:
+                    self.files[name] = file
+                    if name != stored:
+                        self.stored_names[name] = stored
+        return self
 
     def _map_files(self) -> dict[str, Path]:
         index = self.base_dir / _INDEX_NAME
@@ -90,7 +116,8 @@ class CheckpointTensors:
         for file in sorted(set(self.files.values())):
             if file.is_file():
                 found.update(read_header(file)[1])
-        return {name: entry for name, entry in found.items() if name in self.files}
+        return {name: found[self.stored_names.get(name, name)] for name in self.files
+                if self.stored_names.get(name, name) in found}
 
     def _files_of(self, names: Sequence[str]) -> dict[Path, list[str]]:
         """The named tensors grouped by the file that holds them; a file the index names but the model
@@ -113,7 +140,7 @@ class CheckpointTensors:
         for file, file_names in self._files_of(names).items():
             with safe_open(file, framework="pt", device="cpu") as handle:
                 for name in file_names:
-                    tensors[name] = handle.get_tensor(name)
+                    tensors[name] = handle.get_tensor(self.stored_names.get(name, name))
         return tensors
 
     def prefetch(self, names: Sequence[str]) -> None:
@@ -134,7 +161,8 @@ class CheckpointTensors:
             fd = os.open(file, os.O_RDONLY)
             try:
                 for name in file_names:
-                    advise(fd, start + entries[name].begin, entries[name].nbytes, os.POSIX_FADV_WILLNEED)
+                    entry = entries[self.stored_names.get(name, name)]
+                    advise(fd, start + entry.begin, entry.nbytes, os.POSIX_FADV_WILLNEED)
             finally:
                 os.close(fd)
 
@@ -146,7 +174,7 @@ class CheckpointTensors:
         """
         (file, _), = self._files_of([name]).items()
         with safe_open(file, framework="pt", device="cpu") as handle:
-            view = handle.get_slice(name)
+            view = handle.get_slice(self.stored_names.get(name, name))
             shape = tuple(view.get_shape())
             return torch.cat([view[row:row + 1] for row in rows]), shape
 
@@ -298,12 +326,13 @@ def _own_storage(module: torch.nn.Module) -> None:
 class _Runner:
     """Holds the skeleton and the checkpoint, and materialises one module at a time."""
 
-    def __init__(self, base_dir: Path, device: torch.device, dtype: torch.dtype, keep: bool = False) -> None:
+    def __init__(self, base_dir: Path, device: torch.device, dtype: torch.dtype, keep: bool = False,
+                 store: CheckpointTensors | None = None) -> None:
         self.keep = keep
         self.config = load_config(base_dir)
         self.model = build_skeleton(self.config).to(dtype)
         self.base = self.model.base_model
-        self.store = CheckpointTensors(base_dir)
+        self.store = store or CheckpointTensors(base_dir)
         self.conversion = KeyConversion(self.model, list(self.store.files))
         self.device = device
         self.dtype = dtype
@@ -583,14 +612,18 @@ def iter_layer_hidden_states(
 @torch.no_grad()
 @with_weight_major_linear
 def _run_layer(runner: _Runner, index: int, prepared: list[_Batch],
-               capture: Sequence[str] = ()) -> dict[str, list[torch.Tensor]]:
+               capture: Sequence[str] = (), refit: Refit | None = None) -> dict[str, list[torch.Tensor]]:
     """Run every batch through layer ``index`` in place; capture per batch what ``capture`` names.
 
     ``mlp_in`` is the MLP's input [B, T, H]; ``router_logits`` the sparse block's router output
-    [B*T, E], the tensor the whole model returns with ``output_router_logits``.
+    [B*T, E], the tensor the whole model returns with ``output_router_logits``. ``refit``, when given,
+    first sees every batch's ``mlp_in`` with the layer loaded and may change the layer's weights in place
+    before the batches go through it.
     """
     runner.prefetch_layers(index, index + 1)
     layer = runner.materialise(runner.base.layers[index])
+    if refit is not None:
+        refit(index, layer, _mlp_inputs(runner, layer, index, prepared))
     captured: dict[str, list[torch.Tensor]] = {kind: [] for kind in capture}
     hooks = []
     if "mlp_in" in captured:
@@ -614,6 +647,53 @@ def _run_layer(runner: _Runner, index: int, prepared: list[_Batch],
             hook.remove()
         runner.release(layer)
     return captured
+
+
+#: ``refit(layer index, loaded decoder layer, its MLP's input per batch)``: changes the layer's weights in place.
+Refit = Callable[[int, torch.nn.Module, list[torch.Tensor]], None]
+
+
+def _mlp_inputs(runner: _Runner, layer: torch.nn.Module, index: int, prepared: list[_Batch]) -> list[torch.Tensor]:
+    """Every batch's MLP input at this layer, the batches' hidden states left as they are."""
+    inputs: list[torch.Tensor] = []
+    hook = layer.mlp.register_forward_pre_hook(lambda _module, args: inputs.append(args[0]))
+    try:
+        kind = runner.layer_type(index)
+        for batch in prepared:
+            layer(batch.hidden, attention_mask=batch.masks[kind], position_ids=batch.positions,
+                  position_embeddings=batch.cos_sin, use_cache=False)
+    finally:
+        hook.remove()
+    return inputs
+
+
+def refit_layers(config_dir: Path, store: CheckpointTensors, batches: Sequence[Batch], refit: Refit, *,
+                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                 progress: bool = True) -> None:
+    """Stream ``batches`` through an MoE, giving ``refit`` each sparse layer's router inputs before the layer runs.
+
+    Layer ``i``'s inputs are those of the model whose layers below were already refitted, so a router is
+    fitted to the hidden states it will really see; memory stays one layer's weights plus the batches'
+    activations, whatever the model's size. ``config_dir`` holds the MoE's config.json, ``store`` its tensors.
+    """
+    runner = _Runner(Path(config_dir), torch.device(device), dtype, store=store)
+    prepared = _embed_batches(runner, batches)
+    layers = runner.config.num_hidden_layers
+    for index in tracked(range(layers), "router training: layer-streamed pass", layers, "layers", progress):
+        sparse = router_of(runner.base.layers[index]) is not None
+        _run_layer(runner, index, prepared, refit=refit if sparse else None)
+
+
+def whole_model_of(config_dir: Path, store: CheckpointTensors, device: str | torch.device,
+                   dtype: torch.dtype) -> torch.nn.Module:
+    """The causal LM of ``config_dir``'s config with ``store``'s tensors, loaded whole (see ``whole_model``)."""
+    return _Runner(Path(config_dir), torch.device(device), dtype, keep=True, store=store).whole_model()
+
+
+def shared_gate_of(layer: torch.nn.Module) -> torch.nn.Module | None:
+    """The shared expert's gate of a decoder layer's sparse block (Qwen2-MoE), None where there is none."""
+    block = next((child for child in layer.children() if hasattr(child, "experts")), None)
+    return None if block is None else getattr(block, "shared_expert_gate", None)
 
 
 def router_of(layer: torch.nn.Module) -> torch.nn.Module | None:

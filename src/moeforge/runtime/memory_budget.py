@@ -24,7 +24,6 @@ from moeforge.io.progress import MIB
 GIB = 1024 * MIB
 #: cgroup v1 writes "no limit" as 2**63-1 rounded down to a page; anything this large is none.
 _UNLIMITED = 1 << 60
-_SET_RESOURCES = "--set-resources smoke_test:mem_mb=N"
 
 
 @dataclass(frozen=True)
@@ -53,27 +52,28 @@ class MemoryBudget:
 
 
 def memory_budget(memory_gb: float | None = None, job_mem_mb: int | None = None, *,
+                  rule: str = "smoke_test", setting: str = "smoke.memory_gb in the workflow config",
                   proc_cgroup: Path = Path("/proc/self/cgroup"),
                   cgroup_root: Path = Path("/sys/fs/cgroup"),
                   meminfo: Path = Path("/proc/meminfo")) -> MemoryBudget:
-    """The budget of this process: the config's value, else its cgroup limit, else the job's mem_mb; without a
-    cgroup limit or config value, also the machine's available memory (``MemoryBudget.available``)."""
+    """The budget of this process: the setting's value, else its cgroup limit, else the job's mem_mb; without a
+    cgroup limit or setting, also the machine's available memory (``MemoryBudget.available``). ``rule`` and
+    ``setting`` name the job's rule and the key that sets ``memory_gb``, for the messages."""
+    key = setting.split()[0]
+    set_resources = f"--set-resources {rule}:mem_mb=N"
     if memory_gb is not None:
-        return MemoryBudget(int(memory_gb * GIB), "smoke.memory_gb in the workflow config",
-                            "raise smoke.memory_gb in the workflow config")
+        return MemoryBudget(int(memory_gb * GIB), setting, f"raise {setting}")
     found = cgroup_memory_limit(proc_cgroup, cgroup_root)
     if found is not None:
         limit, path = found
         return MemoryBudget(limit, f"the cgroup limit {path}",
-                            f"give the job more memory (a cluster profile's {_SET_RESOURCES}), or set "
-                            "smoke.memory_gb when the limit is not the job's own")
+                            f"give the job more memory (a cluster profile's {set_resources}), or set "
+                            f"{key} when the limit is not the job's own")
     available = available_memory(meminfo)
     if job_mem_mb:
-        return MemoryBudget(int(job_mem_mb) << 20, "the smoke_test rule's mem_mb",
-                            f"raise the rule's memory ({_SET_RESOURCES}) or set smoke.memory_gb in the workflow config",
-                            available)
-    return MemoryBudget(None, "no cgroup limit, no mem_mb, no smoke.memory_gb",
-                        "set smoke.memory_gb in the workflow config", available)
+        return MemoryBudget(int(job_mem_mb) << 20, f"the {rule} rule's mem_mb",
+                            f"raise the rule's memory ({set_resources}) or set {setting}", available)
+    return MemoryBudget(None, f"no cgroup limit, no mem_mb, no {key}", f"set {setting}", available)
 
 
 def available_memory(meminfo: Path = Path("/proc/meminfo")) -> int | None:
@@ -174,6 +174,19 @@ def whole_model_mb(weight_bytes: int) -> int:
     request fits generation exactly.
     """
     return int(2000 + 1.1 * weight_bytes / MIB)
+
+
+#: Bytes of activations kept for the backward pass, per token, per decoder layer and hidden unit (float32
+#: attention and MLP intermediates, the experts' outputs); a generous bound, as a kill is worse than a refusal.
+_TRAINING_ACTIVATION_BYTES = 4 * 24
+
+
+def end_to_end_training_bytes(float32_weight_bytes: int, hidden_size: int, num_layers: int, vocab_size: int,
+                              batch_tokens: int) -> int:
+    """Memory to train the routers through the whole model: its weights in float32, loaded as the smoke test
+    loads them (``whole_model_mb``), and one batch's activations and logits kept for the backward pass."""
+    activations = batch_tokens * (_TRAINING_ACTIVATION_BYTES * hidden_size * num_layers + 3 * 4 * vocab_size)
+    return whole_model_mb(float32_weight_bytes) * MIB + activations
 
 
 def peak_rss() -> int:

@@ -1,0 +1,206 @@
+"""Router training: recipe keys, the layerwise and end-to-end methods on tiny models, and their refusals."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from moeforge.check.evaluate import EvalOptions, domain_ids, domain_windows, score
+from moeforge.demo.tiny_models import build_preset
+from moeforge.errors import ModelError, RecipeError
+from moeforge.io.domains import domain_path
+from moeforge.io.hf_load import load_tokenizer
+from moeforge.plan.recipe import RouterTraining, parse_recipe
+from moeforge.train.texts import training_windows
+from pipeline import build, logits, sha256_tree
+
+DOMAINS = ("code", "math")
+
+
+def recipe(base: Path, experts: list[Path], training: dict | None, texts: list[list[str]] | None = None,
+           **extra) -> dict:
+    texts = texts if texts is not None else [[str(domain_path(d, "train"))] for d in DOMAINS]
+    out = {"base_model": str(base), "gate_mode": "random", "seed": 3, **extra,
+           "experts": [{"source_model": str(e), **({"train_texts": t} if training is not None else {})}
+                       for e, t in zip(experts, texts, strict=True)]}
+    if training is not None:
+        out["router_training"] = training
+    return out
+
+
+@pytest.fixture(scope="module")
+def models(base_and_experts):
+    return base_and_experts
+
+
+def experts_of(models) -> list[Path]:
+    return [models["e0"], models["e1"]]
+
+
+def heldout_accuracy(model_dir: Path) -> list[float]:
+    """Per domain, the share of its held-out tokens' first choices (over all layers) that are its own expert."""
+    tokenizer = load_tokenizer(model_dir, ModelError, "tokenizer", "")
+    opts = EvalOptions(context=64, max_tokens=1024)
+    windows = {d: domain_windows(domain_ids(tokenizer, d, domain_path(d, "heldout"), opts.max_tokens),
+                                 tokenizer.bos_token_id, opts, d) for d in DOMAINS}
+    scores = score(model_dir, windows, opts)
+    return [scores[d].top1[i] / sum(scores[d].top1) for i, d in enumerate(DOMAINS)]
+
+
+# ---- recipe keys ------------------------------------------------------------------------------------
+
+def test_the_resolved_recipe_makes_every_training_default_explicit():
+    parsed = parse_recipe(recipe(Path("b"), [Path("e0"), Path("e1")], {}))
+    assert parsed.router_training == RouterTraining()
+    assert parsed.to_dict()["router_training"]["method"] == "layerwise"
+
+
+@pytest.mark.parametrize(("change", "says"), [
+    ({"router_training": {"steps": 0}}, "router_training.steps: 0 is less than the minimum of 1"),
+    ({"router_training": {"learning_rate": 3}}, "router_training.learning_rate: 3 is greater than the maximum of 1"),
+    ({"router_training": {"method": "adam"}}, "router_training.method"),
+    ({"router_training": {"method": "end_to_end", "label_smoothing": 0.2}}, "applies to method layerwise"),
+])
+def test_settings_out_of_range_are_refused_by_key(change, says):
+    with pytest.raises(RecipeError) as caught:
+        parse_recipe({**recipe(Path("b"), [Path("e0"), Path("e1")], {}), **change})
+    assert says in str(caught.value)
+
+
+def test_an_expert_without_train_texts_is_named():
+    data = recipe(Path("b"), [Path("e0"), Path("e1")], {})
+    del data["experts"][1]["train_texts"]
+    with pytest.raises(RecipeError, match=r"experts\[1\] \(e1\).*no train_texts|no train_texts.*experts\[1\]"):
+        parse_recipe(data)
+
+
+def test_train_texts_without_router_training_are_refused():
+    data = recipe(Path("b"), [Path("e0"), Path("e1")], {})
+    del data["router_training"]
+    with pytest.raises(RecipeError, match="no router_training to read them"):
+        parse_recipe(data)
+
+
+# ---- the texts ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("content", "says"), [
+    (None, "not found"),
+    ("  \n\n", "is empty"),
+    ("def f():\n    return 1\n", "fewer than the two windows"),
+    ("路由器训练需要专家领域的文本。" * 200, "mostly in another vocabulary"),
+])
+def test_unusable_texts_are_refused_before_training(tmp_path, tokenizer_dir, content, says):
+    text = tmp_path / "t.txt"
+    if content is not None:
+        text.write_text(content, encoding="utf-8")
+    parsed = parse_recipe(recipe(Path("b"), [Path("e0"), Path("e1")], {},
+                                 texts=[[str(domain_path("code", "train"))], [str(text)]]))
+    tokenizer = load_tokenizer(tokenizer_dir, ModelError, "tokenizer", "")
+    with pytest.raises(RecipeError) as caught:
+        training_windows(parsed, tokenizer, parsed.router_training, "recipe")
+    assert says in str(caught.value) and "e1" in str(caught.value)
+
+
+# ---- layerwise ----------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def layerwise(models, tmp_path_factory):
+    """The same recipe with and without layerwise training, and the trained one built twice."""
+    root = tmp_path_factory.mktemp("layerwise")
+    training = {"steps": 60, "tokens_per_expert": 4096}
+    return {"gates": build(root / "gates", recipe(models["base"], experts_of(models), None)),
+            "trained": build(root / "a", recipe(models["base"], experts_of(models), training)),
+            "again": build(root / "b", recipe(models["base"], experts_of(models), training))}
+
+
+def test_layerwise_training_is_deterministic(layerwise):
+    routers = [b.model_dir.parents[0] / "routers" / "trained.safetensors" for b in (layerwise["trained"],
+                                                                                    layerwise["again"])]
+    assert routers[0].read_bytes() == routers[1].read_bytes()
+    assert sha256_tree(layerwise["trained"].model_dir) == sha256_tree(layerwise["again"].model_dir)
+
+
+def test_layerwise_routes_heldout_text_to_its_expert_better_than_its_initialisation(layerwise):
+    before = heldout_accuracy(layerwise["gates"].model_dir)
+    after = heldout_accuracy(layerwise["trained"].model_dir)
+    assert all(a > b + 0.05 for a, b in zip(after, before, strict=True)), (before, after)
+
+
+def test_the_trained_routers_replace_only_the_routers(layerwise):
+    out = layerwise["trained"].model_dir.parent
+    gates, trained = load_file(out / "gates.safetensors"), load_file(out / "routers" / "trained.safetensors")
+    assert gates.keys() == trained.keys() and all(gates[n].dtype == trained[n].dtype for n in gates)
+    assert all(not torch.equal(gates[n], trained[n]) for n in gates)
+    ids = torch.tensor([[1, 17, 45, 98, 203, 7, 88]])
+    assert logits(layerwise["trained"].model_dir, ids).isfinite().all()  # a strict load
+
+
+def test_the_report_and_the_lock_record_the_training(layerwise):
+    out = layerwise["trained"].model_dir.parent
+    report = json.loads((out / "routers" / "report.json").read_text())
+    assert [row["layer"] for row in report["layers"]] == list(range(len(report["layers"])))
+    assert all(row["heldout_after"]["all"] > row["heldout_before"]["all"] for row in report["layers"])
+    assert (out / "routers" / "report.md").is_file() and (out / "routers" / "training.png").stat().st_size > 0
+    lock = json.loads((layerwise["trained"].model_dir / "moeforge.lock.json").read_text())
+    from moeforge.io.files import sha256_file
+
+    assert [(t["path"], t["sha256"]) for t in lock["train_texts"]] == [
+        (str(domain_path(d, "train")), sha256_file(domain_path(d, "train"))) for d in DOMAINS]
+    assert lock["recipe"]["router_training"]["steps"] == 60
+
+
+@pytest.mark.slow
+def test_a_lock_rerun_reproduces_the_trained_routers(layerwise, tmp_path):
+    from test_reproduce import report_of, snakemake, without_lock
+
+    original = layerwise["trained"].model_dir
+    proc = snakemake(tmp_path, {"again": {"lock": str(original)}})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert report_of(tmp_path, "again")["verdict"] == "identical"
+    assert without_lock(sha256_tree(tmp_path / "results/again/model")) == without_lock(sha256_tree(original))
+    checked = json.loads((tmp_path / "results/again/reproduce/sources.json").read_text())["local_files_checked"]
+    assert {c["file"] for c in checked} >= {str(domain_path(d, "train")) for d in DOMAINS}
+
+
+# ---- end to end ---------------------------------------------------------------------------------------
+
+def test_end_to_end_training_is_deterministic_and_trains_the_routers(models, tmp_path):
+    training = {"method": "end_to_end", "steps": 8, "batch_size": 4, "tokens_per_expert": 2048}
+    first = build(tmp_path / "a", recipe(models["base"], experts_of(models), training))
+    second = build(tmp_path / "b", recipe(models["base"], experts_of(models), training))
+    assert sha256_tree(first.model_dir) == sha256_tree(second.model_dir)
+    out = first.model_dir.parent
+    gates, trained = load_file(out / "gates.safetensors"), load_file(out / "routers" / "trained.safetensors")
+    assert all(not torch.equal(gates[n], trained[n]) for n in gates)
+    report = json.loads((out / "routers" / "report.json").read_text())
+    assert len(report["loss_curves"][0]["losses"]) == 8
+
+
+def test_end_to_end_over_the_memory_budget_is_refused_with_the_numbers(models, tmp_path):
+    training = {"method": "end_to_end", "memory_gb": 0.001}
+    with pytest.raises(ModelError) as caught:
+        build(tmp_path, recipe(models["base"], experts_of(models), training))
+    message = str(caught.value)
+    assert "needs the whole model in memory" in message and "over the budget of 0.00 GiB" in message
+    assert "router_training.memory_gb" in message and "method: layerwise" in message
+    assert not (tmp_path / "results" / "m" / "routers").exists()
+
+
+# ---- Qwen2-MoE's shared expert gate -------------------------------------------------------------------
+
+def test_the_shared_expert_gate_is_trained_too(tmp_path, tokenizer_dir):
+    qwen = build_preset(tmp_path / "qwen2", "qwen2.5", tokenizer_dir=tokenizer_dir)
+    data = recipe(qwen, [qwen, qwen], {"steps": 30, "tokens_per_expert": 2048})
+    data["shared_experts"] = [{"source_model": str(qwen), "train_texts": [str(domain_path("cooking", "train"))]}]
+    result = build(tmp_path / "build", data)
+    out = result.model_dir.parent
+    gates, trained = load_file(out / "gates.safetensors"), load_file(out / "routers" / "trained.safetensors")
+    assert "layer.0.shared_expert_gate" in trained
+    assert not torch.equal(gates["layer.0.shared_expert_gate"], trained["layer.0.shared_expert_gate"])
+    report = json.loads((out / "routers" / "report.json").read_text())
+    assert all(row["shared_gate"]["heldout_after"] > row["shared_gate"]["heldout_before"] for row in report["layers"])
+    assert logits(result.model_dir, torch.tensor([[1, 17, 45, 98]])).isfinite().all()
