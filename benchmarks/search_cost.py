@@ -1,0 +1,188 @@
+"""What does a search cost beside one merge? Six gate candidates against one, by wall time and jobs run.
+
+The target: six candidates that vary only ``gate_mode`` x ``experts_per_token`` cost at most 2.5x one
+candidate's wall. They can, because what they share is done once: every shard but the routers is
+named by its content (``results/shards/<key>.safetensors``) and built by one job for all of them, and
+each dense model (the base, each expert) is scored once for every candidate's evaluation. What each
+candidate still does alone: its gates, its router training (the demo recipe trains its routers layer
+by layer), its routers shard, assembly, smoke test and evaluation.
+
+Two searches over the demo recipe (``config/recipes/demo.yaml``), each by the real workflow
+(``snakemake search``) in a fresh working directory into which the demo models, built once by
+``snakemake demo_models``, are copied (so building them is not counted):
+
+* **one**: a grid of single-value lists, ``gate_mode: [router_input]``, ``token_reduction: [null]``,
+  ``experts_per_token: [2]``: one candidate, itself one of the six below;
+* **six**: ``gate_mode: [router_input, hidden_avg, cheap_embed]`` x ``experts_per_token: [1, 2]``
+  (``token_reduction: [null]``: the demo's ``mean`` is for ``router_input`` only).
+
+Reported: each search's wall seconds (the whole ``snakemake`` command, ranking included), the ratio
+six / one against the target, and the jobs each rule ran (Snakemake's own log of the run), which
+shows the shared jobs (``shard``, ``score_dense``, ...) running as often in both.
+
+    python benchmarks/search_cost.py                      # writes the section into benchmarks/README.md
+    python benchmarks/search_cost.py --note "..."         # a sentence on the machine's load, into the section
+
+Results: ``benchmarks/results/search_cost.json`` and the README section between the search-cost markers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+README = REPO / "benchmarks" / "README.md"
+RESULTS = REPO / "benchmarks" / "results" / "search_cost.json"
+BEGIN, END = "<!-- search-cost:begin -->", "<!-- search-cost:end -->"
+DEMO = Path("resources") / "demo"
+#: What the demo's models and training texts are built by, once, outside the timed runs.
+DEMO_TARGETS = ["demo_models", *(str(DEMO / "texts" / f"{d}.txt") for d in ("code", "math", "cooking"))]
+#: The target: the six-candidate search's wall / the one-candidate search's.
+TARGET = 2.5
+#: case -> the search's grid over the demo recipe.
+GRIDS: dict[str, dict[str, list[Any]]] = {
+    "one": {"gate_mode": ["router_input"], "token_reduction": [None], "experts_per_token": [2]},
+    "six": {"gate_mode": ["router_input", "hidden_avg", "cheap_embed"], "token_reduction": [None],
+            "experts_per_token": [1, 2]},
+}
+#: One job line of Snakemake's log: which rule a finished job ran.
+FINISHED = re.compile(r"^Finished jobid: \d+ \(Rule: (\w+)\)", re.MULTILINE)
+
+
+def snakemake(work: Path, cores: int, *args: str) -> None:
+    """Run the repository's workflow in ``work`` (its stdout and stderr go to the terminal)."""
+    command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(work),
+               "--cores", str(cores), *args]
+    subprocess.run(command, check=True, stdin=subprocess.DEVNULL)
+
+
+def build_demo(work: Path, cores: int) -> Path:
+    """The demo's models and texts, built once under ``work/demo`` (reused when there)."""
+    root = work / "demo"
+    shutil.copytree(REPO / "config", root / "config", dirs_exist_ok=True)
+    snakemake(root, cores, *DEMO_TARGETS)
+    return root / DEMO
+
+
+def fresh_workdir(work: Path, case: str, demo: Path) -> Path:
+    """An empty working directory with the config, the demo models copied in, and the case's search config."""
+    wd = work / case
+    shutil.rmtree(wd, ignore_errors=True)
+    shutil.copytree(REPO / "config", wd / "config")
+    shutil.copytree(demo, wd / DEMO)
+    search = {"recipe": "config/recipes/demo.yaml", "grid": GRIDS[case]}
+    (wd / "search.yaml").write_text(yaml.safe_dump({"searches": {f"cost-{case}": search}}, sort_keys=False))
+    return wd
+
+
+def jobs_per_rule(wd: Path) -> dict[str, int]:
+    """How many jobs of each rule the run finished, from Snakemake's log of it (the only run in ``wd``)."""
+    logs = sorted((wd / ".snakemake" / "log").glob("*.snakemake.log"))
+    counts = Counter(FINISHED.findall("".join(log.read_text() for log in logs)))
+    return dict(sorted(counts.items()))
+
+
+def run_case(work: Path, case: str, demo: Path, cores: int) -> dict[str, Any]:
+    """One search from scratch: its wall, the load around it, the jobs each rule ran, its candidates."""
+    wd = fresh_workdir(work, case, demo)
+    load_before = os.getloadavg()[0]
+    started = time.monotonic()
+    snakemake(wd, cores, "search", "--configfile", str(wd / "search.yaml"))
+    wall = time.monotonic() - started
+    ranking = json.loads((wd / f"results/search/cost-{case}/ranking.json").read_text())
+    return {
+        "grid": GRIDS[case],
+        "candidates": [entry["merge"] for entry in ranking["candidates"]],
+        "wall_s": round(wall, 2),
+        "loadavg_1min_before": round(load_before, 2),
+        "loadavg_1min_after": round(os.getloadavg()[0], 2),
+        "jobs": jobs_per_rule(wd),
+    }
+
+
+def table(cases: dict[str, dict[str, Any]]) -> str:
+    """Markdown: one row per rule, the jobs it ran in each search."""
+    rules = sorted({rule for case in cases.values() for rule in case["jobs"]})
+    lines = ["| rule | " + " | ".join(f"{name} ({len(c['candidates'])} cand.)" for name, c in cases.items()) + " |",
+             "|---|" + "---:|" * len(cases)]
+    lines += [f"| {rule} | " + " | ".join(str(c["jobs"].get(rule, 0)) for c in cases.values()) + " |"
+              for rule in rules]
+    lines.append("| **all** | " + " | ".join(str(sum(c["jobs"].values())) for c in cases.values()) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def section(result: dict[str, Any]) -> str:
+    """The README section: what was measured, how to rerun it, the numbers."""
+    one, six = result["cases"]["one"], result["cases"]["six"]
+    verdict = "met" if result["ratio"] <= TARGET else "missed"
+    note = f" {result['note']}" if result["note"] else ""
+    return (
+        "## Search cost\n\n"
+        f"`python benchmarks/search_cost.py` ({result['date']}, {result['cores']} cores, one run each){note} runs "
+        "two searches over the demo recipe with `snakemake search`, each in a fresh working directory with the "
+        "demo models copied in (their building is not counted): **one** candidate (`gate_mode: [router_input]`, "
+        "`token_reduction: [null]`, `experts_per_token: [2]`) and **six** (`gate_mode: [router_input, hidden_avg, "
+        "cheap_embed]` x `experts_per_token: [1, 2]`). Every candidate trains its routers (the demo recipe's "
+        "`router_training: layerwise`), is smoke-tested and evaluated; the wall is the whole command's, "
+        "ranking included.\n\n"
+        f"- one candidate: {one['wall_s']:.1f} s (1-min load average {one['loadavg_1min_before']} before, "
+        f"{one['loadavg_1min_after']} after)\n"
+        f"- six candidates: {six['wall_s']:.1f} s (load {six['loadavg_1min_before']} before, "
+        f"{six['loadavg_1min_after']} after)\n"
+        f"- six / one = {result['ratio']:.2f} (target <= {TARGET}): {verdict}\n\n"
+        "Jobs per rule (Snakemake's log of each run); the shared jobs run as often for six candidates as for "
+        "one:\n\n" + table(result["cases"])
+    )
+
+
+def write_readme_section(text: str) -> None:
+    """Replace the text between the search-cost markers of benchmarks/README.md (appended if absent)."""
+    readme = README.read_text()
+    block = f"{BEGIN}\n{text}{END}"
+    if BEGIN in readme and END in readme:
+        head, rest = readme.split(BEGIN, 1)
+        readme = head + block + rest.split(END, 1)[1]
+    else:
+        readme = readme.rstrip("\n") + "\n\n" + block + "\n"
+    README.write_text(readme)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, default=REPO / "benchmarks" / ".data" / "search_cost")
+    parser.add_argument("--cores", type=int, default=2)
+    parser.add_argument("--note", default="", help="a sentence on the machine's state, into the README section")
+    args = parser.parse_args(argv)
+    work = args.work.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    demo = build_demo(work, args.cores)
+    cases = {case: run_case(work, case, demo, args.cores) for case in GRIDS}
+    result = {
+        "date": datetime.date.today().isoformat(),
+        "cores": args.cores,
+        "cpu_count": os.cpu_count(),
+        "note": args.note,
+        "target": TARGET,
+        "ratio": round(cases["six"]["wall_s"] / cases["one"]["wall_s"], 3),
+        "cases": cases,
+    }
+    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    write_readme_section(section(result))
+    print(section(result))
+
+
+if __name__ == "__main__":
+    main()
