@@ -34,13 +34,13 @@ def test_a_flat_chart_says_why():
 def test_titles_stay_inside_their_figures(tmp_path, monkeypatch):
     """Every text of the figures lies within the figure (a narrow gate figure clipped its title)."""
     figures = []
-    save = plots._save
+    save = plots.save_png
 
     def keep(fig: matplotlib.figure.Figure, path):
         figures.append(fig)
         save(fig, path)
 
-    monkeypatch.setattr(plots, "_save", keep)
+    monkeypatch.setattr(plots, "save_png", keep)
     cosine = [[1.0, 0.2], [0.2, 1.0]]
     plots.plot_gate_similarity({"layers": [{"layer": 0, "cosine": cosine}], "experts": ["alpha", "beta"]},
                                tmp_path / "g.png")
@@ -59,8 +59,8 @@ def test_titles_stay_inside_their_figures(tmp_path, monkeypatch):
 
 def test_the_expert_load_figure_gives_the_verdict(tmp_path, monkeypatch):
     figures = []
-    save = plots._save
-    monkeypatch.setattr(plots, "_save", lambda fig, path: (figures.append(fig), save(fig, path)))
+    save = plots.save_png
+    monkeypatch.setattr(plots, "save_png", lambda fig, path: (figures.append(fig), save(fig, path)))
     report = {"passed": True, "build": {"merge": "m"},
               "routing": {"experts": ["a", "b"], "top_k": 1, "layers": [{"layer": 0, "load_share": [0.5, 0.5]}]}}
     plots.plot_expert_load(report, tmp_path / "load.png")
