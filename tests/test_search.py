@@ -209,3 +209,14 @@ def test_another_metric_reranks_without_rebuilding(demo_search):
     mean = {m: sum(_eval(demo_search, m)["perplexity"]["moe"].values()) / 3 for m in ("ds-k1", "ds-k2")}
     assert [row["merge"] for row in ranking["candidates"]] == sorted(mean, key=mean.__getitem__)
     assert ranking["metric"]["name"] == "mean_moe_perplexity"
+
+
+def test_a_grid_over_the_router_training_method_sets_the_nested_key(tmp_path):
+    """A dotted key reaches into router_training; a method the recipe refuses is refused for the search."""
+    search = expand_search("s", {"recipe": recipe_file(tmp_path),
+                                 "grid": {"router_training.method": ["layerwise", "end_to_end"]}})
+    methods = {c.name: c.recipe.router_training.method for c in search.candidates}
+    assert sorted(methods.values()) == ["end_to_end", "layerwise"]
+    assert all(method in name for name, method in methods.items())
+    with pytest.raises(RecipeError, match="router_training.method"):
+        expand_search("s", {"recipe": recipe_file(tmp_path), "grid": {"router_training.method": ["by_hand"]}})
