@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from readme_section import write_readme_section
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_RECIPE = REPO / "config" / "recipes" / "demo.yaml"
@@ -137,17 +138,6 @@ def _worst(report: dict[str, Any]) -> float:
     return max(entry["moe_ratio"] for entry in report["oracle"].values())
 
 
-def write_readme_section(text: str) -> None:
-    """Replace the text between the gate-modes markers of benchmarks/README.md (appended if absent)."""
-    readme = README.read_text()
-    block = f"{BEGIN}\n{text}{END}"
-    if BEGIN in readme and END in readme:
-        head, rest = readme.split(BEGIN, 1)
-        readme = head + block + rest.split(END, 1)[1]
-    else:
-        readme = readme.rstrip("\n") + "\n\n" + block + "\n"
-    README.write_text(readme)
-
 
 def portable(rows: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """The results without this machine's paths: domain texts named relative to the repository."""
@@ -177,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
                 for name in RESTYLED_MODES}
     RESULTS.write_text(json.dumps({"heldout": portable(rows), "restyled": portable(restyled)}, indent=2,
                                   sort_keys=True) + "\n")
-    write_readme_section(section(rows, restyled))
+    write_readme_section(README, BEGIN, END, section(rows, restyled))
     print(table(rows))
     print(table(restyled))
     print(f"done in {time.monotonic() - started:.0f} s")

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from readme_section import write_readme_section
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "benchmarks" / "README.md"
@@ -189,17 +190,6 @@ def section(result: dict[str, Any]) -> str:
     )
 
 
-def write_readme_section(text: str) -> None:
-    """Replace the text between the search-cost markers of benchmarks/README.md (appended if absent)."""
-    readme = README.read_text()
-    block = f"{BEGIN}\n{text}{END}"
-    if BEGIN in readme and END in readme:
-        head, rest = readme.split(BEGIN, 1)
-        readme = head + block + rest.split(END, 1)[1]
-    else:
-        readme = readme.rstrip("\n") + "\n\n" + block + "\n"
-    README.write_text(readme)
-
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -221,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
         "cases": cases,
     }
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
-    write_readme_section(section(result))
+    write_readme_section(README, BEGIN, END, section(result))
     print(section(result))
 
 
