@@ -39,8 +39,8 @@ STAGING = "results/demo/staging/model"
 TARGET = "results/demo/smoke/report.json"
 # Rules that run on the submit host (`localrule: True` in workflow/rules/); everything else is a
 # SLURM job.
-LOCAL_RULES = {"demo_models", "fetch_metadata", "locate_weights", "fetch_weights", "translate_config"}
-REMOTE_RULES = {"hash_source", "validate", "gates", "shard", "routers_shard", "assemble", "smoke_test"}
+LOCAL_RULES = {"demo_models", "demo_texts", "fetch_metadata", "locate_weights", "fetch_weights", "translate_config"}
+REMOTE_RULES = {"hash_source", "validate", "gates", "shard", "routers_shard", "train_routers", "assemble", "smoke_test"}
 # Rules with one job per source model (the demo merges a base and three experts).
 PER_SOURCE_RULES = {"hash_source": 4}
 # The profile's polling suits a shared cluster (first status check 20 s after submission); on this
