@@ -664,7 +664,8 @@ def build_demo(out_root: Path, plan: TrainingPlan | None = None) -> dict[str, Pa
     The base is the ``llama`` preset pre-trained on every packaged domain; each expert is the base
     with its MLP fine-tuned on one domain (see ``moeforge.demo.training``; ``plan`` None: the defaults).
     """
-    from moeforge.demo.training import TrainingPlan, domain_tokens, finetune_mlp, pretrain, reproducible
+    from moeforge.demo.training import TrainingPlan, domain_tokens, finetune_mlp, pretrain
+    from moeforge.train.loop import reproducible
 
     plan = plan or TrainingPlan()
     out_root = Path(out_root)

@@ -14,12 +14,12 @@ from typing import Any
 
 import torch
 
-from moeforge.demo.training import TrainingPlan, train
 from moeforge.errors import ModelError
 from moeforge.plan.recipe import RouterTraining
 from moeforge.runtime.layerwise import CheckpointTensors, router_of, shared_gate_of, whole_model_of
 from moeforge.runtime.memory_budget import end_to_end_training_bytes, gib, memory_budget
 from moeforge.train.layerwise import accuracy
+from moeforge.train.loop import train
 from moeforge.train.texts import TrainingWindows
 
 
@@ -84,10 +84,8 @@ def train_end_to_end(config_dir: Path, store: CheckpointTensors, windows: Traini
     train_ids = windows.ids[~windows.heldout][:, 0 if bos_id is None else 1:]
     train_group = windows.group[~windows.heldout]
     streams = [train_ids[train_group == g].reshape(-1) for g in range(len(windows.groups))]
-    plan = TrainingPlan(seed=settings.seed, seq_len=settings.seq_len, batch_size=settings.batch_size,
-                        threads=torch.get_num_threads())
-    losses = train(model, streams, settings.steps, settings.learning_rate, plan, bos_id, settings.seed,
-                   "router training (end_to_end)")
+    losses = train(model, streams, settings.steps, settings.learning_rate, settings.seq_len, settings.batch_size,
+                   bos_id, settings.seed, "router training (end_to_end)")
     after = heldout_accuracy(model, windows, num_routed, settings.batch_size)
     tensors = {name: module.weight.detach().float().cpu() for name, module in routers.items()}
     return tensors, {"losses": losses, "heldout_before": before, "heldout_after": after}

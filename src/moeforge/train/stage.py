@@ -19,7 +19,6 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save
 
-from moeforge.demo.training import reproducible
 from moeforge.errors import BuildError, ModelError
 from moeforge.io.files import write_bytes
 from moeforge.io.hf_load import load_tokenizer
@@ -32,6 +31,7 @@ from moeforge.runtime.layerwise import CheckpointTensors, load_config
 from moeforge.runtime.memory_budget import MIB, peak_rss
 from moeforge.train.end_to_end import check_memory, train_end_to_end
 from moeforge.train.layerwise import train_layerwise
+from moeforge.train.loop import reproducible
 from moeforge.train.report import write_reports
 from moeforge.train.texts import TrainingWindows, training_windows
 
