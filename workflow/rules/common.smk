@@ -179,9 +179,8 @@ def dense_provider(wildcards):
 
 def dense_scores(wildcards):
     """The score_dense records of a merge's base and experts (by slug), on windows of the base's tokenizer."""
-    recipe = RECIPES[wildcards.merge]
     tokenizer = base_slug(wildcards)
-    models = [slug(recipe.base_model), *(slug(e.source_model) for e in recipe.experts)]
+    models = [tokenizer, *(slug(e.source_model) for e in RECIPES[wildcards.merge].experts)]
     return {s: f"resources/models/{s}/eval/{tokenizer}/{EVAL_KEY}.json" for s in models}
 
 

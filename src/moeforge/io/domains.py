@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from moeforge.errors import RecipeError
+from moeforge.io.files import write_text
 
 #: The packaged domains, in the order of the demo's experts.
 DOMAINS = ("code", "math", "cooking")
@@ -37,8 +38,6 @@ def domain_text(domain: str, split: str) -> str:
 
 def write_train_splits(out_dir: Path) -> list[Path]:
     """Each domain's train split as ``{out_dir}/{domain}.txt``: files a recipe's train_texts can name."""
-    from moeforge.io.files import write_text
-
     paths = []
     for domain in DOMAINS:
         paths.append(Path(out_dir) / f"{domain}.txt")
