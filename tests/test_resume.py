@@ -54,7 +54,7 @@ def no_temporaries(wd: Path) -> list[Path]:
     return [p for p in wd.rglob(".*.tmp-*")]
 
 
-@pytest.mark.parametrize("marker", ["logs/fetch_metadata/*.log", "logs/demo/gates.log", "logs/demo/assemble.log",
+@pytest.mark.parametrize("marker", ["logs/fetch_metadata/*.log", "logs/gates/*.log", "logs/demo/assemble.log",
                                     "logs/demo/smoke_test.log"],
                          ids=["fetch", "gates", "assemble", "smoke"])
 def test_killed_build_resumes_to_identical_bytes(tmp_path, reference, marker):

@@ -332,7 +332,8 @@ def test_a_search_runs_its_candidates_as_parallel_slurm_jobs(cluster: Cluster,
                              if log.parent.name == merge or log.parent.name.startswith(f"{merge}_")]
                      for merge in ("two-k1", "two-k2")}
     for merge, spans in per_candidate.items():
-        # validate, gates, the shards, assemble, smoke test, evaluation: each candidate's own SLURM jobs
+        # validate, router training, the routers shard, assemble, smoke test, evaluation: each candidate's own
+        # SLURM jobs (the gates, the other shards and the dense scores they share)
         assert len(spans) >= 6, (merge, submitted)
     assert any(a_start < b_end and b_start < a_end for a_start, a_end in per_candidate["two-k1"]
                for b_start, b_end in per_candidate["two-k2"]), f"the candidates' jobs never overlapped: {per_candidate}"

@@ -9,6 +9,7 @@ from snakemake.logging import logger
 from moeforge import resources as job_resources
 from moeforge.check.summary import eval_label, smoke_label
 from moeforge.errors import MoeforgeError
+from moeforge.gates.key import GATES_KEY_PATTERN, gates_key, gates_settings
 from moeforge.io.lockfile import sources_state
 from moeforge.io.names import relative_file_problem
 from moeforge.io.published import RECIPE_FILES
@@ -95,6 +96,8 @@ wildcard_constraints:
     slug="|".join(re.escape(s) for s in REFS),
     # The shard rule's: a shard read from the sources, by what it holds (plan.json's shard_keys).
     key=KEY_PATTERN,
+    # The gates rule's: the gates, by what they are computed from (moeforge.gates.key).
+    gates_key=GATES_KEY_PATTERN,
 
 
 def slug(ref):
@@ -117,7 +120,13 @@ def weight_records(wildcards):
 def routers_source(merge):
     """The routers' file: the trained routers when the recipe trains them, else the gates."""
     trained = RECIPES[merge].router_training is not None
-    return f"results/{merge}/routers/trained.safetensors" if trained else f"results/{merge}/gates.safetensors"
+    return f"results/{merge}/routers/trained.safetensors" if trained else gates_of(merge, ".safetensors")
+
+
+def gates_of(merge, suffix):
+    """The merge's gates (``.safetensors``) or their statistics (``.json``), named by what they are computed from:
+    merges that differ only in keys the gates do not read (experts_per_token, router training...) share them."""
+    return f"results/gates/{gates_key(plan_of(merge))}{suffix}"
 
 
 def train_texts(wildcards):
@@ -281,18 +290,42 @@ def shard_rows(wildcards):
 
 
 def shard_weight_records(wildcards):
-    """Where the sources a keyed shard reads are: a local model's located record (every merge's), a Hub model's
-    weights as the first merge that needs them fetched them (downloaded, on the submit host)."""
+    """Where the sources a keyed shard reads are (see source_weight_record)."""
     merge = shard_provider(wildcards)
-    plan = plan_of(merge)
-    return [
-        (
-            f"resources/models/{s}/weights.json"
-            if plan.sources[s].kind == "local"
-            else f"results/{merge}/weights/{s}.json"
-        )
-        for s in sources_read(shard_rows(wildcards))
-    ]
+    return [source_weight_record(merge, s) for s in sources_read(shard_rows(wildcards))]
+
+
+def source_weight_record(merge, slug):
+    """Where a source's weights are, for a job shared by merges: a local model's located record (every merge's),
+    a Hub model's weights as ``merge`` (the first that needs them) fetched them (downloaded, on the submit host)."""
+    local = plan_of(merge).sources[slug].kind == "local"
+    return f"resources/models/{slug}/weights.json" if local else f"results/{merge}/weights/{slug}.json"
+
+
+def gates_provider(wildcards):
+    """The first merge (in the config's order) whose gates have this key: its plan gives the gates job its settings."""
+    for merge in MERGES:
+        if gates_key(plan_of(merge)) == wildcards.gates_key:
+            return merge
+    raise WorkflowError(
+        f"moeforge: results/gates/{wildcards.gates_key}.safetensors: no merge of this run computes these gates; "
+        "ask for a merge's model instead"
+    )
+
+
+def gates_job_settings(wildcards):
+    """What the gates are computed from (moeforge.gates.key): the job's parameter, the same for every merge that
+    shares them, so a run of another config finds the job as it left it."""
+    return gates_settings(plan_of(gates_provider(wildcards)))
+
+
+def gates_base_weights(wildcards):
+    merge = gates_provider(wildcards)
+    return source_weight_record(merge, plan_of(merge).base)
+
+
+def gates_mem_mb(wildcards, input, attempt):
+    return job_resources.layer_mem_mb(plan_of(gates_provider(wildcards))) * attempt
 
 
 def _plan_beside(path):
@@ -332,7 +365,8 @@ def published_compare_mem_mb(wildcards, input, attempt):
     return max(reproduce_mem_mb(wildcards, input, attempt), layer_mem_mb(wildcards, input, attempt))
 
 
-def gates_threads(wildcards, input):
+def train_threads(wildcards, input):
+    """Router training's threads: those of the gates it starts from (the plan's, not the cores given to the job)."""
     return job_resources.gates_threads(_plan_beside(input.plan))
 
 

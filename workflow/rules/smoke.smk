@@ -6,7 +6,7 @@ rule smoke_test:
     input:
         lock="results/{merge}/staging/model/moeforge.lock.json",
         plan="results/{merge}/plan.json",
-        gates="results/{merge}/gates.json",
+        gates=lambda wc: gates_of(wc.merge, ".json"),
         translation="results/{merge}/config/translation.json",
         base_weights=lambda wc: f"resources/models/{base_slug(wc)}/weights.json",
     output:

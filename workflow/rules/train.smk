@@ -7,7 +7,7 @@ rule train_routers:
     input:
         plan="results/{merge}/plan.json",
         tensors="results/{merge}/plan.tensors.tsv",
-        gates="results/{merge}/gates.safetensors",
+        gates=lambda wc: gates_of(wc.merge, ".safetensors"),
         shards=shards_but_routers,
         config="results/{merge}/config/config.json",
         # The base model's tokenizer: the texts are read as the model reads them.
@@ -23,7 +23,7 @@ rule train_routers:
     benchmark:
         "results/{merge}/benchmarks/train_routers.tsv"
     priority: 1
-    threads: gates_threads
+    threads: train_threads
     resources:
         mem_mb=train_mem_mb,
         runtime=240,

@@ -35,12 +35,14 @@ from moeforge.runtime.memory_budget import MIB
 class _Headers:
     """Source file headers, read once per file per job."""
 
-    def __init__(self, dirs: Mapping[str, Path]) -> None:
+    def __init__(self, dirs: Mapping[str, Path], files: Mapping[str, Path]) -> None:
         self.dirs = dirs
+        self.files = files
         self._cache: dict[Path, tuple[int, dict[str, TensorEntry]]] = {}
 
     def path(self, source: str, file: str) -> Path:
-        return self.dirs[source] / file
+        """A model's file in its directory; a source the job is given as one file (the routers) is that file."""
+        return self.files[source] if source in self.files else self.dirs[source] / file
 
     def entry(self, path: Path, name: str) -> tuple[int, TensorEntry]:
         if path not in self._cache:
@@ -156,10 +158,8 @@ def write_shard(rows: list[dict[str, str]], weight_dirs: Mapping[str, Path], gat
     """
     if not rows:
         raise BuildError("no plan rows for this shard", str(out), "rerun the validate step")
-    dirs = dict(weight_dirs)
-    if gates_path is not None:
-        dirs[GATES_SOURCE] = gates_path.parent
-    headers = _Headers(dirs)
+    # The routers' file is named by the gates' key or is the merge's trained routers: the job is given it.
+    headers = _Headers(weight_dirs, {} if gates_path is None else {GATES_SOURCE: gates_path})
     grouped: dict[str, list[Mapping[str, Any]]] = {}
     for row in rows:
         grouped.setdefault(row["target_name"], []).append(row)

@@ -64,6 +64,7 @@ from pathlib import Path
 import torch
 
 from moeforge.errors import ModelError, RecipeError
+from moeforge.gates.key import gates_recipe, gates_settings
 from moeforge.io.fetch import weights_dir_of
 from moeforge.io.files import dumps_json, write_bytes
 from moeforge.io.hf_load import load_tokenizer
@@ -72,7 +73,6 @@ from moeforge.numbers import report_number
 from moeforge.plan.plan_json import read_plan
 from moeforge.plan.prompts import render_prompt
 from moeforge.plan.recipe import PROMPTLESS_GATE_MODES, Recipe
-from moeforge.resources import gates_threads
 from moeforge.runtime.devices import require_device
 from moeforge.runtime.layerwise import (
     input_embeddings,
@@ -469,17 +469,23 @@ def _tensor_sort_key(name: str) -> tuple:
     return tuple((0, int(p)) if p.isdigit() else (1, p) for p in name.split("."))
 
 
-def gates_for_plan(plan_json: Path, base_weights: Path, out_tensors: Path, out_stats: Path) -> None:
-    """The gates step: the routers a plan's recipe asks for, from the base model's weights.
+def gates_for_settings(settings: dict, base_weights: Path, out_tensors: Path, out_stats: Path) -> None:
+    """The gates step: the routers that ``settings`` (``moeforge.gates.key.gates_settings``) ask for, from the
+    base model's weights.
 
-    The thread count follows from the plan alone, never from the cores the job was given (``--cores``):
-    another count may sum in another order, and a rerun must give the same bytes.
+    The thread count is the settings', which follow from the plan alone, never from the cores the job was
+    given (``--cores``): another count may sum in another order, and a rerun must give the same bytes.
     """
-    plan = read_plan(plan_json)
-    torch.set_num_threads(gates_threads(plan))
-    require_device(plan.recipe.gate_device, "gate_device")
-    tensors, stats = compute_gates(weights_dir_of(base_weights), plan.recipe)
+    recipe = gates_recipe(settings)
+    torch.set_num_threads(settings["threads"])
+    require_device(recipe.gate_device, "gate_device")
+    tensors, stats = compute_gates(weights_dir_of(base_weights), recipe)
     # Stored in the output dtype, so shard jobs copy router bytes as they are (no torch there);
     # gates.json's statistics are computed in float32 before this cast.
-    dtype = getattr(torch, TORCH_NAME[plan.dtype_out])
+    dtype = getattr(torch, TORCH_NAME[settings["dtype"]])
     write_gates({name: t.to(dtype) for name, t in tensors.items()}, stats, out_tensors, out_stats)
+
+
+def gates_for_plan(plan_json: Path, base_weights: Path, out_tensors: Path, out_stats: Path) -> None:
+    """The gates of the merge whose plan is ``plan_json`` (the settings the workflow's gates job gets)."""
+    gates_for_settings(gates_settings(read_plan(plan_json)), base_weights, out_tensors, out_stats)

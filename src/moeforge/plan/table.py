@@ -39,7 +39,8 @@ ZEROS_SOURCE = "zeros"
 
 GATES_SOURCE = "gates"
 #: The file gates rows read: the gates step's routers, or, when the recipe trains them, the trained ones (the
-#: same tensor names; see moeforge.train).
+#: same tensor names; see moeforge.train). The plan records which; the routers shard job is given the file
+#: itself (the gates are named by their key, results/gates/<key>.safetensors).
 GATES_FILE = "gates.safetensors"
 TRAINED_ROUTERS_FILE = "trained.safetensors"
 
