@@ -220,3 +220,29 @@ def test_a_grid_over_the_router_training_method_sets_the_nested_key(tmp_path):
     assert all(method in name for name, method in methods.items())
     with pytest.raises(RecipeError, match="router_training.method"):
         expand_search("s", {"recipe": recipe_file(tmp_path), "grid": {"router_training.method": ["by_hand"]}})
+
+
+def test_a_grid_compares_trained_routers_with_untrained_ones(tmp_path):
+    """router_training: [null, ...] unsets the training, and the untrained candidate reads no texts; a recipe
+    with texts and no training is still refused when it is the starting recipe."""
+    search = expand_search("s", {"recipe": recipe_file(tmp_path),
+                                 "grid": {"router_training": [None, {"method": "layerwise"}]}})
+    trained = {c.name: c.recipe.router_training for c in search.candidates}
+    assert sorted(trained) == ["s-router_training_method_layerwise", "s-router_training_null"]
+    assert sorted(t is None for t in trained.values()) == [False, True]
+    for candidate in search.candidates:
+        texts = [e.train_texts for e in candidate.recipe.experts]
+        assert all(texts) if candidate.recipe.router_training else not any(texts), candidate.name
+    with pytest.raises(RecipeError, match="train_texts"):
+        expand_search("s", {"recipe": recipe_file(tmp_path, router_training=None), "grid": {"gate_mode": ["hidden"]}})
+
+
+def test_a_bad_search_entry_is_told_how_a_search_is_written(tmp_path):
+    from moeforge.plan.workflow_config import checked_config
+
+    with pytest.raises(RecipeError) as info:
+        checked_config({"searches": {"s": {"recipe": recipe_file(tmp_path)}}})
+    assert "searches.s" in info.value.what and "grid: {key: [value, ...]}" in info.value.fix
+    with pytest.raises(RecipeError) as info:
+        checked_config({"merges": {"m": {"recipes": "x.yaml"}}})
+    assert "each merge is name: {recipe: PATH}" in info.value.fix

@@ -8,6 +8,7 @@ lists nothing is refused: the demo is built only where the user asked for no mer
 
 from __future__ import annotations
 
+import re
 from typing import Any, Mapping
 
 from moeforge.errors import RecipeError
@@ -21,6 +22,11 @@ from moeforge.io.schema import (
 from moeforge.io.yaml_doc import check_bounded
 
 WHERE = "workflow config (config/config.yaml, then each --configfile, then --config)"
+#: How each section's entries are written, for the fix of a problem under it.
+SECTION_FORMS = {
+    "merges": "each merge is name: {recipe: PATH}, {lock: ...} or {published: ...}",
+    "searches": "each search is name: {recipe: PATH (or lock: / published:), grid: {key: [value, ...]}} (docs/search.md)",
+}
 
 
 def checked_config(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -39,7 +45,8 @@ def checked_config(config: Mapping[str, Any]) -> dict[str, Any]:
                           "leave searches: out")
     problems = schema_errors(dict(config), package_schema("config")) + nonfinite_problems(dict(config))
     if problems:
+        section = re.split(r"[.:\[]", problems[0], maxsplit=1)[0]
+        form = f"{SECTION_FORMS[section]}; " if section in SECTION_FORMS else ""
         raise RecipeError(first_and_more(problems), WHERE,
-                          "fix that key: each merge is name: {recipe: PATH}, {lock: ...} or {published: ...}; every "
-                          "key is described in schemas/config.schema.yaml")
+                          f"fix that key: {form}every key is described in schemas/config.schema.yaml")
     return integral_floats_as_int(dict(config), package_schema("config"))

@@ -125,10 +125,23 @@ def _candidate(where: str, name: str, combo: tuple[Option, ...], start: dict[str
     document = copy.deepcopy(start)
     for option in combo:
         option.apply(document)
+    _drop_unread_texts(document)
     settings = {option.key: option.setting for option in combo}
     shown = ", ".join(f"{key}={json.dumps(value)}" for key, value in settings.items())
     recipe = parse_recipe(document, f"{where}: candidate {name} ({shown})")
     return Candidate(name=name, settings=settings, document=document, recipe=recipe)
+
+
+def _drop_unread_texts(document: dict[str, Any]) -> None:
+    """A candidate whose grid unsets router_training (``router_training: [null, ...]``, trained routers against
+    untrained ones) reads no training texts: the starting recipe's ``train_texts`` go with the training, which
+    a recipe written by hand with texts and no training would have refused (the starting recipe still is)."""
+    if document.get("router_training") is not None:
+        return
+    for group in ("experts", "shared_experts"):
+        for expert in document.get(group) or []:
+            if isinstance(expert, dict):
+                expert.pop("train_texts", None)
 
 
 def _options(where: str, key: str, values: Any, document: dict[str, Any], recipe: Recipe) -> list[Option]:
@@ -167,12 +180,15 @@ def _setter(path: list[str], value: Any) -> Callable[[dict[str, Any]], None]:
 
 
 def _label(key: str, value: Any) -> str:
-    """A value's part of a candidate name: a string as it is, a number after its key's short label."""
+    """A value's part of a candidate name: a string as it is, a number after its key's short label, a mapping of
+    such values as its keys and values (``router_training_method_layerwise``); anything else by a digest."""
     if isinstance(value, str):
         return _UNSAFE.sub("_", value)
     if value is None or isinstance(value, (bool, int, float)):
         shown = json.dumps(value)
         return f"{SHORT_LABELS[key]}{shown}" if key in SHORT_LABELS else f"{key}_{_UNSAFE.sub('_', shown)}"
+    if isinstance(value, dict) and value and all(isinstance(v, (str, bool, int, float)) for v in value.values()):
+        return "_".join([key, *(f"{k}_{_UNSAFE.sub('_', str(v))}" for k, v in value.items())])
     return f"{key}_{_digest(value)}"
 
 
