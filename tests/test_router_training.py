@@ -15,6 +15,7 @@ from moeforge.errors import ModelError, RecipeError
 from moeforge.io.domains import domain_path
 from moeforge.io.hf_load import load_tokenizer
 from moeforge.plan.recipe import RouterTraining, parse_recipe
+from moeforge.plan.train_texts import check_train_texts
 from moeforge.train.texts import training_windows
 from pipeline import build, logits, sha256_tree
 
@@ -92,17 +93,24 @@ def test_train_texts_without_router_training_are_refused():
     ("  \n\n", "is empty"),
     ("def f():\n    return 1\n", "fewer than the two windows"),
     ("路由器训练需要专家领域的文本。" * 200, "mostly in another vocabulary"),
+    (b"def f(x):\n    return x\n" * 40 + b"\xff\xfe", "UTF-8"),
 ])
-def test_unusable_texts_are_refused_before_training(tmp_path, tokenizer_dir, content, says):
+def test_unusable_texts_are_refused_at_validation_and_before_training(tmp_path, tokenizer_dir, content, says):
+    """Validation refuses them before any weight is fetched (two windows' worth read); training again as it reads
+    them in full."""
     text = tmp_path / "t.txt"
-    if content is not None:
+    if isinstance(content, bytes):
+        text.write_bytes(content)
+    elif content is not None:
         text.write_text(content, encoding="utf-8")
     parsed = parse_recipe(recipe(Path("b"), [Path("e0"), Path("e1")], {},
                                  texts=[[str(domain_path("code", "train"))], [str(text)]]))
     tokenizer = load_tokenizer(tokenizer_dir, ModelError, "tokenizer", "")
-    with pytest.raises(RecipeError) as caught:
-        training_windows(parsed, tokenizer, parsed.router_training, "recipe")
-    assert says in str(caught.value) and "e1" in str(caught.value)
+    for check in (lambda: check_train_texts(parsed, tokenizer, "recipe"),
+                  lambda: training_windows(parsed, tokenizer, parsed.router_training, "recipe")):
+        with pytest.raises(RecipeError) as caught:
+            check()
+        assert says in str(caught.value) and "e1" in str(caught.value)
 
 
 # ---- layerwise ----------------------------------------------------------------------------------------

@@ -130,8 +130,8 @@ def gates_of(merge, suffix):
 
 
 def train_texts(wildcards):
-    """The recipe's train_texts that are there or that the demo writes; one missing is the training job's to
-    report (naming its expert), not a missing-input error."""
+    """The recipe's train_texts that are there or that the demo writes; one missing is the validate job's to
+    report (naming its expert, before any weight is fetched), not a missing-input error."""
     demo = set(map(str, rules.demo_texts.output))
     recipe = RECIPES[wildcards.merge]
     paths = [path for group in recipe.gate_groups() for path in group.train_texts]

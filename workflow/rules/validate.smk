@@ -5,6 +5,8 @@ checkpoint validate:
     input:
         recipe=lambda wc: MERGE_TABLE[wc.merge]["recipe"],
         meta=meta_dirs,
+        # The training texts it checks (router_training only): the demo writes its own.
+        texts=train_texts,
     output:
         plan="results/{merge}/plan.json",
         tensors="results/{merge}/plan.tensors.tsv",
