@@ -236,14 +236,16 @@ def _mib(value: float | None) -> str:
 def table(result: dict[str, Any]) -> str:
     """Markdown: the gates job, then one row per tokens_per_expert."""
     capped = result["memory_cap_bytes"] is not None
-    head = ("| job | tokens/expert | windows | wall s | CPU s | train / gates | VmHWM MiB | floor MiB (start-up + "
-            "layer fp32 + activations) |" + (" cgroup peak MiB, OOM kills |" if capped else ""))
-    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---|" + ("---|" if capped else "")]
+    head = ("| job | tokens/expert | windows | wall s | CPU s | of which training s | train / gates | VmHWM MiB "
+            "| floor MiB (start-up + layer fp32 + activations) |" + (" cgroup peak MiB, OOM kills |" if capped else ""))
+    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---|" + ("---|" if capped else "")]
     start = result["start_up_rss_mib"]
 
     def row(name: str, job: dict[str, Any], tokens: str, windows: str, ratio: str, floor: str) -> str:
+        training = job.get("seconds_in_report")
         cells = [name, tokens, windows, f"{job.get('wall_s', float('nan')):.1f}",
-                 f"{job.get('cpu_s', float('nan')):.1f}", ratio, _mib(job.get("vmhwm_mib")), floor]
+                 f"{job.get('cpu_s', float('nan')):.1f}", "-" if training is None else f"{training:.1f}", ratio,
+                 _mib(job.get("vmhwm_mib")), floor]
         if capped:
             cells.append(f"{_mib(job.get('cgroup_peak_mib'))}, {job.get('oom_kills', '-')} (exit {job['returncode']})")
         return "| " + " | ".join(cells) + " |"
@@ -274,7 +276,8 @@ def section(result: dict[str, Any]) -> str:
         f"each; the MoE's shards {result['shard_mib']:.0f} MiB), `gate_mode: hidden`, `router_training: layerwise` "
         "on the packaged domains' train splits. Each job runs alone in its own `snakemake` command after the "
         "weights were evicted from the page cache; wall and CPU seconds are the job's `benchmark:` file, VmHWM "
-        "its process's peak resident memory. The floor is the design's: the start-up (imports, tokenizer) plus "
+        "its process's peak resident memory, \"of which training\" the time the job's report gives its training "
+        "(the rest is start-up, reading the texts and writing the reports). The floor is the design's: the start-up (imports, tokenizer) plus "
         "one MoE layer's float32 weights plus 16 bytes x tokens x hidden for the windows.\n",
         table(result),
     ]
@@ -284,6 +287,10 @@ def section(result: dict[str, Any]) -> str:
         verdict = "met" if worst["ratio_to_gates"] <= TARGET else "missed"
         lines.append(f"- train / gates at {worst['tokens_per_expert']} tokens per expert: "
                      f"{worst['ratio_to_gates']:.2f} (target <= {TARGET:g}): {verdict}")
+        if "vmhwm_mib" in worst:
+            floor = result["start_up_rss_mib"] + worst["layer_float32_mib"] + worst["activations_mib"]
+            lines.append(f"- peak memory at {worst['tokens_per_expert']} tokens per expert: {worst['vmhwm_mib']:.0f} MiB "
+                         f"against the floor's {floor:.0f} MiB ({worst['vmhwm_mib'] - floor:+.0f} MiB)")
     ex = result["extrapolation"]
     if ex and not ex["measured"]:
         lines.append(f"- {ex['tokens_per_expert']} tokens per expert (the default) not measured; a line through the "
