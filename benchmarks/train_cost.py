@@ -219,6 +219,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                 **job_cost(run, "train_routers", work / "results" / merge / "benchmarks" / "train_routers.tsv")}
         if cost["returncode"] == 0:
             cost.update(memory_floor(work, merge))
+        if "wall_s" in cost and "wall_s" in gates:
             cost["ratio_to_gates"] = round(cost["wall_s"] / gates["wall_s"], 2)
         print(f"  {cost}", flush=True)
         train.append(cost)
@@ -242,9 +243,8 @@ def table(result: dict[str, Any]) -> str:
     start = result["start_up_rss_mib"]
 
     def row(name: str, job: dict[str, Any], tokens: str, windows: str, ratio: str, floor: str) -> str:
-        training = job.get("seconds_in_report")
-        cells = [name, tokens, windows, f"{job.get('wall_s', float('nan')):.1f}",
-                 f"{job.get('cpu_s', float('nan')):.1f}", "-" if training is None else f"{training:.1f}", ratio,
+        seconds = [job.get(key) for key in ("wall_s", "cpu_s", "seconds_in_report")]
+        cells = [name, tokens, windows, *("-" if x is None else f"{x:.1f}" for x in seconds), ratio,
                  _mib(job.get("vmhwm_mib")), floor]
         if capped:
             cells.append(f"{_mib(job.get('cgroup_peak_mib'))}, {job.get('oom_kills', '-')} (exit {job['returncode']})")
@@ -281,18 +281,22 @@ def section(result: dict[str, Any]) -> str:
         "one MoE layer's float32 weights plus 16 bytes x tokens x hidden for the windows.\n",
         table(result),
     ]
+    lines += [f"- {name}: the job failed (exit {job['returncode']}, {job.get('oom_kills', 0)} OOM kill(s) in the cgroup)"
+              for name, job in [("gates", result["gates"]),
+                                *((f"train_routers at {t['tokens_per_expert']} tokens per expert", t)
+                                  for t in result["train"])] if job["returncode"] != 0]
     measured = [t for t in result["train"] if "ratio_to_gates" in t]
     if measured:
         worst = max(measured, key=lambda t: t["tokens_per_expert"])
         verdict = "met" if worst["ratio_to_gates"] <= TARGET else "missed"
         lines.append(f"- train / gates at {worst['tokens_per_expert']} tokens per expert: "
                      f"{worst['ratio_to_gates']:.2f} (target <= {TARGET:g}): {verdict}")
-        if "vmhwm_mib" in worst:
+        if "vmhwm_mib" in worst and "layer_float32_mib" in worst:
             floor = result["start_up_rss_mib"] + worst["layer_float32_mib"] + worst["activations_mib"]
             lines.append(f"- peak memory at {worst['tokens_per_expert']} tokens per expert: {worst['vmhwm_mib']:.0f} MiB "
                          f"against the floor's {floor:.0f} MiB ({worst['vmhwm_mib'] - floor:+.0f} MiB)")
     ex = result["extrapolation"]
-    if ex and not ex["measured"]:
+    if ex and not ex["measured"] and "wall_s" in result["gates"]:
         lines.append(f"- {ex['tokens_per_expert']} tokens per expert (the default) not measured; a line through the "
                      f"measured points ({ex['intercept_s']:.1f} s + {ex['s_per_1000_tokens']:.2f} s per 1000 tokens "
                      f"per expert) gives {ex['wall_s']:.0f} s, {ex['wall_s'] / result['gates']['wall_s']:.1f}x the "
