@@ -282,12 +282,16 @@ def ensure_experts(data_dir: Path, d: Dims, log: Callable[[str], None]) -> list[
     return dirs
 
 
+def recipe_document(experts: Sequence[Path], gate_mode: str) -> dict[str, Any]:
+    """One mergekit-moe recipe over ``experts`` (base = expert 0, as in most recipes), each with its prompts."""
+    return {"base_model": str(experts[0]), "gate_mode": gate_mode, "dtype": "bfloat16", "experts_per_token": 2,
+            "experts": [{"source_model": str(p), "positive_prompts": PROMPTS[i % len(PROMPTS)]}
+                        for i, p in enumerate(experts)]}
+
+
 def write_recipe(path: Path, experts: Sequence[Path], gate_mode: str) -> None:
-    """One mergekit-moe recipe, used unchanged by both tools (base = expert 0, as in most recipes)."""
-    recipe = {"base_model": str(experts[0]), "gate_mode": gate_mode, "dtype": "bfloat16", "experts_per_token": 2,
-              "experts": [{"source_model": str(p), "positive_prompts": PROMPTS[i % len(PROMPTS)]}
-                          for i, p in enumerate(experts)]}
-    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    """The recipe file both tools read unchanged."""
+    path.write_text(yaml.safe_dump(recipe_document(experts, gate_mode), sort_keys=False))
 
 
 # --------------------------------------------------------------------------- measurement helpers
