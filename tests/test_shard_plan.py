@@ -5,14 +5,16 @@ grouping exists for exactly those sizes: small layers share a job, large ones ke
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pandas as pd
 import pytest
 
 from moeforge.plan.plan_json import Plan
-from moeforge.plan.recipe import ExpertSpec, Recipe
+from moeforge.plan.recipe import ExpertSpec, Recipe, RouterTraining
 from moeforge.plan.rows import SHARD_TARGET_BYTES, _layer_groups, group_shards, layer_bytes
 from moeforge.plan.table import GATES_SOURCE, ROUTERS_SHARD
-from moeforge.resources import GATE_THREADS, gates_threads, shard_mem_mb, smoke_dtype, smoke_mem_mb
+from moeforge.resources import GATE_THREADS, gates_threads, shard_mem_mb, smoke_dtype, smoke_mem_mb, train_threads
 from moeforge.runtime.devices import computes_16bit
 from moeforge.runtime.memory_budget import whole_model_mb
 
@@ -105,6 +107,18 @@ def test_gate_threads_follow_the_forward_pass_work():
     assert gates_threads(_plan(SMOLLM2, "hidden", three_prompts)) == 1
     assert gates_threads(_plan(LLAMA_1B, "hidden", ["a long prompt " * 500] * 20)) == GATE_THREADS
     assert gates_threads(None) == GATE_THREADS
+
+
+def test_training_threads_follow_the_training_passes_not_the_gates():
+    """A 1B-class layerwise training with few short prompts: the gates take one thread, the training (every
+    training token through every layer, two experts each) the full count; a small model's training one."""
+    three_prompts = ["Write a short story about a dragon.", "Solve 12 * 7.", "Explain photosynthesis."]
+    big = _plan(LLAMA_1B, "hidden", three_prompts)
+    trained = replace(big, recipe=replace(big.recipe, router_training=RouterTraining(tokens_per_expert=2048)))
+    assert gates_threads(trained) == 1 and train_threads(trained) == GATE_THREADS
+    tiny = {**SMOLLM2, "num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128}
+    small = _plan(tiny, "hidden", three_prompts)
+    assert train_threads(replace(small, recipe=replace(small.recipe, router_training=RouterTraining()))) == 1
 
 
 def test_shard_memory_follows_one_layer_not_the_run_of_layers():

@@ -79,12 +79,34 @@ def gates_threads(plan: Plan | None) -> int:
     recipe = plan.recipe
     if recipe.gate_mode in NO_FORWARD_GATE_MODES:
         return 1
-    p = plan.base_params
-    hidden = p["hidden_size"]
-    layer_params = 4 * hidden * hidden + 3 * hidden * p["intermediate_size"]
     prompts = [text for e in recipe.experts + recipe.shared_experts for text in e.positive_prompts + e.negative_prompts]
     tokens = sum(len(text) for text in prompts) / 3 + 8 * len(prompts)  # a generous guess, template included
-    flops = 2 * p["num_hidden_layers"] * layer_params * tokens
+    return _threads_for(_forward_flops(plan, tokens, mlps_per_token=1))
+
+
+def train_threads(plan: Plan | None) -> int:
+    """Router training's threads: one unless its passes over the MoE are heavy. Each training token goes through
+    every layer with ``experts_per_token`` experts' MLPs (end_to_end: forward and backward, each step)."""
+    if not plan or plan.recipe.router_training is None:
+        return GATE_THREADS
+    settings = plan.recipe.router_training
+    tokens = settings.tokens_per_expert * len(plan.recipe.gate_groups())
+    if settings.method == "end_to_end":
+        tokens = 3 * settings.steps * settings.batch_size * settings.seq_len
+    return _threads_for(_forward_flops(plan, tokens, mlps_per_token=plan.recipe.experts_per_token))
+
+
+def _forward_flops(plan: Plan, tokens: float, mlps_per_token: int) -> float:
+    """Floating-point operations of ``tokens`` through every decoder layer (~2 x the weights each token meets)."""
+    p = plan.base_params
+    hidden = p["hidden_size"]
+    layer_params = 4 * hidden * hidden + 3 * hidden * p["intermediate_size"] * mlps_per_token
+    return 2 * p["num_hidden_layers"] * layer_params * tokens
+
+
+def _threads_for(flops: float) -> int:
+    """The thread count a job of ``flops`` asks for; a function of the plan alone, never of the cores given, so a
+    rerun sums in the same order and gives the same bytes."""
     return 1 if flops < ONE_THREAD_GATE_FLOPS else GATE_THREADS
 
 

@@ -366,8 +366,8 @@ def published_compare_mem_mb(wildcards, input, attempt):
 
 
 def train_threads(wildcards, input):
-    """Router training's threads: those of the gates it starts from (the plan's, not the cores given to the job)."""
-    return job_resources.gates_threads(_plan_beside(input.plan))
+    """Router training's threads: the plan's (moeforge.resources.train_threads), not the cores given to the job."""
+    return job_resources.train_threads(_plan_beside(input.plan))
 
 
 def train_mem_mb(wildcards, input, attempt):

@@ -653,15 +653,31 @@ def _run_layer(runner: _Runner, index: int, prepared: list[_Batch],
 Refit = Callable[[int, torch.nn.Module, list[torch.Tensor]], None]
 
 
+class _MlpReached(Exception):
+    """Raised by the hook on a layer's MLP input: a pass that wants only that input stops there."""
+
+
 def _mlp_inputs(runner: _Runner, layer: torch.nn.Module, index: int, prepared: list[_Batch]) -> list[torch.Tensor]:
-    """Every batch's MLP input at this layer, the batches' hidden states left as they are."""
+    """Every batch's MLP input at this layer, the batches' hidden states left as they are.
+
+    Each batch stops at the MLP's input: the experts, most of a sparse layer's work, run once per layer (in
+    the pass that follows, with the refitted router), not twice.
+    """
     inputs: list[torch.Tensor] = []
-    hook = layer.mlp.register_forward_pre_hook(lambda _module, args: inputs.append(args[0]))
+
+    def stop(_module: torch.nn.Module, args: tuple) -> None:
+        inputs.append(args[0])
+        raise _MlpReached
+
+    hook = layer.mlp.register_forward_pre_hook(stop)
     try:
         kind = runner.layer_type(index)
         for batch in prepared:
-            layer(batch.hidden, attention_mask=batch.masks[kind], position_ids=batch.positions,
-                  position_embeddings=batch.cos_sin, use_cache=False)
+            try:
+                layer(batch.hidden, attention_mask=batch.masks[kind], position_ids=batch.positions,
+                      position_embeddings=batch.cos_sin, use_cache=False)
+            except _MlpReached:
+                pass
     finally:
         hook.remove()
     return inputs

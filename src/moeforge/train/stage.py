@@ -25,7 +25,7 @@ from moeforge.io.hf_load import load_tokenizer
 from moeforge.numbers import report_number
 from moeforge.plan.plan_json import read_plan
 from moeforge.plan.table import GATES_SOURCE, read_rows
-from moeforge.resources import gates_threads
+from moeforge.resources import train_threads
 from moeforge.runtime.devices import require_device
 from moeforge.runtime.layerwise import CheckpointTensors, load_config
 from moeforge.runtime.memory_budget import MIB, peak_rss
@@ -68,7 +68,7 @@ def train_routers(plan_json: Path, plan_tsv: Path, gates: Path, shards: Sequence
                   job_mem_mb: int | None = None) -> dict[str, Any]:
     """The step: check everything, train with the recipe's method, write the routers and the reports.
 
-    Training runs on the plan's thread count (moeforge.resources.gates_threads), not on the cores the job was
+    Training runs on the plan's thread count (moeforge.resources.train_threads), not on the cores the job was
     given: another count may sum in another order, and hundreds of steps would carry that into the bytes.
     """
     plan = read_plan(plan_json)
@@ -85,7 +85,7 @@ def train_routers(plan_json: Path, plan_tsv: Path, gates: Path, shards: Sequence
     windows = training_windows(plan.recipe, tokenizer, settings, "recipe")
     num_routed = len(plan.recipe.experts)
     started = time.monotonic()
-    with reproducible(gates_threads(plan)):
+    with reproducible(train_threads(plan)):
         torch.manual_seed(settings.seed)
         if settings.method == "layerwise":
             trained, layers = train_layerwise(config_dir, store, windows, settings, num_routed)
