@@ -233,8 +233,9 @@ def test_profile_dry_runs_without_a_cluster(tmp_path: Path) -> None:
     assert run.returncode == 0, run.log[-4000:]
     assert f"Using workflow specific profile {PROFILE}" in run.log
     rules = {rule for _, rule in jobs_in(run.log).values()}
-    # Before the validate checkpoint has run, the per-layer shards are not yet in the DAG.
-    assert {"demo_models", "fetch_metadata", "validate", "gates", "assemble", "smoke_test"} <= rules
+    # Before the validate checkpoint has run, the shards and the gates (named by what the plan holds) are not
+    # yet in the DAG.
+    assert {"demo_models", "fetch_metadata", "validate", "translate_config", "assemble", "smoke_test"} <= rules
     assert "cpus_per_task=" in run.log
     assert not (tmp_path / "wd" / "results").exists()
 
