@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -123,6 +124,25 @@ def layerwise(models, tmp_path_factory):
     return {"gates": build(root / "gates", recipe(models["base"], experts_of(models), None)),
             "trained": build(root / "a", recipe(models["base"], experts_of(models), training)),
             "again": build(root / "b", recipe(models["base"], experts_of(models), training))}
+
+
+def test_the_layerwise_objective_scores_the_weight_the_moe_gives_the_text_expert():
+    """Mixtral renormalises the top-k softmax: the text's expert's weight is its share of the top-k; outside the
+    top-k its softmax probability stands in. Qwen MoE without norm_topk_prob mixes raw softmax probabilities."""
+    from transformers import MixtralConfig, Qwen2MoeConfig
+
+    from moeforge.train.layerwise import Mixing
+
+    logits, e = torch.tensor([[2.0, 1.0, 0.0], [2.0, 1.0, 0.0]]), math.e
+    mixtral = Mixing.of(MixtralConfig(num_local_experts=3, num_experts_per_tok=2))
+    assert mixtral == Mixing(top_k=2, renormalise=True)
+    assert float(mixtral.expert_nll(logits[:1], torch.tensor([1]))) == pytest.approx(math.log(1 + e))
+    assert float(mixtral.expert_nll(logits[:1], torch.tensor([2]))) == pytest.approx(math.log(e * e + e + 1))
+    assert float(mixtral.expert_nll(logits, torch.tensor([0, 1]))) == pytest.approx(
+        (math.log(1 + 1 / e) + math.log(1 + e)) / 2)
+    qwen = Mixing.of(Qwen2MoeConfig(num_experts=3, num_experts_per_tok=2, norm_topk_prob=False))
+    assert not qwen.renormalise
+    assert float(qwen.expert_nll(logits[:1], torch.tensor([1]))) == pytest.approx(math.log(e * e + e + 1) - 1)
 
 
 def test_layerwise_training_is_deterministic(layerwise):

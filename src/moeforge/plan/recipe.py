@@ -45,10 +45,14 @@ class ExpertSpec:
 #: Per-method defaults of the settings the recipe leaves unset: ``layerwise`` converges in a few hundred
 #: full-batch steps per layer (its loss moves by under 5% after step 100 on the demo) and holds its tokens'
 #: router inputs, so it reads fewer; ``end_to_end`` takes one small batch per step and streams its tokens, and
-#: gains from more of both; ``label_smoothing`` keeps the layerwise classifier from routing text of another style
-#: more confidently than prompt routers do, and means nothing to next-token training (docs/training.md).
+#: gains from more of both, and from windows as long as the context the model is evaluated at (the routers then
+#: see the hidden states of late positions too; 8 windows of 128 tokens hold the tokens, and so the memory, of 16
+#: of 64), at half the learning rate, which keeps it from routing text of another style more confidently than
+#: prompt routers do; ``label_smoothing`` does that for the layerwise classifier, and means nothing to
+#: next-token training (docs/training.md).
 METHOD_DEFAULTS = {"layerwise": {"steps": 200, "tokens_per_expert": 8192, "label_smoothing": 0.3},
-                   "end_to_end": {"steps": 800, "tokens_per_expert": 65536, "label_smoothing": 0.0}}
+                   "end_to_end": {"steps": 800, "tokens_per_expert": 65536, "label_smoothing": 0.0,
+                                  "learning_rate": 0.005, "seq_len": 128, "batch_size": 8}}
 
 
 @dataclass(frozen=True)
@@ -57,7 +61,8 @@ class RouterTraining:
 
     ``steps`` and ``learning_rate`` are per layer for ``layerwise`` (full-batch steps on the layer's router
     inputs) and for the whole model for ``end_to_end`` (one batch of ``batch_size`` windows per step), so an
-    unset ``steps`` and ``tokens_per_expert`` default per method (``METHOD_DEFAULTS``).
+    unset ``steps``, ``learning_rate``, ``tokens_per_expert``, ``seq_len`` and ``batch_size`` default per method
+    (``METHOD_DEFAULTS``).
     ``tokens_per_expert`` bounds what is read of each expert's texts; a ``heldout_fraction`` of its windows
     is kept out of training to measure routing accuracy.
     """
