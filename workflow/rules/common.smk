@@ -232,7 +232,8 @@ def plan_of(merge):
     """plan.json of a merge, available once the validate checkpoint has run.
 
     Until then Snakemake can count none of the merge's shard jobs (how many depends on the models' layers
-    and sizes, which validate reads), so the step count it shows grows by them once validate has run: the run
+    and sizes, which validate reads) nor its gates job (named by what the plan holds), so the step count it
+    shows grows by them once validate has run: the run
     says so once, as the count is first shown, so a dry run's count and a growing one surprise no one."""
     try:
         return read_plan(Path(checkpoints.validate.get(merge=merge).output.plan))
@@ -241,8 +242,9 @@ def plan_of(merge):
             _UNCOUNTED.add(merge)
             logger.info(
                 f"moeforge: {merge}: the step count leaves out this merge's shard jobs (the globals, the routers, "
-                "one per run of decoder layers; one job for a shard several merges share); validate names them once "
-                "it has read the models, and the count grows by them then"
+                "one per run of decoder layers; one job for a shard several merges share) and its gates job (one for "
+                "the merges that share the gates); validate names them once it has read the models, and the count "
+                "grows by them then"
             )
         raise
 
