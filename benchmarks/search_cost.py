@@ -190,7 +190,6 @@ def section(result: dict[str, Any]) -> str:
     )
 
 
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=REPO / "benchmarks" / ".data" / "search_cost")

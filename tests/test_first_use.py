@@ -413,16 +413,16 @@ def test_the_smoke_tests_new_tokens_past_the_positions_are_refused_before_any_mo
 def test_the_prompt_check_names_the_prompt_and_the_tokenizer(tmp_path, models):
     """The validate job's token check (moeforge.plan.prompt_check) says which prompt to shorten and by how much,
     and names a base whose tokenizer cannot be read."""
-    from moeforge.plan.prompt_check import check_prompts
+    from moeforge.plan.prompt_check import check_token_inputs
 
     limit = json.loads((models["base"] / "config.json").read_text())["max_position_embeddings"]
     recipe = parse_recipe(hidden_recipe(models, ["short"], [" ".join(["hi"] * 2 * limit)]))
     base_meta = fetch_all(tmp_path, [str(models["base"])])[str(models["base"])]
     with pytest.raises(RecipeError) as info:
-        check_prompts(recipe, base_meta)
+        check_token_inputs(recipe, base_meta)
     assert info.value.where.startswith("experts[1]") and info.value.fix.startswith("shorten it by at least ")
     with pytest.raises(ModelError) as info:
-        check_prompts(recipe, tmp_path / "no-such-model")
+        check_token_inputs(recipe, tmp_path / "no-such-model")
     assert info.value.where == str(tmp_path / "no-such-model") and "tokenizer" in info.value.what
 
 

@@ -233,8 +233,8 @@ def plan_of(merge):
 
     Until then Snakemake can count none of the merge's shard jobs (how many depends on the models' layers
     and sizes, which validate reads) nor its gates job (named by what the plan holds), so the step count it
-    shows grows by them once validate has run: the run
-    says so once, as the count is first shown, so a dry run's count and a growing one surprise no one."""
+    shows grows by them once validate has run: the run says so once, as the count is first shown, so a dry
+    run's count and a growing one surprise no one."""
     try:
         return read_plan(Path(checkpoints.validate.get(merge=merge).output.plan))
     except IncompleteCheckpointException:
@@ -274,15 +274,22 @@ def all_shard_digests(wildcards):
 
 
 def shard_provider(wildcards):
-    """The merge whose plan gives a keyed shard its rows: the first merge (in the config's order) that needs it,
-    so the choice does not depend on which plans happen to be written already."""
-    for merge in MERGES:
-        if wildcards.key in plan_of(merge).shard_keys.values():
-            return merge
-    raise WorkflowError(
-        f"moeforge: results/shards/{wildcards.key}.safetensors: no merge of this run needs this shard "
-        "(its key is not in any merge's plan.json); ask for a merge's model instead"
+    """The merge whose plan gives a keyed shard its rows (see first_merge_with)."""
+    return first_merge_with(
+        lambda plan: wildcards.key in plan.shard_keys.values(),
+        f"results/shards/{wildcards.key}.safetensors: no merge of this run needs this shard (its key is not in any "
+        "merge's plan.json)",
     )
+
+
+def first_merge_with(wanted, what):
+    """The first merge (in the config's order) whose plan is ``wanted``: it provides a job that several merges share,
+    and the choice does not depend on which plans happen to be written already. ``what``: the error's words when
+    no merge's plan is (the file asked for, and that no merge needs it)."""
+    for merge in MERGES:
+        if wanted(plan_of(merge)):
+            return merge
+    raise WorkflowError(f"moeforge: {what}; ask for a merge's model instead")
 
 
 def shard_rows(wildcards):
@@ -305,13 +312,10 @@ def source_weight_record(merge, slug):
 
 
 def gates_provider(wildcards):
-    """The first merge (in the config's order) whose gates have this key: its plan gives the gates job its settings."""
-    for merge in MERGES:
-        if gates_key(plan_of(merge)) == wildcards.gates_key:
-            return merge
-    raise WorkflowError(
-        f"moeforge: results/gates/{wildcards.gates_key}.safetensors: no merge of this run computes these gates; "
-        "ask for a merge's model instead"
+    """The merge whose plan gives the gates job its settings (see first_merge_with)."""
+    return first_merge_with(
+        lambda plan: gates_key(plan) == wildcards.gates_key,
+        f"results/gates/{wildcards.gates_key}.safetensors: no merge of this run computes these gates",
     )
 
 

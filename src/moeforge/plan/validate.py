@@ -14,7 +14,7 @@ from typing import Mapping
 
 from moeforge.plan.make import make_plan, write_plan
 from moeforge.plan.plan_json import Plan
-from moeforge.plan.prompt_check import check_prompts, check_texts
+from moeforge.plan.prompt_check import check_token_inputs
 from moeforge.plan.recipe import load_recipe
 from moeforge.plan.translate import build_config
 
@@ -25,14 +25,12 @@ def validate_merge(merge: str, recipe_path: Path, meta_dirs: Mapping[str, Path],
                    plan_tsv: Path) -> Plan:
     """Validate and plan; the config translation, the prompts' token check (it needs the base's tokenizer;
     the smoke test's prompts are checked in every gate mode) and the training texts' check run too, so their
-    refusals come now. Nothing is
-    written unless every check passes."""
+    refusals come now. Nothing is written unless every check passes."""
     recipe = load_recipe(recipe_path)
     plan, frame = make_plan(merge, recipe, meta_dirs)
     base_config = json.loads((meta_dirs[recipe.base_model] / "config.json").read_text())
     _, decisions = build_config(plan, base_config)
-    check_prompts(recipe, meta_dirs[recipe.base_model])
-    check_texts(recipe, meta_dirs[recipe.base_model], str(recipe_path))
+    check_token_inputs(recipe, meta_dirs[recipe.base_model], str(recipe_path))
     plan = plan.with_warnings([d["warning"] for d in decisions if "warning" in d])
     write_plan(plan, frame, plan_json, plan_tsv)
     for warning in plan.warnings:  # on the console and in the validate log, not only in plan.json
