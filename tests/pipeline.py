@@ -21,7 +21,7 @@ from moeforge.build.shards import shard_step
 from moeforge.gates.compute import gates_for_plan
 from moeforge.io.fetch import fetch_metadata, fetch_weights, locate_weights
 from moeforge.io.refs import parse_ref
-from moeforge.plan.class_check import class_check
+from moeforge.plan.class_check import class_check, merge_check_settings
 from moeforge.plan.plan_json import Plan
 from moeforge.plan.table import ROUTERS_SHARD
 from moeforge.plan.translate import translate
@@ -63,7 +63,8 @@ def plan_only(root: Path, recipe: dict[str, Any], merge: str = "m") -> Plan:
     out = root / "results" / merge
     plan = validate_merge(merge, recipe_path, meta, out / "plan.json", out / "plan.tensors.tsv")
     translate(out / "plan.json", meta[recipe["base_model"]], out / "config")
-    class_check(out / "plan.json", out / "plan.tensors.tsv", out / "config" / "config.json", out / "class_check.json")
+    class_check(merge_check_settings(out / "plan.json", out / "plan.tensors.tsv", meta[recipe["base_model"]]),
+                out / "class_check.json")
     return plan
 
 
@@ -98,7 +99,7 @@ def build(root: Path, recipe: dict[str, Any], merge: str = "m") -> Build:
     digests[ROUTERS_SHARD] = shard_step(out / "plan.tensors.tsv", ROUTERS_SHARD, weights, routers,
                                         paths[ROUTERS_SHARD], paths[ROUTERS_SHARD].with_suffix(".sha256"))
     assemble(out / "plan.json", [paths[s] for s in plan.shards], [digests[s] for s in plan.shards], out / "config",
-             meta[recipe["base_model"]], weights, out / "model", training)
+             out / "class_check.json", meta[recipe["base_model"]], weights, out / "model", training)
     return Build(root=root, plan=plan, model_dir=out / "model", meta=meta)
 
 

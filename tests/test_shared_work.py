@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -15,11 +16,14 @@ from safetensors.torch import load_file
 
 from moeforge.check.evaluate import EvalOptions, evaluate
 from moeforge.demo.tiny_models import DEMO_EXPERTS
+from moeforge.errors import BuildError
 from moeforge.gates.compute import compute_gates
 from moeforge.gates.key import NOT_READ, gates_key, gates_recipe, gates_settings
 from moeforge.io.domains import heldout_paths
 from moeforge.io.files import dumps_json
+from moeforge.io.refs import parse_ref
 from moeforge.io.safetensors_file import read_header
+from moeforge.plan.class_check import check_key, merge_check_settings, require_checked
 from moeforge.plan.plan_json import read_plan
 from moeforge.plan.recipe import RouterTraining
 from moeforge.plan.table import ROUTERS_SHARD
@@ -102,6 +106,38 @@ def test_the_keys_left_out_of_the_gates_key_cannot_change_the_gates(base_and_exp
     assert alone.keys() == shared.keys() and all(torch.equal(alone[n], shared[n]) for n in alone)
 
 
+def class_check_key(root: Path, recipe: dict) -> str:
+    """The class check key of the merge ``m`` that plan_only validated under ``root``."""
+    meta = root / "resources" / parse_ref(recipe["base_model"]).slug / "meta"
+    return check_key(merge_check_settings(root / "results/m/plan.json", root / "results/m/plan.tensors.tsv", meta))
+
+
+def test_class_check_keys_follow_the_config_and_the_shapes(base_and_experts, tmp_path):
+    """Merges that differ in what neither the output config nor the planned shapes hold share one class check;
+    another experts_per_token (a config field) or another expert count (shapes) gives another."""
+    def key(name: str, recipe: dict) -> str:
+        plan_only(tmp_path / name, recipe)
+        return class_check_key(tmp_path / name, recipe)
+
+    first = key("a", prompted(base_and_experts))
+    assert key("b", prompted(base_and_experts, gate_mode="hidden_avg", smoke_prompts=["Once"])) == first
+    assert key("c", prompted(base_and_experts, experts_per_token=1)) != first
+    three = prompted(base_and_experts)
+    three["experts"].append({"source_model": str(base_and_experts["e0"]), "positive_prompts": ["x = 1"]})
+    assert key("d", three) != first
+
+
+def test_assembly_refuses_a_config_other_than_the_one_checked(base_and_experts, tmp_path):
+    """The record names the config it checked: a config.json edited after the check is refused, by name."""
+    plan_only(tmp_path, recipe_of(base_and_experts))
+    out = tmp_path / "results/m"
+    require_checked(out / "config/config.json", out / "class_check.json")  # as translate_config wrote it
+    config = json.loads((out / "config/config.json").read_text())
+    (out / "config/config.json").write_text(json.dumps({**config, "num_local_experts": 3}))
+    with pytest.raises(BuildError, match=r"config\.json: this config\.json is not the one checked.*delete it"):
+        require_checked(out / "config/config.json", out / "class_check.json")
+
+
 @pytest.fixture(scope="module")
 def two_merges(tmp_path_factory) -> tuple[Path, str]:
     """The demo recipe (a), its variant with other gates and one expert per token (b), and its variant with one
@@ -142,6 +178,19 @@ def test_two_merges_share_their_shards(two_merges, tmp_path, monkeypatch):
         logits(wd / f"results/{merge}/model", ids)  # strict load: no missing, unexpected or mismatched key
         alone = build(tmp_path / merge, yaml.safe_load((wd / f"{merge}.yaml").read_text()), merge=merge)
         assert sha256_tree(alone.model_dir) == sha256_tree(wd / f"results/{merge}/model"), merge
+
+
+@pytest.mark.slow
+def test_merges_with_one_config_share_one_class_check(two_merges):
+    """b and c differ in gate mode and router training, not in their config or shapes: one class check for
+    both; a (two experts per token) has its own. Each model's config.json is the one its record checked."""
+    wd, output = two_merges
+    records = {json.loads(p.read_text())["config_sha256"] for p in (wd / "results/class_checks").glob("*.json")}
+    assert jobs_of(output, "class_check") == 2 and len(records) == 2
+    for merge in "abc":
+        config = wd / f"results/{merge}/model/config.json"
+        assert hashlib.sha256(json.dumps(json.loads(config.read_text()), sort_keys=True).encode()).hexdigest() \
+            in records, merge
 
 
 @pytest.mark.slow

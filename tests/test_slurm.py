@@ -39,7 +39,8 @@ STAGING = "results/demo/staging/model"
 TARGET = "results/demo/smoke/report.json"
 # Rules that run on the submit host (`localrule: True` in workflow/rules/); everything else is a
 # SLURM job.
-LOCAL_RULES = {"demo_models", "demo_texts", "fetch_metadata", "locate_weights", "fetch_weights", "translate_config"}
+LOCAL_RULES = {"demo_models", "demo_texts", "fetch_metadata", "locate_weights", "fetch_weights", "translate_config",
+               "class_check"}
 REMOTE_RULES = {"hash_source", "validate", "gates", "shard", "routers_shard", "train_routers", "assemble", "smoke_test"}
 # Rules with one job per source model (the demo merges a base and three experts).
 PER_SOURCE_RULES = {"hash_source": 4}

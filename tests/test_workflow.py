@@ -66,7 +66,7 @@ def test_dry_run_shows_the_dag(tmp_path):
     for rule in ("demo_models", "hash_source", "fetch_metadata", "validate", "locate_weights", "fetch_weights",
                  "translate_config", "assemble", "smoke_test", "publish"):
         assert rule in proc.stdout
-    # The shard jobs and the gates job (named by what the plan holds) are known once validate has run; the count
+    # The shard, gates and class check jobs (named by what the plan holds) are known once validate has run; the count
     # shown says it leaves them out, once, before it.
     lines = proc.stdout.splitlines()
     notes = [i for i, line in enumerate(lines) if line.startswith(UNCOUNTED_NOTE)]
@@ -85,12 +85,12 @@ def test_a_run_ends_with_a_summary_and_its_reports_hold_no_machine_paths(demo):
 
 
 @pytest.mark.slow
-def test_the_step_count_grows_by_the_shard_and_gates_jobs_it_said_it_left_out(demo):
+def test_the_step_count_grows_by_the_jobs_it_said_it_left_out(demo):
     text = (demo / "first-run.stderr").read_text()
-    assert text.count(UNCOUNTED_NOTE) == 1 and "and its gates job" in text
+    assert text.count(UNCOUNTED_NOTE) == 1 and "its gates job and its class check job" in text
     totals = [int(total) for total in re.findall(r"^\d+ of (\d+) steps", text, re.MULTILINE)]
     shards = json.loads((demo / "results/demo/plan.json").read_text())["shards"]
-    assert totals[-1] == totals[0] + len(shards) + 1, totals  # the demo's one gates job
+    assert totals[-1] == totals[0] + len(shards) + 2, totals  # the demo's one gates job and one class check job
 
 
 @pytest.mark.slow

@@ -13,8 +13,9 @@ rule assemble:
         hashes=weight_hashes,
         # The training texts' sha256, for the lock (router_training only).
         training=router_training_report,
-        # No model directory unless the plan passed the check against the transformers class.
-        checked="results/{merge}/class_check.json",
+        # No model directory unless the plan passed the check against the transformers class, under this
+        # config.json (assembly compares them).
+        checked=class_check_of,
     output:
         # The lock file marks a complete model directory: assemble builds the directory under a
         # temporary name and renames it into place whole, lock included (no .snakemake_timestamp

@@ -15,6 +15,7 @@ from moeforge.io.names import relative_file_problem
 from moeforge.io.published import RECIPE_FILES
 from moeforge.io.refs import parse_ref
 from moeforge.io.source_content import refresh_source_content
+from moeforge.plan.class_check import CHECK_KEY_PATTERN, check_key, merge_check_settings
 from moeforge.plan.lock_merge import merge_from_lock
 from moeforge.plan.merges import merges_to_build
 from moeforge.plan.plan_json import read_plan
@@ -98,6 +99,7 @@ wildcard_constraints:
     key=KEY_PATTERN,
     # The gates rule's: the gates, by what they are computed from (moeforge.gates.key).
     gates_key=GATES_KEY_PATTERN,
+    check_key=CHECK_KEY_PATTERN,
 
 
 def slug(ref):
@@ -232,7 +234,7 @@ def plan_of(merge):
     """plan.json of a merge, available once the validate checkpoint has run.
 
     Until then Snakemake can count none of the merge's shard jobs (how many depends on the models' layers
-    and sizes, which validate reads) nor its gates job (named by what the plan holds), so the step count it
+    and sizes, which validate reads) nor its gates and class check jobs (named by what the plan holds), so the step count it
     shows grows by them once validate has run: the run says so once, as the count is first shown, so a dry
     run's count and a growing one surprise no one."""
     try:
@@ -242,9 +244,9 @@ def plan_of(merge):
             _UNCOUNTED.add(merge)
             logger.info(
                 f"moeforge: {merge}: the step count leaves out this merge's shard jobs (the globals, the routers, "
-                "one per run of decoder layers; one job for a shard several merges share) and its gates job (one for "
-                "the merges that share the gates); validate names them once it has read the models, and the count "
-                "grows by them then"
+                "one per run of decoder layers; one job for a shard several merges share), its gates job and its class "
+                "check job (one for the merges that share them); validate names them once it has read the models, "
+                "and the count grows by them then"
             )
         raise
 
@@ -332,6 +334,36 @@ def gates_base_weights(wildcards):
 
 def gates_mem_mb(wildcards, input, attempt):
     return job_resources.layer_mem_mb(plan_of(gates_provider(wildcards))) * attempt
+
+
+# Each merge's class check settings, by the plan.json they were built from: Snakemake asks for them several
+# times per job, and the class_check job's provider is found by comparing every merge's.
+_CHECK_SETTINGS = {}
+
+
+def class_check_settings(merge):
+    """What the merge's class check reads (moeforge.plan.class_check): its config as translate_config builds it
+    and its planned shapes, once validate has written them."""
+    plan = Path(checkpoints.validate.get(merge=merge).output.plan)
+    stamp = (merge, plan.stat().st_mtime_ns)
+    if stamp not in _CHECK_SETTINGS:
+        meta = Path(f"resources/models/{base_slug_of(merge)}/meta")
+        _CHECK_SETTINGS[stamp] = merge_check_settings(plan, plan.with_name("plan.tensors.tsv"), meta)
+    return _CHECK_SETTINGS[stamp]
+
+
+def class_check_of(wildcards):
+    """The record of the merge's class check, named by its settings."""
+    return f"results/class_checks/{check_key(class_check_settings(wildcards.merge))}.json"
+
+
+def class_check_job_settings(wildcards):
+    """The class_check job's parameter: the settings of the first merge (see first_merge_with) that has its key."""
+    merge = first_merge_with(
+        lambda plan: check_key(class_check_settings(plan.merge)) == wildcards.check_key,
+        f"results/class_checks/{wildcards.check_key}.json: no merge of this run has this class check",
+    )
+    return class_check_settings(merge)
 
 
 def _plan_beside(path):

@@ -32,6 +32,7 @@ from moeforge.io.files import (
 from moeforge.io.lockfile import LOCK_NAME, LOCK_VERSION
 from moeforge.io.refs import parse_ref
 from moeforge.io.safetensors_file import read_header
+from moeforge.plan.class_check import require_checked
 from moeforge.plan.plan_json import Plan, read_plan
 
 LIBRARIES = ("moeforge", "torch", "transformers", "safetensors", "huggingface_hub", "tokenizers", "snakemake")
@@ -168,15 +169,17 @@ def _sources_lock(plan: Plan, hashes: Sequence[Path]) -> dict[str, Any]:
 
 
 def assemble(plan_json: Path, shards: Sequence[Path], shard_digests: Sequence[str], config_dir: Path,
-             base_meta: Path, hashes: Sequence[Path], out_dir: Path,
+             checked: Path, base_meta: Path, hashes: Sequence[Path], out_dir: Path,
              training_reports: Sequence[Path] = ()) -> dict[str, Any]:
     """Build out_dir atomically; returns the lock record.
 
+    `checked` is the class check's record, which must name config_dir's config.json;
     `shard_digests` are the shards' sha256 as their jobs computed them; `hashes` are the
     weights.sha256.json records of the sources; `training_reports` the router training's report (when the
     recipe trains the routers), whose record of each training text (path, size, sha256) the lock keeps.
     """
     plan = read_plan(plan_json)
+    require_checked(config_dir / "config.json", checked)
     translation = json.loads((config_dir / "translation.json").read_text())
     with atomic_dir(out_dir) as tmp:
         index, names = place_shards(shards, tmp)

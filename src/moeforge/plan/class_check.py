@@ -6,19 +6,33 @@ the meta device (no memory) from the translated config, and the plan's tensor na
 shapes must match its state dict exactly. transformers 5.x fuses MoE experts in memory; the
 output template's ``in_memory_5x`` section says how classic on-disk names map to that layout,
 so the comparison holds on 4.x (classic names in memory) and 5.x alike.
+
+A check is named by what it reads (``check_settings``): merges and search candidates with the same config
+and the same planned shapes share one record, ``results/class_checks/<key>.json``, and one job, which imports
+torch and transformers. Assembly takes the record of its own settings and refuses a config.json other than
+the one checked.
 """
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import json
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from moeforge.errors import BuildError
 from moeforge.io.files import write_json
-from moeforge.plan.plan_json import read_plan
+from moeforge.plan.plan_json import Plan, read_plan
 from moeforge.plan.table import planned_shapes, read_rows
 from moeforge.plan.templates import OutputFamily, output_family_for
+from moeforge.plan.translate import build_config, read_base_config
+
+#: A key: 16 hex digits of the hash of the settings.
+CHECK_KEY_PATTERN = r"[0-9a-f]{16}"
+#: Part of every key, so that a change in how the check works can give every record a new key.
+_KEY_FORMAT = "moeforge class check 1"
 
 
 def class_state_shapes(config: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
@@ -26,7 +40,8 @@ def class_state_shapes(config: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    fields = {k: v for k, v in config.items() if k not in ("architectures", "model_type")}
+    # A copy: the config class normalises nested values (rope) in place.
+    fields = copy.deepcopy({k: v for k, v in config.items() if k not in ("architectures", "model_type")})
     cfg = AutoConfig.for_model(config["model_type"], **fields)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg)
@@ -93,12 +108,56 @@ def check_plan_against_class(planned: dict[str, tuple[int, ...]], config: Mappin
     return {"tensors": len(expected), "layout_compared": layout}
 
 
-def class_check(plan_json: Path, plan_tsv: Path, config_json: Path, out_json: Path) -> dict[str, Any]:
-    """The class_check step: the planned tensors, under the config.json that translate_config
-    wrote, must be exactly what the installed transformers class expects."""
+def check_settings(plan: Plan, config: Mapping[str, Any], rows: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """Everything the class check reads, as JSON: its key and the job's one parameter.
+
+    The output config (as ``translate`` builds it), the planned names and shapes, the layout the template
+    fuses them to, and the installed transformers' version, whose class is the one compared. Search candidates
+    that differ only in what neither the config nor the shapes hold (the gate mode, the prompts, router
+    training) get one check; a merge checked under another transformers gets a new one."""
+    return {"format": _KEY_FORMAT, "transformers": version("transformers"), "output_family": plan.output_family,
+            "num_layers": plan.num_layers, "num_experts": plan.num_experts, "config": dict(config),
+            "planned": {name: list(shape) for name, shape in sorted(planned_shapes(rows).items())}}
+
+
+def merge_check_settings(plan_json: Path, plan_tsv: Path, base_meta: Path) -> dict[str, Any]:
+    """``check_settings`` of a validated merge: its config built from its plan and the base's config, as
+    translate_config writes it."""
     plan = read_plan(plan_json)
-    config = json.loads(config_json.read_text())
-    summary = check_plan_against_class(planned_shapes(read_rows(plan_tsv)), config,
-                                       output_family_for(plan.output_family), plan.num_layers, plan.num_experts)
+    config, _ = build_config(plan, read_base_config(base_meta))
+    return check_settings(plan, config, read_rows(plan_tsv))
+
+
+def check_key(settings: Mapping[str, Any]) -> str:
+    """The name of a check's record: a hash of its settings."""
+    return _digest(settings)[:16]
+
+
+def config_digest(config: Mapping[str, Any]) -> str:
+    """sha256 of a config as JSON (keys sorted): what assembly compares the config it ships against."""
+    return _digest(config)
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def class_check(settings: Mapping[str, Any], out_json: Path) -> dict[str, Any]:
+    """The class_check step: the planned tensors, under the config, must be exactly what the installed
+    transformers class expects. The record names the config it checked (``config_sha256``)."""
+    planned = {name: tuple(shape) for name, shape in settings["planned"].items()}
+    checked = config_digest(settings["config"])
+    summary = check_plan_against_class(planned, settings["config"], output_family_for(settings["output_family"]),
+                                       settings["num_layers"], settings["num_experts"])
+    summary.update(transformers=settings["transformers"], config_sha256=checked)
     write_json(out_json, summary)
     return summary
+
+
+def require_checked(config_json: Path, record: Path) -> None:
+    """Refuse a config.json other than the one the class check passed (hand-edited, or written by other code)."""
+    checked = json.loads(record.read_text())["config_sha256"]
+    if config_digest(json.loads(config_json.read_text())) != checked:
+        raise BuildError("this config.json is not the one checked against the transformers class "
+                         f"({record})", str(config_json),
+                         "delete it and run again: translate_config writes it anew and the check passes on it")

@@ -103,8 +103,6 @@ def _rope(plan: Plan, decisions: list[dict[str, Any]]) -> dict[str, Any]:
                f"rope_theta={new_theta:.6g}; mean rotary angle error {error['mean_rad']:.3f} rad (max "
                f"{error['max_rad']:.3f}) over {context} positions: attention will not match the base exactly, "
                f"so check the smoke test's comparison with the base")
-    if error["mean_rad"] > ANGLE_WARN_RAD:
-        logging.getLogger("moeforge").warning("%s", warning)
     decisions.append({"field": "rope_theta", "value": new_theta, "why": "theta: scaling translated to a static base",
                       "formula": formula, "inputs": {"theta": theta, "scaling": scaling, "head_dim": p["head_dim"]},
                       "angle_error": error, **({"warning": warning} if error["mean_rad"] > ANGLE_WARN_RAD else {})})
@@ -158,12 +156,22 @@ def generation_config(base_meta: Path, config: Mapping[str, Any]) -> dict[str, A
     return {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if config.get(k) is not None}
 
 
+def read_base_config(base_meta: Path) -> dict[str, Any]:
+    """The base's config.json as fetched, checked like every fetched config."""
+    return checked_metadata(read_json(base_meta / "config.json", "the base model", ModelError, REFETCH_FIX),
+                            "config.json", f"the base model ({base_meta / 'config.json'})")
+
+
 def translate(plan_json: Path, base_meta: Path, out_dir: Path) -> dict[str, Any]:
-    """Write config.json, generation_config.json and translation.json into out_dir."""
+    """Write config.json, generation_config.json and translation.json into out_dir; log each decision's warning.
+
+    ``build_config`` itself logs nothing: the workflow also computes the config while it plans the jobs (the
+    class check is named by it), and a warning belongs to this step's log, once."""
     plan = read_plan(plan_json)
-    base_config = checked_metadata(read_json(base_meta / "config.json", "the base model", ModelError, REFETCH_FIX),
-                                   "config.json", f"the base model ({base_meta / 'config.json'})")
-    config, decisions = build_config(plan, base_config)
+    config, decisions = build_config(plan, read_base_config(base_meta))
+    for decision in decisions:
+        if "warning" in decision:
+            logging.getLogger("moeforge").warning("%s", decision["warning"])
     write_json(out_dir / "config.json", config)
     write_json(out_dir / "generation_config.json", generation_config(base_meta, config))
     write_json(out_dir / "translation.json", {"output_family": plan.output_family, "decisions": decisions,
