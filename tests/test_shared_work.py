@@ -141,7 +141,8 @@ def test_assembly_refuses_a_config_other_than_the_one_checked(base_and_experts, 
 @pytest.fixture(scope="module")
 def two_merges(tmp_path_factory) -> tuple[Path, str]:
     """The demo recipe (a), its variant with other gates and one expert per token (b), and its variant with one
-    expert per token and untrained routers (c: the gates of a), evaluated in one run."""
+    expert per token and untrained routers (c: the gates of a, the class check of b): c built first, then all
+    three evaluated."""
     wd = tmp_path_factory.mktemp("two_merges")
     demo = yaml.safe_load((REPO / "config/recipes/demo.yaml").read_text())
     other = {**{k: v for k, v in demo.items() if k != "token_reduction"}, "gate_mode": "hidden", "experts_per_token": 1}
@@ -150,9 +151,14 @@ def two_merges(tmp_path_factory) -> tuple[Path, str]:
     for name, recipe in (("a", demo), ("b", other), ("c", untrained)):
         (wd / f"{name}.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
     (wd / "config.yaml").write_text(yaml.safe_dump({"merges": {m: {"recipe": f"{m}.yaml"} for m in "abc"}}))
+    # c's model first: its gates and its class check are shared with merges listed before it (a; b), which
+    # provide their settings, so the run must wait for their validation too. --notemp keeps the shards c shares
+    # for a and b: each shard job still runs once in the two runs, and the second removes them when done.
+    first = snakemake(wd, "--cores", "2", "--notemp", "results/c/staging/model/moeforge.lock.json")
+    assert first.returncode == 0, first.stderr[-4000:]
     proc = snakemake(wd, "--cores", "2", "eval")  # a target after an option: --configfile takes several values
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return wd, proc.stdout + proc.stderr
+    return wd, first.stdout + first.stderr + proc.stdout + proc.stderr
 
 
 def jobs_of(output: str, rule: str) -> int:
@@ -166,7 +172,8 @@ def test_two_merges_share_their_shards(two_merges, tmp_path, monkeypatch):
     keys = plans["a"].shard_keys
     assert plans["b"].shard_keys == keys and len(keys) == len(plans["a"].shards) - 1
     assert jobs_of(output, "shard") == len(keys) and jobs_of(output, "routers_shard") == 2 + 1
-    assert not list((wd / "results").glob("**/shards/*.safetensors"))  # every temporary shard removed
+    # Every temporary shard removed, but c's routers: kept by the first run's --notemp, and no later job reads it.
+    assert list((wd / "results").glob("**/shards/*.safetensors")) == [wd / "results/c/shards/routers.safetensors"]
     for index, shard in enumerate(plans["a"].shards, start=1):
         name = f"model-{index:05d}-of-{len(plans['a'].shards):05d}.safetensors"
         a, b = wd / "results/a/model" / name, wd / "results/b/model" / name

@@ -357,13 +357,21 @@ def class_check_of(wildcards):
     return f"results/class_checks/{check_key(class_check_settings(wildcards.merge))}.json"
 
 
-def class_check_job_settings(wildcards):
-    """The class_check job's parameter: the settings of the first merge (see first_merge_with) that has its key."""
-    merge = first_merge_with(
+def class_check_provider(wildcards):
+    """The merge whose settings the class_check job takes (see first_merge_with)."""
+    return first_merge_with(
         lambda plan: check_key(class_check_settings(plan.merge)) == wildcards.check_key,
         f"results/class_checks/{wildcards.check_key}.json: no merge of this run has this class check",
     )
-    return class_check_settings(merge)
+
+
+def class_check_base_meta(wildcards):
+    return f"resources/models/{base_slug_of(class_check_provider(wildcards))}/meta"
+
+
+def class_check_job_settings(wildcards):
+    """The class_check job's parameter: its provider's settings, the same for every merge with its key."""
+    return class_check_settings(class_check_provider(wildcards))
 
 
 def _plan_beside(path):

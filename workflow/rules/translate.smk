@@ -26,6 +26,10 @@ rule translate_config:
 # search candidates that differ in neither (gate mode, prompts, router training) share one job and one record.
 # Assembly waits for it: no model directory from a plan the class does not match.
 rule class_check:
+    input:
+        # The base's config, which the settings are built from. An input function: it finds the merge that
+        # provides the settings, waiting for the validate checkpoints that takes.
+        base_meta=class_check_base_meta,
     output:
         checked="results/class_checks/{check_key}.json",
     log:
