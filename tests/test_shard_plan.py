@@ -14,7 +14,15 @@ from moeforge.plan.plan_json import Plan
 from moeforge.plan.recipe import ExpertSpec, Recipe, RouterTraining
 from moeforge.plan.rows import SHARD_TARGET_BYTES, _layer_groups, group_shards, layer_bytes
 from moeforge.plan.table import GATES_SOURCE, ROUTERS_SHARD
-from moeforge.resources import GATE_THREADS, gates_threads, shard_mem_mb, smoke_dtype, smoke_mem_mb, train_threads
+from moeforge.resources import (
+    GATE_THREADS,
+    gates_threads,
+    shard_mem_mb,
+    smoke_dtype,
+    smoke_mem_mb,
+    smoke_threads,
+    train_threads,
+)
 from moeforge.runtime.devices import computes_16bit
 from moeforge.runtime.memory_budget import whole_model_mb
 
@@ -119,6 +127,19 @@ def test_training_threads_follow_the_training_passes_not_the_gates():
     tiny = {**SMOLLM2, "num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128}
     small = _plan(tiny, "hidden", three_prompts)
     assert train_threads(replace(small, recipe=replace(small.recipe, router_training=RouterTraining()))) == 1
+
+
+def test_smoke_threads_follow_the_smoke_passes():
+    """A 1B-class smoke test (two models over the prompts, 16 new tokens each) takes the full count; a small
+    model's, whose job is mostly its imports, one thread, beside other jobs; more tokens, new or prompted, more."""
+    three_prompts = ["Write a short story about a dragon.", "Solve 12 * 7.", "Explain photosynthesis."]
+    assert smoke_threads(_plan(LLAMA_1B, "hidden", three_prompts), max_new_tokens=16) == GATE_THREADS
+    tiny = {**SMOLLM2, "num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128}
+    assert smoke_threads(_plan(tiny, "hidden", three_prompts), max_new_tokens=16) == 1
+    smollm = _plan(SMOLLM2, "hidden", ["Write a short story about a dragon."])
+    assert smoke_threads(smollm, max_new_tokens=16) == 1 and smoke_threads(smollm, max_new_tokens=4096) == GATE_THREADS
+    assert smoke_threads(_plan(SMOLLM2, "hidden", three_prompts), max_new_tokens=16) == GATE_THREADS
+    assert smoke_threads(None, max_new_tokens=16) == GATE_THREADS
 
 
 def test_shard_memory_follows_one_layer_not_the_run_of_layers():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from moeforge.io.safetensors_file import ITEMSIZE, TORCH_NAME
 from moeforge.plan.plan_json import Plan
+from moeforge.plan.prompts import smoke_prompts
 from moeforge.runtime.memory_budget import MIB, end_to_end_training_bytes, whole_model_mb
 
 #: Above this float32 footprint the smoke test generates in the model's own dtype.
@@ -94,6 +95,21 @@ def train_threads(plan: Plan | None) -> int:
     if settings.method == "end_to_end":
         tokens = 3 * settings.steps * settings.batch_size * settings.seq_len
     return _threads_for(_forward_flops(plan, tokens, mlps_per_token=plan.recipe.experts_per_token))
+
+
+def smoke_threads(plan: Plan | None, max_new_tokens: int) -> int:
+    """The smoke test's threads: one unless its passes are heavy. The merged MoE (``experts_per_token`` MLPs a
+    token) and the base each read every smoke and expert prompt (taken as 64 tokens) and generate the new tokens
+    after each smoke prompt. On a small model the job is its imports, and one thread lets the next candidate's
+    jobs of a search run beside it."""
+    if not plan:
+        return GATE_THREADS
+    recipe = plan.recipe
+    prompts = smoke_prompts(recipe)
+    tokens = 64 * (len(prompts) + sum(len(e.positive_prompts) for e in recipe.experts))
+    tokens += len(prompts) * (recipe.max_new_tokens or max_new_tokens)
+    flops = _forward_flops(plan, tokens, mlps_per_token=recipe.experts_per_token) + _forward_flops(plan, tokens, 1)
+    return _threads_for(flops)
 
 
 def _forward_flops(plan: Plan, tokens: float, mlps_per_token: int) -> float:

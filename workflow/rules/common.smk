@@ -411,6 +411,12 @@ def published_compare_mem_mb(wildcards, input, attempt):
     return max(reproduce_mem_mb(wildcards, input, attempt), layer_mem_mb(wildcards, input, attempt))
 
 
+def smoke_threads(wildcards, input):
+    """The smoke test's threads: the plan's (moeforge.resources.smoke_threads), not the cores given to the job."""
+    max_new_tokens = lookup(dpath="smoke/max_new_tokens", within=config)
+    return job_resources.smoke_threads(_plan_beside(input.plan), max_new_tokens)
+
+
 def train_threads(wildcards, input):
     """Router training's threads: the plan's (moeforge.resources.train_threads), not the cores given to the job."""
     return job_resources.train_threads(_plan_beside(input.plan))

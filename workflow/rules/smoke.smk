@@ -31,8 +31,9 @@ rule smoke_test:
     # Wall time and peak memory of every job: what a cluster profile should ask for.
     benchmark:
         "results/{merge}/benchmarks/smoke_test.tsv"
-    # torch's threads (Snakemake sets OMP_NUM_THREADS); usually the last job, with the cores to itself.
-    threads: 4
+    # torch's threads (Snakemake sets OMP_NUM_THREADS): the plan's (moeforge.resources.smoke_threads), one on a
+    # small model, so that a search's candidates are checked side by side.
+    threads: smoke_threads
     resources:
         mem_mb=smoke_mem_mb,
         runtime=60,
