@@ -16,9 +16,10 @@ Two searches over the demo recipe (``config/recipes/demo.yaml``), each by the re
 * **six**: ``gate_mode: [router_input, hidden_avg, cheap_embed]`` x ``experts_per_token: [1, 2]``
   (``token_reduction: [null]``: the demo's ``mean`` is for ``router_input`` only).
 
-Reported: each search's wall seconds (the whole ``snakemake`` command, ranking included), the ratio
-six / one against the target, and the jobs each rule ran with their summed seconds (Snakemake's own
-log of the run), which shows the shared jobs (``shard``, ``score_dense``, ...) running as often in both
+Reported: each search's wall seconds (the whole ``snakemake`` command, ranking included) in
+``--runs`` pairs (one, then six, back to back; the machine's speed drifts by more than the effect
+measured), the ratio of the median walls against the target and each pair's, and the jobs each rule
+ran with their summed seconds in the median run (Snakemake's own log of the run), which shows the shared jobs (``shard``, ``score_dense``, ...) running as often in both
 and where the rest of the wall goes.
 
     python benchmarks/search_cost.py                      # writes the section into benchmarks/README.md
@@ -137,6 +138,19 @@ def run_case(work: Path, case: str, demo: Path, cores: int) -> dict[str, Any]:
     }
 
 
+def median_cases(runs: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Each case's run of median wall (its jobs table with it), with every run's wall beside it.
+
+    The machine's speed drifts between runs by more than the difference under test, so the ratio quoted is the
+    medians' and each pair's ratio (one, then six, back to back) is kept too."""
+    cases = {}
+    for case in GRIDS:
+        walls = [run[case]["wall_s"] for run in runs]
+        cases[case] = {**sorted((run[case] for run in runs), key=lambda c: c["wall_s"])[len(runs) // 2],
+                       "walls_s": walls}
+    return cases
+
+
 def table(cases: dict[str, dict[str, Any]]) -> str:
     """Markdown: one row per rule, the jobs it ran in each search and their summed seconds."""
     rules = sorted({rule for case in cases.values() for rule in case["jobs"]})
@@ -165,6 +179,10 @@ def split_line(cases: dict[str, dict[str, Any]]) -> str:
             f"{total(one, shared, False):.0f} -> {total(six, shared, False):.0f} s\n")
 
 
+def walls(case: dict[str, Any]) -> str:
+    return ", ".join(f"{wall:.1f}" for wall in case["walls_s"]) + " s"
+
+
 def section(result: dict[str, Any]) -> str:
     """The README section: what was measured, how to rerun it, the numbers."""
     one, six = result["cases"]["one"], result["cases"]["six"]
@@ -172,20 +190,20 @@ def section(result: dict[str, Any]) -> str:
     note = f" {result['note']}" if result["note"] else ""
     return (
         "## Search cost\n\n"
-        f"Measured {result['date']} ({result['cores']} cores, one run each).{note}\n\n"
+        f"Measured {result['date']} ({result['cores']} cores; {len(result['pair_ratios'])} pairs of runs, one then six, "
+        f"each search from scratch).{note}\n\n"
         "`python benchmarks/search_cost.py` runs two searches over the demo recipe with `snakemake search`, each in a fresh working directory with the "
         "demo models copied in (their building is not counted): **one** candidate (`gate_mode: [router_input]`, "
         "`token_reduction: [null]`, `experts_per_token: [2]`) and **six** (`gate_mode: [router_input, hidden_avg, "
         "cheap_embed]` x `experts_per_token: [1, 2]`). Every candidate trains its routers (the demo recipe's "
         "`router_training: layerwise`), is smoke-tested and evaluated; the wall is the whole command's, "
         "ranking included.\n\n"
-        f"- one candidate: {one['wall_s']:.1f} s (1-min load average {one['loadavg_1min_before']} before, "
-        f"{one['loadavg_1min_after']} after)\n"
-        f"- six candidates: {six['wall_s']:.1f} s (load {six['loadavg_1min_before']} before, "
-        f"{six['loadavg_1min_after']} after)\n"
-        f"- six / one = {result['ratio']:.2f} (target <= {TARGET}): {verdict}\n"
+        f"- one candidate: median {one['wall_s']:.1f} s of {walls(one)}\n"
+        f"- six candidates: median {six['wall_s']:.1f} s of {walls(six)}\n"
+        f"- six / one = {result['ratio']:.2f} (medians; each pair: {', '.join(f'{r:.2f}' for r in result['pair_ratios'])}) "
+        f"(target <= {TARGET}): {verdict}\n"
         + split_line(result["cases"]) + "\n"
-        "Jobs per rule and their summed wall seconds (Snakemake's log of each run, stamped to the second; two "
+        "Jobs per rule and their summed wall seconds in each case's median run (Snakemake's log of the run, stamped to the second; two "
         "jobs run at once, so the seconds add up to more than the wall):\n\n" + table(result["cases"])
     )
 
@@ -195,11 +213,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--work", type=Path, default=REPO / "benchmarks" / ".data" / "search_cost")
     parser.add_argument("--cores", type=int, default=2)
     parser.add_argument("--note", default="", help="a sentence on the machine's state, into the README section")
+    parser.add_argument("--runs", type=int, default=3, help="pairs of searches (one, then six), each from scratch")
     args = parser.parse_args(argv)
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
     demo = build_demo(work, args.cores)
-    cases = {case: run_case(work, case, demo, args.cores) for case in GRIDS}
+    runs = [{case: run_case(work, case, demo, args.cores) for case in GRIDS} for _ in range(args.runs)]
+    cases = median_cases(runs)
     result = {
         "date": datetime.date.today().isoformat(),
         "cores": args.cores,
@@ -207,6 +227,7 @@ def main(argv: list[str] | None = None) -> None:
         "note": args.note,
         "target": TARGET,
         "ratio": round(cases["six"]["wall_s"] / cases["one"]["wall_s"], 3),
+        "pair_ratios": [round(run["six"]["wall_s"] / run["one"]["wall_s"], 3) for run in runs],
         "cases": cases,
     }
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
