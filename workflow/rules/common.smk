@@ -278,18 +278,18 @@ def all_shard_digests(wildcards):
 def shard_provider(wildcards):
     """The merge whose plan gives a keyed shard its rows (see first_merge_with)."""
     return first_merge_with(
-        lambda plan: wildcards.key in plan.shard_keys.values(),
+        lambda merge: wildcards.key in plan_of(merge).shard_keys.values(),
         f"results/shards/{wildcards.key}.safetensors: no merge of this run needs this shard (its key is not in any "
         "merge's plan.json)",
     )
 
 
 def first_merge_with(wanted, what):
-    """The first merge (in the config's order) whose plan is ``wanted``: it provides a job that several merges share,
-    and the choice does not depend on which plans happen to be written already. ``what``: the error's words when
-    no merge's plan is (the file asked for, and that no merge needs it)."""
+    """The first merge (in the config's order) that is ``wanted`` (a test of its name that reads its plan): it
+    provides a job that several merges share, and the choice does not depend on which plans happen to be written
+    already. ``what``: the error's words when no merge is (the file asked for, and that no merge needs it)."""
     for merge in MERGES:
-        if wanted(plan_of(merge)):
+        if wanted(merge):
             return merge
     raise WorkflowError(f"moeforge: {what}; ask for a merge's model instead")
 
@@ -316,7 +316,7 @@ def source_weight_record(merge, slug):
 def gates_provider(wildcards):
     """The merge whose plan gives the gates job its settings (see first_merge_with)."""
     return first_merge_with(
-        lambda plan: gates_key(plan) == wildcards.gates_key,
+        lambda merge: gates_key(plan_of(merge)) == wildcards.gates_key,
         f"results/gates/{wildcards.gates_key}.safetensors: no merge of this run computes these gates",
     )
 
@@ -360,7 +360,8 @@ def class_check_of(wildcards):
 def class_check_provider(wildcards):
     """The merge whose settings the class_check job takes (see first_merge_with)."""
     return first_merge_with(
-        lambda plan: check_key(class_check_settings(plan.merge)) == wildcards.check_key,
+        # By the merge's name in this run: a plan rebuilt from a lock carries the locked merge's name.
+        lambda merge: check_key(class_check_settings(merge)) == wildcards.check_key,
         f"results/class_checks/{wildcards.check_key}.json: no merge of this run has this class check",
     )
 
