@@ -234,9 +234,9 @@ def plan_of(merge):
     """plan.json of a merge, available once the validate checkpoint has run.
 
     Until then Snakemake can count none of the merge's shard jobs (how many depends on the models' layers
-    and sizes, which validate reads) nor its gates and class check jobs (named by what the plan holds), so the step count it
-    shows grows by them once validate has run: the run says so once, as the count is first shown, so a dry
-    run's count and a growing one surprise no one."""
+    and sizes, which validate reads) nor its gates and class check jobs (named by what the plan holds), so
+    the step count it shows grows by them once validate has run: the run says so once, as the count is first
+    shown, so a dry run's count and a growing one surprise no one."""
     try:
         return read_plan(Path(checkpoints.validate.get(merge=merge).output.plan))
     except IncompleteCheckpointException:

@@ -15,10 +15,9 @@ is not in the hash cannot reach the computation either.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from typing import Any
 
+from moeforge.io.files import json_sha256
 from moeforge.plan.plan_json import Plan
 from moeforge.plan.recipe import Recipe
 from moeforge.resources import gates_threads
@@ -48,8 +47,7 @@ def gates_settings(plan: Plan) -> dict[str, Any]:
 
 def gates_key(plan: Plan) -> str:
     """The name of the gates file of ``plan``: a hash of ``gates_settings``."""
-    text = json.dumps(gates_settings(plan), sort_keys=True, ensure_ascii=False)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    return json_sha256(gates_settings(plan))[:16]
 
 
 def gates_recipe(settings: dict[str, Any]) -> Recipe:

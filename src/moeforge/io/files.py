@@ -108,6 +108,12 @@ def dumps_json(data: Any) -> str:
     return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
 
 
+def json_sha256(value: Any) -> str:
+    """sha256 of a JSON value with its keys sorted: the same value gives the same digest in any key order.
+    What names a job's output after the settings it is computed from (gates, class checks)."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
 def write_json(path: Path, data: Any) -> None:
     write_bytes(path, dumps_json(data).encode())
 

@@ -16,14 +16,13 @@ the one checked.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from moeforge.errors import BuildError
-from moeforge.io.files import write_json
+from moeforge.io.files import json_sha256, write_json
 from moeforge.plan.plan_json import Plan, read_plan
 from moeforge.plan.table import planned_shapes, read_rows
 from moeforge.plan.templates import OutputFamily, output_family_for
@@ -130,16 +129,12 @@ def merge_check_settings(plan_json: Path, plan_tsv: Path, base_meta: Path) -> di
 
 def check_key(settings: Mapping[str, Any]) -> str:
     """The name of a check's record: a hash of its settings."""
-    return _digest(settings)[:16]
+    return json_sha256(settings)[:16]
 
 
 def config_digest(config: Mapping[str, Any]) -> str:
     """sha256 of a config as JSON (keys sorted): what assembly compares the config it ships against."""
-    return _digest(config)
-
-
-def _digest(value: Any) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+    return json_sha256(config)
 
 
 def class_check(settings: Mapping[str, Any], out_json: Path) -> dict[str, Any]:
