@@ -91,7 +91,7 @@ def test_train_texts_without_router_training_are_refused():
 
 @pytest.mark.parametrize(("content", "says"), [
     (None, "not found"),
-    ("  \n\n", "is empty"),
+    ("", "is empty"),
     ("def f():\n    return 1\n", "fewer than the two windows"),
     ("路由器训练需要专家领域的文本。" * 200, "mostly in another vocabulary"),
     (b"def f(x):\n    return x\n" * 40 + b"\xff\xfe", "UTF-8"),
@@ -112,6 +112,114 @@ def test_unusable_texts_are_refused_at_validation_and_before_training(tmp_path, 
         with pytest.raises(RecipeError) as caught:
             check()
         assert says in str(caught.value) and "e1" in str(caught.value)
+
+
+def _refusal(parsed, tokenizer) -> list[str]:
+    """The message of each place that refuses the recipe's texts: validation, and training as it reads them."""
+    messages = []
+    for check in (lambda: check_train_texts(parsed, tokenizer, "recipe"),
+                  lambda: training_windows(parsed, tokenizer, parsed.router_training, "recipe")):
+        with pytest.raises(RecipeError) as caught:
+            check()
+        messages.append(str(caught.value))
+    return messages
+
+
+@pytest.mark.parametrize(("entry", "says", "fix"), [
+    ("texts", "is a directory, not a text file", "list the text files in it"),
+    ("texts/*.txt", "patterns are not expanded", "list each text file"),
+    ("dangling.txt", "is a link to nowhere.txt, which does not exist", "point the link at the text"),
+    ("blank.txt", "holds only whitespace", "UTF-8 text files of its domain"),
+])
+def test_entries_that_are_no_usable_text_say_what_they_are(tmp_path, tokenizer_dir, monkeypatch, entry, says, fix):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "texts" / "a.txt").write_text("def f():\n    return 1\n" * 100, encoding="utf-8")
+    (tmp_path / "dangling.txt").symlink_to("nowhere.txt")
+    (tmp_path / "blank.txt").write_text(" \n\t\n" * 50, encoding="utf-8")
+    parsed = parse_recipe(recipe(Path("b"), [Path("e0"), Path("e1")], {},
+                                 texts=[[str(domain_path("code", "train"))], [entry]]))
+    tokenizer = load_tokenizer(tokenizer_dir, ModelError, "tokenizer", "")
+    for message in _refusal(parsed, tokenizer):
+        assert says in message and fix in message and "e1: train_texts" in message and "not found" not in message
+
+
+def test_a_text_path_with_a_tilde_resolves_like_a_local_model_path(tmp_path, tokenizer_dir, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "math.txt").write_bytes(domain_path("math", "train").read_bytes())
+    parsed = parse_recipe(recipe(Path("b"), [Path("e0"), Path("e1")], {"tokens_per_expert": 512},
+                                 texts=[[str(domain_path("code", "train"))], ["~/math.txt"]]))
+    tokenizer = load_tokenizer(tokenizer_dir, ModelError, "tokenizer", "")
+    check_train_texts(parsed, tokenizer, "recipe")
+    windows = training_windows(parsed, tokenizer, parsed.router_training, "recipe")
+    assert windows.records[1].path == "~/math.txt"
+    assert windows.records[1].size == domain_path("math", "train").stat().st_size
+
+
+@pytest.mark.parametrize(("texts", "says"), [
+    ([["code.txt", "code.txt"], ["math.txt"]], "train text code.txt is the same file as code.txt (also listed)"),
+    ([["code.txt", "./code.txt"], ["math.txt"]], "./code.txt is the same file as code.txt (also listed)"),
+    ([["code.txt"], ["link.txt"]], "link.txt is the same file as code.txt (listed for e0)"),
+    ([["code.txt"], ["copy.txt", "math.txt"]], "copy.txt is a copy of code.txt (listed for e0)"),
+])
+def test_a_text_given_twice_under_any_name_is_refused(tmp_path, tokenizer_dir, monkeypatch, texts, says):
+    """Twice for one expert it counts double; for two experts the same windows are labelled with both."""
+    monkeypatch.chdir(tmp_path)
+    for name, domain in (("code.txt", "code"), ("copy.txt", "code"), ("math.txt", "math")):
+        (tmp_path / name).write_bytes(domain_path(domain, "train").read_bytes())
+    (tmp_path / "link.txt").symlink_to("code.txt")
+    parsed = parse_recipe(recipe(Path("b"), [Path("e0"), Path("e1")], {}, texts=texts))
+    tokenizer = load_tokenizer(tokenizer_dir, ModelError, "tokenizer", "")
+    for message in _refusal(parsed, tokenizer):
+        assert says in message and "give each text once" in message
+
+
+@pytest.mark.parametrize(("training", "key", "says"), [
+    ({"seq_len": 4096}, "router_training.seq_len", "longer than the base model's context"),
+    ({"tokens_per_expert": 256, "seq_len": 512}, "router_training.tokens_per_expert",
+     "tokens_per_expert 256 is fewer than the two windows of 511 tokens"),
+])
+def test_windows_the_settings_cannot_give_are_refused_at_validation_by_key(models, training, key, says):
+    """The base's context bounds a window; tokens_per_expert must hold two: both are known before any weight."""
+    from moeforge.plan.prompt_check import check_token_inputs
+
+    parsed = parse_recipe(recipe(models["base"], experts_of(models), training))
+    with pytest.raises(RecipeError) as caught:
+        check_token_inputs(parsed, models["base"])
+    assert f"recipe: {key}: " in str(caught.value) and says in str(caught.value)
+
+
+def test_texts_no_gate_row_reads_are_refused():
+    """A shared expert's texts under shared_gate: always train nothing: it has no gate row."""
+    data = recipe(Path("b"), [Path("e0"), Path("e1")], {}, shared_gate="always", architecture="qwen")
+    data["shared_experts"] = [{"source_model": "s", "train_texts": ["cooking.txt"]}]
+    with pytest.raises(RecipeError, match=r"shared_experts\[0\] \(s\).*shared_gate: always gives the shared experts "
+                                          r"no gate to train"):
+        parse_recipe(data)
+
+
+def test_router_training_with_one_expert_is_refused():
+    data = recipe(Path("b"), [Path("e0")], {}, texts=[["code.txt"]], experts_per_token=1)
+    with pytest.raises(RecipeError, match="router_training: router_training with one expert has nothing to learn"):
+        parse_recipe(data)
+
+
+def test_a_lock_whose_texts_changed_names_the_texts_not_a_source_model(tmp_path):
+    from moeforge.plan.lock_merge import check_local_hashes, check_local_sizes
+
+    text = tmp_path / "code.txt"
+    text.write_text("def f():\n    return 1\n", encoding="utf-8")
+    lock = {"sources": {}, "train_texts": [
+        {"expert": "e0", "path": str(text), "size": text.stat().st_size, "sha256": "0" * 64},
+        {"expert": "e1", "path": str(tmp_path / "gone" / "math.txt"), "size": 10, "sha256": "0" * 64}]}
+    with pytest.raises(ModelError) as caught:
+        check_local_sizes(lock, "lock")
+    message = str(caught.value)
+    assert f"train text(s) differ from the lock: {tmp_path}/gone/math.txt: missing" in message
+    assert "restore the training texts" in message and "source model" not in message
+    del lock["train_texts"][1]
+    with pytest.raises(ModelError, match=r"train text\(s\) differ from the lock: .*code.txt: sha256 "):
+        check_local_hashes(lock, "lock")
 
 
 # ---- layerwise ----------------------------------------------------------------------------------------
