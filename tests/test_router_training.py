@@ -73,6 +73,29 @@ def test_settings_out_of_range_are_refused_by_key(change, says):
     assert says in str(caught.value)
 
 
+@pytest.mark.parametrize(("written", "key", "write"), [
+    ("1e9", "steps", "write 1000000000"), ("1e-3", "learning_rate", "write 0.001"),
+    ("2.0e5", "tokens_per_expert", "write 200000"), ("5E-11", "learning_rate", "write 5.0e-11"),
+])
+def test_a_number_yaml_reads_as_text_says_how_to_write_it(written, key, write):
+    """YAML 1.1 reads an exponent without a decimal point and a sign as text: the message says so, and the
+    number it suggests is one YAML reads."""
+    import yaml
+
+    from moeforge.io.yaml_doc import parse_yaml
+
+    data = recipe(Path("b"), [Path("e0"), Path("e1")], {})
+    del data["router_training"]
+    document = parse_yaml(yaml.safe_dump(data) + f"router_training: {{{key}: {written}}}\n", "r", RecipeError)
+    assert document["router_training"] == {key: written}
+    with pytest.raises(RecipeError) as caught:
+        parse_recipe(document)
+    assert f"router_training.{key}: '{written}' is read as text, not a number" in str(caught.value)
+    assert write in str(caught.value)
+    suggested = str(caught.value).split("; write ")[1].split()[0]
+    assert yaml.safe_load(suggested) == pytest.approx(float(written))
+
+
 def test_an_expert_without_train_texts_is_named():
     data = recipe(Path("b"), [Path("e0"), Path("e1")], {})
     del data["experts"][1]["train_texts"]
