@@ -18,7 +18,7 @@ from moeforge.io.hf_load import load_tokenizer
 from moeforge.plan.recipe import RouterTraining, parse_recipe
 from moeforge.plan.train_texts import check_train_texts
 from moeforge.train.texts import training_windows
-from pipeline import build, logits, sha256_tree
+from pipeline import build, logits, plan_only, sha256_tree
 
 DOMAINS = ("code", "math")
 
@@ -339,14 +339,16 @@ def test_end_to_end_training_is_deterministic_and_trains_the_routers(models, tmp
     assert len(report["loss_curves"][0]["losses"]) == 8
 
 
-def test_end_to_end_over_the_memory_budget_is_refused_with_the_numbers(models, tmp_path):
+def test_end_to_end_over_the_recipes_memory_budget_is_refused_at_validation_with_the_numbers(models, tmp_path):
+    """The recipe's own budget and the model's size (the plan's) are both known before any weight is fetched."""
     training = {"method": "end_to_end", "memory_gb": 0.001}
-    with pytest.raises(ModelError) as caught:
-        build(tmp_path, recipe(models["base"], experts_of(models), training))
+    with pytest.raises(RecipeError) as caught:
+        plan_only(tmp_path, recipe(models["base"], experts_of(models), training))
     message = str(caught.value)
     assert "needs the whole model in memory" in message and "over the budget of 0.00 GiB" in message
     assert "router_training.memory_gb" in message and "method: layerwise" in message
-    assert not (tmp_path / "results" / "m" / "routers").exists()
+    assert not (tmp_path / "results" / "m" / "plan.json").exists()
+    assert not (tmp_path / "results" / "m" / "weights").exists()
 
 
 # ---- Qwen2-MoE's shared expert gate -------------------------------------------------------------------

@@ -6,10 +6,12 @@ has run (a dry run) there is no plan, and each request falls back to its floor.
 
 from __future__ import annotations
 
+from moeforge.io.progress import MIB
 from moeforge.io.safetensors_file import ITEMSIZE, TORCH_NAME
+from moeforge.memory_need import whole_model_mb
 from moeforge.plan.plan_json import Plan
 from moeforge.plan.prompts import smoke_prompts
-from moeforge.runtime.memory_budget import MIB, end_to_end_training_bytes, whole_model_mb
+from moeforge.plan.training_memory import end_to_end_bytes
 
 #: Above this float32 footprint the smoke test generates in the model's own dtype.
 FLOAT32_SMOKE_LIMIT = 8 << 30
@@ -154,9 +156,6 @@ def train_mem_mb(plan: Plan | None) -> int:
         return layer_mem_mb(plan)
     settings = plan.recipe.router_training
     if settings.method == "end_to_end":
-        need = end_to_end_training_bytes(plan.total_bytes * 4 // ITEMSIZE[plan.dtype_out], plan.hidden_size,
-                                         plan.num_layers, plan.base_params["vocab_size"],
-                                         settings.batch_size * settings.seq_len)
-        return int(need / MIB) + 1
+        return int(end_to_end_bytes(plan) / MIB) + 1
     activations = 4 * 4 * settings.tokens_per_expert * len(plan.recipe.gate_groups()) * plan.hidden_size
     return layer_mem_mb(plan) + int(activations / MIB)
