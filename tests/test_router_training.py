@@ -148,6 +148,25 @@ def _refusal(parsed, tokenizer) -> list[str]:
     return messages
 
 
+def test_validation_reads_as_far_as_training_will(tmp_path, tokenizer_dir):
+    """A fault past the first windows but within tokens_per_expert is refused at validation, not by the training
+    job after the gates and shards; past tokens_per_expert training never reads it, and neither does validation."""
+    good = domain_path("math", "train").read_bytes()
+    text = tmp_path / "t.txt"
+    text.write_bytes(good[:6000] + b"\xff" + good[6000:])
+    tokenizer = load_tokenizer(tokenizer_dir, ModelError, "tokenizer", "")
+    for tokens, refused in ((4096, True), (512, False)):
+        parsed = parse_recipe(recipe(Path("b"), [Path("e0"), Path("e1")], {"tokens_per_expert": tokens},
+                                     texts=[[str(domain_path("code", "train"))], [str(text)]]))
+        if refused:
+            with pytest.raises(RecipeError, match=r"e1: train_texts: .*t.txt: not UTF-8 text \(byte 0xff at position "
+                                                  r"6000"):
+                check_train_texts(parsed, tokenizer, "recipe")
+        else:
+            check_train_texts(parsed, tokenizer, "recipe")
+            training_windows(parsed, tokenizer, parsed.router_training, "recipe")
+
+
 @pytest.mark.parametrize(("entry", "says", "fix"), [
     ("texts", "is a directory, not a text file", "list the text files in it"),
     ("texts/*.txt", "patterns are not expanded", "list each text file"),

@@ -1,10 +1,9 @@
 """The experts' training texts read as the base tokenizer reads them, and every way one can be unusable.
 
-Validation reads the first two windows of each expert's texts (``check_train_texts``), so a missing, empty,
-non-UTF-8, too short or foreign-vocabulary text, or one text given twice, is refused before any weight is
-fetched; router training reads them in full (``group_tokens``) with the same checks. No torch here: validation
-runs without it.
-"""
+Validation reads what training will read (``check_train_texts``: each row's first ``tokens_per_expert`` tokens,
+one row at a time), so a missing, empty, non-UTF-8, too short or foreign-vocabulary text, or one text given
+twice, is refused before any weight is fetched, wherever in that part of the text the fault is; router training
+reads them again (``group_tokens``) with the same checks. No torch here: validation runs without it."""
 
 from __future__ import annotations
 
@@ -107,18 +106,16 @@ def check_distinct_texts(recipe: Recipe, source: str) -> None:
         seen.update({key: (name, path) for key in keys.values()})
 
 
-def group_tokens(recipe: Recipe, tokenizer: Any, tokens_per_group: int, source: str) -> list[list[list[int]]]:
+def group_tokens(recipe: Recipe, tokenizer: Any, tokens_per_group: int, source: str) -> Iterator[list[list[int]]]:
     """Each gate row's texts' tokens, in order, together the first ``tokens_per_group`` of the row (every text is
-    read and checked, even one past what the row needs); a text given twice is refused first."""
+    read and checked, even one past what the row needs), one row at a time; a text given twice is refused first."""
     check_distinct_texts(recipe, source)
-    groups = []
     for group in recipe.gate_groups():
         texts: list[list[int]] = []
         for path in group.train_texts:
             remaining = tokens_per_group - sum(map(len, texts))
             texts.append(text_ids(tokenizer, path, remaining, f"{source}: {group.name}: train_texts"))
-        groups.append(texts)
-    return groups
+        yield texts
 
 
 def window_body(tokenizer: Any, seq_len: int) -> int:
@@ -153,11 +150,14 @@ def check_window_settings(settings: RouterTraining, body: int, max_positions: in
 
 
 def check_train_texts(recipe: Recipe, tokenizer: Any, source: str, max_positions: int | None = None) -> None:
-    """The training texts' refusals, at validation: the window settings against the base's context, then two
-    windows' worth of each row's texts read and checked."""
-    if recipe.router_training is None:
+    """The training texts' refusals, at validation: the window settings against the base's context, then each
+    row's texts read and checked as far as training will read them (a fault anywhere there is refused now, not
+    by the training job after the gates and shards), one row's tokens held at a time."""
+    settings = recipe.router_training
+    if settings is None:
         return
-    body = window_body(tokenizer, recipe.router_training.seq_len)
-    check_window_settings(recipe.router_training, body, max_positions, source)
-    for group, texts in zip(recipe.gate_groups(), group_tokens(recipe, tokenizer, 2 * body, source), strict=True):
+    body = window_body(tokenizer, settings.seq_len)
+    check_window_settings(settings, body, max_positions, source)
+    rows = group_tokens(recipe, tokenizer, settings.tokens_per_expert, source)
+    for group, texts in zip(recipe.gate_groups(), rows, strict=True):
         check_window_count(group.name, sum(map(len, texts)), body, source)

@@ -3,8 +3,8 @@
 Every way a text can be unusable is one message naming the expert and the file: missing, empty, not UTF-8,
 too short for one training and one held-out window, or written in another vocabulary than the base
 tokenizer's (mostly tokens that are not a whole character: unknown tokens, or the single bytes a byte-level
-tokenizer falls back to). Validation has checked the first windows already (moeforge.plan.train_texts); the
-texts are checked again here as they are read in full. Windows are the evaluation's: ``seq_len - 1`` tokens
+tokenizer falls back to). Validation has read and checked the same tokens already (moeforge.plan.train_texts);
+the texts are checked again here as they are read. Windows are the evaluation's: ``seq_len - 1`` tokens
 read after the bos token (``seq_len`` where the tokenizer has none); the first position, which has no
 context, trains nothing.
 Every ``1 / heldout_fraction``-th window is held out, spread over the text, to measure routing accuracy.
