@@ -172,9 +172,14 @@ def test_validation_reads_as_far_as_training_will(tmp_path, tokenizer_dir):
     ("texts/*.txt", "patterns are not expanded", "list each text file"),
     ("dangling.txt", "is a link to nowhere.txt, which does not exist", "point the link at the text"),
     ("blank.txt", "holds only whitespace", "UTF-8 text files of its domain"),
+    ("pipe", "is not a regular file", "give a text file"),
+    ("/proc/self/mem", "cannot be read: Input/output error", "make the text readable"),
 ])
 def test_entries_that_are_no_usable_text_say_what_they_are(tmp_path, tokenizer_dir, monkeypatch, entry, says, fix):
+    import os
+
     monkeypatch.chdir(tmp_path)
+    os.mkfifo(tmp_path / "pipe")
     (tmp_path / "texts").mkdir()
     (tmp_path / "texts" / "a.txt").write_text("def f():\n    return 1\n" * 100, encoding="utf-8")
     (tmp_path / "dangling.txt").symlink_to("nowhere.txt")
@@ -237,6 +242,13 @@ def test_texts_no_gate_row_reads_are_refused():
     data["shared_experts"] = [{"source_model": "s", "train_texts": ["cooking.txt"]}]
     with pytest.raises(RecipeError, match=r"shared_experts\[0\] \(s\).*shared_gate: always gives the shared experts "
                                           r"no gate to train"):
+        parse_recipe(data)
+
+
+def test_a_text_path_snakemake_would_read_as_a_wildcard_is_refused_by_name():
+    data = recipe(Path("b"), [Path("e0"), Path("e1")], {}, texts=[["code.txt"], ["texts/{domain}.txt"]])
+    with pytest.raises(RecipeError, match=r"experts\[1\] \(e1\): train_texts: train text 'texts/\{domain\}.txt' has a "
+                                          r"brace.*rename the file"):
         parse_recipe(data)
 
 

@@ -306,13 +306,20 @@ def _trained_groups(recipe: Recipe) -> list[tuple[str, int, ExpertSpec]]:
 
 
 def _check_train_texts(recipe: Recipe, source: str) -> None:
-    """Router training learns each gate row from its expert's texts: an expert without any has no row to learn."""
+    """Router training learns each gate row from its expert's texts: an expert without any has no row to learn.
+    Each text is an input of the workflow's jobs (an edit retrains), and Snakemake reads braces in an input's
+    path as a wildcard, so a path with one is refused here rather than as Snakemake's WildcardError."""
     for key, i, expert in _trained_groups(recipe):
         if not expert.train_texts:
             raise RecipeError(
                 f"router_training is on, but {expert.name!r} ({expert.source_model}) has no train_texts",
                 f"{source}: {key}[{i}] ({expert.name})",
                 "give every expert train_texts: [paths of UTF-8 text of its domain], or remove router_training")
+        for path in expert.train_texts:
+            if "{" in path or "}" in path:
+                raise RecipeError(f"train text {path!r} has a brace in its path, which Snakemake reads as a wildcard",
+                                  f"{source}: {key}[{i}] ({expert.name}): train_texts",
+                                  "rename the file (or link to it from a path) without { and }")
 
 
 def _check_label_smoothing(settings: RouterTraining, source: str) -> None:

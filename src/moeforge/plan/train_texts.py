@@ -38,6 +38,9 @@ def _not_a_file(path: str, file: Path) -> tuple[str, str]:
     if file.is_symlink():
         return (f"train text {path} is a link to {os.readlink(file)}, which does not exist",
                 "point the link at the text, or list the text itself")
+    if file.exists():
+        return (f"train text {path} is not a regular file (a device, pipe or socket)",
+                "give a text file saved on disk")
     if any(c in path for c in "*?["):
         return (f"train text {path} is a pattern, and train_texts are file paths: patterns are not expanded",
                 "list each text file in train_texts")
@@ -62,8 +65,12 @@ def text_ids(tokenizer: Any, path: str, max_tokens: int, where: str) -> list[int
     if not file.is_file():
         what, fix = _not_a_file(path, file)
         raise RecipeError(what, where, fix)
-    ids = prefix_ids(tokenizer, file, max(CHECKED_TOKENS, max_tokens), f"{where}: {path}", RecipeError,
-                     "save the text as UTF-8")
+    try:
+        ids = prefix_ids(tokenizer, file, max(CHECKED_TOKENS, max_tokens), f"{where}: {path}", RecipeError,
+                         "save the text as UTF-8")
+    except OSError as exc:
+        raise RecipeError(f"train text {path} cannot be read: {exc.strerror or exc}", where,
+                          "make the text readable by the user running the workflow") from None
     if not tokenizer.decode(ids).strip():
         what = "is empty" if file.stat().st_size == 0 else "holds only whitespace"
         raise RecipeError(f"train text {path} {what}", where, _TEXT_FIX)
