@@ -167,6 +167,20 @@ def test_validation_reads_as_far_as_training_will(tmp_path, tokenizer_dir):
             training_windows(parsed, tokenizer, parsed.router_training, "recipe")
 
 
+def test_the_jobs_that_read_the_texts_ask_for_the_memory_reading_takes():
+    """Reading a row's texts as far as tokens_per_expert peaks at about 1.7 KiB per token (the tokenizer's
+    encoding; 2 GB at 10^6 tokens per expert on the demo's tokenizer): validation and training ask for it."""
+    from moeforge.io.progress import MIB
+    from moeforge.resources import validate_mem_mb
+
+    def parsed(tokens: int):
+        return parse_recipe(recipe(Path("b"), [Path("e0"), Path("e1")], {"tokens_per_expert": tokens}))
+
+    assert validate_mem_mb(parsed(8192)) < 2100
+    assert validate_mem_mb(parsed(10**6)) >= 2000 + 10**6 * 1700 // MIB
+    assert validate_mem_mb(parse_recipe(recipe(Path("b"), [Path("e0"), Path("e1")], None))) == 2000
+
+
 @pytest.mark.parametrize(("entry", "says", "fix"), [
     ("texts", "is a directory, not a text file", "list the text files in it"),
     ("texts/*.txt", "patterns are not expanded", "list each text file"),
