@@ -187,6 +187,7 @@ def test_the_jobs_that_read_the_texts_ask_for_the_memory_reading_takes():
     ("dangling.txt", "is a link to nowhere.txt, which does not exist", "point the link at the text"),
     ("blank.txt", "holds only whitespace", "UTF-8 text files of its domain"),
     ("pipe", "is not a regular file", "give a text file"),
+    ("blank.txt ", "'blank.txt ' is not there, but 'blank.txt' is", "remove the spaces around the path"),
     ("/proc/self/mem", "cannot be read: Input/output error", "make the text readable"),
 ])
 def test_entries_that_are_no_usable_text_say_what_they_are(tmp_path, tokenizer_dir, monkeypatch, entry, says, fix):
