@@ -3,7 +3,8 @@
 Validation reads what training will read (``check_train_texts``: each row's first ``tokens_per_expert`` tokens,
 one row at a time), so a missing, empty, non-UTF-8, too short or foreign-vocabulary text, or one text given
 twice, is refused before any weight is fetched, wherever in that part of the text the fault is; router training
-reads them again (``group_tokens``) with the same checks. No torch here: validation runs without it."""
+reads them again (``group_tokens``) with the same checks. No torch here: validation runs without it.
+"""
 
 from __future__ import annotations
 
