@@ -187,6 +187,8 @@ def test_the_jobs_that_read_the_texts_ask_for_the_memory_reading_takes():
     ("dangling.txt", "is a link to nowhere.txt, which does not exist", "point the link at the text"),
     ("blank.txt", "holds only whitespace", "UTF-8 text files of its domain"),
     ("pipe", "is not a regular file", "give a text file"),
+    ("aaa.txt", "repeats 1 token(s) over and over", "UTF-8 text files of its domain"),
+    ("zeros.txt", "repeats 1 token(s) over and over", "UTF-8 text files of its domain"),
     ("blank.txt ", "'blank.txt ' is not there, but 'blank.txt' is", "remove the spaces around the path"),
     ("/proc/self/mem", "cannot be read: Input/output error", "make the text readable"),
 ])
@@ -199,6 +201,8 @@ def test_entries_that_are_no_usable_text_say_what_they_are(tmp_path, tokenizer_d
     (tmp_path / "texts" / "a.txt").write_text("def f():\n    return 1\n" * 100, encoding="utf-8")
     (tmp_path / "dangling.txt").symlink_to("nowhere.txt")
     (tmp_path / "blank.txt").write_text(" \n\t\n" * 50, encoding="utf-8")
+    (tmp_path / "aaa.txt").write_text("a" * 20000, encoding="utf-8")
+    (tmp_path / "zeros.txt").write_bytes(bytes(20000))
     parsed = parse_recipe(recipe(Path("b"), [Path("e0"), Path("e1")], {},
                                  texts=[[str(domain_path("code", "train"))], [entry]]))
     tokenizer = load_tokenizer(tokenizer_dir, ModelError, "tokenizer", "")

@@ -23,6 +23,10 @@ from moeforge.plan.recipe import Recipe, RouterTraining
 MAX_UNKNOWN_SHARE = 0.5
 #: Tokens of every text read to check it (empty, vocabulary), even one whose expert has enough tokens already.
 CHECKED_TOKENS = 256
+#: A text with fewer distinct tokens than this among its first CHECKED_TOKENS is one character or a few tokens
+#: over and over (``aaaa``, a file of zero bytes): no domain's text. The demo's texts have 82-100; a sentence
+#: repeated, 9-13.
+MIN_DISTINCT_TOKENS = 8
 _TEXT_FIX = "give each expert train_texts: UTF-8 text files of its domain (relative paths from the working directory)"
 
 
@@ -63,7 +67,7 @@ def unknown_share(tokenizer: Any, ids: list[int]) -> float:
 
 def text_ids(tokenizer: Any, path: str, max_tokens: int, where: str) -> list[int]:
     """The text's first ``max_tokens`` tokens (at least CHECKED_TOKENS are read and checked), reading only as
-    much of the file as they need; a missing, empty, non-UTF-8 or foreign-vocabulary text is refused."""
+    much of the file as they need; a missing, empty, repetitive, non-UTF-8 or foreign-vocabulary text is refused."""
     file = text_file(path)
     if not file.is_file():
         what, fix = _not_a_file(path, file)
@@ -77,6 +81,11 @@ def text_ids(tokenizer: Any, path: str, max_tokens: int, where: str) -> list[int
     if not tokenizer.decode(ids).strip():
         what = "is empty" if file.stat().st_size == 0 else "holds only whitespace"
         raise RecipeError(f"train text {path} {what}", where, _TEXT_FIX)
+    distinct = len(set(ids[:CHECKED_TOKENS]))
+    if distinct < MIN_DISTINCT_TOKENS and len(ids) > distinct:
+        raise RecipeError(
+            f"train text {path} repeats {distinct} token(s) over and over: its first {min(len(ids), CHECKED_TOKENS)} "
+            f"tokens have {distinct} distinct, where text of a domain has dozens", where, _TEXT_FIX)
     share = unknown_share(tokenizer, ids)
     if share > MAX_UNKNOWN_SHARE:
         raise RecipeError(
