@@ -222,6 +222,30 @@ def test_a_text_path_with_a_tilde_resolves_like_a_local_model_path(tmp_path, tok
     assert windows.records[1].size == domain_path("math", "train").stat().st_size
 
 
+def test_a_text_path_with_a_tilde_is_an_input_of_the_jobs_that_read_it(models, tmp_path):
+    """The workflow names the file ``~`` stands for as validation's and training's input, so an edit of the text
+    validates and trains again (a dry run, as a user reads the workflow)."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "code.txt").write_bytes(domain_path("code", "train").read_bytes())
+    data = recipe(models["base"], experts_of(models), {}, texts=[["~/code.txt"], [str(domain_path("math", "train"))]])
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump(data))
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(repo / "Snakefile"), "-d", str(tmp_path), "-n",
+                           "--cores", "1", "--config", "recipe=m.yaml"], cwd=repo, capture_output=True, text=True,
+                          env={**os.environ, "HOME": str(home)}, stdin=subprocess.DEVNULL, timeout=300)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-3000:]
+    inputs = [line for line in output.splitlines() if line.strip().startswith("input:") and "m.yaml" in line]
+    assert inputs and str(home / "code.txt") in inputs[0], output[-3000:]
+
+
 @pytest.mark.parametrize(("texts", "says"), [
     ([["code.txt", "code.txt"], ["math.txt"]], "train text code.txt is the same file as code.txt (also listed)"),
     ([["code.txt", "./code.txt"], ["math.txt"]], "./code.txt is the same file as code.txt (also listed)"),
