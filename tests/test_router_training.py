@@ -15,6 +15,7 @@ from moeforge.demo.tiny_models import build_preset
 from moeforge.errors import ModelError, RecipeError
 from moeforge.io.domains import domain_path
 from moeforge.io.hf_load import load_tokenizer
+from moeforge.io.schema import package_schema
 from moeforge.plan.recipe import RouterTraining, parse_recipe
 from moeforge.plan.train_texts import check_train_texts
 from moeforge.train.texts import training_windows
@@ -55,6 +56,14 @@ def heldout_accuracy(model_dir: Path) -> list[float]:
 
 # ---- recipe keys ------------------------------------------------------------------------------------
 
+def test_every_seed_the_schema_allows_seeds_the_training():
+    import torch
+
+    top = package_schema("recipe")["properties"]["router_training"]["properties"]["seed"]["maximum"]
+    assert parse_recipe(recipe(Path("b"), [Path("e0"), Path("e1")], {"seed": top})).router_training.seed == top
+    torch.Generator().manual_seed(top)
+
+
 def test_the_resolved_recipe_makes_every_training_default_explicit():
     parsed = parse_recipe(recipe(Path("b"), [Path("e0"), Path("e1")], {}))
     assert parsed.router_training == RouterTraining()
@@ -66,6 +75,7 @@ def test_the_resolved_recipe_makes_every_training_default_explicit():
     ({"router_training": {"learning_rate": 3}}, "router_training.learning_rate: 3 is greater than the maximum of 1"),
     ({"router_training": {"method": "adam"}}, "router_training.method"),
     ({"router_training": {"method": "end_to_end", "label_smoothing": 0.2}}, "applies to method layerwise"),
+    ({"router_training": {"seed": 2**64}}, "router_training.seed: 18446744073709551616 is greater than the maximum"),
 ])
 def test_settings_out_of_range_are_refused_by_key(change, says):
     with pytest.raises(RecipeError) as caught:
