@@ -197,6 +197,7 @@ def test_the_jobs_that_read_the_texts_ask_for_the_memory_reading_takes():
     ("dangling.txt", "is a link to nowhere.txt, which does not exist", "point the link at the text"),
     ("blank.txt", "holds only whitespace", "UTF-8 text files of its domain"),
     ("pipe", "is not a regular file", "give a text file"),
+    ("$HOME/a.txt", "names an environment variable", "write the path out"),
     ("aaa.txt", "repeats 1 token(s) over and over", "UTF-8 text files of its domain"),
     ("zeros.txt", "repeats 1 token(s) over and over", "UTF-8 text files of its domain"),
     ("blank.txt ", "'blank.txt ' is not there, but 'blank.txt' is", "remove the spaces around the path"),

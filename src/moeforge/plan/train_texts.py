@@ -49,6 +49,9 @@ def _not_a_file(path: str, file: Path) -> tuple[str, str]:
     if any(c in path for c in "*?["):
         return (f"train text {path} is a pattern, and train_texts are file paths: patterns are not expanded",
                 "list each text file in train_texts")
+    if "$" in path:
+        return (f"train text {path} names an environment variable, and train_texts are file paths: variables are "
+                "not expanded (~ is)", "write the path out")
     if path != path.strip() and text_file(path.strip()).is_file():
         return f"train text {path!r} is not there, but {path.strip()!r} is", "remove the spaces around the path"
     return f"train text {path} not found", _TEXT_FIX
