@@ -10,6 +10,7 @@ from dataclasses import replace
 import pandas as pd
 import pytest
 
+from moeforge.memory_need import whole_model_mb
 from moeforge.plan.plan_json import Plan
 from moeforge.plan.recipe import ExpertSpec, Recipe, RouterTraining
 from moeforge.plan.rows import SHARD_TARGET_BYTES, _layer_groups, group_shards, layer_bytes
@@ -24,7 +25,6 @@ from moeforge.resources import (
     train_threads,
 )
 from moeforge.runtime.devices import computes_16bit
-from moeforge.runtime.memory_budget import whole_model_mb
 
 SMOLLM2 = {"hidden_size": 576, "intermediate_size": 1536, "kv": 192, "num_hidden_layers": 30, "vocab": 49152}
 LLAMA_1B = {"hidden_size": 2048, "intermediate_size": 8192, "kv": 512, "num_hidden_layers": 16, "vocab": 128256}

@@ -6,10 +6,13 @@ has run (a dry run) there is no plan, and each request falls back to its floor.
 
 from __future__ import annotations
 
+from moeforge.io.progress import MIB
 from moeforge.io.safetensors_file import ITEMSIZE, TORCH_NAME
+from moeforge.memory_need import whole_model_mb
 from moeforge.plan.plan_json import Plan
 from moeforge.plan.prompts import smoke_prompts
-from moeforge.runtime.memory_budget import MIB, end_to_end_training_bytes, whole_model_mb
+from moeforge.plan.recipe import Recipe
+from moeforge.plan.training_memory import end_to_end_bytes
 
 #: Above this float32 footprint the smoke test generates in the model's own dtype.
 FLOAT32_SMOKE_LIMIT = 8 << 30
@@ -146,17 +149,32 @@ def reproduce_mem_mb(plan: Plan | None) -> int:
     return int(1000 + 2.5 * largest / MIB)
 
 
+#: Peak bytes per kept token while a training text is read: the tokenizer's encoding (ids, offsets, token
+#: strings) of the text read, up to about twice the tokens kept; 1.7 KiB was measured with the demo's byte-level
+#: BPE at 10^6 tokens per expert (about 2 GB, where 8192 tokens cost nothing to speak of).
+TEXT_READ_BYTES_PER_TOKEN = 2048
+
+
+def text_read_mb(recipe: Recipe) -> int:
+    """Memory to read one gate row's training texts: validation and training read them one row at a time, as
+    far as ``tokens_per_expert``."""
+    settings = recipe.router_training
+    return 0 if settings is None else int(settings.tokens_per_expert * TEXT_READ_BYTES_PER_TOKEN / MIB)
+
+
+def validate_mem_mb(recipe: Recipe) -> int:
+    """Validation reads metadata and, with router training, each row's texts as training will."""
+    return 2000 + text_read_mb(recipe)
+
+
 def train_mem_mb(plan: Plan | None) -> int:
     """Router training: ``layerwise`` streams like the gates and holds its windows' activations (hidden states,
     the captured router inputs and their float32 copy: 4 x tokens x hidden); ``end_to_end`` holds the whole model
-    in float32 (the job refuses itself, with the numbers, when its budget is smaller)."""
+    in float32 (the job refuses itself, with the numbers, when its budget is smaller); both read the texts first."""
     if not plan or plan.recipe.router_training is None:
         return layer_mem_mb(plan)
     settings = plan.recipe.router_training
     if settings.method == "end_to_end":
-        need = end_to_end_training_bytes(plan.total_bytes * 4 // ITEMSIZE[plan.dtype_out], plan.hidden_size,
-                                         plan.num_layers, plan.base_params["vocab_size"],
-                                         settings.batch_size * settings.seq_len)
-        return int(need / MIB) + 1
+        return int(end_to_end_bytes(plan) / MIB) + 1 + text_read_mb(plan.recipe)
     activations = 4 * 4 * settings.tokens_per_expert * len(plan.recipe.gate_groups()) * plan.hidden_size
-    return layer_mem_mb(plan) + int(activations / MIB)
+    return layer_mem_mb(plan) + int(activations / MIB) + text_read_mb(plan.recipe)

@@ -23,6 +23,7 @@ from moeforge.plan.published_merge import merge_from_published
 from moeforge.plan.recipe import load_recipe
 from moeforge.plan.shard_keys import KEY_PATTERN, shard_of_key, sources_read
 from moeforge.plan.table import ROUTERS_SHARD, read_rows
+from moeforge.plan.train_texts import text_file
 from moeforge.search.grid import searches_to_build
 
 
@@ -137,7 +138,11 @@ def train_texts(wildcards):
     demo = set(map(str, rules.demo_texts.output))
     recipe = RECIPES[wildcards.merge]
     paths = [path for group in recipe.gate_groups() for path in group.train_texts]
-    return [path for path in dict.fromkeys(paths) if os.path.normpath(path) in demo or Path(path).is_file()]
+    return [
+        str(text_file(path))
+        for path in dict.fromkeys(paths)
+        if os.path.normpath(path) in demo or text_file(path).is_file()
+    ]
 
 
 def router_training_report(wildcards):

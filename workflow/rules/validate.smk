@@ -16,7 +16,7 @@ checkpoint validate:
     benchmark:
         "results/{merge}/benchmarks/validate.tsv"
     resources:
-        mem_mb=2000,
+        mem_mb=lambda wc: job_resources.validate_mem_mb(RECIPES[wc.merge]),
         runtime=10,
     params:
         refs=lambda wc: {ref: f"resources/models/{slug(ref)}/meta" for ref in RECIPES[wc.merge].source_models},

@@ -19,6 +19,7 @@ T = TypeVar("T")
 EVERY = 5.0
 #: Bytes in a MiB, the unit progress lines count bytes in (and the workflow's memory requests are in).
 MIB = 1 << 20
+GIB = 1 << 30
 
 
 class Progress:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import functools
 import math
+import re
 from importlib import resources
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
@@ -49,8 +50,36 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
     return f"; did you mean {match!r}?" if match else ""
 
 
+#: A number in exponent form that YAML 1.2 and JSON read as a number, but PyYAML (YAML 1.1, which wants a decimal
+#: point and a signed exponent) reads as text: ``1e-3``, ``2E9``, ``1.0e9``.
+_EXPONENT_TEXT = re.compile(r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)[eE][-+]?[0-9]+")
+
+
+def _as_yaml_number(text: str, integer: bool) -> str:
+    """How to write the number ``text`` means so that YAML 1.1 reads it as one: a decimal point, and a signed
+    exponent (Python's repr has the sign)."""
+    value = float(text)
+    if integer and value.is_integer():
+        return str(int(value))
+    mantissa, _, exponent = repr(value).partition("e")
+    return f"{mantissa if '.' in mantissa else mantissa + '.0'}{'e' + exponent if exponent else ''}"
+
+
+def _number_as_text(error: jsonschema.ValidationError) -> str | None:
+    """The message for a number written ``1e-3``, which YAML reads as text: the plain type error reads as if the
+    value were not a number at all."""
+    types = error.validator_value if isinstance(error.validator_value, list) else [error.validator_value]
+    if not (isinstance(error.instance, str) and _EXPONENT_TEXT.fullmatch(error.instance)
+            and {"number", "integer"} & set(types)):
+        return None
+    return (f"{key_path(error.absolute_path)}: {error.instance!r} is read as text, not a number (YAML reads an "
+            f"exponent without both a decimal point and a sign as text); write {_as_yaml_number(error.instance, 'number' not in types)}")
+
+
 def _describe(error: jsonschema.ValidationError) -> str:
     where = key_path(error.absolute_path)
+    if error.validator == "type" and (number := _number_as_text(error)):
+        return number
     if error.validator == "additionalProperties":
         allowed = list(error.schema.get("properties", {}))
         extra = [k for k in error.instance if k not in allowed]

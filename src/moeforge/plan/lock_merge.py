@@ -22,8 +22,13 @@ from moeforge.io.lockfile import LockRef, load_lock, read_lock
 from moeforge.io.refs import parse_ref
 from moeforge.plan.recipe import Recipe, parse_recipe, without_nulls
 
-_CHANGED_FIX = ("restore the source model the merge was built from (the lock records each weight file's size and "
-                "sha256), or build a new merge from a recipe instead of the lock")
+#: What each kind of recorded local file is called, and what to do when it differs from the lock.
+_CHANGED = {
+    "source": ("local source file(s)", "restore the source model the merge was built from (the lock records each "
+               "weight file's size and sha256), or build a new merge from a recipe instead of the lock"),
+    "text": ("train text(s)", "restore the training texts the merge was built from (the lock records each text's "
+             "path, size and sha256), or build a new merge from a recipe instead of the lock"),
+}
 
 
 @dataclass(frozen=True)
@@ -41,7 +46,7 @@ class LockMerge:
 
     def local_files(self) -> list[str]:
         """The recorded local weight files: inputs of the check, so an edit in place reruns it."""
-        return [str(path) for _, path, _ in _local_files(self.lock)]
+        return [str(path) for _, _, path, _ in _local_files(self.lock)]
 
 
 def pins(lock: Mapping[str, Any]) -> dict[str, str]:
@@ -65,44 +70,53 @@ def pinned_recipe(lock: Mapping[str, Any]) -> dict[str, Any]:
     return recipe
 
 
-def _local_files(lock: Mapping[str, Any]) -> Iterator[tuple[str, Path, Mapping[str, Any]]]:
-    """(reference, path on this machine, recorded file) for every weight file of every local source, and every
-    router training text (which trains the routers as much as the weights make the experts)."""
+def _local_files(lock: Mapping[str, Any]) -> Iterator[tuple[str, str, Path, Mapping[str, Any]]]:
+    """(kind, reference, path on this machine, recorded file) for every weight file of every local source
+    (kind ``source``), and every router training text (kind ``text``: it trains the routers as much as the
+    weights make the experts)."""
     for source in lock["sources"].values():
         if source["kind"] == "local":
             for record in source["files"]:
-                yield source["ref"], Path(source["ref"]).expanduser() / record["name"], record
+                yield "source", source["ref"], Path(source["ref"]).expanduser() / record["name"], record
     for record in lock.get("train_texts", []):
-        yield f"{record['expert']}'s train_texts", Path(record["path"]).expanduser(), record
+        yield "text", f"{record['expert']}'s train_texts", Path(record["path"]).expanduser(), record
+
+
+def _refuse_changes(problems: list[tuple[str, str]], where: str) -> None:
+    """One message for every recorded file that differs, named by its kind (a weight file or a training text)."""
+    if not problems:
+        return
+    kinds = list(dict.fromkeys(kind for kind, _ in problems))
+    raise ModelError(f"{' and '.join(_CHANGED[k][0] for k in kinds)} differ from the lock: "
+                     f"{'; '.join(problem for _, problem in problems)}", where,
+                     "; ".join(_CHANGED[k][1] for k in kinds))
 
 
 def check_local_sizes(lock: Mapping[str, Any], where: str) -> None:
-    """Every recorded local weight file is there with its recorded size (no file is read)."""
+    """Every recorded local weight file and training text is there with its recorded size (no file is read)."""
     problems = []
-    for ref, path, record in _local_files(lock):
-        if not path.parent.is_dir():
+    for kind, ref, path, record in _local_files(lock):
+        if kind == "source" and not path.parent.is_dir():
             raise FetchError(f"the local source directory {ref} recorded in the lock does not exist", where,
                              "put the source model where the lock says (relative paths are relative to the working "
                              "directory), or rebuild in the directory the merge was built in")
         if not path.is_file():
-            problems.append(f"{path}: missing")
+            problems.append((kind, f"{path}: missing"))
         elif path.stat().st_size != record["size"]:
-            problems.append(f"{path}: {path.stat().st_size} bytes, the lock records {record['size']}")
-    if problems:
-        raise ModelError(f"local source file(s) differ from the lock: {'; '.join(problems)}", where, _CHANGED_FIX)
+            problems.append((kind, f"{path}: {path.stat().st_size} bytes, the lock records {record['size']}"))
+    _refuse_changes(problems, where)
 
 
 def check_local_hashes(lock: Mapping[str, Any], where: str) -> list[dict[str, str]]:
-    """Every recorded local weight file has its recorded sha256; returns what was checked."""
+    """Every recorded local weight file and training text has its recorded sha256; returns what was checked."""
     check_local_sizes(lock, where)
     checked, problems = [], []
-    for ref, path, record in _local_files(lock):
+    for kind, ref, path, record in _local_files(lock):
         digest = sha256_file(path)
         checked.append({"ref": ref, "file": str(path), "sha256": digest})
         if digest != record["sha256"]:
-            problems.append(f"{path}: sha256 {digest}, the lock records {record['sha256']}")
-    if problems:
-        raise ModelError(f"local source file(s) differ from the lock: {'; '.join(problems)}", where, _CHANGED_FIX)
+            problems.append((kind, f"{path}: sha256 {digest}, the lock records {record['sha256']}"))
+    _refuse_changes(problems, where)
     return checked
 
 

@@ -17,7 +17,8 @@ def check_token_inputs(recipe: Recipe, base_meta: Path, source: str = "recipe") 
     """What is read with the base's tokenizer, checked with it once loaded: every prompt, rendered as the gates
     will read it, has a token and fits the base's context; every prompt the smoke test runs has a token as a
     user's tokenizer call reads it; and the training texts (when the recipe trains its routers) are there,
-    UTF-8, in the base's vocabulary and long enough, before any weight is fetched."""
+    UTF-8, in the base's vocabulary, long enough and each given once, in windows that fit the base's context,
+    before any weight is fetched."""
     tokenizer = load_tokenizer(base_meta, ModelError, "the base model's tokenizer",
                                "the gates and the smoke test read the prompts with it: check the base's tokenizer "
                                "files", generic=True)
@@ -25,4 +26,4 @@ def check_token_inputs(recipe: Recipe, base_meta: Path, source: str = "recipe") 
     if recipe.gate_mode not in PROMPTLESS_GATE_MODES:
         check_prompt_tokens(recipe, tokenizer, max_positions)
     check_smoke_prompts(recipe, tokenizer, max_positions)
-    check_train_texts(recipe, tokenizer, source)
+    check_train_texts(recipe, tokenizer, source, max_positions)

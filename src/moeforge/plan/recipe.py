@@ -278,8 +278,8 @@ def check_recipe(recipe: Recipe, source: str) -> None:
     if recipe.router_training is not None:
         _check_train_texts(recipe, source)
         _check_label_smoothing(recipe.router_training, source)
-    else:
-        _refuse_unused_train_texts(recipe, source)
+        _check_something_to_train(recipe, source)
+    _refuse_unused_train_texts(recipe, source)
 
 
 def _check_positive_prompts(recipe: Recipe, source: str) -> None:
@@ -306,13 +306,20 @@ def _trained_groups(recipe: Recipe) -> list[tuple[str, int, ExpertSpec]]:
 
 
 def _check_train_texts(recipe: Recipe, source: str) -> None:
-    """Router training learns each gate row from its expert's texts: an expert without any has no row to learn."""
+    """Router training learns each gate row from its expert's texts: an expert without any has no row to learn.
+    Each text is an input of the workflow's jobs (an edit retrains), and Snakemake reads braces in an input's
+    path as a wildcard, so a path with one is refused here rather than as Snakemake's WildcardError."""
     for key, i, expert in _trained_groups(recipe):
         if not expert.train_texts:
             raise RecipeError(
                 f"router_training is on, but {expert.name!r} ({expert.source_model}) has no train_texts",
                 f"{source}: {key}[{i}] ({expert.name})",
                 "give every expert train_texts: [paths of UTF-8 text of its domain], or remove router_training")
+        for path in expert.train_texts:
+            if "{" in path or "}" in path:
+                raise RecipeError(f"train text {path!r} has a brace in its path, which Snakemake reads as a wildcard",
+                                  f"{source}: {key}[{i}] ({expert.name}): train_texts",
+                                  "rename the file (or link to it from a path) without { and }")
 
 
 def _check_label_smoothing(settings: RouterTraining, source: str) -> None:
@@ -322,15 +329,32 @@ def _check_label_smoothing(settings: RouterTraining, source: str) -> None:
                           f"{source}: router_training.label_smoothing", "remove label_smoothing, or use layerwise")
 
 
+def _check_something_to_train(recipe: Recipe, source: str) -> None:
+    """A router with one row sends every token to its one expert, whatever its weights: training it would learn
+    nothing (and report a perfect routing accuracy)."""
+    if len(recipe.gate_groups()) < 2:
+        raise RecipeError(
+            f"router_training with one expert has nothing to learn: {recipe.experts[0].name!r} gets every token "
+            "whatever its router's weights", f"{source}: router_training",
+            "remove router_training, or give the recipe two or more experts")
+
+
 def _refuse_unused_train_texts(recipe: Recipe, source: str) -> None:
-    """train_texts without router_training would be read by nothing: most likely router_training was forgotten."""
+    """train_texts that train no gate row would be read by nothing: without router_training most likely it was
+    forgotten; with it, they are a shared expert's whose gate is not computed (``shared_gate: always``)."""
+    trained = {id(e) for _, _, e in _trained_groups(recipe)} if recipe.router_training is not None else set()
     experts = [("experts", i, e) for i, e in enumerate(recipe.experts)]
     experts += [("shared_experts", i, e) for i, e in enumerate(recipe.shared_experts)]
     for key, i, expert in experts:
-        if expert.train_texts:
+        if not expert.train_texts or id(expert) in trained:
+            continue
+        where = f"{source}: {key}[{i}] ({expert.name})"
+        if recipe.router_training is None:
             raise RecipeError(f"{expert.name!r} has train_texts, but the recipe has no router_training to read them",
-                              f"{source}: {key}[{i}] ({expert.name})",
-                              "add router_training: {method: layerwise} (docs/recipe.md), or remove train_texts")
+                              where, "add router_training: {method: layerwise} (docs/recipe.md), or remove train_texts")
+        raise RecipeError(f"{expert.name!r} has train_texts, but shared_gate: {recipe.shared_gate} gives the shared "
+                          "experts no gate to train on them", where,
+                          "remove its train_texts, or set shared_gate: prompts to train the shared expert's gate")
 
 
 def _check_router_scale(recipe: Recipe, source: str) -> None:

@@ -16,6 +16,7 @@ from moeforge.plan.make import make_plan, write_plan
 from moeforge.plan.plan_json import Plan
 from moeforge.plan.prompt_check import check_token_inputs
 from moeforge.plan.recipe import load_recipe
+from moeforge.plan.training_memory import check_training_memory
 from moeforge.plan.translate import build_config
 
 log = logging.getLogger(__name__)
@@ -24,10 +25,11 @@ log = logging.getLogger(__name__)
 def validate_merge(merge: str, recipe_path: Path, meta_dirs: Mapping[str, Path], plan_json: Path,
                    plan_tsv: Path) -> Plan:
     """Validate and plan; the config translation, the prompts' token check (it needs the base's tokenizer;
-    the smoke test's prompts are checked in every gate mode) and the training texts' check run too, so their
-    refusals come now. Nothing is written unless every check passes."""
+    the smoke test's prompts are checked in every gate mode), the training texts' check and end_to_end's memory
+    against the recipe's budget run too, so their refusals come now. Nothing is written unless every check passes."""
     recipe = load_recipe(recipe_path)
     plan, frame = make_plan(merge, recipe, meta_dirs)
+    check_training_memory(plan, str(recipe_path))
     base_config = json.loads((meta_dirs[recipe.base_model] / "config.json").read_text())
     _, decisions = build_config(plan, base_config)
     check_token_inputs(recipe, meta_dirs[recipe.base_model], str(recipe_path))

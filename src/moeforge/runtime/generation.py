@@ -27,8 +27,9 @@ from transformers.generation import BaseStreamer
 
 from moeforge.io.progress import Progress
 from moeforge.io.safetensors_file import ITEMSIZE
+from moeforge.memory_need import whole_model_mb
 from moeforge.runtime.layerwise import CheckpointTensors
-from moeforge.runtime.memory_budget import MIB, MemoryBudget, gib, peak_rss, whole_model_mb
+from moeforge.runtime.memory_budget import MIB, MemoryBudget, gib, peak_rss
 
 _log = logging.getLogger("moeforge")
 
@@ -81,7 +82,7 @@ class LayerSizes:
         return cls(outside, sizes, copy)
 
     def whole(self) -> int:
-        """Memory to load the whole model and generate with it (``memory_budget.whole_model_mb``)."""
+        """Memory to load the whole model and generate with it (``moeforge.memory_need.whole_model_mb``)."""
         return whole_model_mb(self.outside + sum(self.layers)) * MIB
 
     def streamed(self) -> int:

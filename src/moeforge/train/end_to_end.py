@@ -15,9 +15,10 @@ from typing import Any
 import torch
 
 from moeforge.errors import ModelError
+from moeforge.memory_need import end_to_end_training_bytes
 from moeforge.plan.recipe import RouterTraining
 from moeforge.runtime.layerwise import CheckpointTensors, router_of, shared_gate_of, whole_model_of
-from moeforge.runtime.memory_budget import end_to_end_training_bytes, gib, memory_budget
+from moeforge.runtime.memory_budget import gib, memory_budget
 from moeforge.train.layerwise import accuracy
 from moeforge.train.loop import train
 from moeforge.train.texts import TrainingWindows

@@ -3,8 +3,8 @@
 Every way a text can be unusable is one message naming the expert and the file: missing, empty, not UTF-8,
 too short for one training and one held-out window, or written in another vocabulary than the base
 tokenizer's (mostly tokens that are not a whole character: unknown tokens, or the single bytes a byte-level
-tokenizer falls back to). Validation has checked the first windows already (moeforge.plan.train_texts); the
-texts are checked again here as they are read in full. Windows are the evaluation's: ``seq_len - 1`` tokens
+tokenizer falls back to). Validation has read and checked the same tokens already (moeforge.plan.train_texts);
+the texts are checked again here as they are read. Windows are the evaluation's: ``seq_len - 1`` tokens
 read after the bos token (``seq_len`` where the tokenizer has none); the first position, which has no
 context, trains nothing.
 Every ``1 / heldout_fraction``-th window is held out, spread over the text, to measure routing accuracy.
@@ -13,14 +13,13 @@ Every ``1 / heldout_fraction``-th window is held out, spread over the text, to m
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from moeforge.io.files import sha256_file
 from moeforge.plan.recipe import Recipe, RouterTraining
-from moeforge.plan.train_texts import check_window_count, group_tokens, window_body
+from moeforge.plan.train_texts import check_window_count, group_tokens, text_file, window_body
 
 
 @dataclass(frozen=True)
@@ -52,7 +51,8 @@ def _streams(recipe: Recipe, tokenizer: Any, settings: RouterTraining, source: s
     for group, texts in zip(recipe.gate_groups(), group_tokens(recipe, tokenizer, settings.tokens_per_expert, source),
                             strict=True):
         for path, ids in zip(group.train_texts, texts, strict=True):
-            records.append(TextRecord(group.name, path, Path(path).stat().st_size, sha256_file(Path(path)), len(ids)))
+            file = text_file(path)
+            records.append(TextRecord(group.name, path, file.stat().st_size, sha256_file(file), len(ids)))
         streams.append([token for ids in texts for token in ids])
     return streams, records
 
