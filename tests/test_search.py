@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from moeforge.errors import RecipeError
+from moeforge.errors import MoeforgeError, RecipeError
 from moeforge.search.figure import plot_ranking
 from moeforge.search.grid import expand_search, searches_to_build
 from moeforge.search.metrics import METRICS
@@ -88,6 +88,15 @@ def test_a_null_value_unsets_a_key_and_an_unreadable_name_becomes_a_digest(tmp_p
     ({"gate_mode.kind": ["x"]}, "gate_mode.kind", "gate_mode is not a mapping"),
     ({"no_such.method": ["x"]}, "no_such", "unknown key 'no_such'"),
     ({}, "grid", "the grid lists no key"),
+    # A value listed twice, however it is written, or two values the recipe reads alike: one merge twice.
+    ({"experts_per_token": [1, 1]}, "experts_per_token", "experts_per_token lists 1 twice"),
+    ({"experts": [[0, 1], ["expert_code", "expert_math"]]}, "experts", 'lists ["expert_code", "expert_math"] twice'),
+    ({"experts_per_token": [2, 2.0]}, "grid", "candidates mysearch-k2 (experts_per_token=2) and mysearch-k2.0"),
+    ({"seed": [None, 0], "experts_per_token": [1]}, "grid", "(seed=null, experts_per_token=1) and mysearch-seed_0-k1"),
+    # Two keys that set one value: which one won would depend on the grid's order.
+    ({"router_training": [{"method": "layerwise"}], "router_training.method": ["end_to_end"]}, "grid",
+     "router_training and router_training.method both set router_training.method"),
+    ({"router_training.method": ["end_to_end"], "router_training": [None]}, "grid", "both set"),
 ])
 def test_a_bad_grid_is_one_message_naming_the_search_and_the_key(tmp_path, grid, key, words):
     with pytest.raises(RecipeError) as caught:
@@ -97,12 +106,42 @@ def test_a_bad_grid_is_one_message_naming_the_search_and_the_key(tmp_path, grid,
     assert "\n" not in message
 
 
+def test_a_bad_grid_value_is_fixed_in_the_grid(tmp_path):
+    """A candidate's recipe is no file anyone wrote: a value of the wrong type is to be changed in the grid."""
+    with pytest.raises(RecipeError) as caught:
+        expand_search("s", {"recipe": recipe_file(tmp_path), "grid": {"experts_per_token": ["2"]}})
+    assert caught.value.where == 'searches: s: candidate s-2 (experts_per_token="2")'
+    assert caught.value.fix.startswith("change that value in the grid"), caught.value.fix
+
+
+def test_choosing_among_many_experts_is_refused_from_the_count_alone(tmp_path):
+    """{choose: 20} of 40 experts is 137846528820 subsets: refused at once, not listed first."""
+    experts = [{"name": f"e{i}", "source_model": "resources/demo/expert_code", "positive_prompts": [f"p{i} a", f"q{i} b"]}
+               for i in range(40)]
+    with pytest.raises(RecipeError, match=r"searches: s: grid: experts: choose 20 of 40 experts makes 137846528820 "
+                                          r"candidates, more than 256"):
+        expand_search("s", {"recipe": recipe_file(tmp_path, experts=experts, router_training=None),
+                            "grid": {"experts": {"choose": 20}}})
+
+
+def test_a_start_that_cannot_be_read_names_the_search(tmp_path):
+    """A lock or a published repo that cannot be read: its own message, under the search and the key."""
+    with pytest.raises(RecipeError, match=r"^searches: s: lock: .*start\.yaml: not valid JSON"):
+        expand_search("s", {"lock": recipe_file(tmp_path), "grid": {"seed": [1]}})
+    with pytest.raises(MoeforgeError, match=r"^searches: s: published: .*no-such-dir"):
+        expand_search("s", {"published": str(tmp_path / "no-such-dir"), "grid": {"seed": [1]}})
+
+
 def test_an_unknown_metric_and_a_taken_name_are_refused(tmp_path):
     start = recipe_file(tmp_path)
     with pytest.raises(RecipeError, match=r"searches: s: metric: unknown metric 'best'.*worst_moe_ratio"):
         expand_search("s", {"recipe": start, "grid": {"seed": [1]}, "metric": "best"})
     with pytest.raises(RecipeError, match=r"candidate 's-seed_1' has the name of a merge under merges"):
         searches_to_build({"searches": {"s": {"recipe": start, "grid": {"seed": [1]}}}}, {"s-seed_1"})
+    with pytest.raises(RecipeError, match=r"^searches: s-k2: candidate 's-k2-seed_1' has the name of a candidate of "
+                                          r"searches: s "):
+        searches_to_build({"searches": {"s": {"recipe": start, "grid": {"experts_per_token": [2], "seed": [1]}},
+                                        "s-k2": {"recipe": start, "grid": {"seed": [1]}}}}, set())
 
 
 def test_the_config_schema_names_every_metric():

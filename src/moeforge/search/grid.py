@@ -18,6 +18,7 @@ import copy
 import hashlib
 import itertools
 import json
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ import yaml
 
 from moeforge.errors import RecipeError
 from moeforge.io.files import write_text
-from moeforge.io.names import PERIODIC_END, check_merge_name, is_merge_name
+from moeforge.io.names import PERIODIC_END, check_merge_name, check_wildcard_name, is_merge_name
 from moeforge.plan.recipe import Recipe, parse_recipe
 from moeforge.search.metrics import DEFAULT_METRIC, METRICS
 from moeforge.search.start import START_KEYS, start_document
@@ -40,6 +41,8 @@ SHORT_LABELS = {"experts_per_token": "k"}
 #: More candidates than this is a grid written by mistake (each candidate is a whole build and evaluation).
 MAX_CANDIDATES = 256
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.]")
+#: What to do about a candidate's key of the wrong type or value: the value came from the grid.
+_CANDIDATE_FIX = "change that value in the grid (docs/recipe.md lists every recipe key and its type)"
 
 
 @dataclass(frozen=True)
@@ -85,20 +88,20 @@ class Search:
 def searches_to_build(config: Mapping[str, Any], merges: set[str]) -> dict[str, Search]:
     """Every configured search, expanded; a candidate may not take the name of a merge or of another's."""
     searches = {name: expand_search(name, spec) for name, spec in (config.get("searches") or {}).items()}
-    taken = {m: "merges" for m in merges}
+    taken = {m: "a merge under merges" for m in merges}
     for search in searches.values():
         for candidate in search.candidates:
             if candidate.name in taken:
-                raise RecipeError(f"candidate {candidate.name!r} has the name of a merge under {taken[candidate.name]}",
+                raise RecipeError(f"candidate {candidate.name!r} has the name of {taken[candidate.name]}",
                                   f"searches: {search.name}", "rename the search or the merge")
-            taken[candidate.name] = f"searches: {search.name}"
+            taken[candidate.name] = f"a candidate of searches: {search.name}"
     return searches
 
 
 def expand_search(name: str, spec: Mapping[str, Any]) -> Search:
     """The search's candidates, each validated as a recipe; the first problem is one message naming the search."""
     where = f"searches: {name}"
-    check_merge_name(name, "searches", RecipeError)
+    check_wildcard_name(name, "searches", RecipeError)
     metric = spec.get("metric", DEFAULT_METRIC)
     if metric not in METRICS:
         raise RecipeError(f"unknown metric {metric!r}", f"{where}: metric", f"use one of {', '.join(METRICS)}")
@@ -108,15 +111,14 @@ def expand_search(name: str, spec: Mapping[str, Any]) -> Search:
         raise RecipeError("the grid lists no key", f"{where}: grid",
                           "give grid: {key: [value, ...]}, e.g. gate_mode: [hidden, router_input]")
     options = [_options(where, key, values, document, recipe) for key, values in grid.items()]
-    count = 1
     for column in options:
-        count *= len(column)
-    if count > MAX_CANDIDATES:
-        raise RecipeError(f"the grid makes {count} candidates, more than {MAX_CANDIDATES}", f"{where}: grid",
-                          "search fewer values at once")
+        _check_repeats(f"{where}: grid", column)
+    _check_overlaps(f"{where}: grid", list(grid))
+    _check_count(f"{where}: grid", "the grid", math.prod(len(column) for column in options))
     combos = list(itertools.product(*options))
     names = _names(name, combos)
     candidates = tuple(_candidate(where, candidate, combo, document) for candidate, combo in zip(names, combos))
+    _check_distinct(f"{where}: grid", candidates)
     start = {key: spec[key] for key in START_KEYS if key in spec}
     return Search(name=name, metric=metric, start=start, grid=dict(grid), candidates=candidates)
 
@@ -128,8 +130,52 @@ def _candidate(where: str, name: str, combo: tuple[Option, ...], start: dict[str
     _drop_unread_texts(document)
     settings = {option.key: option.setting for option in combo}
     shown = ", ".join(f"{key}={json.dumps(value)}" for key, value in settings.items())
-    recipe = parse_recipe(document, f"{where}: candidate {name} ({shown})")
+    recipe = parse_recipe(document, f"{where}: candidate {name} ({shown})", _CANDIDATE_FIX)
     return Candidate(name=name, settings=settings, document=document, recipe=recipe)
+
+
+def _check_count(where: str, made_by: str, count: int) -> None:
+    """Refused from the sizes alone, before any candidate (or expert subset) is listed: ``choose`` over many
+    experts makes more subsets than memory holds."""
+    if count > MAX_CANDIDATES:
+        raise RecipeError(f"{made_by} makes {count} candidates, more than {MAX_CANDIDATES}", where,
+                          "search fewer values at once")
+
+
+def _check_repeats(where: str, column: list[Option]) -> None:
+    """A value listed twice (an expert subset by names and again by indices, say) would make each candidate twice."""
+    seen = set()
+    for option in column:
+        value = json.dumps(option.setting, sort_keys=True)
+        if value in seen:
+            raise RecipeError(f"{option.key} lists {value} twice", f"{where}: {option.key}", "list each value once")
+        seen.add(value)
+
+
+def _check_overlaps(where: str, keys: list[str]) -> None:
+    """Two grid keys where one is a path into the other (``router_training`` and ``router_training.method``)
+    would both set one value, and which one wins would depend on the grid's order."""
+    for outer, inner in itertools.permutations(keys, 2):
+        if inner.split(".")[:len(outer.split("."))] == outer.split("."):
+            raise RecipeError(f"{outer} and {inner} both set {inner}", where,
+                              f"search {inner} inside the values of {outer}, or leave one of them out")
+
+
+def _check_distinct(where: str, candidates: tuple[Candidate, ...]) -> None:
+    """Two candidates with one recipe would build and rank one merge twice: a value listed twice, or two values
+    the recipe reads alike (``null`` and the key's default, ``2`` and ``2.0``)."""
+    seen: dict[str, Candidate] = {}
+    for candidate in candidates:
+        recipe = json.dumps(candidate.recipe.to_dict(), sort_keys=True)
+        first = seen.setdefault(recipe, candidate)
+        if first is not candidate:
+            raise RecipeError(f"candidates {_shown(first)} and {_shown(candidate)} are the same merge", where,
+                              "list each value once (null sets the key's default; 2 and 2.0 are one number)")
+
+
+def _shown(candidate: Candidate) -> str:
+    settings = ", ".join(f"{key}={json.dumps(value)}" for key, value in candidate.settings.items())
+    return f"{candidate.name} ({settings})"
 
 
 def _drop_unread_texts(document: dict[str, Any]) -> None:
@@ -204,6 +250,7 @@ def _expert_options(where: str, values: Any, document: dict[str, Any], recipe: R
         if k > len(names):
             raise RecipeError(f"choose {k} of the starting recipe's {len(names)} experts: there are not that many",
                               where, f"choose at most {len(names)}")
+        _check_count(where, f"choose {k} of {len(names)} experts", math.comb(len(names), k))
         subsets = [list(c) for c in itertools.combinations(range(len(names)), k)]
     elif isinstance(values, list):
         if not values:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping
 
-from moeforge.errors import RecipeError
+from moeforge.errors import MoeforgeError, RecipeError
 from moeforge.io.files import read_text
 from moeforge.io.yaml_doc import parse_yaml
 from moeforge.plan.lock_merge import merge_from_lock, pinned_recipe
@@ -37,8 +37,14 @@ def start_document(spec: Mapping[str, Any], where: str) -> tuple[dict[str, Any],
         document = parse_yaml(text, str(path), RecipeError)
         recipe = parse_recipe(document, f"{where}: recipe {path}")
         return without_nulls(document), recipe
-    if "lock" in spec:
-        merge = merge_from_lock(spec["lock"])
-        return pinned_recipe(merge.lock), merge.recipe
-    published = merge_from_published(spec["published"])
+    key = "lock" if "lock" in spec else "published"
+    try:
+        if key == "lock":
+            merge = merge_from_lock(spec["lock"])
+            return pinned_recipe(merge.lock), merge.recipe
+        published = merge_from_published(spec["published"])
+    except MoeforgeError as exc:
+        # The lock's or the repo's own message names the file; which search gave it is said here.
+        raise type(exc)(exc.what, f"{where}: {key}: {exc.where}" if exc.where else f"{where}: {key}",
+                        exc.fix) from None
     return without_nulls(published.found.document), published.recipe
