@@ -59,11 +59,11 @@ except MoeforgeError as exc:
 
 # At the end of every run: where each merge's model and reports are, and one line per check.
 onsuccess:
-    print(run_summary(MERGES, searches=list(SEARCHES)), file=sys.stderr)
+    print(run_summary(MERGES, searches={n: s.record() for n, s in SEARCHES.items()}), file=sys.stderr)
 
 
 onerror:
-    print(run_summary(MERGES, searches=list(SEARCHES)), file=sys.stderr)
+    print(run_summary(MERGES, searches={n: s.record() for n, s in SEARCHES.items()}), file=sys.stderr)
 
 
 rule all:
