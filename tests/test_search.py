@@ -4,6 +4,7 @@ over the demo built with `snakemake search` and ranked by its candidates' eval r
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -285,3 +286,17 @@ def test_a_bad_search_entry_is_told_how_a_search_is_written(tmp_path):
     with pytest.raises(RecipeError) as info:
         checked_config({"merges": {"m": {"recipes": "x.yaml"}}})
     assert "each merge is name: {recipe: PATH}" in info.value.fix
+
+
+@pytest.mark.parametrize("length", [56, 63])
+def test_a_search_name_too_long_for_its_candidates_names_is_refused_in_the_config(tmp_path, length):
+    """A candidate's name is the search's and at least 9 characters more: a longer search name is refused as the
+    user wrote it, not as a candidate's name the user never wrote."""
+    from moeforge.plan.workflow_config import checked_config
+
+    name = ("s12" * 30)[:length]
+    with pytest.raises(RecipeError, match=rf"searches: '{name}' does not match"):
+        checked_config({"searches": {name: {"recipe": recipe_file(tmp_path), "grid": {"seed": [1]}}}})
+    # At 55 characters even the digest name fits.
+    longest = expand_search(name[:55], {"recipe": recipe_file(tmp_path), "grid": {"smoke_prompts": [["a b"]]}})
+    assert re.fullmatch(rf"{name[:55]}-[0-9a-f]{{8}}", longest.names[0]), longest.names

@@ -170,7 +170,8 @@ def _check_distinct(where: str, candidates: tuple[Candidate, ...]) -> None:
         first = seen.setdefault(recipe, candidate)
         if first is not candidate:
             raise RecipeError(f"candidates {_shown(first)} and {_shown(candidate)} are the same merge", where,
-                              "list each value once (null sets the key's default; 2 and 2.0 are one number)")
+                              "list each value once (null sets the key's default; 2 and 2.0 are one number; an alias "
+                              "is the name it stands for)")
 
 
 def _shown(candidate: Candidate) -> str:
