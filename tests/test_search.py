@@ -201,6 +201,8 @@ def test_searches_alone_build_no_demo_and_join_the_default_target(tmp_path):
     assert "results/search/ds/ranking.json" in proc.stdout
     assert "results/ds-k1/search/recipe.yaml" in proc.stdout and "results/ds-k2/search/recipe.yaml" in proc.stdout
     assert "results/demo/" not in proc.stdout
+    # The jobs the step count leaves out until validate has run are said once for the run, not once per candidate.
+    assert proc.stdout.count("the step count leaves out") == 1, proc.stdout[:3000]
 
 
 @pytest.fixture(scope="module")
@@ -249,6 +251,21 @@ def test_another_metric_reranks_without_rebuilding(demo_search):
     mean = {m: sum(_eval(demo_search, m)["perplexity"]["moe"].values()) / 3 for m in ("ds-k1", "ds-k2")}
     assert [row["merge"] for row in ranking["candidates"]] == sorted(mean, key=mean.__getitem__)
     assert ranking["metric"]["name"] == "mean_moe_perplexity"
+
+
+@pytest.mark.slow
+def test_dropping_a_candidate_rescores_no_dense_model(demo_search):
+    """Each dense model is scored once for every candidate: a grid without the candidate whose fetched weights the
+    scores were first read through does not change the scoring jobs' inputs, so nothing but the ranking reruns."""
+    search_workdir(demo_search, {"experts_per_token": [2]})
+    try:
+        proc = snakemake(demo_search, "search", "-n", "--cores", "2")
+    finally:
+        search_workdir(demo_search, {"experts_per_token": [1, 2]})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = (proc.stdout + proc.stderr).splitlines()
+    ran = {line.split()[-1].rstrip(":") for line in lines if line.startswith(("rule ", "localrule "))}
+    assert ran == {"rank_search", "search"}, ran
 
 
 def test_a_grid_over_the_router_training_method_sets_the_nested_key(tmp_path):

@@ -226,7 +226,8 @@ def merge_title(wildcards):
     return LOCKS[wildcards.merge].name if wildcards.merge in LOCKS else wildcards.merge
 
 
-# Merges whose uncounted shard jobs the run has already mentioned.
+# The merge whose uncounted jobs the run mentioned first: once for the run, not once per merge (a search of 200
+# candidates would say it 200 times).
 _UNCOUNTED = set()
 
 
@@ -240,13 +241,13 @@ def plan_of(merge):
     try:
         return read_plan(Path(checkpoints.validate.get(merge=merge).output.plan))
     except IncompleteCheckpointException:
-        if merge not in _UNCOUNTED:
+        if not _UNCOUNTED:
             _UNCOUNTED.add(merge)
             logger.info(
-                f"moeforge: {merge}: the step count leaves out this merge's shard jobs (the globals, the routers, "
-                "one per run of decoder layers; one job for a shard several merges share), its gates job and its class "
-                "check job (one for the merges that share them); validate names them once it has read the models, "
-                "and the count grows by them then"
+                "moeforge: the step count leaves out each merge's shard jobs (the globals, the routers, one per run "
+                "of decoder layers; one job for a shard several merges share), its gates job and its class check job "
+                "(one for the merges that share them); its validate job names them once it has read the models, and "
+                "the count grows by them then"
             )
         raise
 
