@@ -50,9 +50,19 @@ include: "workflow/rules/search.smk"
 
 
 # A model not fetched yet whose local path does not exist (or is one typo away from one) is refused now, so a
-# dry run catches it too; the demo's models are built by a rule of the run.
+# dry run catches it too, naming the first merge (or search candidate) that uses it; the demo's models are built
+# by a rule of the run.
+USED_BY = {}
+for _merge, _recipe in RECIPES.items():
+    for _ref in _recipe.source_models:
+        USED_BY.setdefault(slug(_ref), CANDIDATES[_merge].where if _merge in CANDIDATES else f"merge {_merge}")
 try:
-    check_new_refs(REFS, Path("resources/models"), built_here=[str(p) for p in rules.demo_models.output])
+    check_new_refs(
+        REFS,
+        Path("resources/models"),
+        built_here=[str(p) for p in rules.demo_models.output],
+        used_by=USED_BY,
+    )
 except MoeforgeError as exc:
     raise WorkflowError(f"moeforge: {exc}") from None
 

@@ -194,6 +194,18 @@ def test_a_bad_grid_stops_the_workflow_before_any_job(tmp_path):
     assert not (wd / "resources").exists() and not (wd / "results").exists()
 
 
+def test_a_model_a_grid_value_names_that_is_not_there_is_told_under_the_candidate(tmp_path):
+    """A grid over base_model with a typo: the message names the search, the candidate and its value, not just the
+    path (which of a config's merges and candidates gave it, the model's own message cannot say)."""
+    wd = search_workdir(tmp_path, {"base_model": ["resources/demo/base", "resources/demo/bse"]})
+    proc = snakemake(wd, "-n", "search", "--cores", "1")
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert ('searches: ds: candidate ds-resources_demo_bse (base_model="resources/demo/bse"): resources/demo/bse: '
+            "no such local directory") in output, output[-3000:]
+    assert "Traceback" not in output and not (wd / "results").exists()
+
+
 def test_searches_alone_build_no_demo_and_join_the_default_target(tmp_path):
     wd = search_workdir(tmp_path, {"experts_per_token": [1, 2]})
     proc = snakemake(wd, "-n", "--cores", "1")

@@ -57,12 +57,14 @@ class Option:
 
 @dataclass(frozen=True)
 class Candidate:
-    """One merge of a search: its name, the grid values that made it, its recipe document and Recipe."""
+    """One merge of a search: its name, the grid values that made it, its recipe document and Recipe, and where
+    it comes from in the config's words (the search, the candidate and its values), which a message about it says."""
 
     name: str
     settings: dict[str, Any]
     document: dict[str, Any]
     recipe: Recipe
+    where: str
 
 
 @dataclass(frozen=True)
@@ -129,9 +131,9 @@ def _candidate(where: str, name: str, combo: tuple[Option, ...], start: dict[str
         option.apply(document)
     _drop_unread_texts(document)
     settings = {option.key: option.setting for option in combo}
-    shown = ", ".join(f"{key}={json.dumps(value)}" for key, value in settings.items())
-    recipe = parse_recipe(document, f"{where}: candidate {name} ({shown})", _CANDIDATE_FIX)
-    return Candidate(name=name, settings=settings, document=document, recipe=recipe)
+    where = f"{where}: candidate {name} ({_shown(settings)})"
+    recipe = parse_recipe(document, where, _CANDIDATE_FIX)
+    return Candidate(name=name, settings=settings, document=document, recipe=recipe, where=where)
 
 
 def _check_count(where: str, made_by: str, count: int) -> None:
@@ -169,14 +171,14 @@ def _check_distinct(where: str, candidates: tuple[Candidate, ...]) -> None:
         recipe = json.dumps(candidate.recipe.to_dict(), sort_keys=True)
         first = seen.setdefault(recipe, candidate)
         if first is not candidate:
-            raise RecipeError(f"candidates {_shown(first)} and {_shown(candidate)} are the same merge", where,
+            raise RecipeError(f"candidates {first.name} ({_shown(first.settings)}) and {candidate.name} "
+                              f"({_shown(candidate.settings)}) are the same merge", where,
                               "list each value once (null sets the key's default; 2 and 2.0 are one number; an alias "
                               "is the name it stands for)")
 
 
-def _shown(candidate: Candidate) -> str:
-    settings = ", ".join(f"{key}={json.dumps(value)}" for key, value in candidate.settings.items())
-    return f"{candidate.name} ({settings})"
+def _shown(settings: Mapping[str, Any]) -> str:
+    return ", ".join(f"{key}={json.dumps(value)}" for key, value in settings.items())
 
 
 def _drop_unread_texts(document: dict[str, Any]) -> None:

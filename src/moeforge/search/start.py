@@ -44,7 +44,5 @@ def start_document(spec: Mapping[str, Any], where: str) -> tuple[dict[str, Any],
             return pinned_recipe(merge.lock), merge.recipe
         published = merge_from_published(spec["published"])
     except MoeforgeError as exc:
-        # The lock's or the repo's own message names the file; which search gave it is said here.
-        raise type(exc)(exc.what, f"{where}: {key}: {exc.where}" if exc.where else f"{where}: {key}",
-                        exc.fix) from None
+        raise exc.within(f"{where}: {key}") from None
     return without_nulls(published.found.document), published.recipe
