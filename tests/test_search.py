@@ -317,6 +317,21 @@ def test_a_bad_search_entry_is_told_how_a_search_is_written(tmp_path):
     assert "each merge is name: {recipe: PATH}" in info.value.fix
 
 
+@pytest.mark.parametrize("searches, words", [
+    ({"s": {"grid": {1: ["a"]}}}, "searches.s.grid: 1 is not of type 'string'"),  # YAML reads `1:` as a number
+    ({"s": {"grid": {None: ["a"]}}}, "searches.s.grid: None is not of type 'string'"),  # and `null:` as null
+    ({1: {"grid": {"seed": [1]}}}, "searches: 1 is not of type 'string'"),
+])
+def test_a_key_yaml_reads_as_no_string_is_refused_in_the_config(tmp_path, searches, words):
+    """A grid key or a search name written as a number, null or a boolean: one message, not a Python error."""
+    from moeforge.plan.workflow_config import checked_config
+
+    for spec in searches.values():
+        spec["recipe"] = recipe_file(tmp_path)
+    with pytest.raises(RecipeError, match=re.escape(words)):
+        checked_config({"searches": searches})
+
+
 @pytest.mark.parametrize("length", [56, 63])
 def test_a_search_name_too_long_for_its_candidates_names_is_refused_in_the_config(tmp_path, length):
     """A candidate's name is the search's and at least 9 characters more: a longer search name is refused as the
