@@ -332,6 +332,21 @@ def test_a_key_yaml_reads_as_no_string_is_refused_in_the_config(tmp_path, search
         checked_config({"searches": searches})
 
 
+@pytest.mark.parametrize("grid, words", [
+    ("seed: [2024-01-01]", "searches.s.grid.seed[0]: datetime.date(2024, 1, 1) is no JSON value"),
+    ("router_training: [{method: layerwise, seed: 2024-01-01}]", "searches.s.grid.router_training[0].seed: "),
+    ("seed: [!!binary aGVsbG8=]", "searches.s.grid.seed[0]: b'hello' is no JSON value (a bytes"),
+])
+def test_a_grid_value_yaml_reads_as_no_json_value_is_refused_in_the_config(tmp_path, grid, words):
+    """The grid takes any recipe value, so the schema leaves its type open: a date or bytes is refused by the
+    config's own check, not met as a Python error where the candidates' names and records are written."""
+    from moeforge.plan.workflow_config import checked_config
+
+    spec = {"recipe": recipe_file(tmp_path), "grid": yaml.safe_load(grid)}
+    with pytest.raises(RecipeError, match=re.escape(words)):
+        checked_config({"searches": {"s": spec}})
+
+
 @pytest.mark.parametrize("length", [56, 63])
 def test_a_search_name_too_long_for_its_candidates_names_is_refused_in_the_config(tmp_path, length):
     """A candidate's name is the search's and at least 9 characters more: a longer search name is refused as the
