@@ -206,6 +206,16 @@ def test_a_model_a_grid_value_names_that_is_not_there_is_told_under_the_candidat
     assert "Traceback" not in output and not (wd / "results").exists()
 
 
+def test_the_search_target_with_no_search_configured_says_so(tmp_path):
+    """`snakemake search` with a config that lists no search (a --configfile left out, or another file given) is
+    refused: it did nothing and succeeded."""
+    wd = search_workdir(tmp_path, {"seed": [1]})
+    (wd / "config.yaml").write_text(yaml.safe_dump({"merges": {"m": {"recipe": "demo.yaml"}}}))
+    proc = snakemake(wd, "-n", "search", "--cores", "1")
+    assert proc.returncode != 0
+    assert "snakemake search: the config lists no search -> give a config file with searches:" in proc.stdout + proc.stderr
+
+
 def test_searches_alone_build_no_demo_and_join_the_default_target(tmp_path):
     wd = search_workdir(tmp_path, {"experts_per_token": [1, 2]})
     proc = snakemake(wd, "-n", "--cores", "1")

@@ -285,6 +285,17 @@ def shard_provider(wildcards):
     )
 
 
+def searches_to_rank(wildcards):
+    """Every search's ranking; asked for with no search configured, the target says so instead of doing nothing
+    (a --configfile left out, or the wrong file given)."""
+    if not SEARCHES:
+        raise WorkflowError(
+            "moeforge: snakemake search: the config lists no search -> give a config file with searches: "
+            "(snakemake search --cores 8 --configfile my.yaml; docs/search.md)"
+        )
+    return expand("results/search/{name}/ranking.json", name=SEARCHES)
+
+
 def first_merge_with(wanted, what):
     """The first merge (in the config's order) that is ``wanted`` (a test of its name that reads its plan): it
     provides a job that several merges share, and the choice does not depend on which plans happen to be written
