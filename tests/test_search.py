@@ -16,7 +16,7 @@ from moeforge.errors import MoeforgeError, RecipeError
 from moeforge.search.figure import plot_ranking
 from moeforge.search.grid import expand_search, searches_to_build
 from moeforge.search.metrics import METRICS
-from moeforge.search.ranking import rank
+from moeforge.search.ranking import rank, render_markdown
 
 REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
@@ -170,6 +170,22 @@ def test_ties_rank_by_name_and_a_non_finite_number_ranks_last(tmp_path):
     assert (tmp_path / "ranking.png").read_bytes()[:4] == b"\x89PNG"
     record["metric"] = "mean_moe_ratio"
     assert rank(record, reports, {m: {} for m in reports})["best"] == "s-b"
+
+
+def test_grid_values_stay_in_their_cells_of_the_ranking_table():
+    """A prompt searched as a grid value holds `|`, backticks and line breaks: each stays in its cell."""
+    from markdown_it import MarkdownIt
+
+    prompts = [["def f(x):\n    return x | 1"], ["a `tick` and <b>"]]
+    record = {"search": "s", "metric": "worst_moe_ratio", "start": {"recipe": "my `odd` | dir/r.yaml"},
+              "grid": {"smoke_prompts": prompts, "seed": [1]},
+              "candidates": [{"merge": f"s-{i}", "settings": {"smoke_prompts": p, "seed": 1}} for i, p in enumerate(prompts)]}
+    reports = {f"s-{i}": _report({"x": 1.0 + i}) for i in range(2)}
+    markdown = render_markdown(rank(record, reports, {m: {"passed": True} for m in reports}))
+    tokens = MarkdownIt("commonmark").enable("table").parse(markdown)
+    # A header and two rows of six cells: rank, candidate, the two grid keys, the metric, the one domain.
+    assert sum(t.type == "tr_open" for t in tokens) == 3 and sum(t.type == "td_open" for t in tokens) == 12, markdown
+    assert "return x \\| 1" in markdown and "&lt;b&gt;" in markdown and "``my `odd` | dir/r.yaml``" in markdown
 
 
 def search_workdir(wd: Path, grid: dict, metric: str | None = None) -> Path:
