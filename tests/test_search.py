@@ -107,6 +107,14 @@ def test_a_bad_grid_is_one_message_naming_the_search_and_the_key(tmp_path, grid,
     assert "\n" not in message
 
 
+def test_the_bound_on_candidates_is_the_runs(tmp_path):
+    """Two searches of 200 candidates each are 400 builds, as one grid of them would be: refused, before any."""
+    start = recipe_file(tmp_path)
+    searches = {name: {"recipe": start, "grid": {"seed": list(range(200))}} for name in ("a", "b")}
+    with pytest.raises(RecipeError, match=r"^searches: the 2 searches make 400 candidates, more than 256"):
+        searches_to_build({"searches": searches}, set())
+
+
 def test_a_bad_grid_value_is_fixed_in_the_grid(tmp_path):
     """A candidate's recipe is no file anyone wrote: a value of the wrong type is to be changed in the grid."""
     with pytest.raises(RecipeError) as caught:

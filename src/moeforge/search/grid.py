@@ -38,7 +38,8 @@ from moeforge.search.start import START_KEYS, start_document
 EXPERTS_KEY = "experts"
 #: Short labels of keys whose values are numbers (``k2``); any other number is labelled ``<key>_<value>``.
 SHORT_LABELS = {"experts_per_token": "k"}
-#: More candidates than this is a grid written by mistake (each candidate is a whole build and evaluation).
+#: More candidates than this, in one search or in all of a run's, is a grid written by mistake (each candidate
+#: is a whole build and evaluation).
 MAX_CANDIDATES = 256
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.]")
 #: What to do about a candidate's key of the wrong type or value: the value came from the grid.
@@ -90,6 +91,8 @@ class Search:
 def searches_to_build(config: Mapping[str, Any], merges: set[str]) -> dict[str, Search]:
     """Every configured search, expanded; a candidate may not take the name of a merge or of another's."""
     searches = {name: expand_search(name, spec) for name, spec in (config.get("searches") or {}).items()}
+    # The bound is the run's: many searches of many candidates each are as many builds as one grid of them all.
+    _check_count("searches", f"the {len(searches)} searches make", sum(len(s.candidates) for s in searches.values()))
     taken = {m: "a merge under merges" for m in merges}
     for search in searches.values():
         for candidate in search.candidates:
@@ -116,7 +119,7 @@ def expand_search(name: str, spec: Mapping[str, Any]) -> Search:
     for column in options:
         _check_repeats(f"{where}: grid", column)
     _check_overlaps(f"{where}: grid", list(grid))
-    _check_count(f"{where}: grid", "the grid", math.prod(len(column) for column in options))
+    _check_count(f"{where}: grid", "the grid makes", math.prod(len(column) for column in options))
     combos = list(itertools.product(*options))
     names = _names(name, combos)
     candidates = tuple(_candidate(where, candidate, combo, document) for candidate, combo in zip(names, combos))
@@ -140,7 +143,7 @@ def _check_count(where: str, made_by: str, count: int) -> None:
     """Refused from the sizes alone, before any candidate (or expert subset) is listed: ``choose`` over many
     experts makes more subsets than memory holds."""
     if count > MAX_CANDIDATES:
-        raise RecipeError(f"{made_by} makes {count} candidates, more than {MAX_CANDIDATES}", where,
+        raise RecipeError(f"{made_by} {count} candidates, more than {MAX_CANDIDATES}", where,
                           "search fewer values at once")
 
 
@@ -253,7 +256,7 @@ def _expert_options(where: str, values: Any, document: dict[str, Any], recipe: R
         if k > len(names):
             raise RecipeError(f"choose {k} of the starting recipe's {len(names)} experts: there are not that many",
                               where, f"choose at most {len(names)}")
-        _check_count(where, f"choose {k} of {len(names)} experts", math.comb(len(names), k))
+        _check_count(where, f"choose {k} of {len(names)} experts makes", math.comb(len(names), k))
         subsets = [list(c) for c in itertools.combinations(range(len(names)), k)]
     elif isinstance(values, list):
         if not values:
