@@ -54,8 +54,11 @@ include: "workflow/rules/search.smk"
 # by a rule of the run.
 USED_BY = {}
 for _merge, _recipe in RECIPES.items():
-    for _ref in _recipe.source_models:
-        USED_BY.setdefault(slug(_ref), CANDIDATES[_merge].where if _merge in CANDIDATES else f"merge {_merge}")
+    for _ref in [] if _merge in CANDIDATES else _recipe.source_models:
+        USED_BY.setdefault(slug(_ref), f"merge {_merge}")
+for _search in SEARCHES.values():
+    for _ref, _where in _search.model_sources().items():
+        USED_BY.setdefault(slug(_ref), _where)
 try:
     check_new_refs(
         REFS,

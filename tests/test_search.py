@@ -240,6 +240,15 @@ def test_the_search_target_with_no_search_configured_says_so(tmp_path):
     assert "snakemake search: the config lists no search -> give a config file with searches:" in proc.stdout + proc.stderr
 
 
+def test_each_model_is_told_under_where_the_config_gave_it(tmp_path):
+    """A model of the starting recipe is the starting point's; one a grid value brings in, the first candidate's."""
+    start = recipe_file(tmp_path)
+    search = expand_search("s", {"recipe": start, "grid": {"base_model": ["resources/demo/base", "elsewhere/base"]}})
+    sources = search.model_sources()
+    assert sources["resources/demo/base"] == sources["resources/demo/expert_code"] == f"searches: s: recipe: {start}"
+    assert sources["elsewhere/base"] == 'searches: s: candidate s-elsewhere_base (base_model="elsewhere/base")'
+
+
 def test_searches_alone_build_no_demo_and_join_the_default_target(tmp_path):
     wd = search_workdir(tmp_path, {"experts_per_token": [1, 2]})
     proc = snakemake(wd, "-n", "--cores", "1")

@@ -70,17 +70,28 @@ class Candidate:
 
 @dataclass(frozen=True)
 class Search:
-    """A search as configured, with its candidates expanded and validated."""
+    """A search as configured, with its starting recipe, and its candidates expanded and validated."""
 
     name: str
     metric: str
     start: dict[str, str]
     grid: dict[str, Any]
+    recipe: Recipe
     candidates: tuple[Candidate, ...]
 
     @property
     def names(self) -> list[str]:
         return [c.name for c in self.candidates]
+
+    def model_sources(self) -> dict[str, str]:
+        """Each model the search uses -> where it was given, in the config's words: the starting point for a model
+        of the starting recipe (a published recipe's base, say), else the first candidate whose grid value names it."""
+        (key, value), = self.start.items()
+        sources = dict.fromkeys(self.recipe.source_models, f"searches: {self.name}: {key}: {value}")
+        for candidate in self.candidates:
+            for ref in candidate.recipe.source_models:
+                sources.setdefault(ref, candidate.where)
+        return sources
 
     def record(self) -> dict[str, Any]:
         """What the ranking job needs (JSON types): the search, its metric and each candidate's settings."""
@@ -125,7 +136,7 @@ def expand_search(name: str, spec: Mapping[str, Any]) -> Search:
     candidates = tuple(_candidate(where, candidate, combo, document) for candidate, combo in zip(names, combos))
     _check_distinct(f"{where}: grid", candidates)
     start = {key: spec[key] for key in START_KEYS if key in spec}
-    return Search(name=name, metric=metric, start=start, grid=dict(grid), candidates=candidates)
+    return Search(name=name, metric=metric, start=start, grid=dict(grid), recipe=recipe, candidates=candidates)
 
 
 def _candidate(where: str, name: str, combo: tuple[Option, ...], start: dict[str, Any]) -> Candidate:
