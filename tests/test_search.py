@@ -141,6 +141,17 @@ def test_a_start_that_cannot_be_read_names_the_search(tmp_path):
         expand_search("s", {"published": str(tmp_path / "no-such-dir"), "grid": {"seed": [1]}})
 
 
+@pytest.mark.parametrize("content, words", [
+    (b"base_model: [unclosed\n", "not valid YAML"),
+    (b"base_model: caf\xe9\n", "not UTF-8 text"),
+])
+def test_a_starting_recipe_that_cannot_be_read_names_the_search(tmp_path, content, words):
+    path = tmp_path / "start.yaml"
+    path.write_bytes(content)
+    with pytest.raises(RecipeError, match=rf"^searches: s: recipe: {re.escape(str(path))}: {words}"):
+        expand_search("s", {"recipe": str(path), "grid": {"seed": [1]}})
+
+
 def test_an_unknown_metric_and_a_taken_name_are_refused(tmp_path):
     start = recipe_file(tmp_path)
     with pytest.raises(RecipeError, match=r"searches: s: metric: unknown metric 'best'.*worst_moe_ratio"):

@@ -33,9 +33,11 @@ def start_document(spec: Mapping[str, Any], where: str) -> tuple[dict[str, Any],
         if not path.is_file():
             raise RecipeError("recipe file not found", f"{where}: recipe: {path}",
                               "give the path of a recipe file (relative to the working directory)")
-        text = read_text(path, "", RecipeError, "save the recipe as UTF-8")
-        document = parse_yaml(text, str(path), RecipeError)
-        recipe = parse_recipe(document, f"{where}: recipe {path}")
+        try:
+            document = parse_yaml(read_text(path, "", RecipeError, "save the recipe as UTF-8"), str(path), RecipeError)
+        except MoeforgeError as exc:
+            raise exc.within(f"{where}: recipe") from None
+        recipe = parse_recipe(document, f"{where}: recipe: {path}")
         return without_nulls(document), recipe
     key = "lock" if "lock" in spec else "published"
     try:
