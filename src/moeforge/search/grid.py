@@ -43,7 +43,8 @@ SHORT_LABELS = {"experts_per_token": "k"}
 MAX_CANDIDATES = 256
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.]")
 #: What to do about a candidate's key of the wrong type or value: the value came from the grid.
-_CANDIDATE_FIX = "change that value in the grid (docs/recipe.md lists every recipe key and its type)"
+_CANDIDATE_FIX = ("change that value in the grid: each value is the key's whole value, so a key that takes a list "
+                  "takes a list of lists (docs/recipe.md lists every recipe key and its type)")
 
 
 @dataclass(frozen=True)
