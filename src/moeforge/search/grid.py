@@ -110,7 +110,7 @@ def searches_to_build(config: Mapping[str, Any], merges: set[str]) -> dict[str, 
         for candidate in search.candidates:
             if candidate.name in taken:
                 raise RecipeError(f"candidate {candidate.name!r} has the name of {taken[candidate.name]}",
-                                  f"searches: {search.name}", "rename the search or the merge")
+                                  f"searches: {search.name}", "rename this search, or the other search or merge")
             taken[candidate.name] = f"a candidate of searches: {search.name}"
     return searches
 
