@@ -120,7 +120,7 @@ def test_a_bad_grid_value_is_fixed_in_the_grid(tmp_path):
     with pytest.raises(RecipeError) as caught:
         expand_search("s", {"recipe": recipe_file(tmp_path), "grid": {"experts_per_token": ["2"]}})
     assert caught.value.where == 'searches: s: candidate s-2 (experts_per_token="2")'
-    assert caught.value.fix.startswith("change that value in the grid"), caught.value.fix
+    assert caught.value.fix.startswith("fix that key or its value in the grid"), caught.value.fix
 
 
 def test_choosing_among_many_experts_is_refused_from_the_count_alone(tmp_path):

@@ -42,9 +42,9 @@ SHORT_LABELS = {"experts_per_token": "k"}
 #: is a whole build and evaluation).
 MAX_CANDIDATES = 256
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.]")
-#: What to do about a candidate's key of the wrong type or value: the value came from the grid.
-_CANDIDATE_FIX = ("change that value in the grid: each value is the key's whole value, so a key that takes a list "
-                  "takes a list of lists (docs/recipe.md lists every recipe key and its type)")
+#: What to do about a candidate's unknown key, or value of the wrong type: both came from the grid.
+_CANDIDATE_FIX = ("fix that key or its value in the grid: each value is the key's whole value, so a key that takes a "
+                  "list takes a list of lists (docs/recipe.md lists every recipe key and its type)")
 
 
 @dataclass(frozen=True)
