@@ -50,21 +50,13 @@ include: "workflow/rules/search.smk"
 
 
 # A model not fetched yet whose local path does not exist (or is one typo away from one) is refused now, so a
-# dry run catches it too, naming the first merge (or search candidate) that uses it; the demo's models are built
-# by a rule of the run.
-USED_BY = {}
-for _merge, _recipe in RECIPES.items():
-    for _ref in [] if _merge in CANDIDATES else _recipe.source_models:
-        USED_BY.setdefault(slug(_ref), f"merge {_merge}")
-for _search in SEARCHES.values():
-    for _ref, _where in _search.model_sources().items():
-        USED_BY.setdefault(slug(_ref), _where)
+# dry run catches it too, naming where the config gave it; the demo's models are built by a rule of the run.
 try:
     check_new_refs(
         REFS,
         Path("resources/models"),
         built_here=[str(p) for p in rules.demo_models.output],
-        used_by=USED_BY,
+        used_by=REF_GIVEN_BY,
     )
 except MoeforgeError as exc:
     raise WorkflowError(f"moeforge: {exc}") from None

@@ -59,6 +59,15 @@ for _name, _candidate in CANDIDATES.items():
     RECIPES[_name] = _candidate.recipe
 MERGES = list(RECIPES)
 REFS = {parse_ref(ref).slug: ref for r in RECIPES.values() for ref in r.source_models}
+# Where the config gave each model (by slug), for a message about it: the first merge that uses it, else the
+# search whose starting recipe has it, else the first candidate whose grid value names it.
+REF_GIVEN_BY = {}
+for _merge, _recipe in RECIPES.items():
+    for _ref in [] if _merge in CANDIDATES else _recipe.source_models:
+        REF_GIVEN_BY.setdefault(parse_ref(_ref).slug, f"merge {_merge}")
+for _search in SEARCHES.values():
+    for _ref, _where in _search.model_sources().items():
+        REF_GIVEN_BY.setdefault(parse_ref(_ref).slug, _where)
 DEMO_ROOT = "resources/demo"
 
 
