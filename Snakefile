@@ -50,20 +50,25 @@ include: "workflow/rules/search.smk"
 
 
 # A model not fetched yet whose local path does not exist (or is one typo away from one) is refused now, so a
-# dry run catches it too; the demo's models are built by a rule of the run.
+# dry run catches it too, naming where the config gave it; the demo's models are built by a rule of the run.
 try:
-    check_new_refs(REFS, Path("resources/models"), built_here=[str(p) for p in rules.demo_models.output])
+    check_new_refs(
+        REFS,
+        Path("resources/models"),
+        built_here=[str(p) for p in rules.demo_models.output],
+        used_by=REF_GIVEN_BY,
+    )
 except MoeforgeError as exc:
     raise WorkflowError(f"moeforge: {exc}") from None
 
 
 # At the end of every run: where each merge's model and reports are, and one line per check.
 onsuccess:
-    print(run_summary(MERGES, searches=list(SEARCHES)), file=sys.stderr)
+    print(run_summary(MERGES, searches={n: s.record() for n, s in SEARCHES.items()}), file=sys.stderr)
 
 
 onerror:
-    print(run_summary(MERGES, searches=list(SEARCHES)), file=sys.stderr)
+    print(run_summary(MERGES, searches={n: s.record() for n, s in SEARCHES.items()}), file=sys.stderr)
 
 
 rule all:

@@ -4,6 +4,7 @@ over the demo built with `snakemake search` and ranked by its candidates' eval r
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,11 +12,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from moeforge.errors import RecipeError
+from moeforge.errors import MoeforgeError, RecipeError
 from moeforge.search.figure import plot_ranking
 from moeforge.search.grid import expand_search, searches_to_build
 from moeforge.search.metrics import METRICS
-from moeforge.search.ranking import rank
+from moeforge.search.ranking import rank, render_markdown
 
 REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
@@ -88,6 +89,15 @@ def test_a_null_value_unsets_a_key_and_an_unreadable_name_becomes_a_digest(tmp_p
     ({"gate_mode.kind": ["x"]}, "gate_mode.kind", "gate_mode is not a mapping"),
     ({"no_such.method": ["x"]}, "no_such", "unknown key 'no_such'"),
     ({}, "grid", "the grid lists no key"),
+    # A value listed twice, however it is written, or two values the recipe reads alike: one merge twice.
+    ({"experts_per_token": [1, 1]}, "experts_per_token", "experts_per_token lists 1 twice"),
+    ({"experts": [[0, 1], ["expert_code", "expert_math"]]}, "experts", 'lists ["expert_code", "expert_math"] twice'),
+    ({"experts_per_token": [2, 2.0]}, "grid", "candidates mysearch-k2 (experts_per_token=2) and mysearch-k2.0"),
+    ({"seed": [None, 0], "experts_per_token": [1]}, "grid", "(seed=null, experts_per_token=1) and mysearch-seed_0-k1"),
+    # Two keys that set one value: which one won would depend on the grid's order.
+    ({"router_training": [{"method": "layerwise"}], "router_training.method": ["end_to_end"]}, "grid",
+     "router_training and router_training.method both set router_training.method"),
+    ({"router_training.method": ["end_to_end"], "router_training": [None]}, "grid", "both set"),
 ])
 def test_a_bad_grid_is_one_message_naming_the_search_and_the_key(tmp_path, grid, key, words):
     with pytest.raises(RecipeError) as caught:
@@ -97,12 +107,61 @@ def test_a_bad_grid_is_one_message_naming_the_search_and_the_key(tmp_path, grid,
     assert "\n" not in message
 
 
+def test_the_bound_on_candidates_is_the_runs(tmp_path):
+    """Two searches of 200 candidates each are 400 builds, as one grid of them would be: refused, before any."""
+    start = recipe_file(tmp_path)
+    searches = {name: {"recipe": start, "grid": {"seed": list(range(200))}} for name in ("a", "b")}
+    with pytest.raises(RecipeError, match=r"^searches: the 2 searches make 400 candidates, more than 256"):
+        searches_to_build({"searches": searches}, set())
+
+
+def test_a_bad_grid_value_is_fixed_in_the_grid(tmp_path):
+    """A candidate's recipe is no file anyone wrote: a value of the wrong type is to be changed in the grid."""
+    with pytest.raises(RecipeError) as caught:
+        expand_search("s", {"recipe": recipe_file(tmp_path), "grid": {"experts_per_token": ["2"]}})
+    assert caught.value.where == 'searches: s: candidate s-2 (experts_per_token="2")'
+    assert caught.value.fix.startswith("fix that key or its value in the grid"), caught.value.fix
+
+
+def test_choosing_among_many_experts_is_refused_from_the_count_alone(tmp_path):
+    """{choose: 20} of 40 experts is 137846528820 subsets: refused at once, not listed first."""
+    experts = [{"name": f"e{i}", "source_model": "resources/demo/expert_code", "positive_prompts": [f"p{i} a", f"q{i} b"]}
+               for i in range(40)]
+    with pytest.raises(RecipeError, match=r"searches: s: grid: experts: choose 20 of 40 experts makes 137846528820 "
+                                          r"candidates, more than 256"):
+        expand_search("s", {"recipe": recipe_file(tmp_path, experts=experts, router_training=None),
+                            "grid": {"experts": {"choose": 20}}})
+
+
+def test_a_start_that_cannot_be_read_names_the_search(tmp_path):
+    """A lock or a published repo that cannot be read: its own message, under the search and the key."""
+    with pytest.raises(RecipeError, match=r"^searches: s: lock: .*start\.yaml: not valid JSON"):
+        expand_search("s", {"lock": recipe_file(tmp_path), "grid": {"seed": [1]}})
+    with pytest.raises(MoeforgeError, match=r"^searches: s: published: .*no-such-dir"):
+        expand_search("s", {"published": str(tmp_path / "no-such-dir"), "grid": {"seed": [1]}})
+
+
+@pytest.mark.parametrize("content, words", [
+    (b"base_model: [unclosed\n", "not valid YAML"),
+    (b"base_model: caf\xe9\n", "not UTF-8 text"),
+])
+def test_a_starting_recipe_that_cannot_be_read_names_the_search(tmp_path, content, words):
+    path = tmp_path / "start.yaml"
+    path.write_bytes(content)
+    with pytest.raises(RecipeError, match=rf"^searches: s: recipe: {re.escape(str(path))}: {words}"):
+        expand_search("s", {"recipe": str(path), "grid": {"seed": [1]}})
+
+
 def test_an_unknown_metric_and_a_taken_name_are_refused(tmp_path):
     start = recipe_file(tmp_path)
     with pytest.raises(RecipeError, match=r"searches: s: metric: unknown metric 'best'.*worst_moe_ratio"):
         expand_search("s", {"recipe": start, "grid": {"seed": [1]}, "metric": "best"})
     with pytest.raises(RecipeError, match=r"candidate 's-seed_1' has the name of a merge under merges"):
         searches_to_build({"searches": {"s": {"recipe": start, "grid": {"seed": [1]}}}}, {"s-seed_1"})
+    with pytest.raises(RecipeError, match=r"^searches: s-k2: candidate 's-k2-seed_1' has the name of a candidate of "
+                                          r"searches: s "):
+        searches_to_build({"searches": {"s": {"recipe": start, "grid": {"experts_per_token": [2], "seed": [1]}},
+                                        "s-k2": {"recipe": start, "grid": {"seed": [1]}}}}, set())
 
 
 def test_the_config_schema_names_every_metric():
@@ -132,6 +191,22 @@ def test_ties_rank_by_name_and_a_non_finite_number_ranks_last(tmp_path):
     assert rank(record, reports, {m: {} for m in reports})["best"] == "s-b"
 
 
+def test_grid_values_stay_in_their_cells_of_the_ranking_table():
+    """A prompt searched as a grid value holds `|`, backticks and line breaks: each stays in its cell."""
+    from markdown_it import MarkdownIt
+
+    prompts = [["def f(x):\n    return x | 1"], ["a `tick` and <b>"]]
+    record = {"search": "s", "metric": "worst_moe_ratio", "start": {"recipe": "my `odd` | dir/r.yaml"},
+              "grid": {"smoke_prompts": prompts, "seed": [1]},
+              "candidates": [{"merge": f"s-{i}", "settings": {"smoke_prompts": p, "seed": 1}} for i, p in enumerate(prompts)]}
+    reports = {f"s-{i}": _report({"x": 1.0 + i}) for i in range(2)}
+    markdown = render_markdown(rank(record, reports, {m: {"passed": True} for m in reports}))
+    tokens = MarkdownIt("commonmark").enable("table").parse(markdown)
+    # A header and two rows of six cells: rank, candidate, the two grid keys, the metric, the one domain.
+    assert sum(t.type == "tr_open" for t in tokens) == 3 and sum(t.type == "td_open" for t in tokens) == 12, markdown
+    assert "return x \\| 1" in markdown and "&lt;b&gt;" in markdown and "``my `odd` | dir/r.yaml``" in markdown
+
+
 def search_workdir(wd: Path, grid: dict, metric: str | None = None) -> Path:
     wd.mkdir(parents=True, exist_ok=True)
     (wd / "demo.yaml").write_text((REPO / "config/recipes/demo.yaml").read_text())
@@ -154,6 +229,37 @@ def test_a_bad_grid_stops_the_workflow_before_any_job(tmp_path):
     assert not (wd / "resources").exists() and not (wd / "results").exists()
 
 
+def test_a_model_a_grid_value_names_that_is_not_there_is_told_under_the_candidate(tmp_path):
+    """A grid over base_model with a typo: the message names the search, the candidate and its value, not just the
+    path (which of a config's merges and candidates gave it, the model's own message cannot say)."""
+    wd = search_workdir(tmp_path, {"base_model": ["resources/demo/base", "resources/demo/bse"]})
+    proc = snakemake(wd, "-n", "search", "--cores", "1")
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert ('searches: ds: candidate ds-resources_demo_bse (base_model="resources/demo/bse"): resources/demo/bse: '
+            "no such local directory") in output, output[-3000:]
+    assert "Traceback" not in output and not (wd / "results").exists()
+
+
+def test_the_search_target_with_no_search_configured_says_so(tmp_path):
+    """`snakemake search` with a config that lists no search (a --configfile left out, or another file given) is
+    refused: it did nothing and succeeded."""
+    wd = search_workdir(tmp_path, {"seed": [1]})
+    (wd / "config.yaml").write_text(yaml.safe_dump({"merges": {"m": {"recipe": "demo.yaml"}}}))
+    proc = snakemake(wd, "-n", "search", "--cores", "1")
+    assert proc.returncode != 0
+    assert "snakemake search: the config lists no search -> give a config file with searches:" in proc.stdout + proc.stderr
+
+
+def test_each_model_is_told_under_where_the_config_gave_it(tmp_path):
+    """A model of the starting recipe is the starting point's; one a grid value brings in, the first candidate's."""
+    start = recipe_file(tmp_path)
+    search = expand_search("s", {"recipe": start, "grid": {"base_model": ["resources/demo/base", "elsewhere/base"]}})
+    sources = search.model_sources()
+    assert sources["resources/demo/base"] == sources["resources/demo/expert_code"] == f"searches: s: recipe: {start}"
+    assert sources["elsewhere/base"] == 'searches: s: candidate s-elsewhere_base (base_model="elsewhere/base")'
+
+
 def test_searches_alone_build_no_demo_and_join_the_default_target(tmp_path):
     wd = search_workdir(tmp_path, {"experts_per_token": [1, 2]})
     proc = snakemake(wd, "-n", "--cores", "1")
@@ -161,6 +267,8 @@ def test_searches_alone_build_no_demo_and_join_the_default_target(tmp_path):
     assert "results/search/ds/ranking.json" in proc.stdout
     assert "results/ds-k1/search/recipe.yaml" in proc.stdout and "results/ds-k2/search/recipe.yaml" in proc.stdout
     assert "results/demo/" not in proc.stdout
+    # The jobs the step count leaves out until validate has run are said once for the run, not once per candidate.
+    assert proc.stdout.count("the step count leaves out") == 1, proc.stdout[:3000]
 
 
 @pytest.fixture(scope="module")
@@ -211,6 +319,21 @@ def test_another_metric_reranks_without_rebuilding(demo_search):
     assert ranking["metric"]["name"] == "mean_moe_perplexity"
 
 
+@pytest.mark.slow
+def test_dropping_a_candidate_rescores_no_dense_model(demo_search):
+    """Each dense model is scored once for every candidate: a grid without the candidate whose fetched weights the
+    scores were first read through does not change the scoring jobs' inputs, so nothing but the ranking reruns."""
+    search_workdir(demo_search, {"experts_per_token": [2]})
+    try:
+        proc = snakemake(demo_search, "search", "-n", "--cores", "2")
+    finally:
+        search_workdir(demo_search, {"experts_per_token": [1, 2]})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = (proc.stdout + proc.stderr).splitlines()
+    ran = {line.split()[-1].rstrip(":") for line in lines if line.startswith(("rule ", "localrule "))}
+    assert ran == {"rank_search", "search"}, ran
+
+
 def test_a_grid_over_the_router_training_method_sets_the_nested_key(tmp_path):
     """A dotted key reaches into router_training; a method the recipe refuses is refused for the search."""
     search = expand_search("s", {"recipe": recipe_file(tmp_path),
@@ -246,3 +369,47 @@ def test_a_bad_search_entry_is_told_how_a_search_is_written(tmp_path):
     with pytest.raises(RecipeError) as info:
         checked_config({"merges": {"m": {"recipes": "x.yaml"}}})
     assert "each merge is name: {recipe: PATH}" in info.value.fix
+
+
+@pytest.mark.parametrize("searches, words", [
+    ({"s": {"grid": {1: ["a"]}}}, "searches.s.grid: 1 is not of type 'string'"),  # YAML reads `1:` as a number
+    ({"s": {"grid": {None: ["a"]}}}, "searches.s.grid: None is not of type 'string'"),  # and `null:` as null
+    ({1: {"grid": {"seed": [1]}}}, "searches: 1 is not of type 'string'"),
+])
+def test_a_key_yaml_reads_as_no_string_is_refused_in_the_config(tmp_path, searches, words):
+    """A grid key or a search name written as a number, null or a boolean: one message, not a Python error."""
+    from moeforge.plan.workflow_config import checked_config
+
+    for spec in searches.values():
+        spec["recipe"] = recipe_file(tmp_path)
+    with pytest.raises(RecipeError, match=re.escape(words)):
+        checked_config({"searches": searches})
+
+
+@pytest.mark.parametrize("grid, words", [
+    ("seed: [2024-01-01]", "searches.s.grid.seed[0]: datetime.date(2024, 1, 1) is no JSON value"),
+    ("router_training: [{method: layerwise, seed: 2024-01-01}]", "searches.s.grid.router_training[0].seed: "),
+    ("seed: [!!binary aGVsbG8=]", "searches.s.grid.seed[0]: b'hello' is no JSON value (a bytes"),
+])
+def test_a_grid_value_yaml_reads_as_no_json_value_is_refused_in_the_config(tmp_path, grid, words):
+    """The grid takes any recipe value, so the schema leaves its type open: a date or bytes is refused by the
+    config's own check, not met as a Python error where the candidates' names and records are written."""
+    from moeforge.plan.workflow_config import checked_config
+
+    spec = {"recipe": recipe_file(tmp_path), "grid": yaml.safe_load(grid)}
+    with pytest.raises(RecipeError, match=re.escape(words)):
+        checked_config({"searches": {"s": spec}})
+
+
+@pytest.mark.parametrize("length", [56, 63])
+def test_a_search_name_too_long_for_its_candidates_names_is_refused_in_the_config(tmp_path, length):
+    """A candidate's name is the search's and at least 9 characters more: a longer search name is refused as the
+    user wrote it, not as a candidate's name the user never wrote."""
+    from moeforge.plan.workflow_config import checked_config
+
+    name = ("s12" * 30)[:length]
+    with pytest.raises(RecipeError, match=rf"searches: '{name}' does not match"):
+        checked_config({"searches": {name: {"recipe": recipe_file(tmp_path), "grid": {"seed": [1]}}}})
+    # At 55 characters even the digest name fits.
+    longest = expand_search(name[:55], {"recipe": recipe_file(tmp_path), "grid": {"smoke_prompts": [["a b"]]}})
+    assert re.fullmatch(rf"{name[:55]}-[0-9a-f]{{8}}", longest.names[0]), longest.names

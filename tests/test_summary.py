@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+
+import pytest
 
 from moeforge.check.summary import eval_label, run_summary, smoke_label
 
@@ -68,10 +71,36 @@ def test_figure_labels_give_the_verdict_and_its_numbers(tmp_path):
     assert smoke_label(tmp_path / "missing.json") == "no report"
 
 
+def _search(metric: str, *merges: str) -> dict:
+    return {"metric": metric, "candidates": [{"merge": m, "settings": {}} for m in merges]}
+
+
 def test_a_search_is_one_line_with_its_best_candidate(tmp_path):
     results = tmp_path / "results"
+    for merge in ("s-k1", "s-k2"):
+        write(results / merge / "eval" / "report.json", {"oracle": {}})
     write(results / "search" / "s" / "ranking.json",
           {"metric": {"name": "worst_moe_ratio"}, "candidates": [{"merge": "s-k2", "metric": 1.1}, {"merge": "s-k1"}]})
-    lines = run_summary([], results, searches=["s", "unranked"]).splitlines()
+    searches = {"s": _search("worst_moe_ratio", "s-k1", "s-k2"), "unranked": _search("worst_moe_ratio", "unranked-k1")}
+    lines = run_summary([], results, searches=searches).splitlines()
     assert lines[1] == f"search s: best s-k2 (worst_moe_ratio 1.1) of 2 candidates  [{results}/search/s/ranking.md]"
     assert lines[2] == "search unranked: not ranked (its candidates are not all evaluated)"
+
+
+@pytest.mark.parametrize("configured, evaluated_since", [
+    (_search("worst_moe_ratio", "s-k1", "s-k3"), False),  # the grid was edited, the new candidate not ranked yet
+    (_search("mean_moe_ratio", "s-k1", "s-k2"), False),  # the metric was changed
+    (_search("worst_moe_ratio", "s-k1", "s-k2"), True),  # a candidate was rebuilt and evaluated since
+])
+def test_a_ranking_of_an_earlier_run_is_not_shown_as_the_searchs(tmp_path, configured, evaluated_since):
+    """A run stopped before the ranking leaves the last one on disk: the summary does not show it as current."""
+    results = tmp_path / "results"
+    ranking = results / "search" / "s" / "ranking.json"
+    for merge in ("s-k1", "s-k2"):
+        write(results / merge / "eval" / "report.json", {"oracle": {}})
+    write(ranking, {"metric": {"name": "worst_moe_ratio"}, "candidates": [{"merge": "s-k2", "metric": 1.1},
+                                                                          {"merge": "s-k1", "metric": 1.2}]})
+    if evaluated_since:
+        os.utime(results / "s-k1" / "eval" / "report.json", (ranking.stat().st_mtime + 5,) * 2)
+    line = run_summary([], results, searches={"s": configured}).splitlines()[1]
+    assert line.startswith(f"search s: not ranked as configured ({results}/search/s/ranking.md ranks an earlier"), line

@@ -7,6 +7,7 @@ what to do.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from hfcache import offline_env, populate
 from moeforge.demo.tiny_models import build_dense_model, build_preset, train_tokenizer
 from moeforge.errors import FetchError, ModelError, RecipeError, TemplateError
 from moeforge.io.fetch import fetch_metadata
-from moeforge.io.names import check_merge_name
+from moeforge.io.names import WORKFLOW_DIRS, check_merge_name
 from moeforge.plan.recipe import load_recipe, parse_recipe
 from moeforge.plan.sources import load_source
 from moeforge.plan.templates import load_template
@@ -136,6 +137,20 @@ def test_invalid_yaml_file(tmp_path):
 def test_bad_merge_names(name):
     with pytest.raises(RecipeError, match="is not allowed"):
         check_merge_name(name, "config: merges", RecipeError)
+
+
+@pytest.mark.parametrize("name", sorted(WORKFLOW_DIRS))
+def test_a_merge_may_not_take_a_directory_of_the_workflows_own(name):
+    """A merge named `search` would have a search named `model` write its ranking into the merge's published model."""
+    with pytest.raises(RecipeError, match=f"merge name '{name}' is taken: results/{name}/ holds the workflow's own"):
+        check_merge_name(name, "config: merges", RecipeError)
+
+
+def test_every_directory_the_workflow_writes_under_results_is_refused_as_a_merge_name():
+    """The rules' own results/<dir>/ paths, read from the rules: a new one is refused as a merge name too."""
+    rules = "\n".join(p.read_text() for p in (REPO / "workflow/rules").glob("*.smk"))
+    written = set(re.findall(r'"results/([A-Za-z0-9_.-]+)/', rules))
+    assert written and written <= WORKFLOW_DIRS, written - WORKFLOW_DIRS
 
 
 @pytest.mark.parametrize("name", ["a" * 20, "ab" * 20, "moe-" + "x" * 30, "v1" + "12" * 25])

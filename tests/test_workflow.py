@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 MODEL = "results/demo/model"
 STAGING = "results/demo/staging/model"
-UNCOUNTED_NOTE = "moeforge: demo: the step count leaves out this merge's shard jobs"
+UNCOUNTED_NOTE = "moeforge: the step count leaves out each merge's shard jobs"
 
 
 def workdir(tmp: Path, recipe: dict | None = None) -> Path:

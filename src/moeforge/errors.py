@@ -30,6 +30,11 @@ class MoeforgeError(Exception):
         self.fix = bounded(fix)
         super().__init__(self.message)
 
+    def within(self, where: str) -> MoeforgeError:
+        """The same error, said under ``where`` too: a problem found in a file or a model, told under the merge or
+        search that uses it (which of a config's many that is, the file's own message cannot say)."""
+        return type(self)(self.what, f"{where}: {self.where}" if self.where else where, self.fix)
+
     @property
     def message(self) -> str:
         parts = [f"{self.where}: {self.what}" if self.where else self.what]

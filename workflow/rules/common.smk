@@ -60,6 +60,15 @@ for _name, _candidate in CANDIDATES.items():
     RECIPES[_name] = _candidate.recipe
 MERGES = list(RECIPES)
 REFS = {parse_ref(ref).slug: ref for r in RECIPES.values() for ref in r.source_models}
+# Where the config gave each model (by slug), for a message about it: the first merge that uses it, else the
+# search whose starting recipe has it, else the first candidate whose grid value names it.
+REF_GIVEN_BY = {}
+for _merge, _recipe in RECIPES.items():
+    for _ref in [] if _merge in CANDIDATES else _recipe.source_models:
+        REF_GIVEN_BY.setdefault(parse_ref(_ref).slug, f"merge {_merge}")
+for _search in SEARCHES.values():
+    for _ref, _where in _search.model_sources().items():
+        REF_GIVEN_BY.setdefault(parse_ref(_ref).slug, _where)
 DEMO_ROOT = "resources/demo"
 
 
@@ -231,7 +240,8 @@ def merge_title(wildcards):
     return LOCKS[wildcards.merge].name if wildcards.merge in LOCKS else wildcards.merge
 
 
-# Merges whose uncounted shard jobs the run has already mentioned.
+# The merge whose uncounted jobs the run mentioned first: once for the run, not once per merge (a search of 200
+# candidates would say it 200 times).
 _UNCOUNTED = set()
 
 
@@ -245,13 +255,13 @@ def plan_of(merge):
     try:
         return read_plan(Path(checkpoints.validate.get(merge=merge).output.plan))
     except IncompleteCheckpointException:
-        if merge not in _UNCOUNTED:
+        if not _UNCOUNTED:
             _UNCOUNTED.add(merge)
             logger.info(
-                f"moeforge: {merge}: the step count leaves out this merge's shard jobs (the globals, the routers, "
-                "one per run of decoder layers; one job for a shard several merges share), its gates job and its class "
-                "check job (one for the merges that share them); validate names them once it has read the models, "
-                "and the count grows by them then"
+                "moeforge: the step count leaves out each merge's shard jobs (the globals, the routers, one per run "
+                "of decoder layers; one job for a shard several merges share), its gates job and its class check job "
+                "(one for the merges that share them); its validate job names them once it has read the models, and "
+                "the count grows by them then"
             )
         raise
 
@@ -287,6 +297,17 @@ def shard_provider(wildcards):
         f"results/shards/{wildcards.key}.safetensors: no merge of this run needs this shard (its key is not in any "
         "merge's plan.json)",
     )
+
+
+def searches_to_rank(wildcards):
+    """Every search's ranking; asked for with no search configured, the target says so instead of doing nothing
+    (a --configfile left out, or the wrong file given)."""
+    if not SEARCHES:
+        raise WorkflowError(
+            "moeforge: snakemake search: the config lists no search -> give a config file with searches: "
+            "(snakemake search --cores 8 --configfile my.yaml; docs/search.md)"
+        )
+    return expand("results/search/{name}/ranking.json", name=SEARCHES)
 
 
 def first_merge_with(wanted, what):

@@ -17,9 +17,11 @@ rule score_dense:
     input:
         # Where the model's weights are: a changed model reruns the job (its located record is rewritten).
         located="resources/models/{slug}/weights.json",
-        # Fetched (downloaded, for the Hub) by a merge: the job waits for it, but that merge's revalidation,
-        # which fetches again, does not make the scores stale.
-        weights=lambda wc: ancient(f"results/{dense_provider(wc)}/weights/{wc.slug}.json"),
+        # Where the weights are (see source_weight_record): a local model's located record, which names no
+        # merge, so a run with other merges or another grid does not rescore it; a Hub model's as the first
+        # merge that needs it fetched (downloaded) it, whose revalidation, which fetches again, does not make
+        # the scores stale.
+        weights=lambda wc: ancient(source_weight_record(dense_provider(wc), wc.slug)),
         tokenizer="resources/models/{tokenizer}/meta",
         domains=list(EVAL_DOMAINS.values()),
     output:

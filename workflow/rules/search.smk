@@ -44,4 +44,4 @@ rule rank_search:
 
 rule search:
     input:
-        expand("results/search/{name}/ranking.json", name=SEARCHES),
+        searches_to_rank,

@@ -9,7 +9,7 @@ failed one. The same verdicts, with their numbers, label the figures of `snakema
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -105,19 +105,38 @@ def merge_summary(merge: str, results: Path = Path("results")) -> list[str]:
     return lines
 
 
-def search_summary(search: str, results: Path = Path("results")) -> str:
-    """One line for a search: its best candidate by its metric, and where the ranking is."""
+def search_summary(search: str, record: Mapping[str, Any], results: Path = Path("results")) -> str:
+    """One line for a search: its best candidate by its metric, and where the ranking is. ``record`` is the search
+    as configured now (its metric, each candidate's name): a ranking of an earlier grid or metric, or one older
+    than a candidate's eval report (a run stopped before it ranked them again), is no ranking of this search."""
     path = results / "search" / search / "ranking.json"
     ranking = _read(path)
     if ranking is None or not ranking.get("candidates"):
         return f"search {search}: not ranked (its candidates are not all evaluated)"
+    if not _ranks(ranking, record, path, results):
+        return (f"search {search}: not ranked as configured ({path.with_suffix('.md')} ranks an earlier grid, metric "
+                "or build of its candidates; snakemake search ranks them again)")
     best = ranking["candidates"][0]
     metric = (ranking.get("metric") or {}).get("name", "metric")
     return (f"search {search}: best {best.get('merge')} ({metric} {best.get('metric')}) of "
             f"{len(ranking['candidates'])} candidates  [{path.with_suffix('.md')}]")
 
 
-def run_summary(merges: Sequence[str], results: Path = Path("results"), searches: Sequence[str] = ()) -> str:
-    """The whole summary, one block per merge, then one line per search."""
-    blocks = ["\n".join(merge_summary(m, results)) for m in merges] + [search_summary(s, results) for s in searches]
+def _ranks(ranking: dict[str, Any], record: Mapping[str, Any], path: Path, results: Path) -> bool:
+    """Whether the ranking on disk ranks the configured candidates by the configured metric, after every one of
+    them was last evaluated."""
+    ranked = sorted(str(row.get("merge")) for row in ranking["candidates"] if isinstance(row, dict))
+    wanted = sorted(candidate["merge"] for candidate in record["candidates"])
+    if ranked != wanted or (ranking.get("metric") or {}).get("name") != record["metric"]:
+        return False
+    written = path.stat().st_mtime
+    reports = [results / merge / "eval" / "report.json" for merge in wanted]
+    return all(report.is_file() and report.stat().st_mtime <= written for report in reports)
+
+
+def run_summary(merges: Sequence[str], results: Path = Path("results"),
+                searches: Mapping[str, Mapping[str, Any]] | None = None) -> str:
+    """The whole summary, one block per merge, then one line per search (name -> the search as configured)."""
+    blocks = ["\n".join(merge_summary(m, results)) for m in merges] + [
+        search_summary(name, record, results) for name, record in (searches or {}).items()]
     return "moeforge summary (paths relative to the working directory):\n" + "\n".join(blocks)

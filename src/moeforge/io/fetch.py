@@ -110,23 +110,28 @@ def local_model_dir(ref: ModelRef) -> Path:
     return path.resolve()
 
 
-def check_new_refs(refs: Mapping[str, str], models_root: Path, built_here: Collection[str] = ()) -> None:
+def check_new_refs(refs: Mapping[str, str], models_root: Path, built_here: Collection[str] = (),
+                   used_by: Mapping[str, str] | None = None) -> None:
     """What fetch_metadata would refuse about a model not fetched yet, found without the network when the
     workflow is read, so that a dry run (-n) catches it too: a local directory that is not there (unless a
     rule of the run builds it: the demo's models), an ``org/name`` one typo away from a local model.
 
     ``refs`` maps each slug to its reference; a model whose metadata is already under ``models_root`` was
-    fetched, and a finished build is not refused for a source deleted since.
+    fetched, and a finished build is not refused for a source deleted since. ``used_by`` says, per slug, where
+    the reference was given (a merge, a search's candidate and the grid value that named the model).
     """
     built = {os.path.normpath(path) for path in built_here}
     for slug, raw in refs.items():
         if (models_root / slug / "meta").exists():
             continue
         ref = parse_ref(raw)
-        if ref.kind == "hub":
-            _check_not_a_mistyped_path(ref)
-        elif os.path.normpath(ref.path or "") not in built:
-            local_model_dir(ref)
+        try:
+            if ref.kind == "hub":
+                _check_not_a_mistyped_path(ref)
+            elif os.path.normpath(ref.path or "") not in built:
+                local_model_dir(ref)
+        except MoeforgeError as exc:
+            raise exc.within(used_by[slug]) if used_by and slug in used_by else exc from None
 
 
 def near_local_model(text: str) -> str | None:

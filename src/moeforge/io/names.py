@@ -18,6 +18,10 @@ MERGE_NAME_RULE = "1-64 letters, digits, '.', '_' or '-', starting with a letter
 #: Snakemake refuses a wildcard value that ends in a part repeated 20 to 100 times, taking it for a
 #: rule feeding itself (its PeriodicityDetector); such a merge name is refused here first, in moeforge's words.
 PERIODIC_END = re.compile(r"(?P<part>.+?)(?P=part){19,99}$")
+#: The directories under results/ that the workflow writes for itself (shards, gates and class checks by key,
+#: search rankings, verify reports): a merge of one of these names would write its model among them (a search
+#: named ``model`` would write its ranking into the published model of a merge named ``search``).
+WORKFLOW_DIRS = frozenset({"class_checks", "gates", "search", "shards", "verify"})
 
 
 def is_merge_name(name: object) -> bool:
@@ -26,7 +30,17 @@ def is_merge_name(name: object) -> bool:
 
 
 def check_merge_name(name: object, where: str, error: type[MoeforgeError]) -> None:
-    """Refuse a merge name that is not one, or that Snakemake cannot take as a wildcard (naming where it came from)."""
+    """Refuse a merge name that is not one, that Snakemake cannot take as a wildcard, or whose ``results/<name>/``
+    is a directory of the workflow's own (naming where it came from)."""
+    check_wildcard_name(name, where, error)
+    if name in WORKFLOW_DIRS:
+        raise error(f"merge name {name!r} is taken: results/{name}/ holds the workflow's own files", where,
+                    f"name the merge otherwise (not {', '.join(sorted(WORKFLOW_DIRS))})")
+
+
+def check_wildcard_name(name: object, where: str, error: type[MoeforgeError]) -> None:
+    """Refuse a name that is not a merge name or that Snakemake cannot take as a wildcard: a search's name, which
+    starts its candidates' names and names its ranking's directory."""
     if not is_merge_name(name):
         raise error(f"merge name {name!r} is not allowed", where, f"use {MERGE_NAME_RULE}")
     assert isinstance(name, str)

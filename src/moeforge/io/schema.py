@@ -149,6 +149,23 @@ def integral_floats_as_int(document: Any, schema: Mapping[str, Any], root: Mappi
     return document
 
 
+def non_json_problems(document: Any, path: tuple[Any, ...] = ()) -> list[str]:
+    """One line for every value that is no JSON value (text, number, boolean, null, list, mapping), by key path.
+
+    YAML reads an unquoted ``2024-01-01`` as a date and ``!!binary`` as bytes; where the schema leaves a
+    value's type open (a search's grid takes any recipe value) such a value would reach code that writes
+    JSON, and fail there with a Python error instead of one message naming the key.
+    """
+    if isinstance(document, dict):
+        return [line for key, value in document.items() for line in non_json_problems(value, (*path, key))]
+    if isinstance(document, (list, tuple)):
+        return [line for index, value in enumerate(document) for line in non_json_problems(value, (*path, index))]
+    if document is None or isinstance(document, (str, int, float)):
+        return []
+    return [f"{key_path(path)}: {document!r} is no JSON value (a {type(document).__name__}: YAML reads an unquoted "
+            "date as one): quote it"]
+
+
 def nonfinite_problems(document: Any, path: tuple[Any, ...] = ()) -> list[str]:
     """One line for every NaN or infinity in ``document`` (YAML's ``.nan``, ``.inf``, ``-.inf``), by key path.
 

@@ -227,8 +227,15 @@ def without_nulls(document: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
-    """Validate a recipe document (already parsed YAML) and return it typed."""
+#: What to do about a key of the wrong type or value, where the document is a recipe file someone wrote.
+RECIPE_FIX = "fix the recipe (docs/recipe.md lists every key and its type)"
+
+
+def parse_recipe(data: Any, source: str = "recipe", fix: str = RECIPE_FIX) -> Recipe:
+    """Validate a recipe document (already parsed YAML) and return it typed.
+
+    ``fix`` says what to change for a key of the wrong type or value: a search's candidate is a recipe no one
+    wrote, whose bad value came from the search's grid."""
     if not isinstance(data, dict):
         raise RecipeError("a recipe must be a YAML mapping with base_model and experts", source,
                           "see config/recipes/ for examples")
@@ -236,7 +243,7 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
     _refuse_tokenizer_keys(data, source)
     problems = schema_errors(data, package_schema("recipe")) + nonfinite_problems(data)
     if problems:
-        raise RecipeError(first_and_more(problems), source, "fix the recipe (docs/recipe.md lists every key and its type)")
+        raise RecipeError(first_and_more(problems), source, fix)
     data = integral_floats_as_int(data, package_schema("recipe"))
     kwargs = {k: v for k, v in data.items() if k not in ("experts", "shared_experts")}
     for key in ("smoke_prompts",):

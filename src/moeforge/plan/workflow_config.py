@@ -15,6 +15,7 @@ from moeforge.errors import RecipeError
 from moeforge.io.schema import (
     first_and_more,
     integral_floats_as_int,
+    non_json_problems,
     nonfinite_problems,
     package_schema,
     schema_errors,
@@ -43,7 +44,8 @@ def checked_config(config: Mapping[str, Any]) -> dict[str, Any]:
         raise RecipeError("searches: lists no search", WHERE,
                           "list each search as name: {recipe: path/to/recipe.yaml, grid: {key: [value, ...]}}, or "
                           "leave searches: out")
-    problems = schema_errors(dict(config), package_schema("config")) + nonfinite_problems(dict(config))
+    problems = (schema_errors(dict(config), package_schema("config")) + nonfinite_problems(dict(config))
+                + non_json_problems(dict(config)))
     if problems:
         section = re.split(r"[.:\[]", problems[0], maxsplit=1)[0]
         form = f"{SECTION_FORMS[section]}; " if section in SECTION_FORMS else ""

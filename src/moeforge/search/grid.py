@@ -18,6 +18,7 @@ import copy
 import hashlib
 import itertools
 import json
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ import yaml
 
 from moeforge.errors import RecipeError
 from moeforge.io.files import write_text
-from moeforge.io.names import PERIODIC_END, check_merge_name, is_merge_name
+from moeforge.io.names import PERIODIC_END, check_merge_name, check_wildcard_name, is_merge_name
 from moeforge.plan.recipe import Recipe, parse_recipe
 from moeforge.search.metrics import DEFAULT_METRIC, METRICS
 from moeforge.search.start import START_KEYS, start_document
@@ -37,9 +38,13 @@ from moeforge.search.start import START_KEYS, start_document
 EXPERTS_KEY = "experts"
 #: Short labels of keys whose values are numbers (``k2``); any other number is labelled ``<key>_<value>``.
 SHORT_LABELS = {"experts_per_token": "k"}
-#: More candidates than this is a grid written by mistake (each candidate is a whole build and evaluation).
+#: More candidates than this, in one search or in all of a run's, is a grid written by mistake (each candidate
+#: is a whole build and evaluation).
 MAX_CANDIDATES = 256
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.]")
+#: What to do about a candidate's unknown key, or value of the wrong type: both came from the grid.
+_CANDIDATE_FIX = ("fix that key or its value in the grid: each value is the key's whole value, so a key that takes a "
+                  "list takes a list of lists (docs/recipe.md lists every recipe key and its type)")
 
 
 @dataclass(frozen=True)
@@ -54,27 +59,40 @@ class Option:
 
 @dataclass(frozen=True)
 class Candidate:
-    """One merge of a search: its name, the grid values that made it, its recipe document and Recipe."""
+    """One merge of a search: its name, the grid values that made it, its recipe document and Recipe, and where
+    it comes from in the config's words (the search, the candidate and its values), which a message about it says."""
 
     name: str
     settings: dict[str, Any]
     document: dict[str, Any]
     recipe: Recipe
+    where: str
 
 
 @dataclass(frozen=True)
 class Search:
-    """A search as configured, with its candidates expanded and validated."""
+    """A search as configured, with its starting recipe, and its candidates expanded and validated."""
 
     name: str
     metric: str
     start: dict[str, str]
     grid: dict[str, Any]
+    recipe: Recipe
     candidates: tuple[Candidate, ...]
 
     @property
     def names(self) -> list[str]:
         return [c.name for c in self.candidates]
+
+    def model_sources(self) -> dict[str, str]:
+        """Each model the search uses -> where it was given, in the config's words: the starting point for a model
+        of the starting recipe (a published recipe's base, say), else the first candidate whose grid value names it."""
+        (key, value), = self.start.items()
+        sources = dict.fromkeys(self.recipe.source_models, f"searches: {self.name}: {key}: {value}")
+        for candidate in self.candidates:
+            for ref in candidate.recipe.source_models:
+                sources.setdefault(ref, candidate.where)
+        return sources
 
     def record(self) -> dict[str, Any]:
         """What the ranking job needs (JSON types): the search, its metric and each candidate's settings."""
@@ -85,20 +103,22 @@ class Search:
 def searches_to_build(config: Mapping[str, Any], merges: set[str]) -> dict[str, Search]:
     """Every configured search, expanded; a candidate may not take the name of a merge or of another's."""
     searches = {name: expand_search(name, spec) for name, spec in (config.get("searches") or {}).items()}
-    taken = {m: "merges" for m in merges}
+    # The bound is the run's: many searches of many candidates each are as many builds as one grid of them all.
+    _check_count("searches", f"the {len(searches)} searches make", sum(len(s.candidates) for s in searches.values()))
+    taken = {m: "a merge under merges" for m in merges}
     for search in searches.values():
         for candidate in search.candidates:
             if candidate.name in taken:
-                raise RecipeError(f"candidate {candidate.name!r} has the name of a merge under {taken[candidate.name]}",
-                                  f"searches: {search.name}", "rename the search or the merge")
-            taken[candidate.name] = f"searches: {search.name}"
+                raise RecipeError(f"candidate {candidate.name!r} has the name of {taken[candidate.name]}",
+                                  f"searches: {search.name}", "rename this search, or the other search or merge")
+            taken[candidate.name] = f"a candidate of searches: {search.name}"
     return searches
 
 
 def expand_search(name: str, spec: Mapping[str, Any]) -> Search:
     """The search's candidates, each validated as a recipe; the first problem is one message naming the search."""
     where = f"searches: {name}"
-    check_merge_name(name, "searches", RecipeError)
+    check_wildcard_name(name, "searches", RecipeError)
     metric = spec.get("metric", DEFAULT_METRIC)
     if metric not in METRICS:
         raise RecipeError(f"unknown metric {metric!r}", f"{where}: metric", f"use one of {', '.join(METRICS)}")
@@ -108,17 +128,16 @@ def expand_search(name: str, spec: Mapping[str, Any]) -> Search:
         raise RecipeError("the grid lists no key", f"{where}: grid",
                           "give grid: {key: [value, ...]}, e.g. gate_mode: [hidden, router_input]")
     options = [_options(where, key, values, document, recipe) for key, values in grid.items()]
-    count = 1
     for column in options:
-        count *= len(column)
-    if count > MAX_CANDIDATES:
-        raise RecipeError(f"the grid makes {count} candidates, more than {MAX_CANDIDATES}", f"{where}: grid",
-                          "search fewer values at once")
+        _check_repeats(f"{where}: grid", column)
+    _check_overlaps(f"{where}: grid", list(grid))
+    _check_count(f"{where}: grid", "the grid makes", math.prod(len(column) for column in options))
     combos = list(itertools.product(*options))
     names = _names(name, combos)
     candidates = tuple(_candidate(where, candidate, combo, document) for candidate, combo in zip(names, combos))
+    _check_distinct(f"{where}: grid", candidates)
     start = {key: spec[key] for key in START_KEYS if key in spec}
-    return Search(name=name, metric=metric, start=start, grid=dict(grid), candidates=candidates)
+    return Search(name=name, metric=metric, start=start, grid=dict(grid), recipe=recipe, candidates=candidates)
 
 
 def _candidate(where: str, name: str, combo: tuple[Option, ...], start: dict[str, Any]) -> Candidate:
@@ -127,9 +146,54 @@ def _candidate(where: str, name: str, combo: tuple[Option, ...], start: dict[str
         option.apply(document)
     _drop_unread_texts(document)
     settings = {option.key: option.setting for option in combo}
-    shown = ", ".join(f"{key}={json.dumps(value)}" for key, value in settings.items())
-    recipe = parse_recipe(document, f"{where}: candidate {name} ({shown})")
-    return Candidate(name=name, settings=settings, document=document, recipe=recipe)
+    where = f"{where}: candidate {name} ({_shown(settings)})"
+    recipe = parse_recipe(document, where, _CANDIDATE_FIX)
+    return Candidate(name=name, settings=settings, document=document, recipe=recipe, where=where)
+
+
+def _check_count(where: str, made_by: str, count: int) -> None:
+    """Refused from the sizes alone, before any candidate (or expert subset) is listed: ``choose`` over many
+    experts makes more subsets than memory holds."""
+    if count > MAX_CANDIDATES:
+        raise RecipeError(f"{made_by} {count} candidates, more than {MAX_CANDIDATES}", where,
+                          "search fewer values at once")
+
+
+def _check_repeats(where: str, column: list[Option]) -> None:
+    """A value listed twice (an expert subset by names and again by indices, say) would make each candidate twice."""
+    seen = set()
+    for option in column:
+        value = json.dumps(option.setting, sort_keys=True)
+        if value in seen:
+            raise RecipeError(f"{option.key} lists {value} twice", f"{where}: {option.key}", "list each value once")
+        seen.add(value)
+
+
+def _check_overlaps(where: str, keys: list[str]) -> None:
+    """Two grid keys where one is a path into the other (``router_training`` and ``router_training.method``)
+    would both set one value, and which one wins would depend on the grid's order."""
+    for outer, inner in itertools.permutations(keys, 2):
+        if inner.split(".")[:len(outer.split("."))] == outer.split("."):
+            raise RecipeError(f"{outer} and {inner} both set {inner}", where,
+                              f"search {inner} inside the values of {outer}, or leave one of them out")
+
+
+def _check_distinct(where: str, candidates: tuple[Candidate, ...]) -> None:
+    """Two candidates with one recipe would build and rank one merge twice: a value listed twice, or two values
+    the recipe reads alike (``null`` and the key's default, ``2`` and ``2.0``)."""
+    seen: dict[str, Candidate] = {}
+    for candidate in candidates:
+        recipe = json.dumps(candidate.recipe.to_dict(), sort_keys=True)
+        first = seen.setdefault(recipe, candidate)
+        if first is not candidate:
+            raise RecipeError(f"candidates {first.name} ({_shown(first.settings)}) and {candidate.name} "
+                              f"({_shown(candidate.settings)}) are the same merge", where,
+                              "list each value once (null sets the key's default; 2 and 2.0 are one number; an alias "
+                              "is the name it stands for)")
+
+
+def _shown(settings: Mapping[str, Any]) -> str:
+    return ", ".join(f"{key}={json.dumps(value)}" for key, value in settings.items())
 
 
 def _drop_unread_texts(document: dict[str, Any]) -> None:
@@ -204,6 +268,7 @@ def _expert_options(where: str, values: Any, document: dict[str, Any], recipe: R
         if k > len(names):
             raise RecipeError(f"choose {k} of the starting recipe's {len(names)} experts: there are not that many",
                               where, f"choose at most {len(names)}")
+        _check_count(where, f"choose {k} of {len(names)} experts makes", math.comb(len(names), k))
         subsets = [list(c) for c in itertools.combinations(range(len(names)), k)]
     elif isinstance(values, list):
         if not values:

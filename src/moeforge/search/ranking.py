@@ -10,6 +10,7 @@ import math
 from pathlib import Path
 from typing import Any, Mapping
 
+from moeforge.build.markdown import cell, code
 from moeforge.errors import BuildError
 from moeforge.io.files import read_json, write_json, write_text
 from moeforge.numbers import fmt, report_number
@@ -52,7 +53,7 @@ def render_markdown(ranking: Mapping[str, Any]) -> str:
     keys = list(ranking["grid"])
     domains = list(ranking["candidates"][0]["moe_ratio"])
     metric = ranking["metric"]
-    start = ", ".join(f"{k}: `{v}`" for k, v in ranking["start"].items())
+    start = ", ".join(f"{k}: {code(str(v))}" for k, v in ranking["start"].items())
     lines = [f"# Search {ranking['search']}", "",
              f"{len(ranking['candidates'])} candidates from {start}, ranked by `{metric['name']}`: "
              f"{metric['description']} (lower is better). Best: **{ranking['best']}**.", "",
@@ -61,7 +62,7 @@ def render_markdown(ranking: Mapping[str, Any]) -> str:
              "|---|---|" + "---|" * (len(keys) + 1 + len(domains))]
     for row in ranking["candidates"]:
         lines.append(f"| {row['rank']} | {row['merge']} | "
-                     + " | ".join(_shown(row["settings"][k]) for k in keys)
+                     + " | ".join(cell(_shown(row["settings"][k])) for k in keys)
                      + f" | **{fmt(row['metric'], '.4f')}** | "
                      + " | ".join(fmt(row["moe_ratio"][d], ".3f") for d in domains) + " |")
     lines += ["", "Each candidate's model is `results/<candidate>/model/`, its evaluation "
@@ -70,6 +71,7 @@ def render_markdown(ranking: Mapping[str, Any]) -> str:
 
 
 def _shown(value: Any) -> str:
+    """A grid value as text; the table cell escapes it (a prompt may hold ``|``, backticks and line breaks)."""
     return " ".join(map(str, value)) if isinstance(value, list) else str(value)
 
 

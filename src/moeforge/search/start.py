@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping
 
-from moeforge.errors import RecipeError
+from moeforge.errors import MoeforgeError, RecipeError
 from moeforge.io.files import read_text
 from moeforge.io.yaml_doc import parse_yaml
 from moeforge.plan.lock_merge import merge_from_lock, pinned_recipe
@@ -33,12 +33,18 @@ def start_document(spec: Mapping[str, Any], where: str) -> tuple[dict[str, Any],
         if not path.is_file():
             raise RecipeError("recipe file not found", f"{where}: recipe: {path}",
                               "give the path of a recipe file (relative to the working directory)")
-        text = read_text(path, "", RecipeError, "save the recipe as UTF-8")
-        document = parse_yaml(text, str(path), RecipeError)
-        recipe = parse_recipe(document, f"{where}: recipe {path}")
+        try:
+            document = parse_yaml(read_text(path, "", RecipeError, "save the recipe as UTF-8"), str(path), RecipeError)
+        except MoeforgeError as exc:
+            raise exc.within(f"{where}: recipe") from None
+        recipe = parse_recipe(document, f"{where}: recipe: {path}")
         return without_nulls(document), recipe
-    if "lock" in spec:
-        merge = merge_from_lock(spec["lock"])
-        return pinned_recipe(merge.lock), merge.recipe
-    published = merge_from_published(spec["published"])
+    key = "lock" if "lock" in spec else "published"
+    try:
+        if key == "lock":
+            merge = merge_from_lock(spec["lock"])
+            return pinned_recipe(merge.lock), merge.recipe
+        published = merge_from_published(spec["published"])
+    except MoeforgeError as exc:
+        raise exc.within(f"{where}: {key}") from None
     return without_nulls(published.found.document), published.recipe
