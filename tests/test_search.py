@@ -66,6 +66,21 @@ def test_expert_subsets_choose_k_and_listed(tmp_path):
     assert [e.name for e in listed.candidates[0].recipe.experts] == ["expert_cooking", "expert_code"]
 
 
+def test_a_candidate_drops_the_training_its_grid_values_leave_nothing_to_learn(tmp_path):
+    """One expert's router sends every token to it whatever its weights, and shared_gate: always gives the shared
+    experts no row: a hand-written recipe with training there is refused, a candidate the grid made drops it."""
+    start = recipe_file(tmp_path, experts_per_token=1)
+    subsets = expand_search("s", {"recipe": start, "grid": {"experts": [["expert_math"], ["expert_code", 2]]}})
+    alone, pair = subsets.candidates
+    assert alone.recipe.router_training is None and not alone.recipe.experts[0].train_texts
+    assert pair.recipe.router_training is not None and all(e.train_texts for e in pair.recipe.experts)
+    shared = {"source_model": "resources/demo/base", "positive_prompts": ["hello"], "train_texts": ["general.txt"]}
+    start = recipe_file(tmp_path, shared_experts=[shared])
+    gates = expand_search("s", {"recipe": start, "grid": {"shared_gate": ["prompts", "always"]}})
+    assert [c.recipe.shared_experts[0].train_texts for c in gates.candidates] == [("general.txt",), ()]
+    assert all(c.recipe.router_training is not None for c in gates.candidates)
+
+
 def test_a_null_value_unsets_a_key_and_an_unreadable_name_becomes_a_digest(tmp_path):
     start = recipe_file(tmp_path, gate_mode="router_input", token_reduction="mean")
     search = expand_search("s", {"recipe": start, "grid": {"token_reduction": [None, "mean"],

@@ -197,12 +197,22 @@ def _shown(settings: Mapping[str, Any]) -> str:
 
 
 def _drop_unread_texts(document: dict[str, Any]) -> None:
-    """A candidate whose grid unsets router_training (``router_training: [null, ...]``, trained routers against
-    untrained ones) reads no training texts: the starting recipe's ``train_texts`` go with the training, which
-    a recipe written by hand with texts and no training would have refused (the starting recipe still is)."""
-    if document.get("router_training") is not None:
-        return
-    for group in ("experts", "shared_experts"):
+    """What a candidate's grid values leave unread goes, where a recipe written by hand with it would be refused
+    (the starting recipe still is):
+
+    * ``router_training: [null, ...]`` (trained routers against untrained ones): no training, so no texts;
+    * an expert subset of one (with no gated shared expert): a router of one row sends every token to its
+      expert whatever its weights, so training would change nothing, and goes with its texts;
+    * ``shared_gate: always``: the shared experts have no gate row, so their texts train nothing.
+    """
+    shared_gated = bool(document.get("shared_experts")) and document.get("shared_gate", Recipe.shared_gate) == "prompts"
+    if len(document.get("experts") or []) + shared_gated < 2:
+        document.pop("router_training", None)
+    if document.get("router_training") is None:
+        unread = ("experts", "shared_experts")
+    else:
+        unread = () if shared_gated else ("shared_experts",)
+    for group in unread:
         for expert in document.get(group) or []:
             if isinstance(expert, dict):
                 expert.pop("train_texts", None)
