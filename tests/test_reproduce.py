@@ -25,6 +25,7 @@ from moeforge.check.reproduce import reproduce
 from moeforge.errors import FetchError, ModelError, RecipeError
 from moeforge.io.lockfile import LOCK_NAME, read_lock, resolve_lock_ref
 from moeforge.plan.lock_merge import merge_from_lock, pinned_recipe, write_lock_recipe
+from moeforge.plan.published_merge import merge_from_published
 from pipeline import build, sha256_tree
 
 REPO = Path(__file__).resolve().parents[1]
@@ -306,3 +307,12 @@ def test_a_bad_lock_stops_the_workflow(original, tmp_path, case):
     assert proc.returncode != 0
     assert output.count(message) == 1 and "Traceback" not in output
     assert not (tmp_path / "wd" / "results").exists()
+
+
+def test_a_moeforge_merge_of_local_models_given_as_published_is_sent_to_its_lock(original):
+    """Its card names the local models by name only; the lock is what records them, and says how to rebuild."""
+    with pytest.raises(RecipeError) as info:
+        merge_from_published(str(original))
+    message = str(info.value)
+    assert "local models that are not here (base, e0, e1)" in message
+    assert message.endswith(f"rebuild it from its lock: lock: {original / 'moeforge.lock.json'}")

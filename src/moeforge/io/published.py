@@ -21,13 +21,15 @@ import yaml
 from moeforge.errors import FetchError, RecipeError
 from moeforge.io.fetch import hub_errors
 from moeforge.io.files import read_text
+from moeforge.io.lockfile import LOCK_NAME
 from moeforge.io.refs import parse_ref
 from moeforge.io.yaml_doc import YAML_LOADER, check_bounded, yaml_problem
 
 RECIPE_NAME = "mergekit_moe_config.yml"
 CARD_NAME = "README.md"
-#: What the recipe look-up reads; the comparison reads these and the weights.
-RECIPE_FILES = (RECIPE_NAME, CARD_NAME, "config.json")
+#: What the recipe look-up reads (a merge moeforge built has its lock beside the card); the comparison reads these
+#: and the weights.
+RECIPE_FILES = (RECIPE_NAME, CARD_NAME, "config.json", LOCK_NAME)
 MODEL_FILES = ("*.safetensors", "*.json")
 _FENCE = re.compile(r"^(```|~~~)\s*([A-Za-z0-9_-]*)[^\n]*\n(.*?)^\1\s*$", re.MULTILINE | re.DOTALL)
 _NO_RECIPE_FIX = (f"give a merge mergekit-moe wrote (it writes {RECIPE_NAME}), or build it from its recipe with "

@@ -16,7 +16,9 @@ from typing import Any
 
 import yaml
 
+from moeforge.errors import RecipeError
 from moeforge.io.files import write_json, write_text
+from moeforge.io.lockfile import LOCK_NAME
 from moeforge.io.published import FoundRecipe, PublishedRef, find_recipe, resolve_published
 from moeforge.io.refs import parse_ref
 from moeforge.plan.recipe import Recipe, parse_recipe, without_nulls
@@ -36,7 +38,22 @@ def merge_from_published(raw: str) -> PublishedMerge:
     ref, directory = resolve_published(raw)
     found = find_recipe(directory, raw)
     recipe = parse_recipe(found.document, f"{raw}: {found.source}")
+    _check_local_sources(recipe, directory, f"{raw}: {found.source}")
     return PublishedMerge(ref, found, recipe)
+
+
+def _check_local_sources(recipe: Recipe, directory: Path, where: str) -> None:
+    """A merge moeforge built from local models names them in its card by name only (a path of the machine that
+    built it means nothing to a reader); its lock records where each was and its content. Rebuilt from the card,
+    those names are directories that are not here: the lock is the way to rebuild it."""
+    missing = [ref for ref in recipe.source_models
+               if parse_ref(ref).kind == "local" and not Path(parse_ref(ref).path or ref).expanduser().is_dir()]
+    lock = directory / LOCK_NAME
+    if missing and lock.is_file():
+        raise RecipeError(
+            f"the recipe names local models that are not here ({', '.join(missing)}): moeforge built this merge, "
+            "and its card names local models by name only, where its lock records each one's path and content",
+            where, f"rebuild it from its lock: lock: {lock}")
 
 
 def write_published_recipe(raw: str, recipe_out: Path, record_out: Path) -> dict[str, Any]:
