@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, TextIO
 
 from moeforge.errors import MoeforgeError
+from moeforge.io.progress import MIB
 from moeforge.killed_job import Watcher
-from moeforge.runtime.memory_budget import MIB
 
 #: File-system conditions a user fixes outside moeforge: reported in one line, not a traceback.
 _ENVIRONMENT_ERRNOS = {

@@ -18,7 +18,7 @@ from moeforge.build.scales import check_expert_scales
 from moeforge.errors import BuildError
 from moeforge.io.fetch import weight_dirs_from
 from moeforge.io.files import write_text
-from moeforge.io.progress import Progress
+from moeforge.io.progress import MIB, Progress
 from moeforge.io.safetensors_file import (
     ITEMSIZE,
     TORCH_NAME,
@@ -29,7 +29,6 @@ from moeforge.io.safetensors_file import (
     write_safetensors,
 )
 from moeforge.plan.table import GATES_SOURCE, read_rows, tensor_shape
-from moeforge.runtime.memory_budget import MIB
 
 
 class _Headers:

@@ -28,13 +28,12 @@ from typing import IO, Any, Iterator, Mapping, Sequence
 from moeforge.check.gguf_convert import UNKNOWN_TOKENIZER, UNSUPPORTED
 from moeforge.errors import BuildError
 from moeforge.io.files import atomic_path, sha256_file, write_json, write_text
-from moeforge.io.progress import Progress
+from moeforge.io.progress import MIB, Progress
 from moeforge.io.safetensors_file import read_header
 from moeforge.numbers import fmt, report_number
 from moeforge.plan.params import rope_of, sliding_window_of
 from moeforge.plan.plan_json import Plan, read_plan
 from moeforge.runner import LOG_ONLY
-from moeforge.runtime.memory_budget import MIB
 
 _log = logging.getLogger("moeforge.gguf")
 

@@ -54,7 +54,7 @@ from moeforge.build.finite import nonfinite_counts
 from moeforge.errors import BuildError, ModelError, RecipeError
 from moeforge.io.files import shown_path
 from moeforge.io.hf_load import load_tokenizer
-from moeforge.io.progress import Progress
+from moeforge.io.progress import MIB, Progress
 from moeforge.io.safetensors_file import ITEMSIZE, TORCH_NAME, read_header
 from moeforge.numbers import report_number
 from moeforge.plan.prompts import prompt_ids
@@ -69,7 +69,7 @@ from moeforge.runtime.layerwise import (
     streamed_model,
     whole_model,
 )
-from moeforge.runtime.memory_budget import GIB, MIB, MemoryBudget, gib, memory_budget, peak_rss
+from moeforge.runtime.memory_budget import GIB, MemoryBudget, gib, memory_budget, peak_rss
 from moeforge.runtime.upcast import compute_in_float32
 
 DISTINCT_RATIO_MIN = 1 / 3

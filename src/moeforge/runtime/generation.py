@@ -25,11 +25,11 @@ import torch
 from transformers import GenerationConfig
 from transformers.generation import BaseStreamer
 
-from moeforge.io.progress import Progress
+from moeforge.io.progress import MIB, Progress
 from moeforge.io.safetensors_file import ITEMSIZE
 from moeforge.memory_need import whole_model_mb
 from moeforge.runtime.layerwise import CheckpointTensors
-from moeforge.runtime.memory_budget import MIB, MemoryBudget, gib, peak_rss
+from moeforge.runtime.memory_budget import MemoryBudget, gib, peak_rss
 
 _log = logging.getLogger("moeforge")
 

@@ -19,9 +19,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-# MIB: the unit of the jobs' memory figures, which the jobs import from here.
 from moeforge.io.progress import GIB
-from moeforge.io.progress import MIB as MIB
 
 #: cgroup v1 writes "no limit" as 2**63-1 rounded down to a page; anything this large is none.
 _UNLIMITED = 1 << 60

@@ -22,13 +22,14 @@ from safetensors.torch import load_file, save
 from moeforge.errors import BuildError, ModelError
 from moeforge.io.files import write_bytes
 from moeforge.io.hf_load import load_tokenizer
+from moeforge.io.progress import MIB
 from moeforge.numbers import report_number
 from moeforge.plan.plan_json import read_plan
 from moeforge.plan.table import GATES_SOURCE, read_rows
 from moeforge.resources import train_threads
 from moeforge.runtime.devices import require_device
 from moeforge.runtime.layerwise import CheckpointTensors, load_config
-from moeforge.runtime.memory_budget import MIB, peak_rss
+from moeforge.runtime.memory_budget import peak_rss
 from moeforge.train.end_to_end import check_memory, train_end_to_end
 from moeforge.train.layerwise import train_layerwise
 from moeforge.train.loop import reproducible
